@@ -1,0 +1,128 @@
+"""Command-line flags of ``nel_model.train`` (and the settings ``nel_model.evaluate`` reloads).
+
+Precedence: argparse defaults < ``--config FILE.yaml`` < explicit CLI flags. The config file is parsed first,
+its keys (flag names without dashes, e.g. ``batch_size: 64``) become parser defaults, then the command line is
+parsed again. Unknown keys in a config file are an error naming the file and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+# Flags that switch views off (ablations). Each is a boolean "store_true".
+VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_caption", "no_enrichment", "no_entity_image",
+              "no_entity_profile")
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nel_model.train",
+                                description="Train and evaluate the DIM multimodal entity linker on a feature cache.")
+    g = p.add_argument_group("paths")
+    g.add_argument("--config", type=str, default=None, help="YAML file of flag defaults (CLI flags override it)")
+    g.add_argument("--features", type=str, default=None, help="feature folder written by data_process.features")
+    g.add_argument("--dataset", type=str, default=None,
+                   help="unified dataset folder (gold ids, splits, candidates); default: meta.json 'dataset'")
+    g.add_argument("--output_dir", type=str, default=None, help="run folder (see docs/CONTRACTS.md)")
+    g.add_argument("--label", type=str, default=None, help="run label stored in config.json/results.json")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    g.add_argument("--overwrite", action="store_true", help="allow starting fresh in a non-empty run folder")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to OUTPUT_DIR/tb/")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden_size", type=int, default=512)
+    g.add_argument("--output_size", type=int, default=0,
+                   help="embedding size (0 = the text feature dim, which keeps the residual zero-shot start)")
+    g.add_argument("--ff_size", type=int, default=2048)
+    g.add_argument("--num_heads", type=int, default=8)
+    g.add_argument("--num_layers", type=int, default=2)
+    g.add_argument("--dropout", type=float, default=0.4)
+    g.add_argument("--no_residual", action="store_true",
+                   help="do not add the raw mention/description features to the outputs (no zero-shot start)")
+    for flag, what in [("no_sentence", "sentence tokens"), ("no_image", "mention image (regions and global)"),
+                       ("no_regions", "image regions (keep the global image)"),
+                       ("no_caption", "the caption profile row"), ("no_enrichment", "the LLM enrichment profile row"),
+                       ("no_entity_image", "entity images"), ("no_entity_profile", "entity enrichment")]:
+        g.add_argument(f"--{flag}", action="store_true", help=f"ablation: do not use {what}")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="global batch per micro-step (split evenly over DDP processes)")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--weight_decay", type=float, default=0.001)
+    g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--loss", choices=["triplet", "infonce"], default="triplet")
+    g.add_argument("--margin", type=float, default=0.5, help="triplet margin (cosine)")
+    g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    g.add_argument("--num_negatives", type=int, default=1, help="sampled KB negatives per mention")
+    g.add_argument("--hard_negatives", action="store_true",
+                   help="draw negatives from each mention's top-ranked wrong entities of the previous epoch")
+    g.add_argument("--hard_negative_pool", type=int, default=20, help="top-k wrong entities kept per mention")
+    g.add_argument("--hard_negative_ratio", type=float, default=0.5,
+                   help="probability that a negative is hard (when --hard_negatives and a ranking exists)")
+    g.add_argument("--patience", type=int, default=0, help="stop after N epochs without dev MRR gain (0 = off)")
+    g.add_argument("--seed", type=int, default=114514)
+    g.add_argument("--deterministic", type=_bool, default=True, help="deterministic algorithms where possible")
+    g.add_argument("--stop_after_steps", type=int, default=0,
+                   help="debug: exit abruptly (no cleanup) once the optimizer step count reaches N (tests a crash)")
+    g.add_argument("--stop_after_epochs", type=int, default=0,
+                   help="stop (cleanly, without the final test) once this many epochs are complete; "
+                        "--resume continues the same schedule")
+
+    g = p.add_argument_group("performance")
+    g.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (host-memory mode)")
+    g.add_argument("--pin_memory", type=_bool, default=True, help="pin host batches on CUDA")
+    g.add_argument("--data_on_device", choices=["auto", "yes", "no"], default="auto",
+                   help="keep all features on the GPU when they fit (auto), always, or never")
+    g.add_argument("--eval_batch_size", type=int, default=512, help="mentions per scoring chunk")
+    g.add_argument("--entity_chunk", type=int, default=8192, help="entities per encoding/scoring chunk")
+    g.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="scoring precision (auto: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    return p
+
+
+def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    for key in raw:
+        if key not in known or key == "config":
+            raise ValueError(f"{path}: unknown key {key!r} (keys are flag names, e.g. batch_size)")
+    return raw
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**load_config_file(first.config, parser))
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.grad_accum < 1 or args.epochs < 0:
+        parser.error("batch_size and grad_accum must be >= 1, epochs >= 0")
+    if args.hidden_size % args.num_heads:
+        parser.error(f"hidden_size {args.hidden_size} is not divisible by num_heads {args.num_heads}")
+    return args

@@ -1,0 +1,195 @@
+"""Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
+
+``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best]`` reloads the run's configuration and
+checkpoint, recomputes the metrics and prints a table (percentages). Entity embeddings are computed once per
+evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
+the tie rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nel_model import distributed as D
+from nel_model.data import FeatureSource, MELData, load_mel_data
+from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks, top_wrong
+from nel_model.nel import DIM, DIMConfig
+
+
+@dataclass
+class EvalSettings:
+    mention_chunk: int = 512
+    entity_chunk: int = 8192
+    score_dtype: torch.dtype = torch.float32
+    amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
+
+
+def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=amp_dtype)
+
+
+def _module(model: torch.nn.Module) -> DIM:
+    m = getattr(model, "module", model)
+    return getattr(m, "_orig_mod", m)
+
+
+@torch.no_grad()
+def encode_entities(model: torch.nn.Module, source: FeatureSource, device: torch.device,
+                    settings: EvalSettings) -> torch.Tensor:
+    """All KB entities, L2-normalised ``[E, D]`` float32 on ``device`` (in chunks)."""
+    net = _module(model)
+    was = net.training
+    net.eval()
+    E = source.data.num_entities
+    parts = []
+    for s in range(0, E, settings.entity_chunk):
+        views = _to(source.entities(np.arange(s, min(E, s + settings.entity_chunk))), device)
+        with _autocast(device, settings.amp_dtype):
+            parts.append(net.encode_entities(views).float())
+    net.train(was)
+    return torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def encode_mentions(model: torch.nn.Module, source: FeatureSource, rows: np.ndarray, device: torch.device,
+                    settings: EvalSettings) -> torch.Tensor:
+    net = _module(model)
+    was = net.training
+    net.eval()
+    parts = []
+    for s in range(0, len(rows), settings.mention_chunk):
+        views = _to(source.mentions(rows[s: s + settings.mention_chunk]), device)
+        with _autocast(device, settings.amp_dtype):
+            parts.append(net.encode_mentions(views).float())
+    net.train(was)
+    if not parts:
+        return torch.zeros(0, net.cfg.output_size, device=device)
+    return torch.cat(parts, 0)
+
+
+def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in views.items()}
+
+
+@torch.no_grad()
+def split_ranks(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray,
+                dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Gold ranks of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol."""
+    device = dist.device
+    if entity_emb is None:
+        entity_emb = encode_entities(model, source, device, settings)
+    local = rows[D.shard(len(rows), dist)]
+    q = encode_mentions(model, source, local, device, settings)
+    gold = torch.from_numpy(data.gold[local]).to(device)
+    out = {"full_kb": D.gather_rows(full_kb_ranks(q, entity_emb, gold, settings.mention_chunk,
+                                                  settings.score_dtype).cpu(), dist)}
+    if data.candidates is not None:
+        cands = torch.from_numpy(data.candidates[local])
+        ranks = []
+        for s in range(0, len(local), settings.mention_chunk):
+            ranks.append(candidate_ranks(q[s: s + settings.mention_chunk], entity_emb,
+                                         cands[s: s + settings.mention_chunk], gold[s: s + settings.mention_chunk]).cpu())
+        local_r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        out["candidates"] = D.gather_rows(local_r, dist)
+    return out
+
+
+def evaluate_splits(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
+                    dist: D.DistInfo, settings: EvalSettings) -> dict[str, dict[str, dict[str, float]]]:
+    """``{protocol: {split: metrics}}``; entity embeddings are computed once for all splits."""
+    emb = encode_entities(model, source, dist.device, settings)
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for split in splits:
+        ranks = split_ranks(model, data, source, data.splits[split], dist, settings, emb)
+        for proto, r in ranks.items():
+            result.setdefault(proto, {})[split] = metrics_from_ranks(r)
+    return result
+
+
+@torch.no_grad()
+def hard_negative_table(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray, k: int,
+                        dist: D.DistInfo, settings: EvalSettings) -> np.ndarray:
+    """``[M, k]`` (indexed by mention row, ``-1`` elsewhere): each of ``rows``' top-``k`` wrong entities."""
+    emb = encode_entities(model, source, dist.device, settings)
+    local = rows[D.shard(len(rows), dist)]
+    q = encode_mentions(model, source, local, dist.device, settings)
+    gold = torch.from_numpy(data.gold[local]).to(dist.device)
+    top = D.gather_rows(top_wrong(q, emb, gold, k, settings.mention_chunk, settings.score_dtype).cpu(), dist)
+    table = np.full((len(data.mention_ids), top.shape[1]), -1, dtype=np.int64)
+    table[rows] = top.numpy()
+    return table
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    cols = ["mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20"]
+    lines = [f"{'protocol':<12}{'split':<7}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}"]
+    for proto, per_split in results.items():
+        for split, m in per_split.items():
+            lines.append(f"{proto:<12}{split:<7}" + "".join(f"{100 * m[c]:9.2f}" for c in cols) + f"{m['n']:>8}")
+    return "\n".join(lines)
+
+
+def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
+    path = run / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (did training finish an epoch?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = DIMConfig(**{**ckpt["model_config"], "profile_rows": tuple(ckpt["model_config"]["profile_rows"]),
+                       "profile_use": tuple(ckpt["model_config"]["profile_use"])})
+    model = DIM(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m nel_model.evaluate", description="Re-evaluate a saved run.")
+    p.add_argument("--run", required=True, help="run folder written by nel_model.train")
+    p.add_argument("--split", choices=["dev", "test", "all"], default="test")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--features", default=None, help="override the feature folder recorded in config.json")
+    p.add_argument("--dataset", default=None, help="override the dataset folder recorded in config.json")
+    p.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    run = Path(a.run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not a run folder")
+    conf = json.loads(cfg_path.read_text())
+    device = D.resolve_device(a.device)
+    model, _ = load_run_model(run, a.checkpoint, device)
+    data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
+    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    settings = EvalSettings(mention_chunk=conf.get("eval_batch_size", 512), entity_chunk=conf.get("entity_chunk", 8192),
+                            score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device))
+    splits = ["dev", "test"] if a.split == "all" else [a.split]
+    results = evaluate_splits(model, data, source, splits, D.DistInfo(device=device), settings)
+    print(json.dumps(results, indent=2) if a.json else format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,50 @@
+"""Training losses over one global batch's entity embeddings.
+
+Layout of ``entities`` (all L2-normalised): rows ``[0, G)`` are the gold entities of the G mentions of the global
+batch, rows ``G + i*n + j`` mention ``i``'s ``j``-th sampled negative. ``queries`` are this process's mentions
+``[lo, hi)`` of the global batch. Both losses return the **sum** over local mentions; the trainer divides by the
+global batch size (times the number of processes, which DDP's gradient averaging undoes), so 1 process and N
+processes optimise exactly the same objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def triplet_loss_sum(queries: torch.Tensor, entities: torch.Tensor, lo: int, hi: int, global_n: int,
+                     num_negatives: int, margin: float) -> torch.Tensor:
+    """DIM's default: ``mean_j relu(margin - cos(q, e+) + cos(q, e-_j))`` summed over local mentions."""
+    if num_negatives < 1:
+        raise ValueError("the triplet loss needs --num_negatives >= 1")
+    b = hi - lo
+    pos = entities[lo:hi]                                                        # [b,D]
+    neg = entities[global_n + lo * num_negatives: global_n + hi * num_negatives].reshape(b, num_negatives, -1)
+    s_pos = (queries * pos).sum(-1, keepdim=True)                                # [b,1]
+    s_neg = torch.einsum("bd,bnd->bn", queries, neg)                             # [b,n]
+    return F.relu(margin - s_pos + s_neg).mean(1).sum()
+
+
+def infonce_loss_sum(queries: torch.Tensor, entities: torch.Tensor, entity_rows: torch.Tensor, lo: int, hi: int,
+                     global_n: int, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each mention's gold among all batch entities (in-batch golds + sampled negatives).
+
+    Copies of the gold entity elsewhere in the batch (another mention with the same gold, or a negative that is
+    the gold) are masked out, so they are never pushed away."""
+    logits = queries @ entities.T / temperature                                  # [b, G(1+n)]
+    target = torch.arange(lo, hi, device=queries.device)
+    gold_rows = entity_rows[lo:hi].to(queries.device)
+    same = entity_rows.to(queries.device).unsqueeze(0) == gold_rows.unsqueeze(1)  # [b, G(1+n)]
+    same[torch.arange(hi - lo, device=queries.device), target] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def batch_loss_sum(kind: str, queries: torch.Tensor, entities: torch.Tensor, entity_rows: torch.Tensor, lo: int,
+                   hi: int, global_n: int, num_negatives: int, margin: float, temperature: float) -> torch.Tensor:
+    if kind == "triplet":
+        return triplet_loss_sum(queries, entities, lo, hi, global_n, num_negatives, margin)
+    if kind == "infonce":
+        return infonce_loss_sum(queries, entities, entity_rows, lo, hi, global_n, temperature)
+    raise ValueError(f"unknown loss {kind!r}; expected triplet or infonce")

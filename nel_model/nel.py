@@ -1,0 +1,207 @@
+"""The DIM model: the mention phrase attends over sentence tokens, image regions (+ global image) and profile rows.
+
+Shapes follow docs/CONTRACTS.md. Missing views are handled by masks: a mention with no key for a view gets exactly
+zero contribution from that view (the all-masked attention case is guarded, no NaN), which equals switching the
+view off. With ``residual`` (default when the text dim equals the output size) the output layers are zero-initialised
+and added to the raw features::
+
+    q = mention + W_q(Dropout(h_mention))        e = desc + W_e(Dropout(h_entity))
+
+so an untrained model scores exactly the zero-shot cosine(mention feature, description feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DIMConfig:
+    text_dim: int
+    image_dim: int
+    hidden_size: int = 512
+    output_size: int = 512
+    ff_size: int = 2048
+    num_heads: int = 8
+    num_layers: int = 2
+    dropout: float = 0.4
+    residual: bool = True
+    use_sentence: bool = True
+    use_image: bool = True        # global mention image as an extra key of the image attention
+    use_regions: bool = True
+    profile_rows: tuple[str, ...] = ("enrichment", "caption")   # row names in cache order
+    profile_use: tuple[bool, ...] = (True, True)                 # which rows are used
+    use_entity_image: bool = True
+    use_entity_profile: bool = True
+
+    @property
+    def is_residual(self) -> bool:
+        return self.residual and self.text_dim == self.output_size
+
+    @property
+    def use_profile(self) -> bool:
+        return any(self.profile_use)
+
+    def mention_views(self) -> tuple[str, ...]:
+        v = ["mention"]
+        if self.use_sentence:
+            v.append("sentence")
+        if self.use_image:
+            v.append("image")
+        if self.use_regions:
+            v.append("regions")
+        if self.use_profile:
+            v.append("profile")
+        return tuple(v)
+
+    def entity_views(self) -> tuple[str, ...]:
+        v = ["desc"]
+        if self.use_entity_image:
+            v.append("image")
+        if self.use_entity_profile:
+            v.append("profile")
+        return tuple(v)
+
+
+def config_from_args(args, data) -> DIMConfig:
+    """Build a :class:`DIMConfig` from parsed flags and a :class:`nel_model.data.MELData` (views present)."""
+    mv, ev = set(data.mention_views), set(data.entity_views)
+    rows = tuple(data.profile_rows)
+    off = {"enrichment": args.no_enrichment, "caption": args.no_caption}
+    use = tuple(not off.get(r, False) for r in rows)
+    has_img_dim = data.image_dim > 0
+    return DIMConfig(
+        text_dim=data.text_dim, image_dim=data.image_dim, hidden_size=args.hidden_size,
+        output_size=args.output_size or data.text_dim,
+        ff_size=args.ff_size, num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout,
+        residual=not args.no_residual,
+        use_sentence=not args.no_sentence and "sentence" in mv,
+        use_image=not args.no_image and "image" in mv and has_img_dim,
+        use_regions=not args.no_image and not args.no_regions and "regions" in mv and has_img_dim,
+        profile_rows=rows, profile_use=use if "profile" in mv else tuple(False for _ in rows),
+        use_entity_image=not args.no_entity_image and "image" in ev and has_img_dim,
+        use_entity_profile=not args.no_entity_profile and "profile" in ev,
+    )
+
+
+class Projection(nn.Sequential):
+    """Linear → ReLU → LayerNorm → Dropout."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float):
+        super().__init__(nn.Linear(d_in, d_out), nn.ReLU(), nn.LayerNorm(d_out), nn.Dropout(dropout))
+
+
+def masked_attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``query`` [B,1,H] attends over ``keys`` [B,N,H] where ``mask`` [B,N] is True for real keys.
+
+    Returns [B,H]; rows without any real key return exactly 0 (one key is unmasked internally to keep softmax
+    finite, and the output of that row is multiplied by 0, so neither value nor gradient leaks)."""
+    has_any = mask.any(dim=1)
+    safe = mask.clone()
+    safe[:, 0] |= ~has_any
+    out, _ = attn(query, keys, keys, key_padding_mask=~safe, need_weights=False)
+    return torch.where(has_any.unsqueeze(1), out[:, 0], torch.zeros_like(out[:, 0]))
+
+
+class DIM(nn.Module):
+    def __init__(self, cfg: DIMConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.text_proj = Projection(cfg.text_dim, H, cfg.dropout)
+        uses_image = cfg.use_image or cfg.use_regions or cfg.use_entity_image
+        self.image_proj = Projection(cfg.image_dim, H, cfg.dropout) if uses_image else None
+
+        def mha():
+            return nn.MultiheadAttention(H, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+
+        self.sentence_attn = mha() if cfg.use_sentence else None
+        self.image_attn = mha() if (cfg.use_image or cfg.use_regions) else None
+        self.profile_attn = mha() if cfg.use_profile else None
+        self.refine = None
+        if cfg.num_layers > 0 and self.num_mention_views > 0:
+            layer = nn.TransformerEncoderLayer(H, cfg.num_heads, cfg.ff_size, cfg.dropout, batch_first=True,
+                                               norm_first=True)
+            self.refine = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.q_dropout = nn.Dropout(cfg.dropout)
+        self.q_out = nn.Linear(H, cfg.output_size)
+        self.e_dropout = nn.Dropout(cfg.dropout)
+        self.e_out = nn.Linear(H, cfg.output_size)
+        self.register_buffer("profile_row_use", torch.tensor(cfg.profile_use, dtype=torch.bool), persistent=False)
+        if cfg.is_residual:
+            for lin in (self.q_out, self.e_out):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    @property
+    def num_mention_views(self) -> int:
+        return int(self.cfg.use_sentence) + int(self.cfg.use_image or self.cfg.use_regions) + int(self.cfg.use_profile)
+
+    def _dtype(self) -> torch.dtype:
+        return self.q_out.weight.dtype
+
+    def encode_mentions(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        cfg, dt = self.cfg, self._dtype()
+        mention = views["mention"].to(dt)
+        hm = self.text_proj(mention)                       # [B,H]
+        query = hm.unsqueeze(1)
+        tokens, present = [], []
+        if cfg.use_sentence:
+            keys = self.text_proj(views["sentence"].to(dt))
+            mask = views["sentence_mask"].bool()
+            tokens.append(masked_attention(self.sentence_attn, query, keys, mask))
+            present.append(mask.any(1))
+        if cfg.use_image or cfg.use_regions:
+            parts, masks = [], []
+            if cfg.use_regions:
+                parts.append(self.image_proj(views["regions"].to(dt)))
+                masks.append(views["regions_mask"].bool())
+            if cfg.use_image:
+                parts.append(self.image_proj(views["image"].to(dt)).unsqueeze(1))
+                masks.append(views["image_mask"].bool().reshape(-1, 1))
+            keys, mask = torch.cat(parts, 1), torch.cat(masks, 1)
+            tokens.append(masked_attention(self.image_attn, query, keys, mask))
+            present.append(mask.any(1))
+        if cfg.use_profile:
+            keys = self.text_proj(views["profile"].to(dt))
+            mask = views["profile_mask"].bool() & self.profile_row_use.unsqueeze(0)
+            tokens.append(masked_attention(self.profile_attn, query, keys, mask))
+            present.append(mask.any(1))
+        h = hm
+        if tokens:
+            toks = torch.stack(tokens, 1)                       # [B,V,H]
+            pres = torch.stack(present, 1)                      # [B,V]
+            if self.refine is not None:
+                seq = torch.cat([query, toks], 1)
+                pad = torch.cat([torch.zeros_like(pres[:, :1]), ~pres], 1)   # mention token is never padded
+                toks = self.refine(seq, src_key_padding_mask=pad)[:, 1:]
+            h = h + torch.where(pres.unsqueeze(-1), toks, 0.0).sum(1)
+        out = self.q_out(self.q_dropout(h))
+        if self.cfg.is_residual:
+            out = mention + out
+        return F.normalize(out.float(), dim=-1) if normalize else out
+
+    def encode_entities(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        cfg, dt = self.cfg, self._dtype()
+        desc = views["desc"].to(dt)
+        h = self.text_proj(desc)
+        if cfg.use_entity_image:
+            m = views["image_mask"].bool().reshape(-1, 1)
+            h = h + torch.where(m, self.image_proj(views["image"].to(dt)), 0.0)
+        if cfg.use_entity_profile:
+            m = views["profile_mask"].bool().reshape(-1, 1)
+            h = h + torch.where(m, self.text_proj(views["profile"].to(dt)), 0.0)
+        out = self.e_out(self.e_dropout(h))
+        if self.cfg.is_residual:
+            out = desc + out
+        return F.normalize(out.float(), dim=-1) if normalize else out
+
+    def forward(self, mention_views: dict[str, torch.Tensor],
+                entity_views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides in one call (DDP needs its forward to run): ``(queries [B,D], entities [E,D])``."""
+        return self.encode_mentions(mention_views), self.encode_entities(entity_views)

@@ -1,0 +1,96 @@
+"""Evaluation: re-evaluating a saved run, device-resident gathering, chunking, hard negatives, CLI errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nel_model import distributed as D
+from nel_model import evaluate as ev
+from nel_model.data import FeatureSource, load_mel_data, make_epoch_plan, write_synthetic
+from nel_model.train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ev")
+    write_synthetic(d / "ds", d / "feat", num_entities=40, mentions_per_split=(128, 48, 48), seed=5)
+    out = d / "run"
+    train_main(["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(d / "feat"),
+                "--output_dir", str(out), "--epochs", "3"])
+    return d / "feat", out
+
+
+def test_cli_reevaluation_matches_results_json(trained_run, capsys):
+    feat, out = trained_run
+    saved = json.loads((out / "results.json").read_text())["protocols"]
+    res = ev.main(["--run", str(out), "--split", "all"])
+    for proto in ("full_kb", "candidates"):
+        for split in ("dev", "test"):
+            assert res[proto][split] == pytest.approx(saved[proto][split])
+    table = capsys.readouterr().out
+    assert "full_kb" in table and "candidates" in table and "hits@10" in table
+
+
+def test_host_and_device_resident_sources_and_chunks_agree(trained_run):
+    feat, out = trained_run
+    model, _ = ev.load_run_model(out, "best", torch.device("cpu"))
+    data = load_mel_data(feat)
+    dist = D.DistInfo()
+    host = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    dev = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views(), torch.device("cpu"), on_device=True)
+    a = ev.evaluate_splits(model, data, host, ["test"], dist, ev.EvalSettings())
+    b = ev.evaluate_splits(model, data, dev, ["test"], dist, ev.EvalSettings(mention_chunk=7, entity_chunk=9))
+    assert a == b
+    rows = np.array([3, 1, 3, 0])
+    x, y = host.mentions(rows), dev.mentions(rows)
+    assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_hard_negative_table_and_plan(trained_run):
+    feat, out = trained_run
+    model, _ = ev.load_run_model(out, "best", torch.device("cpu"))
+    data = load_mel_data(feat)
+    src = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    train = data.splits["train"]
+    table = ev.hard_negative_table(model, data, src, train, 5, D.DistInfo(), ev.EvalSettings(mention_chunk=16))
+    assert table.shape == (len(data.mention_ids), 5)
+    assert (table[train] != data.gold[train, None]).all() and (table[train] >= 0).all()
+    other = np.setdiff1d(np.arange(len(data.mention_ids)), train)
+    assert (table[other] == -1).all()
+    plan = make_epoch_plan(1, 0, train, data.gold, data.num_entities, 16, 3, table, hard_ratio=1.0)
+    assert (plan.negatives != plan.gold[:, None]).all()
+    assert all(set(n) <= set(table[r]) for r, n in zip(plan.order, plan.negatives))
+    again = make_epoch_plan(1, 0, train, data.gold, data.num_entities, 16, 3, table, hard_ratio=1.0)
+    assert np.array_equal(plan.order, again.order) and np.array_equal(plan.negatives, again.negatives)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        ev.main(["--run", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="not a feature folder"):
+        load_mel_data(tmp_path)
+
+
+def test_dataloader_workers_gather_the_same_batches(trained_run):
+    from nel_model.data import TrainBatches, make_loader
+
+    feat, _ = trained_run
+    data = load_mel_data(feat)
+    src = FeatureSource(data, ("mention", "sentence", "regions"), ("desc", "image"))
+    plan = make_epoch_plan(3, 1, data.splits["train"], data.gold, data.num_entities, 24, 2)
+    ds = TrainBatches(plan, src, rank=1, world_size=2)
+    got = list(make_loader(ds, 2, num_workers=1, pin_memory=False))
+    assert len(got) == len(ds) - 2
+    for b, batch in enumerate(got, start=2):
+        want = ds[b]
+        assert tuple(batch["local"]) == want["local"] and batch["global_n"] == want["global_n"]
+        assert all(torch.equal(batch["mention"][k], want["mention"][k]) for k in want["mention"])
+        assert all(torch.equal(batch["entity"][k], want["entity"][k]) for k in want["entity"])
+    lo, hi = ds[0]["local"]
+    assert (lo, hi) == (12, 24) and ds[0]["mention"]["mention"].shape[0] == 12
+    assert ds[0]["entity"]["desc"].shape[0] == 24 * 3        # global golds + 2 negatives each

@@ -1,0 +1,78 @@
+"""Ranking metrics against hand-computed cases (including the pessimistic tie rule)."""
+
+
+import pytest
+import torch
+
+from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks, top_wrong
+
+
+def test_metrics_from_ranks_hand_case():
+    m = metrics_from_ranks([1, 2, 4, 25, 0])      # 0 = gold not ranked (miss)
+    assert m["n"] == 5
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 25 + 0) / 5)
+    assert m["hits@1"] == pytest.approx(1 / 5)
+    assert m["hits@3"] == pytest.approx(2 / 5)
+    assert m["hits@5"] == pytest.approx(3 / 5)
+    assert m["hits@10"] == pytest.approx(3 / 5)
+    assert m["hits@20"] == pytest.approx(3 / 5)
+    assert metrics_from_ranks([])["n"] == 0
+
+
+def test_full_kb_ranks_hand_cases_and_ties():
+    # entities as rows; query i is one-hot e_i so score(i, j) = ent[j, i]
+    scores = torch.tensor([
+        [0.9, 0.1, 0.5, 0.3],    # gold 0 best -> rank 1
+        [0.2, 0.8, 0.8, 0.1],    # gold 1 ties with entity 2 -> pessimistic rank 2
+        [0.4, 0.4, 0.4, 0.4],    # all equal -> worst rank 4
+        [0.1, 0.7, 0.3, 0.6],    # gold 3: one higher (0.7) -> rank 2
+    ])
+    q = torch.eye(4)
+    ent = scores.T.contiguous()
+    gold = torch.tensor([0, 1, 2, 3])
+    for chunk in (1, 3, 512):
+        assert full_kb_ranks(q, ent, gold, chunk=chunk).tolist() == [1, 2, 4, 2]
+
+
+def test_full_kb_rank_nan_is_worst():
+    q = torch.eye(2)
+    ent = torch.tensor([[float("nan"), 0.5], [0.2, 0.1], [0.1, float("nan")]])   # E=3, scores(i,j)=ent[j,i]
+    # query 0: gold 0 has NaN score -> worst (3); query 1: gold 1 scores 0.1, entity 0 0.5 higher, entity 2 NaN
+    assert full_kb_ranks(q, ent, torch.tensor([0, 1])).tolist() == [3, 3]
+
+
+def test_full_kb_ranks_match_bruteforce_random():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    e = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    gold = torch.randint(0, 50, (37,), generator=g)
+    s = q @ e.T
+    expect = [int((s[i] >= s[i, gold[i]]).sum()) for i in range(37)]
+    assert full_kb_ranks(q, e, gold, chunk=5).tolist() == expect
+
+
+def test_candidate_ranks_padding_missing_gold_and_duplicates():
+    q = torch.eye(3)
+    # 5 entities; score(i, j) = ent[j, i]
+    ent = torch.tensor([[0.9, 0.1, 0.3],
+                        [0.5, 0.7, 0.3],
+                        [0.6, 0.2, 0.3],
+                        [0.1, 0.9, 0.0],
+                        [0.0, 0.0, 0.3]])
+    cands = torch.tensor([[2, 0, 1, -1],      # gold 0 (0.9) beats 0.6, 0.5 -> 1
+                          [1, 1, 0, 4],       # gold 1 duplicated; 0.7 > 0.1, 0.0 -> 1
+                          [0, 1, 2, 4]])      # gold 3 not a candidate -> 0
+    gold = torch.tensor([0, 1, 3])
+    assert candidate_ranks(q, ent, cands, gold).tolist() == [1, 1, 0]
+    # ties among candidates count against the gold
+    assert candidate_ranks(q[2:], ent, torch.tensor([[0, 1, 2, 4]]), torch.tensor([2])).tolist() == [4]
+    m = metrics_from_ranks(candidate_ranks(q, ent, cands, gold))
+    assert m["mrr"] == pytest.approx(2 / 3) and m["hits@1"] == pytest.approx(2 / 3)
+
+
+def test_top_wrong_excludes_gold_and_is_sorted():
+    q = torch.eye(2)
+    ent = torch.tensor([[0.9, 0.0], [0.8, 0.5], [0.1, 0.9], [0.7, 0.2]])
+    top = top_wrong(q, ent, torch.tensor([0, 2]), k=2, chunk=1)
+    assert top.tolist() == [[1, 3], [1, 3]]
+    assert top_wrong(q, ent, torch.tensor([0, 2]), k=10).shape == (2, 3)
