@@ -1,0 +1,330 @@
+"""A bounded, rate-limited, retrying chat-completion client on top of the official ``openai`` client.
+
+Works against the OpenAI API and any OpenAI-compatible server (vLLM, Ollama, llama.cpp server):
+only ``POST {base_url}/chat/completions`` is used.
+
+* Transport retries are done here (the ``openai`` client's own retries are switched off so every attempt
+  is counted and its delay controlled): 429, 408, 409, 5xx, timeouts and connection errors are retried with
+  exponential backoff and jitter, up to ``max_retries`` times. A ``Retry-After`` header (seconds or an HTTP
+  date) or ``retry-after-ms`` header is honoured: the next attempt waits at least that long.
+* 401/403/404 raise :class:`LLMFatalError` (a misconfigured key, model or base URL: retrying cannot help).
+  Other 4xx raise :class:`LLMRequestError` with ``retryable=False``.
+* Requests-per-minute and tokens-per-minute limits are token buckets (:class:`RateLimiter`).
+
+The API key is passed to the ``openai`` client only; it is never part of a repr, a log line or a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import openai
+
+log = logging.getLogger(__name__)
+
+RESPONSE_FORMATS = ("json_object", "json_object_schema", "json_schema", "none")
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+FATAL_STATUS = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Everything needed to talk to one model. ``api_key`` is excluded from ``repr``."""
+
+    model: str
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    temperature: float = 0.0
+    max_tokens: int = 256
+    timeout_s: float = 60.0
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    response_format: str = "json_object"  # one of RESPONSE_FORMATS
+    answer_schema: Mapping[str, Any] | None = None  # for the *_schema formats
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    extra_body: Mapping[str, Any] | None = None
+
+    def public(self) -> dict[str, Any]:
+        """A loggable view: no API key."""
+        return {
+            "model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+            "max_tokens": self.max_tokens, "timeout_s": self.timeout_s, "max_retries": self.max_retries,
+            "response_format": self.response_format, "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+        }
+
+
+@dataclass(frozen=True)
+class LLMResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int  # transport attempts this call took (1 = first try succeeded)
+    finish_reason: str | None = None
+
+
+class LLMRequestError(Exception):
+    """A request that did not produce an answer (after retries when ``retryable``)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = True,
+                 attempts: int = 0, body: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.attempts = attempts
+        self.body = body
+
+
+class LLMFatalError(LLMRequestError):
+    """A configuration problem (bad key, unknown model, wrong URL): the whole run must stop."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (~4 characters per token for English); used for TPM budgeting and dry runs."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def messages_tokens(messages: Sequence[Mapping[str, str]]) -> int:
+    return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` as seconds or an HTTP date; None if absent."""
+    if not headers:
+        return None
+    lower = {k.lower(): v for k, v in headers.items()}
+    ms = lower.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lower.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with 'equal jitter': uniform in [d/2, d] where d = min(cap, base * 2**(attempt-1))."""
+    d = min(cap, base * (2 ** max(0, attempt - 1)))
+    return d / 2 + rng.random() * d / 2
+
+
+class TokenBucket:
+    """A bucket of ``rate_per_min`` units, refilled continuously; ``acquire`` waits for enough units.
+
+    ``clock`` and ``sleep`` are injectable for tests. ``adjust`` corrects an estimate after the fact
+    (the level may go negative, delaying later callers).
+    """
+
+    def __init__(self, rate_per_min: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        if rate_per_min <= 0:
+            raise ValueError(f"rate must be positive, got {rate_per_min}")
+        self.capacity = float(rate_per_min)
+        self.per_s = float(rate_per_min) / 60.0
+        self.level = self.capacity
+        self._clock = clock
+        self._sleep = sleep
+        self._t = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.level = min(self.capacity, self.level + (now - self._t) * self.per_s)
+        self._t = now
+
+    async def acquire(self, amount: float) -> float:
+        """Take ``amount`` units (capped at capacity), waiting as needed; returns seconds waited."""
+        amount = min(float(amount), self.capacity)
+        waited = 0.0
+        async with self._lock:  # FIFO: callers are served in order
+            while True:
+                self._refill()
+                if self.level >= amount:
+                    self.level -= amount
+                    return waited
+                wait = (amount - self.level) / self.per_s
+                waited += wait
+                await self._sleep(wait)
+
+    def adjust(self, delta: float) -> None:
+        self._refill()
+        self.level = min(self.capacity, self.level - delta)
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute limits (either may be None = unlimited)."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, **bucket_kw):
+        self.requests = TokenBucket(rpm, **bucket_kw) if rpm else None
+        self.tokens = TokenBucket(tpm, **bucket_kw) if tpm else None
+
+    async def acquire(self, est_tokens: int) -> float:
+        waited = 0.0
+        if self.requests:
+            waited += await self.requests.acquire(1)
+        if self.tokens:
+            waited += await self.tokens.acquire(est_tokens)
+        return waited
+
+    def settle(self, est_tokens: int, actual_tokens: int) -> None:
+        if self.tokens:
+            self.tokens.adjust(actual_tokens - est_tokens)
+
+
+def response_format_body(kind: str, schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``response_format`` request field.
+
+    ``json_object``: JSON mode (OpenAI, vLLM, Ollama, llama.cpp). ``json_object_schema``: JSON mode constrained
+    by ``schema`` in the llama-cpp-python / Anyscale form. ``json_schema``: OpenAI structured outputs form
+    (OpenAI, vLLM, Ollama, llama.cpp's C++ server). ``none``: no field (plain text; the answer is still parsed).
+    """
+    if kind not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if not schema:
+        raise ValueError(f"response_format {kind!r} needs a schema")
+    if kind == "json_object_schema":
+        return {"type": "json_object", "schema": dict(schema)}
+    return {"type": "json_schema", "json_schema": {"name": "enrichment", "schema": dict(schema)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+
+
+class LLMClient:
+    """Async chat-completion calls with retries and rate limits. Use as ``async with LLMClient(cfg) as c``."""
+
+    def __init__(self, config: LLMConfig, *, rng: random.Random | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 client: openai.AsyncOpenAI | None = None):
+        self.config = config
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._client = client or openai.AsyncOpenAI(
+            api_key=config.api_key or "sk-no-key-required",
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+        self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.retries = 0  # transport retries done by this client (for the summary)
+
+    async def __aenter__(self) -> "LLMClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _request_kwargs(self, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        cfg = self.config
+        kw: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": [dict(m) for m in messages],
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens,
+        }
+        body = response_format_body(cfg.response_format, cfg.answer_schema)
+        if body is not None:
+            kw["response_format"] = body
+        if cfg.extra_body:
+            kw["extra_body"] = dict(cfg.extra_body)
+        return kw
+
+    async def complete(self, messages: Sequence[Mapping[str, str]]) -> LLMResult:
+        """One chat completion; transport errors are retried; raises :class:`LLMRequestError` when out of tries."""
+        cfg = self.config
+        est = messages_tokens(messages) + cfg.max_tokens
+        kwargs = self._request_kwargs(messages)
+        attempt = 0
+        while True:
+            attempt += 1
+            await self.limiter.acquire(est)
+            retry_after: float | None = None
+            try:
+                resp = await self._client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                body = _body_text(exc)
+                if status in FATAL_STATUS:
+                    raise LLMFatalError(f"HTTP {status} from the server: {body[:300]}", status=status,
+                                        retryable=False, attempts=attempt, body=body) from None
+                if status not in RETRYABLE_STATUS:
+                    raise LLMRequestError(f"HTTP {status}: {body[:300]}", status=status, retryable=False,
+                                          attempts=attempt, body=body) from None
+                retry_after = parse_retry_after(exc.response.headers)
+                reason = f"HTTP {status}"
+            except openai.APITimeoutError:
+                status, reason = None, f"timeout after {cfg.timeout_s:g}s"
+            except openai.APIConnectionError as exc:
+                status, reason = None, f"connection error ({_cause(exc)})"
+            else:
+                return self._result(resp, attempt, est)
+            if attempt > cfg.max_retries:
+                raise LLMRequestError(f"gave up after {attempt} attempts; last: {reason}", status=status,
+                                      retryable=True, attempts=attempt)
+            delay = backoff_delay(attempt, cfg.backoff_base_s, cfg.backoff_max_s, self._rng)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            self.retries += 1
+            log.debug("attempt %d: %s; retrying in %.2fs", attempt, reason, delay)
+            await self._sleep(delay)
+
+    def _result(self, resp: Any, attempt: int, est: int) -> LLMResult:
+        choices = getattr(resp, "choices", None) or []
+        if not choices:
+            raise LLMRequestError("the server answered with no choices", retryable=False, attempts=attempt)
+        choice = choices[0]
+        text = (choice.message.content if choice.message else None) or ""
+        usage = getattr(resp, "usage", None)
+        pt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        ct = int(getattr(usage, "completion_tokens", 0) or 0)
+        self.limiter.settle(est, pt + ct if usage else est)
+        return LLMResult(text=text, prompt_tokens=pt, completion_tokens=ct, attempts=attempt,
+                         finish_reason=getattr(choice, "finish_reason", None))
+
+
+def _body_text(exc: openai.APIStatusError) -> str:
+    try:
+        return exc.response.text
+    except Exception:  # noqa: BLE001 - a streamed or closed body
+        return str(exc.message)
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ if cause else type(exc).__name__
