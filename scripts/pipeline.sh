@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Shared end-to-end pipeline for the dataset launchers (wiki.sh, rich.sh, diverse.sh, person.sh).
+# raw release -> unified records -> [+ LLM enrichment] -> [+ BLIP-2 captions] -> feature cache -> train -> evaluate
+#
+# Usage (from a launcher): run_pipeline NAME DISPLAY_NAME FORMAT CONFIG DOWNLOAD_HINT "$@"
+# Launcher flags:
+#   --data DIR        raw release folder (or set the launcher's env var, e.g. WIKIMEL_DIR)
+#   --work DIR        where unified data, features and runs go (default: outputs/NAME)
+#   --plus            run LLM enrichment and train on the "+" dataset (needs an OpenAI-compatible endpoint:
+#                     OPENAI_API_KEY / --llm-base-url / --llm-model)
+#   --captions        run BLIP-2 captioning (--blip2 NAME_OR_PATH, default Salesforce/blip2-opt-2.7b)
+#   --clip NAME       CLIP for features (default openai/clip-vit-base-patch32)
+#   --text-encoder N  optional separate text encoder for the text views
+#   --seed N          training seed
+#   anything after -- is passed to `python -m nel_model.train`
+set -euo pipefail
+
+run_pipeline() {
+  local name=$1 display=$2 format=$3 config=$4 hint=$5; shift 5
+  local envvar; envvar="$(echo "${name}" | tr '[:lower:]' '[:upper:]')_DIR"
+  local data="${!envvar:-}" work="outputs/${name}" plus=0 captions=0 seed=""
+  local clip="openai/clip-vit-base-patch32" text_encoder="" blip2="Salesforce/blip2-opt-2.7b"
+  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model="gpt-3.5-turbo"
+  local -a train_extra=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --data) data=$2; shift 2;;
+      --work) work=$2; shift 2;;
+      --plus) plus=1; shift;;
+      --captions) captions=1; shift;;
+      --clip) clip=$2; shift 2;;
+      --text-encoder) text_encoder=$2; shift 2;;
+      --blip2) blip2=$2; shift 2;;
+      --llm-base-url) llm_base_url=$2; shift 2;;
+      --llm-model) llm_model=$2; shift 2;;
+      --seed) seed=$2; shift 2;;
+      --) shift; train_extra=("$@"); break;;
+      -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; return 0;;
+      *) echo "error: unknown flag $1 (see --help)" >&2; return 2;;
+    esac
+  done
+  if [ -z "${data}" ] || [ ! -d "${data}" ]; then
+    echo "error: ${name}: raw data folder not found: '${data:-<unset>}'." >&2
+    echo "  Set ${envvar}=/path/to/release or pass --data DIR." >&2
+    echo "  ${hint}" >&2
+    echo "  Expected layout: see docs/DATA.md. No data at hand? Run the synthetic demo: bash scripts/demo.sh" >&2
+    return 1
+  fi
+  local py="${PYTHON:-python}"
+  local unified="${work}/unified" feats="${work}/features" runs="${work}/runs"
+  mkdir -p "${work}"
+
+  echo "== [1/5] convert ${format} release -> ${unified}"
+  "${py}" -m data_process.prepare --format "${format}" --src "${data}" --out "${unified}" --dataset-name "${display}"
+
+  local current="${unified}"
+  if [ "${plus}" = 1 ]; then
+    echo "== [2/5] LLM enrichment -> ${work}/plus"
+    local -a llm=(--model "${llm_model}")
+    [ -n "${llm_base_url}" ] && llm+=(--base-url "${llm_base_url}")
+    "${py}" -m data_process.enrich --data "${current}" --out "${work}/plus" "${llm[@]}"
+    current="${work}/plus"
+  fi
+  if [ "${captions}" = 1 ]; then
+    echo "== [3/5] BLIP-2 captions -> ${current}_cap"
+    "${py}" -m data_process.caption --data "${current}" --out "${current}_cap" --model "${blip2}"
+    current="${current}_cap"
+  fi
+
+  echo "== [4/5] features (${clip}) -> ${feats}"
+  local -a enc=(--clip "${clip}")
+  [ -n "${text_encoder}" ] && enc+=(--text_encoder "${text_encoder}")
+  "${py}" -m data_process.features --data "${current}" --out "${feats}" "${enc[@]}"
+
+  local label="DIM"; [ "${plus}" = 1 ] && label="DIM+"
+  local run="${runs}/${label}_seed${seed:-default}"
+  echo "== [5/5] train + evaluate -> ${run}"
+  local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
+  [ -n "${seed}" ] && t+=(--seed "${seed}")
+  "${py}" -m nel_model.train "${t[@]}" "${train_extra[@]}"
+  "${py}" "$(dirname "${BASH_SOURCE[0]}")/make_table.py" "${run}"
+}
