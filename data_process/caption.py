@@ -641,6 +641,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"images per model call (default {d.batch_size})")
     p.add_argument("--num-workers", type=int, help=f"image decoding processes (default {d.num_workers})")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: auto = CPU cores minus decoding workers, at least 1)")
     p.add_argument("--dtype", choices=DTYPES, help="auto (default): bf16/fp16 on GPU, fp32 on CPU")
     p.add_argument("--cache", help=f"caption cache (JSON Lines; default DIR_OUT/{CACHE_FILE})")
     p.add_argument("--images", choices=IMAGE_MODES, help="symlink (default) the source image folders into "
@@ -687,7 +689,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv = argv[1:]
         a = _run_parser().parse_args(argv)
         cfg = config_from_args(a)
+        import torch
+
         from data_process.captioners import Blip2Captioner
+        from data_process.images import cpu_threads
+
+        torch.set_num_threads(a.threads if a.threads > 0 else cpu_threads(cfg.num_workers))
 
         captioner = Blip2Captioner(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                    settings=GenerationSettings(cfg.num_beams, cfg.max_new_tokens))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data_process.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
                                    resolve_device)
 from data_process.feature_store import FeatureStore
-from data_process.images import ImagePreprocess, try_load
+from data_process.images import ImagePreprocess, cpu_threads, try_load
 from data_process.io_utils import stable_hash
 from data_process.records import Entity, Mention, load_dataset
 
@@ -402,12 +402,6 @@ def _report(summary: dict[str, Any], out: Path) -> str:
         for rid, why in zip(rep["failed_ids"], rep["failed_reasons"]):
             lines.append(f"    {side} {rid}: {why}")
     return "\n".join(lines)
-
-
-def cpu_threads(num_workers: int) -> int:
-    """Torch threads that leave one core per image-decoding worker (oversubscribed cores slow CPU
-    inference down several times)."""
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - num_workers))
 
 
 def main(argv: list[str] | None = None) -> int:

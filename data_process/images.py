@@ -7,6 +7,8 @@ report missing or unreadable images rather than stopping (or, worse, substitutin
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +81,11 @@ def try_load(path: str | Path | None) -> tuple[Image.Image | None, str | None]:
         return None, "file not found"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def cpu_threads(num_workers: int) -> int:
+    """Torch threads that leave one core per image-decoding worker (oversubscribed cores slow CPU
+    inference down several times)."""
+    import torch  # noqa: PLC0415 - only the encoding processes need torch here
+
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - num_workers))

@@ -21,7 +21,7 @@ echo "== [2/7] synthetic MEL dataset -> ${OUT}/data"
 
 echo "== [3/7] BLIP-2 captions for mention images -> ${OUT}/data_cap"
 "${PY}" -m data_process.caption --data "${OUT}/data" --out "${OUT}/data_cap" --model "${OUT}/models/blip2" \
-  --cache "${OUT}/caption_cache.jsonl" --quiet
+  --cache "${OUT}/caption_cache.jsonl" --max-new-tokens 12 --batch-size 32 --quiet
 
 echo "== [4/7] feature cache -> ${OUT}/features"
 "${PY}" -m data_process.features --data "${OUT}/data_cap" --out "${OUT}/features" --clip "${OUT}/models/clip"
