@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from data_process.captioners import DEFAULT_MODEL, DTYPES, Captioner, GenerationSettings
 from data_process.io_utils import JsonlCache, atomic_write_json, stable_hash
-from data_process.records import DataError, Dataset, DatasetInfo, Mention, load_dataset, save_dataset
+from data_process.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
+                                  save_dataset)
 
 DEFAULT_PROMPT = "Question: who or what in this image is {mention}? Answer:"
 REPORT_FILE = "caption_report.json"
@@ -510,37 +511,30 @@ def read_caption_file(path: str | Path) -> list[CaptionEntry]:
 def _read_caption_jsonl(path: Path) -> list[CaptionEntry]:
     out = []
     first_line: dict[tuple[str, str], int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno}"
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                raise DataError(path, where, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, where, None, f"record must be a JSON object, got {type(obj).__name__}")
-            for k in obj:
-                if k not in ("id", "image", "caption", "text"):
-                    raise DataError(path, where, k, "is not a field of a caption record (id|image, caption|text)")
-            keys = [k for k in ("id", "image") if k in obj]
-            if len(keys) != 1:
-                raise DataError(path, where, "id", "record must have exactly one of 'id' or 'image'")
-            kind = keys[0]
-            key = obj[kind]
-            if not isinstance(key, str) or not key:
-                raise DataError(path, where, kind, f"must be a non-empty string, got {key!r}")
-            texts = [k for k in ("caption", "text") if k in obj]
-            if len(texts) != 1:
-                raise DataError(path, where, "caption", "record must have exactly one of 'caption' or 'text'")
-            text = obj[texts[0]]
-            if not isinstance(text, str):
-                raise DataError(path, where, texts[0], f"must be a string, got {type(text).__name__}")
-            if (kind, key) in first_line:
-                raise DataError(path, where, kind, f"duplicate {kind} {key!r}, first seen on line {first_line[kind, key]}")
-            first_line[kind, key] = lineno
-            out.append(CaptionEntry(kind, key, text, where))
+    for lineno, obj in iter_json_lines(path):
+        where = f"line {lineno}"
+        if not isinstance(obj, dict):
+            raise DataError(path, where, None, f"record must be a JSON object, got {type(obj).__name__}")
+        for k in obj:
+            if k not in ("id", "image", "caption", "text"):
+                raise DataError(path, where, k, "is not a field of a caption record (id|image, caption|text)")
+        keys = [k for k in ("id", "image") if k in obj]
+        if len(keys) != 1:
+            raise DataError(path, where, "id", "record must have exactly one of 'id' or 'image'")
+        kind = keys[0]
+        key = obj[kind]
+        if not isinstance(key, str) or not key:
+            raise DataError(path, where, kind, f"must be a non-empty string, got {key!r}")
+        texts = [k for k in ("caption", "text") if k in obj]
+        if len(texts) != 1:
+            raise DataError(path, where, "caption", "record must have exactly one of 'caption' or 'text'")
+        text = obj[texts[0]]
+        if not isinstance(text, str):
+            raise DataError(path, where, texts[0], f"must be a string, got {type(text).__name__}")
+        if (kind, key) in first_line:
+            raise DataError(path, where, kind, f"duplicate {kind} {key!r}, first seen on line {first_line[kind, key]}")
+        first_line[kind, key] = lineno
+        out.append(CaptionEntry(kind, key, text, where))
     return out
 
 

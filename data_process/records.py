@@ -218,31 +218,37 @@ def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
 # JSON Lines I/O
 
 
-def _read_jsonl(path: Path, parse) -> Iterator:
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line; invalid JSON raises :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            where = f"line {lineno}"
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                raise DataError(path, where, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                where = f"line {lineno} (id {obj['id']!r})"
+                raise DataError(path, f"line {lineno}", None,
+                                f"invalid JSON ({exc.msg} at column {exc.colno})") from None
 
-            def fail(field_name, problem, _where=where):
-                raise DataError(path, _where, field_name, problem)
 
-            record = parse(obj, fail)
-            if record.id in seen:
-                fail("id", f"duplicate id, first seen on line {seen[record.id]}")
-            seen[record.id] = lineno
-            yield record
+def _read_jsonl(path: Path, parse) -> Iterator:
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_json_lines(path):
+        where = f"line {lineno}"
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+            where = f"line {lineno} (id {obj['id']!r})"
+
+        def fail(field_name, problem, _where=where):
+            raise DataError(path, _where, field_name, problem)
+
+        record = parse(obj, fail)
+        if record.id in seen:
+            fail("id", f"duplicate id, first seen on line {seen[record.id]}")
+        seen[record.id] = lineno
+        yield record
 
 
 def read_entities(path: str | Path) -> list[Entity]:
