@@ -138,12 +138,35 @@ def hard_negative_table(model: torch.nn.Module, data: MELData, source: FeatureSo
     return table
 
 
+def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
+                        device: torch.device, settings: EvalSettings, kind: str, k: int) -> dict[str, dict[str, float]]:
+    """Metrics when an approximate faiss index retrieves the top ``k`` (a gold entity outside them is a miss),
+    plus ``recall@20_vs_exact``: the overlap of the index's top 20 with exact search."""
+    from nel_model.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
+
+    emb = encode_entities(model, source, device, settings).cpu()
+    index = KBIndex(emb, IndexSettings(kind=kind))
+    out = {}
+    for split in splits:
+        rows = data.splits[split]
+        q = encode_mentions(model, source, rows, device, settings).cpu()
+        _, top = index.search(q, k)
+        ranks = ranks_from_topk(top, data.gold[rows])
+        m = metrics_from_ranks(torch.from_numpy(np.where(ranks > k, 0, ranks)))
+        m["recall@20_vs_exact"] = recall_vs_exact(index, q, emb, k=min(20, k))
+        out[split] = m
+    return out
+
+
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     cols = ["mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20"]
     lines = [f"{'protocol':<12}{'split':<7}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}"]
     for proto, per_split in results.items():
         for split, m in per_split.items():
-            lines.append(f"{proto:<12}{split:<7}" + "".join(f"{100 * m[c]:9.2f}" for c in cols) + f"{m['n']:>8}")
+            line = f"{proto:<12}{split:<7}" + "".join(f"{100 * m[c]:9.2f}" for c in cols) + f"{m['n']:>8}"
+            if "recall@20_vs_exact" in m:
+                line += f"   recall@20 vs exact search {m['recall@20_vs_exact']:.3f}"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -169,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dataset", default=None, help="override the dataset folder recorded in config.json")
     p.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
+                   help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
+    p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
     a = p.parse_args(argv)
     run = Path(a.run)
     cfg_path = run / "config.json"
@@ -183,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device))
     splits = ["dev", "test"] if a.split == "all" else [a.split]
     results = evaluate_splits(model, data, source, splits, D.DistInfo(device=device), settings)
+    if a.faiss:
+        results[f"faiss_{a.faiss}"] = evaluate_with_index(model, data, source, splits, device, settings, a.faiss,
+                                                          a.faiss_k)
     print(json.dumps(results, indent=2) if a.json else format_table(results))
     return results
 

@@ -94,3 +94,13 @@ def test_dataloader_workers_gather_the_same_batches(trained_run):
     lo, hi = ds[0]["local"]
     assert (lo, hi) == (12, 24) and ds[0]["mention"]["mention"].shape[0] == 12
     assert ds[0]["entity"]["desc"].shape[0] == 24 * 3        # global golds + 2 negatives each
+
+
+def test_faiss_index_evaluation_matches_exact_on_a_small_kb(trained_run, capsys):
+    _, out = trained_run
+    res = ev.main(["--run", str(out), "--split", "test", "--faiss", "hnsw", "--faiss_k", "40"])
+    approx, exact = res["faiss_hnsw"]["test"], res["full_kb"]["test"]
+    assert approx["recall@20_vs_exact"] == pytest.approx(1.0)
+    for key in ("mrr", "hits@1", "hits@5", "hits@20", "n"):
+        assert approx[key] == pytest.approx(exact[key])
+    assert "faiss_hnsw" in capsys.readouterr().out
