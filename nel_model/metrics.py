@@ -49,7 +49,10 @@ def full_kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Ten
         q = queries[s: s + chunk].to(dtype)
         scores = q @ ent.T                                                       # [c,E]
         g = scores.gather(1, gold[s: s + chunk, None])                           # [c,1]
-        out[s: s + chunk] = (~(scores < g)).sum(1)                               # includes the gold itself
+        # Entities not strictly below the gold (the gold itself, ties and NaN) = E - #below. Counting on a
+        # uint8 view in int32 is several times faster on CPU than summing a bool tensor.
+        below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32)
+        out[s: s + chunk] = len(ent) - below
     return out
 
 
