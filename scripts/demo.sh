@@ -35,7 +35,10 @@ echo "== [6/7] ablation: text only -> ${OUT}/runs/text_only"
   --output_dir "${OUT}/runs/text_only" --label "text only" --seed "${SEED}" --overwrite \
   --no_image --no_caption --no_entity_image
 
-echo "== [7/7] results table and plots"
-"${PY}" "${ROOT}/scripts/make_table.py" "${OUT}/runs/full" "${OUT}/runs/text_only" --out "${OUT}/results"
+echo "== [7/7] untrained baseline (zero-shot start of the same model), results table and plots"
+"${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
+  --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
+"${PY}" "${ROOT}/scripts/make_table.py" "${OUT}/runs/full" "${OUT}/runs/text_only" "${OUT}/runs/untrained" \
+  --out "${OUT}/results"
 "${PY}" "${ROOT}/scripts/plot_run.py" "${OUT}/runs/full" "${OUT}/runs/text_only" --out "${OUT}/plots"
 echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, runs ${OUT}/runs/"
