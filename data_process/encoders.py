@@ -93,7 +93,8 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> TextFeatures:
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len,
+        # Pad to the batch's longest text, not max_len: real MEL texts are short, padding is wasted work.
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_len,
                              return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         att = enc["attention_mask"].to(self.device)
@@ -110,7 +111,10 @@ class TextEncoder:
             m = att.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1)
         tokens = tokens * att.unsqueeze(-1).to(tokens.dtype)  # padding positions are exactly zero
-        return TextFeatures(pooled=pooled.float().cpu().numpy(), tokens=tokens.float().cpu().numpy(),
+        pad = self.max_len - tokens.shape[1]
+        tokens = torch.nn.functional.pad(tokens.float(), (0, 0, 0, pad))
+        att = torch.nn.functional.pad(att, (0, pad))
+        return TextFeatures(pooled=pooled.float().cpu().numpy(), tokens=tokens.cpu().numpy(),
                             mask=att.bool().cpu().numpy())
 
     def encode(self, texts: Sequence[str]) -> TextFeatures:
@@ -119,10 +123,14 @@ class TextEncoder:
         if not texts:
             return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, self.max_len, self.dim), np.float32),
                                 np.zeros((0, self.max_len), bool))
-        parts = [self._encode_batch(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        return TextFeatures(pooled=np.concatenate([p.pooled for p in parts]),
-                            tokens=np.concatenate([p.tokens for p in parts]),
-                            mask=np.concatenate([p.mask for p in parts]))
+        # Batches of similar length waste little padding; results come back in the input order.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        parts = [self._encode_batch([texts[j] for j in order[i:i + self.batch_size]])
+                 for i in range(0, len(texts), self.batch_size)]
+        back = np.argsort(order, kind="stable")
+        return TextFeatures(pooled=np.concatenate([p.pooled for p in parts])[back],
+                            tokens=np.concatenate([p.tokens for p in parts])[back],
+                            mask=np.concatenate([p.mask for p in parts])[back])
 
 
 class ImageEncoder:

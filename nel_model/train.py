@@ -291,6 +291,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         a, dist = self.args, self.dist
         self.start_records()
+        if self.epoch == 0 and a.epochs > 0:
+            self._untrained_as_first_best()
         while self.epoch < a.epochs and not self.stopped:
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -331,6 +333,19 @@ class Trainer:
             if a.stop_after_epochs and self.epoch >= a.stop_after_epochs and self.epoch < a.epochs:
                 return {"stopped_at_epoch": self.epoch}
         return self.finish()
+
+    def _untrained_as_first_best(self) -> None:
+        """The untrained model (the zero-shot start of the residual model) is the first candidate for "best", so
+        a run whose training only hurts dev MRR still returns the zero-shot model rather than a worse one."""
+        dev_full = self.evaluate(["dev"])["full_kb"]["dev"]
+        self.best_mrr, self.best_epoch = dev_full["mrr"], 0
+        if self.dist.is_main:
+            save_checkpoint(self._ckpt_dir() / "best.pt", {"model": self.model.state_dict(),
+                                                           "model_config": asdict(self.cfg), "epoch": 0,
+                                                           "dev": dev_full})
+            print(f"epoch 0 (untrained): dev MRR {100 * dev_full['mrr']:.2f}  H@1 {100 * dev_full['hits@1']:.2f}",
+                  file=sys.stderr)
+        D.barrier(self.dist)
 
     def finish(self) -> dict[str, Any]:
         a, dist = self.args, self.dist

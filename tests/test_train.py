@@ -124,5 +124,6 @@ def test_sigkill_during_training_then_resume(image_store, tmp_path):
 
 def test_early_stopping_with_patience(image_store, tmp_path):
     res = run(image_store, tmp_path / "es", "--epochs", 6, "--lr", 0, "--patience", 2)
-    assert res["epochs_run"] == 3 and res["best_epoch"] == 1     # no gain after epoch 1 -> stop after 2 more
-    assert len(dev_lines(tmp_path / "es")) == 3
+    # lr 0: no epoch beats the untrained model (epoch 0, the first "best") -> stop after 2 epochs without gain
+    assert res["epochs_run"] == 2 and res["best_epoch"] == 0
+    assert len(dev_lines(tmp_path / "es")) == 2
