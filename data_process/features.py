@@ -415,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_len", type=int, default=32, help="sentence tokens kept (padded/truncated)")
     ap.add_argument("--region_grid", type=int, default=3, help="image regions: grid x grid pooled patch tokens")
     ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1),
-                    help="image decoding worker processes (0: decode in the main process)")
+    ap.add_argument("--num_workers", type=int, default=None,
+                    help="image decoding worker processes (0: in the main process; default: CPU cores - 1 on a GPU, "
+                         "where decoding is the bottleneck, else min(2, CPU cores))")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--force", action="store_true", help="re-encode every view even when up to date")
     ap.add_argument("--threads", type=int, default=0,
@@ -425,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = FeatureSettings(clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len,
                                region_grid=args.region_grid)
-    resolve_device(args.device)  # fail early on a malformed device string
+    device = resolve_device(args.device)  # fail early on a malformed device string
+    if args.num_workers is None:
+        cores = os.cpu_count() or 1
+        args.num_workers = max(1, cores - 1) if device.type == "cuda" else min(2, cores)
     torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads(args.num_workers))
     summary = build_features(args.data, args.out, settings, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=args.device, force=args.force)
