@@ -33,15 +33,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+import sys
 
-from data_process.caption import CaptionConfig, caption_dataset, iter_decoded
-from data_process.captioners import Blip2Captioner, GenerationSettings, resize_exact, resolve_device
-from data_process.io_utils import atomic_write_json, atomic_write_text
-from data_process.records import DatasetInfo, Entity, Mention, save_dataset
-from data_process.tiny_models.blip2 import build_tiny_tokenizer
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/bench_caption.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_process.caption import CaptionConfig, caption_dataset, iter_decoded  # noqa: E402
+from data_process.captioners import Blip2Captioner, GenerationSettings, resize_exact, resolve_device  # noqa: E402
+from data_process.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from data_process.records import DatasetInfo, Entity, Mention, save_dataset  # noqa: E402
+from data_process.tiny_models.blip2 import build_tiny_tokenizer  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
