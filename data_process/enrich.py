@@ -128,6 +128,16 @@ class CacheWriter:
         self._lock = asyncio.Lock()
 
     async def put(self, key: str, record: dict[str, Any]) -> None:
+        write = asyncio.ensure_future(self._write(key, record))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The run is stopping (fatal error, Ctrl-C): this answer is paid for, so finish writing it
+            # (even when it waits behind another write), then let the cancellation through.
+            await write
+            raise
+
+    async def _write(self, key: str, record: dict[str, Any]) -> None:
         async with self._lock:
             await asyncio.to_thread(self.cache.put, key, record)
 

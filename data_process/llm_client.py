@@ -279,7 +279,7 @@ class LLMClient:
                 resp = await self._client.chat.completions.create(**kwargs)
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                body = _body_text(exc)
+                body = self._redact(_body_text(exc))  # some servers echo the key they were sent
                 if status in FATAL_STATUS:
                     raise LLMFatalError(f"HTTP {status} from the server: {body[:300]}", status=status,
                                         retryable=False, attempts=attempt, body=body) from None
@@ -303,6 +303,10 @@ class LLMClient:
             self.retries += 1
             log.debug("attempt %d: %s; retrying in %.2fs", attempt, reason, delay)
             await self._sleep(delay)
+
+    def _redact(self, text: str) -> str:
+        key = self.config.api_key
+        return text.replace(key, "***") if key and text else text
 
     def _result(self, resp: Any, attempt: int, est: int) -> LLMResult:
         choices = getattr(resp, "choices", None) or []

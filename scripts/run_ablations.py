@@ -83,7 +83,8 @@ def train_command(ab: Ablation, seed: int, run_dir: Path, args: argparse.Namespa
         cmd += ["--config", str(args.config)]
     cmd += ["--features", str(args.features), "--output_dir", str(run_dir), "--seed", str(seed),
             "--label", ab.label, *ab.flags]
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    forced = getattr(args, "force", False) and (run_dir / RESULTS_FILE).is_file()  # re-train, do not resume
+    if (run_dir / "checkpoints" / "last.pt").is_file() and not forced:
         cmd.append("--resume")
     elif run_dir.exists() and any(run_dir.iterdir()):
         cmd.append("--overwrite")

@@ -301,3 +301,56 @@ def test_synthetic_demo_dataset(tmp_path, fake_server):
     for m in ds.mentions:
         if m.image:
             assert ds.image_path(m.image).is_file()
+
+
+@pytest.mark.parametrize("status", [401, 400])
+def test_api_key_echoed_by_the_server_is_never_printed_or_written(tmp_path, fake_server, capsys, status):
+    data = make_toy_dataset(tmp_path / "toy", n=1, with_images=False)
+    out = tmp_path / "plus"
+    echo = json.dumps({"error": {"message": "Invalid API key. Received API Key = sk-test-SECRET-123"}})
+    fake_server.responder = lambda body, i: Action.error(status, body=echo)
+    rc = enrich.main(enrich_args(data, out, fake_server, "--kinds", "entities"))
+    assert rc == (enrich.EXIT_USAGE if status == 401 else enrich.EXIT_INCOMPLETE)
+    err = capsys.readouterr().err
+    assert "SECRET" not in err
+    if status == 401:
+        assert "HTTP 401" in err and "Received API Key = ***" in err
+    else:  # an unanswered request: its error is in the report
+        [failure] = _report(out)["failures"]
+        assert failure["errors"][0].startswith("HTTP 400") and "Received API Key = ***" in failure["errors"][0]
+    for f in out.rglob("*") if out.exists() else []:
+        if f.is_file():
+            assert "SECRET" not in f.read_text(errors="replace"), f
+
+
+def test_answers_received_before_a_fatal_error_are_still_cached(tmp_path, fake_server, monkeypatch):
+    """A fatal error cancels the other workers; an answer already received (paid) must still reach the cache,
+    even when its write was queued behind another one."""
+    import threading
+    import time
+
+    from data_process import io_utils
+
+    data = make_toy_dataset(tmp_path / "toy", n=3, with_images=False)
+    out = tmp_path / "plus"
+    slow_put = io_utils.JsonlCache.put
+
+    def put(self, key, record):
+        time.sleep(0.4)  # a slow disk: the second answer waits for the first write
+        return slow_put(self, key, record)
+
+    monkeypatch.setattr(io_utils.JsonlCache, "put", put)
+    gate = threading.Event()
+
+    def responder(body, i):
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        if "Entity 2" in user:
+            gate.wait(0.15)  # after the two other answers have arrived
+            return Action.error(401)
+        return None
+
+    fake_server.responder = responder
+    args = enrich_args(data, out, fake_server, "--kinds", "entities", "--concurrency", "3")
+    assert enrich.main(args) == enrich.EXIT_USAGE
+    recs = {r["item_id"]: r["status"] for r in _cache_records(out)}
+    assert recs == {"Q0": "ok", "Q1": "ok"}

@@ -324,3 +324,18 @@ def test_shipped_paper_file_parses_and_holds_no_invented_numbers():
     rows = mt.read_paper(ROOT / "configs" / "paper_results.csv", ["WikiMEL", "RichpediaMEL", "WikiDiverse"],
                          "full_kb", list(mt.METRIC_KEYS))
     assert rows == []  # placeholders only: empty values until a user fills them in
+
+
+def test_force_retrains_instead_of_resuming_a_finished_run(tmp_path):
+    ra = _ablations()
+    run_dir = tmp_path / "abl" / "full_s1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"ckpt")
+    args = ra.build_parser().parse_args(["--features", str(tmp_path / "feat"), "--out", str(tmp_path / "abl")])
+    # interrupted run (no results.json): resumed
+    assert "--resume" in ra.train_command(ra.BY_KEY["full"], 1, run_dir, args, [])
+    # finished run: resuming would just reload the last epoch; --force must train again from scratch
+    (run_dir / "results.json").write_text("{}")
+    args.force = True
+    cmd = ra.train_command(ra.BY_KEY["full"], 1, run_dir, args, [])
+    assert "--resume" not in cmd and "--overwrite" in cmd
