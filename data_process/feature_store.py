@@ -111,6 +111,9 @@ class ViewWriter:
             raise RuntimeError(f"{self.name}: only {prog['rows_done']} of {self.n_rows} rows written")
         del self.data, self.mask
         root = self.store.root
+        # Forget the previous version of the view before its files are replaced: a kill between the renames
+        # and the meta update below must not leave the old fingerprint vouching for new (or mixed) files.
+        self.store.drop_view_meta(self.name)
         os.replace(self.data_path, root / f"{self.name}.npy")
         if self.mask_path:
             os.replace(self.mask_path, root / f"{self.name}.mask.npy")
@@ -143,6 +146,12 @@ class FeatureStore:
         meta = self.meta()
         meta.setdefault("views", {})[name] = info
         atomic_write_json(self.meta_path, meta)
+
+    def drop_view_meta(self, name: str) -> None:
+        meta = self.meta()
+        if name in meta.get("views", {}):
+            del meta["views"][name]
+            atomic_write_json(self.meta_path, meta)
 
     def set_ids(self, side: str, ids: list[str]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,8 @@ def try_load(path: str | Path | None) -> tuple[Image.Image | None, str | None]:
             return im.convert("RGB"), None
     except FileNotFoundError:
         return None, "file not found"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError (an image over 2x PIL's MAX_IMAGE_PIXELS) is not an OSError
         return None, f"unreadable ({type(exc).__name__}: {exc})"
 
 

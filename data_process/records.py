@@ -223,8 +223,13 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its file and line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"line {lineno}", None,
+                                f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -294,7 +299,7 @@ def load_dataset(root: str | Path, *, check_gold: bool = True) -> Dataset:
         try:
             raw = json.loads(info_path.read_text(encoding="utf-8"))
             info = DatasetInfo(**raw)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, missing or unknown fields
             raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
     else:
         info = DatasetInfo(name=root.name, source_format="unknown")

@@ -35,6 +35,7 @@ from data_process.records import (
     MENTIONS_FILE,
     SPLITS,
     DataError,
+    DatasetInfo,
     Entity,
     Mention,
     entity_from_dict,
@@ -116,11 +117,17 @@ def _load_records(path: Path, parse, report: ValidationReport, dup_kind: str, pr
         raise FileNotFoundError(f"{path}: file not found")
     records = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(tqdm(fh, desc=f"validate {path.name}", disable=not progress, unit="line"), 1):
+    with path.open("rb") as fh:  # decoded per line: a bad byte is one malformed record, not a crash
+        for lineno, raw in enumerate(tqdm(fh, desc=f"validate {path.name}", disable=not progress, unit="line"), 1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.add("malformed_records", str(DataError(path, where, None,
+                                                              f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)")))
+                continue
             if not line.strip():
                 continue
-            where = f"line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -251,8 +258,9 @@ def validate_dataset(root: str | Path, *, image_check: str = "verify", progress:
             info = json.loads(info_path.read_text(encoding="utf-8"))
             if not isinstance(info, dict) or not isinstance(info.get("name"), str):
                 raise ValueError("not an object with a string 'name'")
+            DatasetInfo(**info)  # the fields records.load_dataset requires and accepts
             rep.dataset = info["name"]
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             rep.add("bad_dataset_info", f"{info_path}: {exc}")
     else:
         rep.add("missing_dataset_info", str(info_path))

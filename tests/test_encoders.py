@@ -117,3 +117,15 @@ def test_automodel_text_encoder_mean_pooling():
     assert feats.pooled.shape == (2, 384) and feats.tokens.shape == (2, 16, 384)
     m = feats.mask[0]
     np.testing.assert_allclose(feats.pooled[0], feats.tokens[0][m].mean(0), atol=1e-5)
+
+
+def test_try_load_reports_decompression_bomb_instead_of_raising(tmp_path, monkeypatch):
+    import warnings
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (40, 40)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 x limit: PIL raises DecompressionBombError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img, why = try_load(path)
+    assert img is None and why.startswith("unreadable (DecompressionBombError: ")

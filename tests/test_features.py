@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -239,3 +240,34 @@ def test_automodel_text_encoder_sets_text_dim(assets, tmp_path):
     assert store.load("entity", "image").data.shape[1:] == (64,)
     _, _, s = load_encoders_from_meta(meta, device="cpu")
     assert s.text_encoder == minilm
+
+
+def test_kill_inside_commit_never_leaves_old_fingerprint_on_new_files(built, assets, tmp_path, monkeypatch):
+    """Killed between renaming mention.profile's data and its mask: going back to the old inputs must
+    re-encode the view, not trust the old fingerprint for the new (and half-replaced) files."""
+    import data_process.feature_store as fs
+
+    data, clip = assets
+    out = tmp_path / "f"
+    shutil.copytree(built, out)
+    changed = _copy_data(data, tmp_path / "data")
+    ds = load_dataset(changed)
+    prov = {"model": "test"}
+    save_dataset(changed, ds.info, ds.entities,
+                 [replace(m, caption={"text": f"a picture of {m.mention}", "provenance": prov}) for m in ds.mentions])
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst).name == "mention.profile.mask.npy":
+            raise KeyboardInterrupt("simulated kill inside commit")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fs.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(changed, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    monkeypatch.setattr(fs.os, "replace", real_replace)
+    summary = build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert "mention.profile" in summary["written"]
+    a, b = _arrays(out), _arrays(built)
+    for name in ("mention.profile.npy", "mention.profile.mask.npy"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

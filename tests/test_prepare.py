@@ -166,3 +166,34 @@ def test_report_rule_lists_are_disjoint():
     with pytest.raises(ValueError, match="image_check must be one of verify, exists, none"):
         val.validate_records(".", "x", [], [], image_check="maybe")
     assert issubclass(prep.ConversionError, ValueError) and not issubclass(prep.ConversionError, DataError)
+
+
+def _tiny_unified(root: Path, info: dict) -> Path:
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps(info))
+    (root / "entities.jsonl").write_text(json.dumps({"id": "E1", "name": "One"}) + "\n")
+    (root / "mentions.jsonl").write_text(json.dumps({"id": "m1", "sentence": "One", "mention": "One",
+                                                     "gold_id": "E1", "split": "train"}) + "\n")
+    return root
+
+
+def test_non_utf8_line_is_a_malformed_record_naming_file_and_line(tmp_path):
+    root = _tiny_unified(tmp_path / "ds", {"name": "probe", "source_format": "test"})
+    with (root / "entities.jsonl").open("ab") as fh:
+        fh.write(b'{"id": "E2", "name": "Caf\xe9"}\n')
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert str(err.value).startswith(f"{root / 'entities.jsonl'}, line 2: not UTF-8 text (")
+    rep = val.validate_dataset(root, progress=False)
+    assert rep.errors["malformed_records"] == 1 and rep.entities == 1
+    assert rep.examples["malformed_records"][0].startswith(f"{root / 'entities.jsonl'}, line 2: not UTF-8 text (")
+
+
+@pytest.mark.parametrize("info", [{"name": "probe"}, {"name": "probe", "source_format": "t", "extra": 1}])
+def test_validate_rejects_dataset_info_that_load_dataset_rejects(tmp_path, info):
+    root = _tiny_unified(tmp_path / "ds", info)
+    with pytest.raises(DataError, match="not a valid dataset info object"):
+        load_dataset(root)
+    rep = val.validate_dataset(root, progress=False)
+    assert not rep.ok and rep.errors["bad_dataset_info"] == 1
+    assert rep.examples["bad_dataset_info"][0].startswith(f"{root / 'dataset.json'}: ")

@@ -370,3 +370,11 @@ def test_mimic_records_sharing_an_id_get_occurrence_suffixes(tmp_path):
     conv = read_mimic(make_mimic(tmp_path / "rep", train=train), progress=False)
     assert [m.id for m in conv.mentions] == ["s5#0", "s5#1", "t1#0", "d1", "t1#1"]
     assert conv.info.notes["repeated_record_ids"] == 2
+
+
+def test_wikidiverse_description_file_not_utf8_names_file_and_line(tmp_path):
+    src = make_wikidiverse(tmp_path / "wd")
+    (src / "entity2desc.txt").write_bytes(b"A@@@@a\nB@@@@caf\xe9\n")
+    with pytest.raises(DataError) as err:
+        read_wikidiverse(src, progress=False)
+    assert str(err.value).startswith(f"{src / 'entity2desc.txt'}, line 2: not UTF-8 text (")

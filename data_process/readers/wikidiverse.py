@@ -73,9 +73,13 @@ def read_descriptions(path: Path) -> dict[str, str]:
             out[title_from_url(key)] = desc
         return out
     out = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
+    with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"line {lineno}", None,
+                                f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
             if DESC_SEP not in line:
