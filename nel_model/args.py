@@ -112,6 +112,19 @@ def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[
     for key in raw:
         if key not in known or key == "config":
             raise ValueError(f"{path}: unknown key {key!r} (keys are flag names, e.g. batch_size)")
+    # argparse never checks defaults against ``choices``, and YAML 1.1 reads off/no/yes/on as booleans:
+    # ``amp: off`` would arrive as False (and silently mean fp16), ``data_on_device: no`` as False (= auto).
+    for action in parser._actions:
+        if action.choices is None or action.dest not in raw:
+            continue
+        value = raw[action.dest]
+        if isinstance(value, bool):
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            value = next((c for c in action.choices if str(c).lower() in spellings), value)
+        if value not in action.choices:
+            raise ValueError(f"{path}: {action.dest}: invalid value {raw[action.dest]!r} "
+                             f"(choose from {', '.join(map(str, action.choices))})")
+        raw[action.dest] = value
     return raw
 
 

@@ -87,6 +87,7 @@ def recall_vs_exact(index: KBIndex, queries: np.ndarray | torch.Tensor, entities
     """Recall@k of the index against exact search: |approx top-k ∩ exact top-k| / k, averaged."""
     q = torch.as_tensor(_as_numpy(queries), dtype=torch.float32)
     e = torch.as_tensor(_as_numpy(entities), dtype=torch.float32)
+    k = min(k, len(e))           # a KB smaller than k: topk would fail, and the index pads with -1 rows
     exact = np.concatenate([torch.topk(q[i:i + chunk] @ e.T, k, dim=1).indices.numpy()
                             for i in range(0, len(q), chunk)])
     _, approx = index.search(q.numpy(), k)

@@ -80,19 +80,26 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def rng_states() -> dict[str, Any]:
+def rng_states(device: torch.device | None = None) -> dict[str, Any]:
+    """Host RNG states, plus the CUDA state of the training ``device`` only: ``get_rng_state_all`` would create a
+    CUDA context on every visible GPU (from rank 0 under DDP) and tie the checkpoint to that GPU count."""
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def restore_rng(st: dict[str, Any]) -> None:
+def restore_rng(st: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["random"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    cuda = st.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):       # older checkpoints: one state per GPU of the saving machine
+            idx = device.index or 0
+            cuda = cuda[idx] if idx < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def dataset_name(data) -> str:
@@ -119,6 +126,9 @@ class Trainer:
         self.data = load_mel_data(args.features, args.dataset)
         if len(self.data.splits["train"]) == 0:
             raise ValueError(f"{args.features}: the dataset has no train mentions")
+        if args.epochs > 0 and len(self.data.splits["dev"]) == 0:
+            raise ValueError(f"{args.features}: the dataset has no dev mentions; the best model is chosen by dev MRR "
+                             "(re-split the data, e.g. prepare --splits 70,10,20)")
         if args.batch_size < dist.world_size:
             raise ValueError(f"--batch_size {args.batch_size} is smaller than the {dist.world_size} processes")
         self.cfg = config_from_args(args, self.data)
@@ -173,7 +183,8 @@ class Trainer:
         last = self._ckpt_dir() / "last.pt"
         if a.resume:
             if not last.is_file():
-                raise FileNotFoundError(f"{last}: --resume given but there is no checkpoint")
+                raise FileNotFoundError(f"{last}: --resume given but there is no checkpoint (no epoch of this "
+                                        "run finished; start it again with --overwrite)")
             self.load_state(load_checkpoint(last))
             if dist.is_main:
                 truncate_metrics(self.out / "metrics.jsonl", self.epoch)
@@ -203,7 +214,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "model_config": asdict(self.cfg),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_states(),
+                "scaler": self.scaler.state_dict(), "rng": rng_states(self.device),
                 "sampler": {"epoch": self.epoch, "batch": 0, "seed": self.args.seed},
                 "epoch": self.epoch, "global_step": self.global_step, "best_mrr": self.best_mrr,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "stopped": self.stopped,
@@ -218,7 +229,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
-        restore_rng(st["rng"])
+        restore_rng(st["rng"], self.device)
         self.epoch, self.global_step = st["epoch"], st["global_step"]
         self.best_mrr, self.best_epoch, self.bad_epochs = st["best_mrr"], st["best_epoch"], st["bad_epochs"]
         self.stopped = st["stopped"]
@@ -327,10 +338,13 @@ class Trainer:
                     for k, v in dev_full.items():
                         if k != "n":
                             self.tb.add_scalar(f"dev/{k}", v, self.epoch)
+                    self.tb.flush()     # the writer buffers up to 120 s; a stop or crash would lose those epochs
                 print(f"epoch {self.epoch}: loss {train_loss:.4f}  dev MRR {100 * dev_full['mrr']:.2f}  "
                       f"H@1 {100 * dev_full['hits@1']:.2f}" + ("  *" if improved else ""), file=sys.stderr)
             D.barrier(dist)
             if a.stop_after_epochs and self.epoch >= a.stop_after_epochs and self.epoch < a.epochs:
+                if self.tb is not None:
+                    self.tb.close()
                 return {"stopped_at_epoch": self.epoch}
         return self.finish()
 

@@ -42,3 +42,10 @@ def test_ranks_from_topk_marks_misses_as_k_plus_one():
 def test_unknown_kind_is_rejected(kb):
     with pytest.raises(ValueError, match="unknown index kind 'lsh'"):
         KBIndex(kb[0], IndexSettings(kind="lsh"))
+
+
+def test_recall_vs_exact_on_a_kb_smaller_than_k():
+    rng = np.random.default_rng(1)
+    entities = _unit(rng.normal(size=(8, 16)))
+    index = KBIndex(entities, IndexSettings(kind="flat"))
+    assert recall_vs_exact(index, entities[:3], entities, k=20) == 1.0

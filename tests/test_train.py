@@ -127,3 +127,72 @@ def test_early_stopping_with_patience(image_store, tmp_path):
     # lr 0: no epoch beats the untrained model (epoch 0, the first "best") -> stop after 2 epochs without gain
     assert res["epochs_run"] == 2 and res["best_epoch"] == 0
     assert len(dev_lines(tmp_path / "es")) == 2
+
+
+def test_config_file_yaml_booleans_and_choices(tmp_path):
+    from nel_model.args import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("amp: off\ndata_on_device: no\n")     # YAML 1.1 reads both as False
+    a = parse_args(["--config", str(cfg)])
+    assert a.amp == "off" and a.data_on_device == "no"
+    cfg.write_text("data_on_device: yes\n")
+    assert parse_args(["--config", str(cfg)]).data_on_device == "yes"
+    cfg.write_text("amp: bf61\n")
+    with pytest.raises(ValueError, match="amp: invalid value 'bf61'"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
+    import torch
+
+    from nel_model import train as T
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("touched every visible GPU"))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: calls.append(("get", device)) or "S")
+    st = T.rng_states(torch.device("cpu"))
+    assert "cuda" not in st and not calls
+
+    def set_state(state, device="cuda"):
+        if torch.device(device).index not in (None, 0):
+            raise RuntimeError("invalid device ordinal")
+        calls.append(("set", state))
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_state)
+    # a checkpoint written on a 2-GPU machine, resumed on a machine with one GPU
+    T.restore_rng({**st, "cuda": ["A", "B"]}, torch.device("cuda", 0))
+    assert calls == [("set", "A")]
+    assert T.rng_states(torch.device("cuda", 0))["cuda"] == "S"
+
+
+def test_tensorboard_logs_survive_a_stop(image_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nel_model import distributed as D
+    from nel_model.args import parse_args
+    from nel_model.train import Trainer
+
+    out = tmp_path / "tb_stop"
+    argv = ["--config", str(CONFIG), "--features", str(image_store), "--output_dir", str(out), "--epochs", "3",
+            "--tensorboard", "--stop_after_epochs", "1"]
+    trainer = Trainer(parse_args(argv), D.DistInfo())     # kept alive: the writer is not garbage-collected
+    assert trainer.fit() == {"stopped_at_epoch": 1}
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("dev/mrr")] == [1]
+
+
+def test_resume_without_a_finished_epoch_says_how_to_restart(image_store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--overwrite"):
+        run(image_store, tmp_path / "none", "--epochs", 1, "--resume")
+
+
+def test_training_without_dev_mentions_is_refused(tmp_path):
+    write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=16, mentions_per_split=(32, 0, 16), seed=1)
+    with pytest.raises(ValueError, match="the dataset has no dev mentions; the best model is chosen by dev MRR"):
+        train_main(["--config", str(Path(__file__).resolve().parents[1] / "configs/synthetic.yaml"),
+                    "--features", str(tmp_path / "feat"), "--output_dir", str(tmp_path / "run"), "--epochs", "1"])
