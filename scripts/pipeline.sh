@@ -20,7 +20,7 @@ run_pipeline() {
   local envvar; envvar="$(echo "${name}" | tr '[:lower:]' '[:upper:]')_DIR"
   local data="${!envvar:-}" work="outputs/${name}" plus=0 captions=0 seed=""
   local clip="openai/clip-vit-base-patch32" text_encoder="" blip2="Salesforce/blip2-opt-2.7b"
-  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model="gpt-3.5-turbo"
+  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model=""
   local -a train_extra=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -56,7 +56,8 @@ run_pipeline() {
   local current="${unified}"
   if [ "${plus}" = 1 ]; then
     echo "== [2/5] LLM enrichment -> ${work}/plus"
-    local -a llm=(--model "${llm_model}")
+    local -a llm=()
+    [ -n "${llm_model}" ] && llm+=(--model "${llm_model}")   # default: configs/enrich.yaml
     [ -n "${llm_base_url}" ] && llm+=(--base-url "${llm_base_url}")
     "${py}" -m data_process.enrich --data "${current}" --out "${work}/plus" "${llm[@]}"
     current="${work}/plus"

@@ -117,21 +117,31 @@ def _write_mimic_release(dataset_dir: Path, out: Path) -> dict[str, str]:
     return qid
 
 
-def test_wiki_launcher_runs_a_mimic_release_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def mimic_release(tmp_path_factory) -> dict[str, Path]:
     from data_process.synthetic import SyntheticConfig, generate
     from data_process.tiny_models.clip import save_tiny_clip
 
-    data = generate(tmp_path / "synthetic", SyntheticConfig(entities=24, mentions=120, seed=2, image_size=32),
+    w = tmp_path_factory.mktemp("mimic")
+    data = generate(w / "synthetic", SyntheticConfig(entities=24, mentions=120, seed=2, image_size=32),
                     progress=False)
-    _write_mimic_release(Path(data), tmp_path / "WikiMEL")
-    clip = save_tiny_clip(tmp_path / "clip", image_size=32)
-    work = tmp_path / "work"
-    proc = subprocess.run(["bash", str(ROOT / "wiki.sh"), "--data", str(tmp_path / "WikiMEL"), "--work", str(work),
-                           "--clip", str(clip), "--seed", "1", "--", "--epochs", "2", "--threads", "1",
-                           "--device", "cpu"],
-                          capture_output=True, text=True, env={**ENV, "PYTHON": sys.executable}, cwd=tmp_path,
-                          timeout=600)
+    _write_mimic_release(Path(data), w / "WikiMEL")
+    return {"src": w / "WikiMEL", "clip": save_tiny_clip(w / "clip", image_size=32)}
+
+
+def _run_wiki_sh(release: dict[str, Path], work: Path, *flags: str, env: dict | None = None):
+    cmd = ["bash", str(ROOT / "wiki.sh"), "--data", str(release["src"]), "--work", str(work),
+           "--clip", str(release["clip"]), "--seed", "1", *flags, "--", "--epochs", "2", "--threads", "1",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**(env or ENV), "PYTHON": sys.executable},
+                          cwd=work.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_wiki_launcher_runs_a_mimic_release_end_to_end(mimic_release, tmp_path):
+    work = tmp_path / "work"
+    proc = _run_wiki_sh(mimic_release, work)
     validation = json.loads((work / "unified" / "validation.json").read_text())
     assert validation["ok"] and validation["entities"] == 24 and validation["dataset"] == "WikiMEL"
     results = json.loads((work / "runs" / "DIM_seed1" / "results.json").read_text())
@@ -139,3 +149,24 @@ def test_wiki_launcher_runs_a_mimic_release_end_to_end(tmp_path):
     assert results["protocols"]["full_kb"]["test"]["n"] == sum(
         1 for line in (work / "unified" / "mentions.jsonl").read_text().splitlines() if '"split": "test"' in line)
     assert "| DIM | 1 | " in proc.stdout  # the results table
+
+
+def test_wiki_launcher_plus_enriches_through_an_openai_compatible_server(mimic_release, tmp_path):
+    from fake_openai_server import FakeOpenAIServer
+
+    from data_process.records import load_dataset
+
+    work = tmp_path / "work"
+    with FakeOpenAIServer() as server:
+        env = {**ENV, "OPENAI_API_KEY": "sk-test-launcher"}
+        _run_wiki_sh(mimic_release, work, "--plus", "--llm-base-url", server.base_url, "--llm-model", "fake-model",
+                     env=env)
+        asked = server.input_counts()
+    plus = load_dataset(work / "plus")
+    assert max(asked.values()) == 1  # each distinct input asked once (identical mentions share one answer)
+    assert 0 < sum(asked.values()) <= len(plus.entities) + len(plus.mentions)
+    assert all(e.enrichment and e.enrichment["provenance"]["model"] == "fake-model" for e in plus.entities)
+    meta = json.loads((work / "features" / "meta.json").read_text())
+    assert "entity.profile" in meta["views"] and "mention.profile" in meta["views"]
+    results = json.loads((work / "runs" / "DIM+_seed1" / "results.json").read_text())
+    assert results["label"] == "DIM+" and results["dataset"] == plus.info.name
