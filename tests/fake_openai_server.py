@@ -175,6 +175,10 @@ class FakeOpenAIServer:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
+        if len(raw) < length:
+            # The client died while sending (e.g. SIGKILL mid-request): nothing arrived to answer or to bill.
+            h.close_connection = True
+            return
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
