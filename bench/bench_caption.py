@@ -28,7 +28,6 @@ import functools
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from data_process.captioners import Blip2Captioner, GenerationSettings, resize_e
 from data_process.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from data_process.records import DatasetInfo, Entity, Mention, save_dataset  # noqa: E402
 from data_process.tiny_models.blip2 import build_tiny_tokenizer  # noqa: E402
+from nel_model.run_records import cpu_model  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -199,16 +199,6 @@ def bench_end_to_end(model, config, paths: list[Path], work: Path, batch_size: i
             "images_per_s": len(paths) / dt, "model_s": stats.model_seconds, "captioned": stats.captioned,
             "prompt_tokens_bytelevel": len(proc.tokenizer("Question: who or what in this image is Entity 1? Answer:")
                                            ["input_ids"])}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def device_name(device: str) -> str:

@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:
 from data_process.feature_store import FeatureStore  # noqa: E402
 from data_process.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from data_process.records import DatasetInfo, Entity, Mention, save_dataset  # noqa: E402
+from nel_model.distributed import resolve_device  # noqa: E402
+from nel_model.run_records import cpu_model  # noqa: E402
 
 # Sizes per scale. Feature dims are the full ones at every scale (text/image 512, 32 sentence tokens, 9 regions).
 SCALES: dict[str, dict[str, Any]] = {
@@ -92,24 +94,19 @@ def bench(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    info = {"device": str(device), "cpu": cpu_model, "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
+    info = {"device": str(device), "cpu": cpu, "cpu_cores": cores, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     else:
-        info["name"] = f"CPU: {cpu_model} ({cores} cores)"
+        info["name"] = f"CPU: {cpu} ({cores} cores)"
     with contextlib.suppress(Exception):
         import transformers
         info["transformers"] = transformers.__version__
@@ -117,15 +114,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
         import faiss
         info["faiss"] = faiss.__version__
     return info
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,10 @@ class Captioner(Protocol):
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned as given."""
-    import torch
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu`` (as a string; the feature step's resolver)."""
+    from data_process.encoders import resolve_device as torch_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(torch_device(device))
 
 
 def resolve_dtype(dtype: str, device: str):

@@ -50,8 +50,19 @@ def package_versions(names=("torch", "numpy", "transformers", "faiss-cpu", "tqdm
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), for run records and benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: torch.device, seed: int, world_size: int) -> dict[str, Any]:
-    dev = {"type": device.type, "name": "cpu"}
+    dev = {"type": device.type, "name": "cpu", "cpu": cpu_model()}
     if device.type == "cuda":
         dev["name"] = torch.cuda.get_device_name(device)
         dev["cuda"] = torch.version.cuda
