@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from data_process.captioners import DEFAULT_MODEL, DTYPES, Captioner, GenerationSettings
-from data_process.io_utils import JsonlCache, atomic_write_json, stable_hash
+from data_process.io_utils import JsonlCache, atomic_write_json, read_yaml_mapping, stable_hash
 from data_process.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
                                   save_dataset)
 
@@ -93,17 +93,8 @@ class CaptionConfig:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config of :class:`CaptionConfig` keys; unknown keys are an error naming the file."""
-    import yaml
-
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise DataError(path, "file", None, f"invalid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(path, "file", None, "must be a mapping of settings")
+    raw = read_yaml_mapping(path)
     known = {f.name for f in fields(CaptionConfig)}
     for key in raw:
         if key not in known:

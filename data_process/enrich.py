@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import yaml
 from tqdm import tqdm
 
-from data_process.io_utils import JsonlCache, atomic_write_json, stable_hash
+from data_process.io_utils import JsonlCache, atomic_write_json, read_yaml_mapping, stable_hash
 from data_process.llm_client import (
     RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
 )
@@ -358,11 +357,10 @@ class EnrichOptions:
 
 def load_config(path: Path | None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG
-    if not path.is_file():
-        raise SystemExit(f"error: config {path} not found")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"error: config {path} must be a mapping")
+    try:
+        cfg = read_yaml_mapping(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     if "api_key" in cfg:
         raise SystemExit(f"error: {path}: do not put the API key in a config file; use OPENAI_API_KEY or --api-key")
     return cfg

@@ -58,6 +58,22 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML settings file (an empty file is ``{}``); every error names the file."""
+    import yaml  # noqa: PLC0415 - only the config readers need it
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must be a mapping of settings, got {type(raw).__name__}")
+    return raw
+
+
 class JsonlCache:
     """Append-only JSON Lines store of records ``{"key": str, ...}``; the last record of a key wins.
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
+from data_process.io_utils import read_yaml_mapping
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
 VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_caption", "no_enrichment", "no_entity_image",
@@ -103,11 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of flag names to values")
+    raw = read_yaml_mapping(path)
     known = {a.dest for a in parser._actions}
     for key in raw:
         if key not in known or key == "config":

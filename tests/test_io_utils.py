@@ -1,0 +1,56 @@
+"""Durable I/O primitives: atomic writes, the append-only cache's crash repair, YAML settings files."""
+
+import os
+import stat
+
+import pytest
+
+from data_process.io_utils import JsonlCache, atomic_write_text, read_yaml_mapping
+
+
+def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
+    path = tmp_path / "a" / "f.txt"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two"
+    assert [p.name for p in path.parent.iterdir()] == ["f.txt"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_cache_moves_a_torn_last_line_aside_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "c.jsonl"
+    with JsonlCache(path) as c:
+        c.put("a", {"v": 1})
+    with path.open("a") as fh:
+        fh.write('{"key": "b", "v"')  # a crash mid-write
+    with JsonlCache(path) as c:
+        assert c.recovered_corrupt_tail and len(c) == 1 and c.get("a")["v"] == 1
+        c.put("b", {"v": 2})
+    assert (tmp_path / "c.jsonl.corrupt").read_text() == '{"key": "b", "v"\n'
+    with JsonlCache(path) as c:
+        assert not c.recovered_corrupt_tail and c.get("b") == {"key": "b", "v": 2}
+
+
+def test_cache_refuses_to_repair_a_corrupt_line_before_the_end(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl, line 2: corrupt cache record"):
+        JsonlCache(path)
+
+
+def test_read_yaml_mapping_errors_name_the_file(tmp_path):
+    assert read_yaml_mapping(_write(tmp_path / "empty.yaml", "")) == {}
+    assert read_yaml_mapping(_write(tmp_path / "ok.yaml", "lr: 0.1\n")) == {"lr": 0.1}
+    with pytest.raises(FileNotFoundError, match=r"nope.yaml: config file not found"):
+        read_yaml_mapping(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match=r"list.yaml: must be a mapping of settings, got list"):
+        read_yaml_mapping(_write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(ValueError, match=r"bad.yaml: invalid YAML"):
+        read_yaml_mapping(_write(tmp_path / "bad.yaml", "a: [1, 2\n"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
