@@ -7,9 +7,9 @@ Measures, and writes as JSON + Markdown:
   exactly ``--max-new-tokens`` new tokens (``min_new_tokens`` = max, so random weights cannot stop early);
   speed does not depend on weight values. Weights are created on the device, in the target dtype.
 * ``decode``: decode-only rate of synthetic JPEGs through the pipeline's DataLoader
-  (:func:`data_process.caption.iter_decoded`) with N worker processes, and the main-process
+  (:func:`data_process.core.images.iter_decoded`) with N worker processes, and the main-process
   image-processor (resize/normalise) rate.
-* ``end_to_end``: :func:`data_process.caption.caption_dataset` on a synthetic dataset of those JPEGs
+* ``end_to_end``: :func:`data_process.augment.caption.caption_dataset` on a synthetic dataset of those JPEGs
   (hashing, decode workers, processor, generate, fsync'ed cache, output folder), first batch size/dtype.
 
 GPU (the real sizes)::
@@ -32,22 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import sys
+import numpy as np
+import torch
+from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/bench_caption.py` from anywhere
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data_process.caption import CaptionConfig, caption_dataset, iter_decoded  # noqa: E402
-from data_process.captioners import Blip2Captioner, GenerationSettings, resize_exact, resolve_device  # noqa: E402
-from data_process.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from data_process.records import DatasetInfo, Entity, Mention, save_dataset  # noqa: E402
-from data_process.tiny_models.blip2 import build_tiny_tokenizer  # noqa: E402
-from nel_model.run_records import cpu_model  # noqa: E402
+from data_process.augment.caption import CaptionConfig, caption_dataset
+from data_process.core.images import iter_decoded
+from data_process.augment.captioners import Blip2Captioner, GenerationSettings, resize_exact
+from data_process.core.devices import resolve_device
+from data_process.core.durable_io import atomic_write_json, atomic_write_text
+from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
+from data_process.fixtures.tiny_models.blip2 import build_tiny_tokenizer
+from nel_model.run_records import cpu_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -268,7 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
     a = p.parse_args(argv)
 
-    device = resolve_device(a.device)
+    device = str(resolve_device(a.device))
     dtypes = (a.dtypes or ("fp16,bf16" if device.startswith("cuda") else "fp32")).split(",")
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     workers = [int(x) for x in a.decode_workers.split(",")]

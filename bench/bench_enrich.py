@@ -23,15 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import openai
+
+from data_process.augment.enrich import make_item, run_items
+from data_process.augment.llm_client import LLMClient, LLMConfig
+from data_process.augment.llm_prompts import PromptTemplate
+from data_process.core.durable_io import JsonlCache, atomic_write_json, atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import openai  # noqa: E402
-
-from data_process.enrich import make_item, run_items  # noqa: E402
-from data_process.io_utils import JsonlCache, atomic_write_json, atomic_write_text  # noqa: E402
-from data_process.llm_client import LLMClient, LLMConfig  # noqa: E402
-from data_process.llm_prompts import PromptTemplate  # noqa: E402
 
 
 def start_server() -> tuple[subprocess.Popen, str]:

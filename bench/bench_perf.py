@@ -17,7 +17,7 @@ and reports the speed-up as a ratio of the two measurements:
   sizes, vs a per-sample Dataset of dicts + default collate + fp32 + ``num_workers=0`` loop with the same model,
   loss, optimizer, mentions and negatives; plus one full-KB encode of each kind.
 * ``features``: CLIP ViT-B/32 (random weights from the default ``CLIPConfig``) image features through our path
-  (``data_process.features``: DataLoader decode workers, batches, fp16 on GPU) vs one image at a time with
+  (``data_process.encode.features``: DataLoader decode workers, batches, fp16 on GPU) vs one image at a time with
   ``CLIPImageProcessor`` in fp32, and the decode-only rate (decode + resize + normalise, same workers): the
   ceiling of the pipeline on this machine's CPU cores.
 
@@ -45,15 +45,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from data_process.feature_store import FeatureStore  # noqa: E402
-from data_process.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from data_process.records import DatasetInfo, Entity, Mention, save_dataset  # noqa: E402
-from nel_model.distributed import resolve_device  # noqa: E402
-from nel_model.run_records import cpu_model  # noqa: E402
+from data_process.core.durable_io import atomic_write_json, atomic_write_text
+from data_process.fixtures.synthetic_features import write_synthetic
+from data_process.core.devices import resolve_device
+from nel_model.run_records import cpu_model
 
 # Sizes per scale. Feature dims are the full ones at every scale (text/image 512, 32 sentence tokens, 9 regions).
 SCALES: dict[str, dict[str, Any]] = {
@@ -67,7 +62,7 @@ SCALES: dict[str, dict[str, Any]] = {
                  square=8192, faiss_n=2000, train_mentions=18_000, train_kb=110_000, batch=64,
                  images=4096, naive_images=256, img_batch=64, clip="base", repeats=5),
 }
-DIM_T, DIM_I, SEQ, REGIONS, PROFILE_K = 512, 512, 32, 9, 2
+DIM_T, DIM_I, SEQ, REGIONS = 512, 512, 32, 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,77 +112,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic data: a unified dataset + feature cache of any size, written in chunks (float16)
+# Synthetic data: a unified dataset + full-size feature cache (the project's one synthetic feature writer)
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def write_store(root: Path, num_entities: int, n_train: int, n_dev: int = 0, n_test: int = 0,
-                seed: int = 0, chunk: int = 8192) -> tuple[Path, Path]:
-    """A unified dataset + full-size feature cache with random (unit-norm) features; returns (dataset, features).
-
-    Same layout as :func:`nel_model.data.write_synthetic`, but generated chunk by chunk in float32 so a
-    110k-entity / 18k-mention cache takes little memory and a few seconds."""
-    rng = np.random.default_rng(seed)
-    ds_dir, feat_dir = root / "dataset", root / "features"
-    E = num_entities
-    gold = rng.integers(0, E, size=n_train + n_dev + n_test)
-    splits = ["train"] * n_train + ["dev"] * n_dev + ["test"] * n_test
-    entities = [Entity(id=f"Q{i}", name=f"e{i}", description="") for i in range(E)]
-    mentions = [Mention(id=f"m{j}", sentence="s", mention="m", gold_id=f"Q{g}", split=s)
-                for j, (g, s) in enumerate(zip(gold.tolist(), splits))]
-    save_dataset(ds_dir, DatasetInfo(name="perf-synthetic", source_format="synthetic"), entities, mentions)
-    store = FeatureStore(feat_dir)
-    store.set_ids("entity", [e.id for e in entities])
-    store.set_ids("mention", [m.id for m in mentions])
-    store.update_meta(text_encoder="synthetic", image_encoder="synthetic", text_dim=DIM_T, image_dim=DIM_I,
-                      max_len=SEQ, region_grid=3, dataset=str(ds_dir.resolve()))
-    M = len(mentions)
-
-    def put(side, view, n, row_shape, mask_shape, make, **info):
-        w = store.writer(side, view, n, row_shape, mask_shape, fingerprint=f"perf-{seed}")
-        for s in range(0, n, chunk):
-            b = min(n, s + chunk) - s
-            data, mask = make(b)
-            w.write(s, data.astype(np.float16), mask)
-        w.commit(info)
-
-    def rows(shape):
-        return lambda b: (unit(rng.standard_normal((b, *shape), dtype=np.float32)), None)
-
-    def masked(shape, p=0.9):
-        def f(b):
-            x = unit(rng.standard_normal((b, *shape), dtype=np.float32))
-            m = rng.random((b, *shape[:-1])) < p
-            return x * m[..., None], m
-        return f
-
-    def sentence(b):
-        x = unit(rng.standard_normal((b, SEQ, DIM_T), dtype=np.float32))
-        lens = rng.integers(4, SEQ + 1, size=b)
-        m = np.arange(SEQ)[None, :] < lens[:, None]
-        return x * m[..., None], m
-
-    def image_masked(b):
-        m = rng.random(b) < 0.9
-        return unit(rng.standard_normal((b, DIM_I), dtype=np.float32)) * m[:, None], m
-
-    def regions(b):
-        m = np.repeat((rng.random(b) < 0.9)[:, None], REGIONS, axis=1)
-        return unit(rng.standard_normal((b, REGIONS, DIM_I), dtype=np.float32)) * m[..., None], m
-
-    put("mention", "mention", M, (DIM_T,), None, rows((DIM_T,)))
-    put("mention", "sentence", M, (SEQ, DIM_T), (SEQ,), sentence)
-    put("mention", "image", M, (DIM_I,), (), image_masked)
-    put("mention", "regions", M, (REGIONS, DIM_I), (REGIONS,), regions)
-    put("mention", "profile", M, (PROFILE_K, DIM_T), (PROFILE_K,), masked((PROFILE_K, DIM_T), 0.7),
-        rows=["enrichment", "caption"])
-    put("entity", "desc", E, (DIM_T,), None, rows((DIM_T,)))
-    put("entity", "image", E, (DIM_I,), (), image_masked)
-    put("entity", "profile", E, (DIM_T,), (), image_masked)
-    return ds_dir, feat_dir
+def write_store(root: Path, num_entities: int, n_train: int, n_dev: int = 0, seed: int = 0) -> tuple[Path, Path]:
+    """A unified dataset + feature cache at full feature sizes; returns (dataset, features)."""
+    return write_synthetic(root / "dataset", root / "features", num_entities=num_entities,
+                           mentions_per_split=(n_train, n_dev, 0), text_dim=DIM_T, image_dim=DIM_I, seq_len=SEQ,
+                           regions=REGIONS, num_candidates=0, seed=seed)
 
 
 def train_args(features: Path, out: Path, device: torch.device, batch: int, extra: list[str] = ()) -> list[str]:
@@ -401,7 +333,7 @@ def faiss_case(q: torch.Tensor, ent: torch.Tensor, sc: dict[str, Any], reps: int
 def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[str, Any]:
     from nel_model import distributed as D
     from nel_model.args import parse_args
-    from nel_model.data import make_epoch_plan
+    from nel_model.batches import make_epoch_plan
     from nel_model.evaluate import encode_entities
     from nel_model.losses import triplet_loss_sum
     from nel_model.nel import DIM, config_from_args
@@ -517,8 +449,10 @@ def clip_model(size: str, device: torch.device, dtype: torch.dtype):
 
 
 def features_case(sc: dict[str, Any], device: torch.device, tmp: Path, log, workers: int) -> dict[str, Any]:
-    from data_process.encoders import ImageEncoder
-    from data_process.features import _encode_image_batch, _image_batches
+    from data_process.encode.encoders import ImageEncoder
+    from data_process.core.devices import cpu_threads
+    from data_process.core.images import iter_decoded
+    from data_process.encode.features import _encode_image_batch
     from PIL import Image
 
     try:
@@ -536,15 +470,15 @@ def features_case(sc: dict[str, Any], device: torch.device, tmp: Path, log, work
     model, cfg = clip_model(sc["clip"], device, fast_dtype)
     enc = ImageEncoder(str(proc_dir), device, region_grid=3, clip_model=model)
     threads0 = torch.get_num_threads()
-    # the feature step's CLI leaves one core per decoding worker on CPU (data_process.features.cpu_threads)
-    ours_threads = threads0 if cuda else max(1, min(threads0, (os.cpu_count() or 1) - workers))
+    # the feature step's CLI leaves one core per decoding worker on CPU
+    ours_threads = threads0 if cuda else cpu_threads(workers)
 
     def decode_only():
-        for _ in _image_batches(paths, enc.preprocess, bs, workers):
+        for _ in iter_decoded(paths, bs, workers, enc.preprocess):
             pass
 
     def ours():
-        for items in _image_batches(paths, enc.preprocess, bs, workers):
+        for items in iter_decoded(paths, bs, workers, enc.preprocess):
             _encode_image_batch(items, enc)
 
     log("features: decode-only")
@@ -552,7 +486,7 @@ def features_case(sc: dict[str, Any], device: torch.device, tmp: Path, log, work
     log("features: ours")
     torch.set_num_threads(ours_threads)
     try:
-        _encode_image_batch([(enc.preprocess(Image.open(paths[0]).convert("RGB")), None)] * min(bs, n), enc)
+        _encode_image_batch([(0, enc.preprocess(Image.open(paths[0]).convert("RGB")), None)] * min(bs, n), enc)
         t_ours = bench(ours, device, max(1, reps - 1))
     finally:
         torch.set_num_threads(threads0)

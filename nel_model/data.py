@@ -1,17 +1,12 @@
-"""Feature-cache data for the DIM model: memory-mapped views, gold rows, splits, candidates, batch plans.
+"""Feature-cache data for the DIM model: memory-mapped views joined with gold rows, splits and candidates, and
+whole-batch gathering of views (host memory or the GPU).
 
-Everything in the hot loop is whole-batch numpy/torch fancy indexing: a DataLoader item is a *batch index*,
-the dataset gathers all rows of that batch at once (no per-sample Python work, no per-sample collate).
-
-Reproducibility: an epoch's mention order and sampled negatives are a pure function of ``(seed, epoch)`` (and the
-previous epoch's hard-negative table), so a resumed run and a multi-process run see exactly the same global batches.
-Under DDP each process takes its contiguous slice of every global batch.
+Everything in the hot loop is whole-batch numpy/torch fancy indexing: rows of a batch are gathered at once (no
+per-sample Python work, no per-sample collate). Epoch plans and training batches are in ``nel_model.batches``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,13 +14,12 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from data_process.feature_store import FeatureStore
-from data_process.records import SPLITS, read_mentions
+from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
+from data_process.core.records import SPLITS, read_mentions
 
 # (side.view) -> batch key; masks get "<key>_mask".
 MENTION_VIEWS = ("mention", "sentence", "image", "regions", "profile")
 ENTITY_VIEWS = ("desc", "image", "profile")
-DEFAULT_PROFILE_ROWS = ("enrichment", "caption")
 
 
 class _LazyArrays:
@@ -85,7 +79,7 @@ def load_mel_data(features: str | Path, dataset: str | Path | None = None) -> ME
     root = Path(features)
     store = FeatureStore(root)
     if not store.meta_path.exists():
-        raise FileNotFoundError(f"{store.meta_path}: not a feature folder (run python -m data_process.features)")
+        raise FileNotFoundError(f"{store.meta_path}: not a feature folder (run python -m data_process.encode.features)")
     meta = store.meta()
     for side, view in (("mention", "mention"), ("entity", "desc")):
         if not store.has(side, view):
@@ -139,7 +133,7 @@ def load_mel_data(features: str | Path, dataset: str | Path | None = None) -> ME
             if (v in (mviews if side == "mention" else eviews)):
                 image_dim = int(arrays.get(side, v)[0].shape[-1])
                 break
-    rows = meta.get("views", {}).get("mention.profile", {}).get("rows", list(DEFAULT_PROFILE_ROWS))
+    rows = meta.get("views", {}).get("mention.profile", {}).get("rows", list(PROFILE_ROWS))
     return MELData(root=root, meta=meta, mention_ids=mention_ids, entity_ids=entity_ids, gold=gold, splits=splits,
                    candidates=candidates, mention_views=mviews, entity_views=eviews, text_dim=text_dim,
                    image_dim=image_dim, profile_rows=tuple(rows), arrays=arrays)
@@ -219,211 +213,3 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Epoch plans (order + negatives), a pure function of (seed, epoch, hard-negative table)
-
-
-def sample_random_negatives(rng: np.random.Generator, gold: np.ndarray, n: int, num_entities: int) -> np.ndarray:
-    """``[len(gold), n]`` uniformly random entity rows, never the gold row (vectorised)."""
-    if num_entities < 2:
-        raise ValueError("negative sampling needs at least 2 entities in the KB")
-    r = rng.integers(0, num_entities - 1, size=(len(gold), n))
-    return r + (r >= gold[:, None])
-
-
-@dataclass
-class EpochPlan:
-    """Mention order and negatives of one epoch, cut into global batches."""
-
-    order: np.ndarray          # [N] mention rows
-    negatives: np.ndarray      # [N, n] entity rows
-    gold: np.ndarray           # [N] entity rows
-    batch_size: int
-
-    @property
-    def num_batches(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
-
-    def batch(self, b: int) -> slice:
-        return slice(b * self.batch_size, min((b + 1) * self.batch_size, len(self.order)))
-
-
-def make_epoch_plan(seed: int, epoch: int, train_rows: np.ndarray, gold_all: np.ndarray, num_entities: int,
-                    batch_size: int, num_negatives: int, hard_table: np.ndarray | None = None,
-                    hard_ratio: float = 0.5, min_batch: int = 1) -> EpochPlan:
-    """Shuffle and sample negatives from ``np.random.default_rng([seed, epoch])``.
-
-    ``hard_table`` is ``[M, k]`` (indexed by mention row; ``-1`` = none) of each mention's top-ranked wrong entities;
-    each negative is drawn from it with probability ``hard_ratio``. A last global batch smaller than ``min_batch``
-    (the number of DDP processes) is dropped so every process has at least one mention.
-    """
-    rng = np.random.default_rng([int(seed), int(epoch)])
-    order = train_rows[rng.permutation(len(train_rows))]
-    tail = len(order) % batch_size
-    if tail and tail < min_batch:
-        order = order[: len(order) - tail]
-    gold = gold_all[order]
-    negs = sample_random_negatives(rng, gold, num_negatives, num_entities)
-    if hard_table is not None and num_negatives > 0:
-        table = hard_table[order]                                       # [N, k]
-        k = table.shape[1]
-        pick = table[np.arange(len(order))[:, None], rng.integers(0, k, size=negs.shape)]
-        use = (rng.random(negs.shape) < hard_ratio) & (pick >= 0) & (pick != gold[:, None])
-        negs = np.where(use, pick, negs)
-    return EpochPlan(order=order, negatives=negs, gold=gold, batch_size=batch_size)
-
-
-class TrainBatches(torch.utils.data.Dataset):
-    """Item ``b`` = this process's share of global batch ``b`` of an :class:`EpochPlan`.
-
-    Returns ``{"mention": views of the local mentions, "entity": views of all global-batch entities
-    (gold rows first, then negatives), "local": slice bounds, "global_n", "num_negatives"}``. Every process encodes
-    all entities of the global batch (cheap vectors), so in-batch negatives need no cross-process gather.
-    """
-
-    def __init__(self, plan: EpochPlan, source: FeatureSource, rank: int = 0, world_size: int = 1):
-        self.plan, self.source, self.rank, self.world = plan, source, rank, world_size
-
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    def local_bounds(self, n: int) -> tuple[int, int]:
-        sizes = [len(a) for a in np.array_split(np.arange(n), self.world)]
-        start = sum(sizes[: self.rank])
-        return start, start + sizes[self.rank]
-
-    def __getitem__(self, b: int) -> dict[str, Any]:
-        sl = self.plan.batch(b)
-        rows, gold, negs = self.plan.order[sl], self.plan.gold[sl], self.plan.negatives[sl]
-        lo, hi = self.local_bounds(len(rows))
-        ent_rows = np.concatenate([gold, negs.reshape(-1)])
-        return {"mention": self.source.mentions(rows[lo:hi]), "entity": self.source.entities(ent_rows),
-                "entity_rows": torch.from_numpy(ent_rows), "local": (lo, hi), "global_n": len(rows),
-                "num_negatives": negs.shape[1]}
-
-
-def make_loader(dataset: TrainBatches, start_batch: int, num_workers: int, pin_memory: bool):
-    """DataLoader over batch indices ``start_batch..`` (``batch_size=None``: items are already batches)."""
-    if dataset.source.on_device:
-        return (dataset[b] for b in range(start_batch, len(dataset)))
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(range(start_batch, len(dataset))),
-                                       num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# A synthetic feature cache (demos and tests; no encoders needed)
-
-
-def write_synthetic(dataset_dir: str | Path, features_dir: str | Path, *, num_entities: int = 64,
-                    mentions_per_split: tuple[int, int, int] = (384, 96, 96), text_dim: int = 32,
-                    image_dim: int = 24, seq_len: int = 6, regions: int = 4, signal: str = "image",
-                    noise: float = 0.5, text_hint: float = 0.15, image_missing: float = 0.1,
-                    num_candidates: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """Write a tiny unified dataset and its feature cache where the gold entity is recoverable from one view.
-
-    ``signal="image"``: the mention image and regions are noisy copies of the gold entity's image; the text views
-    carry only a weak hint (``text_hint`` × gold description) plus noise, so zero-shot text cosine is poor.
-    ``signal="text"``: a sentence token carries a fixed random rotation of the gold description (learnable, not
-    zero-shot). ``image_missing`` of the mentions have no image (masked views).
-    """
-    from data_process.records import DatasetInfo, Entity, Mention, save_dataset
-
-    if signal not in ("image", "text"):
-        raise ValueError(f"signal must be 'image' or 'text', got {signal!r}")
-    rng = np.random.default_rng(seed)
-    E = num_entities
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    desc = unit(rng.standard_normal((E, text_dim)))
-    eimg = unit(rng.standard_normal((E, image_dim)))
-    eprof = unit(desc + 0.5 * rng.standard_normal((E, text_dim)))
-    rot = np.linalg.qr(rng.standard_normal((text_dim, text_dim)))[0]
-    entities = [Entity(id=f"Q{i}", name=f"entity {i}", description=f"synthetic entity {i}") for i in range(E)]
-    mentions: list[Mention] = []
-    golds: list[int] = []
-    for split, n in zip(SPLITS, mentions_per_split):
-        for j in range(n):
-            g = int(rng.integers(E))
-            golds.append(g)
-            cands = None
-            if num_candidates:
-                others = rng.choice(np.delete(np.arange(E), g), size=min(num_candidates - 1, E - 1), replace=False)
-                cands = tuple(f"Q{c}" for c in rng.permutation(np.append(others, g)))
-            mentions.append(Mention(id=f"{split}-{j}", sentence=f"mention {j} of {split}", mention="mention",
-                                    gold_id=f"Q{g}", split=split, candidates=cands))
-    gold = np.array(golds)
-    M = len(mentions)
-    ds = save_dataset(dataset_dir, DatasetInfo(name="synthetic", source_format="synthetic",
-                                               split_rule=f"synthetic seed={seed}"), entities, mentions)
-    store = FeatureStore(features_dir)
-    store.set_ids("entity", [e.id for e in entities])
-    store.set_ids("mention", [m.id for m in mentions])
-    store.update_meta(text_encoder="synthetic", image_encoder="synthetic", text_dim=text_dim, image_dim=image_dim,
-                      max_len=seq_len, region_grid=regions, dataset=str(Path(ds).resolve()))
-
-    def put(side, view, data, mask=None, **info):
-        w = store.writer(side, view, len(data), data.shape[1:], None if mask is None else mask.shape[1:],
-                         fingerprint=f"synthetic-{seed}-{signal}")
-        w.write(0, data.astype(np.float16), mask)
-        w.commit(info)
-
-    hint = text_hint * desc[gold]
-    mention = unit(hint + noise * unit(rng.standard_normal((M, text_dim))))
-    sent = rng.standard_normal((M, seq_len, text_dim)) * noise / np.sqrt(text_dim)
-    lens = rng.integers(2, seq_len + 1, size=M)
-    smask = np.arange(seq_len)[None, :] < lens[:, None]
-    if signal == "text":
-        pos = rng.integers(0, lens)
-        sent[np.arange(M), pos] = desc[gold] @ rot.T + 0.3 * noise * rng.standard_normal((M, text_dim)) / np.sqrt(text_dim)
-    sent *= smask[..., None]
-    has_img = rng.random(M) >= image_missing
-    if signal == "image":
-        img = eimg[gold] + noise * rng.standard_normal((M, image_dim)) / np.sqrt(image_dim)
-        reg = eimg[gold][:, None, :] + 2 * noise * rng.standard_normal((M, regions, image_dim)) / np.sqrt(image_dim)
-    else:
-        img = unit(rng.standard_normal((M, image_dim)))
-        reg = rng.standard_normal((M, regions, image_dim)) / np.sqrt(image_dim)
-    img *= has_img[:, None]
-    rmask = np.repeat(has_img[:, None], regions, axis=1)
-    reg *= rmask[..., None]
-    prof = rng.standard_normal((M, 2, text_dim)) * noise / np.sqrt(text_dim)
-    pmask = rng.random((M, 2)) < 0.7
-    prof *= pmask[..., None]
-    put("mention", "mention", mention)
-    put("mention", "sentence", sent, smask)
-    put("mention", "image", img, has_img)
-    put("mention", "regions", reg, rmask)
-    put("mention", "profile", prof, pmask, rows=list(DEFAULT_PROFILE_ROWS))
-    put("entity", "desc", desc)
-    emask = np.ones(E, dtype=bool)
-    emask[rng.random(E) < 0.05] = False
-    put("entity", "image", eimg * emask[:, None], emask)
-    pm = rng.random(E) < 0.8
-    put("entity", "profile", eprof * pm[:, None], pm)
-    return Path(ds), Path(features_dir)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m nel_model.data",
-                                description="Write a synthetic dataset + feature cache (demo and tests).")
-    p.add_argument("--dataset_out", required=True)
-    p.add_argument("--features_out", required=True)
-    p.add_argument("--signal", choices=["image", "text"], default="image")
-    p.add_argument("--num_entities", type=int, default=64)
-    p.add_argument("--mentions", type=int, nargs=3, default=[384, 96, 96], metavar=("TRAIN", "DEV", "TEST"))
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    ds, feat = write_synthetic(a.dataset_out, a.features_out, num_entities=a.num_entities,
-                               mentions_per_split=tuple(a.mentions), signal=a.signal, seed=a.seed)
-    print(json.dumps({"dataset": str(ds), "features": str(feat)}))
-
-
-if __name__ == "__main__":
-    main()

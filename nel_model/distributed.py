@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_process.core.devices import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -31,18 +33,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
-        if spec == "cuda":
-            return torch.device("cuda", local_rank)
-    return torch.device(spec)
 
 
 def setup(device_spec: str = "auto") -> DistInfo:

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_process.core.devices import resolve_device
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks, top_wrong
+from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
 from nel_model.nel import DIM, DIMConfig
 
 
@@ -124,20 +125,6 @@ def evaluate_splits(model: torch.nn.Module, data: MELData, source: FeatureSource
     return result
 
 
-@torch.no_grad()
-def hard_negative_table(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray, k: int,
-                        dist: D.DistInfo, settings: EvalSettings) -> np.ndarray:
-    """``[M, k]`` (indexed by mention row, ``-1`` elsewhere): each of ``rows``' top-``k`` wrong entities."""
-    emb = encode_entities(model, source, dist.device, settings)
-    local = rows[D.shard(len(rows), dist)]
-    q = encode_mentions(model, source, local, dist.device, settings)
-    gold = torch.from_numpy(data.gold[local]).to(dist.device)
-    top = D.gather_rows(top_wrong(q, emb, gold, k, settings.mention_chunk, settings.score_dtype).cpu(), dist)
-    table = np.full((len(data.mention_ids), top.shape[1]), -1, dtype=np.int64)
-    table[rows] = top.numpy()
-    return table
-
-
 def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
                         device: torch.device, settings: EvalSettings, kind: str, k: int) -> dict[str, dict[str, float]]:
     """Metrics when an approximate faiss index retrieves the top ``k`` (a gold entity outside them is a miss),
@@ -201,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not a run folder")
     conf = json.loads(cfg_path.read_text())
-    device = D.resolve_device(a.device)
+    device = resolve_device(a.device)
     model, _ = load_run_model(run, a.checkpoint, device)
     data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
     source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())

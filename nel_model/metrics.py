@@ -56,22 +56,6 @@ def full_kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Ten
     return out
 
 
-def top_wrong(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, k: int, chunk: int = 512,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The ``k`` highest-scoring entities other than the gold one, per query ([N,k] long; hard negatives)."""
-    dtype = dtype or queries.dtype
-    ent = entities.to(dtype)
-    gold = gold.to(queries.device).long()
-    k = min(k, len(entities) - 1)
-    out = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
-    for s in range(0, len(queries), chunk):
-        scores = (queries[s: s + chunk].to(dtype) @ ent.T).float()
-        scores.scatter_(1, gold[s: s + chunk, None], float("-inf"))
-        scores = torch.nan_to_num(scores, nan=float("-inf"))
-        out[s: s + chunk] = scores.topk(k, dim=1).indices
-    return out
-
-
 def candidate_ranks(queries: torch.Tensor, entities: torch.Tensor, candidates: torch.Tensor,
                     gold: torch.Tensor) -> torch.Tensor:
     """Rank of the gold among each query's candidate list ([N,C] entity rows, ``-1`` = padding).

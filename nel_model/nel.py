@@ -12,7 +12,7 @@ so an untrained model scores exactly the zero-shot cosine(mention feature, descr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ Batch input: one JSON object per line, ``{"id"?, "sentence", "mention", "image"?
 ``{"id", "mention", "predictions": [{"rank", "entity_id", "name", "score", "description"}], "gold_rank"?}`` (``gold_rank``: the
 gold entity's rank over the whole KB when the input gives ``gold_id``).
 
-Captions/enrichment are not generated here: pass the text if you have it (e.g. from ``data_process.caption``);
+Captions/enrichment are not generated here: pass the text if you have it (e.g. from ``data_process.augment.caption``);
 without it the profile rows are masked, exactly as for a dataset mention that has no caption/enrichment.
 """
 
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_process.io_utils import atomic_write_text
+from data_process.core.devices import resolve_device
+from data_process.core.durable_io import atomic_write_text
 from nel_model.run_io import RunError, load_config
 
 CHUNK = 64
@@ -74,8 +75,8 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", checkpoint: str = "best",
                  features: str | Path | None = None, dataset: str | Path | None = None):
-        from data_process.feature_store import FeatureStore
-        from data_process.records import load_dataset
+        from data_process.encode.feature_store import FeatureStore
+        from data_process.core.records import load_dataset
         from nel_model.evaluate import load_run_model
 
         run = Path(run_dir)
@@ -89,7 +90,7 @@ class Predictor:
             if not (run / name).is_file():
                 raise PredictError(f"{run / name}: not found (the run has not finished an evaluation yet)")
         self.run = run
-        self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         try:
             self.model, _ = load_run_model(run, checkpoint, self.device)
         except FileNotFoundError as exc:
@@ -121,7 +122,7 @@ class Predictor:
     def encoders(self):
         """``(text_encoder, image_encoder, settings)`` of the feature cache (loaded once)."""
         if self._encoders is None:
-            from data_process.features import load_encoders_from_meta
+            from data_process.encode.features import load_encoders_from_meta
 
             try:
                 self._encoders = load_encoders_from_meta(self.meta, str(self.device))
@@ -136,8 +137,8 @@ class Predictor:
     def mention_views(self, queries: list[Query]) -> dict[str, torch.Tensor]:
         """Contract-shaped mention views (docs/CONTRACTS.md) for ``queries``, encoded like the feature cache
         (same encoders and settings, rounded to the cache's float16)."""
-        from data_process.features import PROFILE_ROWS, encode_mention_views
-        from data_process.records import Mention
+        from data_process.encode.features import PROFILE_ROWS, encode_mention_views
+        from data_process.core.records import Mention
 
         rows = self.meta.get("views", {}).get("mention.profile", {}).get("rows", list(PROFILE_ROWS))
         if tuple(rows) != tuple(PROFILE_ROWS):
@@ -169,13 +170,13 @@ class Predictor:
     # -- ranking -------------------------------------------------------------------------------
     def predict(self, queries: list[Query], top_k: int = 10) -> list[dict[str, Any]]:
         """One result per query: ``{"id", "mention", "predictions": [Hit...], "gold_rank"?}`` (Hit as dicts)."""
-        from data_process.images import try_load
+        from data_process.core.images import decode_image
 
         for q in queries:
             if q.image is not None:
                 if not Path(q.image).is_file():
                     raise PredictError(f"{q.image}: image not found")
-                img, why = try_load(q.image)
+                img, why = decode_image(q.image)
                 if img is None:
                     raise PredictError(f"{q.image}: cannot read the image ({why})")
         k = max(1, min(top_k, len(self.entity_ids)))

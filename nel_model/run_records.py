@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from data_process.io_utils import atomic_write_bytes, atomic_write_text
+from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

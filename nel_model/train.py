@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_process.io_utils import atomic_write_bytes, atomic_write_json
+from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
 from nel_model import distributed as D
 from nel_model.args import parse_args
-from nel_model.data import FeatureSource, TrainBatches, load_mel_data, make_epoch_plan, make_loader, to_device
-from nel_model.evaluate import EvalSettings, encode_entities, evaluate_splits, hard_negative_table, score_dtype_for
+from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
+from nel_model.data import FeatureSource, load_mel_data, to_device
+from nel_model.evaluate import EvalSettings, encode_entities, evaluate_splits, score_dtype_for
+from nel_model.hard_negatives import hard_negative_table
 from nel_model.losses import batch_loss_sum
 from nel_model.nel import DIM, config_from_args
 from nel_model.run_records import (append_metrics, environment, load_checkpoint, save_checkpoint, truncate_metrics)

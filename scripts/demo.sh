@@ -8,7 +8,6 @@
 #           features (about 10 more minutes on 2 CPU cores: a 135M model answers ~1 entity per second)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 PY="${PYTHON:-python}"
 PLUS=0
 POSITIONAL=()
@@ -26,17 +25,17 @@ t0=$(date +%s)
 
 echo "== [1/7] tiny random-initialised CLIP and BLIP-2 (stand-ins for real weights) -> ${OUT}/models"
 [ -d "${OUT}/models/clip" ] && [ -d "${OUT}/models/blip2" ] || \
-  "${PY}" "${ROOT}/scripts/make_tiny_models.py" --out "${OUT}/models" --blip2
+  "${PY}" -m data_process.fixtures.tiny_models --out "${OUT}/models" --blip2
 
 echo "== [2/7] synthetic MEL dataset -> ${OUT}/data"
-[ -f "${OUT}/data/dataset.json" ] || "${PY}" -m data_process.synthetic --out "${OUT}/data" --seed "${SEED}"
+[ -f "${OUT}/data/dataset.json" ] || "${PY}" -m data_process.fixtures.synthetic --out "${OUT}/data" --seed "${SEED}"
 
 echo "== [3/7] BLIP-2 captions for mention images -> ${OUT}/data_cap"
-"${PY}" -m data_process.caption --data "${OUT}/data" --out "${OUT}/data_cap" --model "${OUT}/models/blip2" \
+"${PY}" -m data_process.augment.caption --data "${OUT}/data" --out "${OUT}/data_cap" --model "${OUT}/models/blip2" \
   --cache "${OUT}/caption_cache.jsonl" --max-new-tokens 12 --batch-size 32 --quiet
 
 echo "== [4/7] feature cache -> ${OUT}/features"
-"${PY}" -m data_process.features --data "${OUT}/data_cap" --out "${OUT}/features" --clip "${OUT}/models/clip"
+"${PY}" -m data_process.encode.features --data "${OUT}/data_cap" --out "${OUT}/features" --clip "${OUT}/models/clip"
 
 echo "== [5/7] train DIM (text + image + captions) -> ${OUT}/runs/full"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
@@ -65,11 +64,11 @@ for _ in range(120):
         time.sleep(1)
 sys.exit(f"the local LLM server did not start; see its log")
 PYEOF
-  "${PY}" -m data_process.enrich --data "${OUT}/data_cap" --out "${OUT}/data_plus" --model smollm2-135m-instruct \
+  "${PY}" -m data_process.augment.enrich --data "${OUT}/data_cap" --out "${OUT}/data_plus" --model smollm2-135m-instruct \
     --base-url "http://127.0.0.1:${PORT}/v1" --api-key local --response-format json_object_schema \
     --kinds entities --concurrency 2 --cache "${OUT}/enrich_cache.jsonl"
   kill "${SERVER}" 2>/dev/null || true
-  "${PY}" -m data_process.features --data "${OUT}/data_plus" --out "${OUT}/features_plus" --clip "${OUT}/models/clip"
+  "${PY}" -m data_process.encode.features --data "${OUT}/data_plus" --out "${OUT}/features_plus" --clip "${OUT}/models/clip"
   "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features_plus" \
     --output_dir "${OUT}/runs/plus" --label "DIM+ (+ LLM entity enrichment)" --seed "${SEED}" --overwrite
   RUNS+=("${OUT}/runs/plus")
@@ -78,6 +77,6 @@ fi
 echo "== [7/7] untrained baseline (zero-shot start of the same model), results table and plots"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
   --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
-"${PY}" "${ROOT}/scripts/make_table.py" "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
-"${PY}" "${ROOT}/scripts/plot_run.py" "${RUNS[@]}" --out "${OUT}/plots"
+"${PY}" -m nel_model.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
+"${PY}" -m nel_model.plots "${RUNS[@]}" --out "${OUT}/plots"
 echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, runs ${OUT}/runs/"

@@ -51,7 +51,7 @@ run_pipeline() {
   mkdir -p "${work}"
 
   echo "== [1/5] convert ${format} release -> ${unified}"
-  "${py}" -m data_process.prepare --format "${format}" --src "${data}" --out "${unified}" --dataset-name "${display}"
+  "${py}" -m data_process.ingest.prepare --format "${format}" --src "${data}" --out "${unified}" --dataset-name "${display}"
 
   local current="${unified}"
   if [ "${plus}" = 1 ]; then
@@ -59,19 +59,19 @@ run_pipeline() {
     local -a llm=()
     [ -n "${llm_model}" ] && llm+=(--model "${llm_model}")   # default: configs/enrich.yaml
     [ -n "${llm_base_url}" ] && llm+=(--base-url "${llm_base_url}")
-    "${py}" -m data_process.enrich --data "${current}" --out "${work}/plus" "${llm[@]}"
+    "${py}" -m data_process.augment.enrich --data "${current}" --out "${work}/plus" "${llm[@]}"
     current="${work}/plus"
   fi
   if [ "${captions}" = 1 ]; then
     echo "== [3/5] BLIP-2 captions -> ${current}_cap"
-    "${py}" -m data_process.caption --data "${current}" --out "${current}_cap" --model "${blip2}"
+    "${py}" -m data_process.augment.caption --data "${current}" --out "${current}_cap" --model "${blip2}"
     current="${current}_cap"
   fi
 
   echo "== [4/5] features (${clip}) -> ${feats}"
   local -a enc=(--clip "${clip}")
   [ -n "${text_encoder}" ] && enc+=(--text_encoder "${text_encoder}")
-  "${py}" -m data_process.features --data "${current}" --out "${feats}" "${enc[@]}"
+  "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" "${enc[@]}"
 
   local label="DIM"; [ "${plus}" = 1 ] && label="DIM+"
   local run="${runs}/${label}_seed${seed:-default}"
@@ -79,5 +79,5 @@ run_pipeline() {
   local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
   [ -n "${seed}" ] && t+=(--seed "${seed}")
   "${py}" -m nel_model.train "${t[@]}" "${train_extra[@]}"
-  "${py}" "$(dirname "${BASH_SOURCE[0]}")/make_table.py" "${run}"
+  "${py}" -m nel_model.tables "${run}"
 }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_process.records import DatasetInfo, Entity, Mention, save_dataset
+from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
 from fake_openai_server import FakeOpenAIServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_process.caption import (CaptionConfig, caption_dataset, combine_texts, import_captions, load_config_file,
+from data_process.augment.caption import (CaptionConfig, caption_dataset, combine_texts, import_captions, load_config_file,
                                   main, read_caption_file)
-from data_process.captioners import Blip2Captioner, Captioner, GenerationSettings
-from data_process.records import DataError, DatasetInfo, Entity, Mention, load_dataset, save_dataset
-from data_process.tiny_models.blip2 import save_tiny_blip2
+from data_process.augment.captioners import Blip2Captioner, Captioner, GenerationSettings
+from data_process.core.records import DataError, DatasetInfo, Entity, Mention, load_dataset, save_dataset
+from data_process.fixtures.tiny_models.blip2 import save_tiny_blip2
 
 PROMPT = "Question: who or what in this image is {mention}? Answer:"
 
@@ -157,9 +157,9 @@ def test_caption_dataset_resume_and_bad_images(tmp_path, captioner):
     assert (report["captioned"], report["failed"], report["no_image"]) == (3, 3, 1)
     reasons = {f["mention_id"]: f["reason"] for f in report["failures"]}
     assert set(reasons) == {"m5", "m6", "m7"}
-    assert reasons["m5"].startswith("corrupt: UnidentifiedImageError")
+    assert reasons["m5"].startswith("unreadable: UnidentifiedImageError")
     assert reasons["m6"] == "missing: file not found"
-    assert reasons["m7"] == "corrupt: OSError: Truncated File Read"
+    assert reasons["m7"] == "unreadable: OSError: Truncated File Read"
 
     # Re-run: everything comes from the cache, the model is not called, captions are identical.
     again = CountingCaptioner(captioner)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_process.encoders import ImageEncoder, TextEncoder, describe_model_files, load_encoders
-from data_process.images import ImagePreprocess, try_load
-from data_process.tiny_models.clip import save_tiny_clip
+from data_process.encode.encoders import ImageEncoder, TextEncoder, describe_model_files, load_encoders
+from data_process.core.images import ImagePreprocess, decode_image
+from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +53,16 @@ def test_image_preprocess_matches_processor_settings(clip_dir):
     np.testing.assert_allclose(arr[1], (0.0 - pre.mean[1]) / pre.std[1], rtol=1e-5)
 
 
-def test_try_load_reports_reasons(tmp_path):
-    assert try_load(None) == (None, "no image")
-    assert try_load(tmp_path / "nope.png") == (None, "file not found")
+def test_decode_image_reports_reasons(tmp_path):
+    assert decode_image(None) == (None, "no image")
+    assert decode_image(tmp_path / "nope.png") == (None, "missing: file not found")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    img, why = try_load(bad)
-    assert img is None and why.startswith("unreadable (")
+    img, why = decode_image(bad)
+    assert img is None and why.startswith("unreadable: UnidentifiedImageError: ")
     good = tmp_path / "good.png"
     Image.new("L", (5, 5)).save(good)
-    img, why = try_load(good)
+    img, why = decode_image(good)
     assert why is None and img.mode == "RGB"
 
 
@@ -119,7 +119,7 @@ def test_automodel_text_encoder_mean_pooling():
     np.testing.assert_allclose(feats.pooled[0], feats.tokens[0][m].mean(0), atol=1e-5)
 
 
-def test_try_load_reports_decompression_bomb_instead_of_raising(tmp_path, monkeypatch):
+def test_decode_image_reports_decompression_bomb_instead_of_raising(tmp_path, monkeypatch):
     import warnings
 
     path = tmp_path / "huge.png"
@@ -127,5 +127,5 @@ def test_try_load_reports_decompression_bomb_instead_of_raising(tmp_path, monkey
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 x limit: PIL raises DecompressionBombError
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img, why = try_load(path)
-    assert img is None and why.startswith("unreadable (DecompressionBombError: ")
+        img, why = decode_image(path)
+    assert img is None and why.startswith("unreadable: DecompressionBombError: ")

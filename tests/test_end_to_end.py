@@ -30,9 +30,9 @@ def _train(features: Path, out: Path, *flags: str) -> dict:
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> Path:
-    from data_process.features import FeatureSettings, build_features
-    from data_process.synthetic import SyntheticConfig, generate
-    from data_process.tiny_models.clip import save_tiny_clip
+    from data_process.encode.features import FeatureSettings, build_features
+    from data_process.fixtures.synthetic import SyntheticConfig, generate
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
     w = tmp_path_factory.mktemp("e2e")
     data = generate(w / "data", SyntheticConfig(entities=80, mentions=600, seed=5, image_size=32), progress=False)
@@ -89,7 +89,7 @@ def _write_mimic_release(dataset_dir: Path, out: Path) -> dict[str, str]:
     """Lay out a unified dataset as a MIMIC-style release (kb_entity.json, WIKIMEL_*.json, images)."""
     import shutil
 
-    from data_process.records import load_dataset
+    from data_process.core.records import load_dataset
 
     ds = load_dataset(dataset_dir)
     qid = {e.id: f"Q{i + 1}" for i, e in enumerate(ds.entities)}
@@ -119,8 +119,8 @@ def _write_mimic_release(dataset_dir: Path, out: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def mimic_release(tmp_path_factory) -> dict[str, Path]:
-    from data_process.synthetic import SyntheticConfig, generate
-    from data_process.tiny_models.clip import save_tiny_clip
+    from data_process.fixtures.synthetic import SyntheticConfig, generate
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
     w = tmp_path_factory.mktemp("mimic")
     data = generate(w / "synthetic", SyntheticConfig(entities=24, mentions=120, seed=2, image_size=32),
@@ -154,7 +154,7 @@ def test_wiki_launcher_runs_a_mimic_release_end_to_end(mimic_release, tmp_path):
 def test_wiki_launcher_plus_enriches_through_an_openai_compatible_server(mimic_release, tmp_path):
     from fake_openai_server import FakeOpenAIServer
 
-    from data_process.records import load_dataset
+    from data_process.core.records import load_dataset
 
     work = tmp_path / "work"
     with FakeOpenAIServer() as server:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from data_process import enrich
-from data_process.io_utils import JsonlCache
-from data_process.llm_prompts import PromptTemplate
-from data_process.records import load_dataset
+from data_process.augment import enrich
+from data_process.core.durable_io import JsonlCache
+from data_process.augment.llm_prompts import PromptTemplate
+from data_process.core.records import load_dataset
 from fake_openai_server import Action
 from llm_fixtures import REPO_ROOT, enrich_args, fake_server, make_toy_dataset, read_jsonl  # noqa: F401
 
@@ -71,7 +71,7 @@ def test_end_to_end_writes_plus_dataset(tmp_path, fake_server):
 
 @pytest.mark.parametrize("mode", ["json_schema", "none"])
 def test_response_format_flag_is_sent(tmp_path, fake_server, mode):
-    from data_process.llm_prompts import ANSWER_SCHEMA
+    from data_process.augment.llm_prompts import ANSWER_SCHEMA
 
     data = make_toy_dataset(tmp_path / "toy", n=1, with_images=False)
     out = tmp_path / "plus"
@@ -187,11 +187,13 @@ def test_retry_after_http_date_is_honoured(tmp_path, fake_server):
 
     data = make_toy_dataset(tmp_path / "toy", n=1, with_images=False)
     out = tmp_path / "plus"
-    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: waits 1-2 s
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds, 1-2 s ahead
+    # the same instant on the fake server's clock (time.monotonic): the retry must not come before it
+    not_before = time.monotonic() + (email.utils.parsedate_to_datetime(when).timestamp() - time.time())
     fake_server.enqueue(Action.error(429, {"Retry-After": when}))
     assert enrich.main(enrich_args(data, out, fake_server, "--kinds", "entities")) == 0
     first, second = fake_server.requests
-    assert second.time - first.time >= 1.0
+    assert second.time >= not_before - 0.05  # backoff alone would retry within 0.05 s of the first request
 
 
 def test_hang_past_timeout_is_retried(tmp_path, fake_server):
@@ -284,7 +286,7 @@ def test_openai_without_key_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_synthetic_demo_dataset(tmp_path, fake_server):
-    synthetic = pytest.importorskip("data_process.synthetic", reason="data_process.synthetic not available")
+    synthetic = pytest.importorskip("data_process.fixtures.synthetic", reason="data_process.fixtures.synthetic not available")
     data = synthetic.generate(tmp_path / "demo", synthetic.SyntheticConfig(entities=6, mentions=12, image_size=16),
                               progress=False)
     out = tmp_path / "demo_plus"
@@ -329,7 +331,7 @@ def test_answers_received_before_a_fatal_error_are_still_cached(tmp_path, fake_s
     import threading
     import time
 
-    from data_process import io_utils
+    from data_process.core import durable_io as io_utils
 
     data = make_toy_dataset(tmp_path / "toy", n=3, with_images=False)
     out = tmp_path / "plus"

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from data_process import enrich
-from data_process.io_utils import JsonlCache
-from data_process.llm_prompts import PromptTemplate
-from data_process.records import load_dataset
+from data_process.augment import enrich
+from data_process.core.durable_io import JsonlCache
+from data_process.augment.llm_prompts import PromptTemplate
+from data_process.core.records import load_dataset
 from fake_openai_server import FakeOpenAIServer
 from llm_fixtures import REPO_ROOT, enrich_args, make_toy_dataset
 
@@ -40,7 +40,7 @@ def test_sigkill_mid_run_then_resume_repeats_no_cached_request(tmp_path):
         args = enrich_args(data, out, srv, "--concurrency", str(CONCURRENCY))
         env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
         env["PYTHONPATH"] = str(REPO_ROOT)
-        proc = subprocess.Popen([sys.executable, "-m", "data_process.enrich", *args], cwd=REPO_ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "data_process.augment.enrich", *args], cwd=REPO_ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 90

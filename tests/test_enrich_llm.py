@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from data_process import enrich
-from data_process.io_utils import JsonlCache
-from data_process.records import load_dataset
+from data_process.augment import enrich
+from data_process.core.durable_io import JsonlCache
+from data_process.core.records import load_dataset
 from llm_fixtures import make_toy_dataset
 
 ALIAS = "smollm2-135m-instruct"
@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def _demo_dataset(root: Path) -> Path:
     try:
-        from data_process.synthetic import SyntheticConfig, generate
+        from data_process.fixtures.synthetic import SyntheticConfig, generate
     except ImportError:  # the synthetic generator is optional here
         return make_toy_dataset(root, n=N_ENTITIES)
     return generate(root, SyntheticConfig(entities=12, mentions=24, image_size=16), progress=False)

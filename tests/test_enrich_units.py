@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from data_process.enrich import estimate_cost, model_price
-from data_process.llm_client import (
+from data_process.augment.enrich import estimate_cost, model_price
+from data_process.augment.llm_client import (
     LLMConfig, TokenBucket, backoff_delay, parse_retry_after, response_format_body,
 )
-from data_process.llm_prompts import ANSWER_SCHEMA, AnswerError, PromptTemplate, TemplateError, enrichment_text, parse_answer
+from data_process.augment.llm_prompts import ANSWER_SCHEMA, AnswerError, PromptTemplate, TemplateError, enrichment_text, parse_answer
 
 GOOD = {"description": "A footballer.", "type": "person", "attributes": {"team": "Ajax"}}
 

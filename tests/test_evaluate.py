@@ -9,7 +9,10 @@ import torch
 
 from nel_model import distributed as D
 from nel_model import evaluate as ev
-from nel_model.data import FeatureSource, load_mel_data, make_epoch_plan, write_synthetic
+from data_process.fixtures.synthetic_features import write_synthetic
+from nel_model.batches import make_epoch_plan
+from nel_model.hard_negatives import hard_negative_table
+from nel_model.data import FeatureSource, load_mel_data
 from nel_model.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +60,7 @@ def test_hard_negative_table_and_plan(trained_run):
     data = load_mel_data(feat)
     src = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
     train = data.splits["train"]
-    table = ev.hard_negative_table(model, data, src, train, 5, D.DistInfo(), ev.EvalSettings(mention_chunk=16))
+    table = hard_negative_table(model, data, src, train, 5, D.DistInfo(), ev.EvalSettings(mention_chunk=16))
     assert table.shape == (len(data.mention_ids), 5)
     assert (table[train] != data.gold[train, None]).all() and (table[train] >= 0).all()
     other = np.setdiff1d(np.arange(len(data.mention_ids)), train)
@@ -77,7 +80,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_dataloader_workers_gather_the_same_batches(trained_run):
-    from nel_model.data import TrainBatches, make_loader
+    from nel_model.batches import TrainBatches, make_loader
 
     feat, _ = trained_run
     data = load_mel_data(feat)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data_process.features as features
-from data_process.feature_store import FeatureStore, ViewWriter
-from data_process.features import FeatureSettings, build_features, encode_mention_views, load_encoders_from_meta
-from data_process.records import load_dataset, save_dataset
-from data_process.synthetic import SyntheticConfig, generate
-from data_process.tiny_models.clip import save_tiny_clip
+import data_process.encode.features as features
+from data_process.encode.feature_store import FeatureStore, ViewWriter
+from data_process.encode.features import FeatureSettings, build_features, encode_mention_views, load_encoders_from_meta
+from data_process.core.records import load_dataset, save_dataset
+from data_process.fixtures.synthetic import SyntheticConfig, generate
+from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
 VIEWS = ["entity.desc", "entity.image", "entity.profile", "mention.image", "mention.mention", "mention.profile",
          "mention.regions", "mention.sentence"]
@@ -105,9 +105,9 @@ def test_missing_and_unreadable_images_are_zero_masked_and_reported(assets, tmp_
     summary = build_features(data, tmp_path / "f", _settings(clip), batch_size=16, num_workers=0, device="cpu")
     assert summary["images"]["mention"]["failed"] == 1
     assert summary["images"]["mention"]["failed_ids"] == [gone.id]
-    assert summary["images"]["mention"]["failed_reasons"] == ["file not found"]
+    assert summary["images"]["mention"]["failed_reasons"] == ["missing: file not found"]
     assert summary["images"]["entity"]["failed_ids"] == [bad.id]
-    assert summary["images"]["entity"]["failed_reasons"][0].startswith("unreadable (")
+    assert summary["images"]["entity"]["failed_reasons"][0].startswith("unreadable: ")
     store = FeatureStore(tmp_path / "f")
     assert store.meta()["views"]["mention.image"]["images"]["failed_ids"] == [gone.id]
     mi = store.ids("mention").index(gone.id)
@@ -118,7 +118,7 @@ def test_missing_and_unreadable_images_are_zero_masked_and_reported(assets, tmp_
     v = store.load("entity", "image")
     assert not v.mask[ei] and not np.asarray(v.data[ei]).any()
     report = features._report(summary, tmp_path / "f")
-    assert f"mention {gone.id}: file not found" in report
+    assert f"mention {gone.id}: missing: file not found" in report
     assert "1 missing or unreadable (zero feature, mask False)" in report
 
 
@@ -155,6 +155,32 @@ def test_added_captions_reencode_only_the_profile_view(built, assets, tmp_path):
     expect = np.array([i % 2 == 0 for i in range(len(mentions))])
     assert (prof.mask[:, 1] == expect).all() and not prof.mask[:, 0].any()
     assert np.abs(np.asarray(prof.data[expect, 1], dtype=np.float32)).sum(1).min() > 0
+
+
+def test_an_image_edited_in_place_with_the_same_size_is_reencoded(assets, tmp_path):
+    from PIL import Image
+
+    data, clip = assets
+    data = _copy_data(data, tmp_path / "data")
+    ds = load_dataset(data)
+    m = next(m for m in ds.mentions if m.image is not None)
+    path = ds.image_path(m.image)
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    rgb.save(path, format="BMP")  # uncompressed: an edit of the pixels keeps the file size
+    out = tmp_path / "f"
+    build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    before = np.asarray(FeatureStore(out).load("mention", "image").data, dtype=np.float32)
+    size = path.stat().st_size
+    rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, format="BMP")
+    assert path.stat().st_size == size  # the old (path, size) fingerprint could not see this edit
+    summary = build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
+    assert sorted(summary["written"]) == ["mention.image", "mention.regions"]
+    after = np.asarray(FeatureStore(out).load("mention", "image").data, dtype=np.float32)
+    row = FeatureStore(out).ids("mention").index(m.id)
+    assert np.abs(before[row] - after[row]).max() > 1e-3
+    others = np.arange(len(before)) != row
+    np.testing.assert_array_equal(before[others], after[others])
 
 
 @pytest.mark.parametrize("victim", ["mention.sentence", "mention.regions"])
@@ -245,7 +271,7 @@ def test_automodel_text_encoder_sets_text_dim(assets, tmp_path):
 def test_kill_inside_commit_never_leaves_old_fingerprint_on_new_files(built, assets, tmp_path, monkeypatch):
     """Killed between renaming mention.profile's data and its mask: going back to the old inputs must
     re-encode the view, not trust the old fingerprint for the new (and half-replaced) files."""
-    import data_process.feature_store as fs
+    import data_process.encode.feature_store as fs
 
     data, clip = assets
     out = tmp_path / "f"

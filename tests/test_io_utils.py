@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from data_process.io_utils import JsonlCache, atomic_write_text, read_yaml_mapping
+from data_process.core.durable_io import JsonlCache, atomic_write_text
+from data_process.core.settings import read_yaml_mapping
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):

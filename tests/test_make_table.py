@@ -1,8 +1,7 @@
-"""scripts/make_table.py and nel_model/run_io.py on fixture run folders (no training)."""
+"""nel_model/tables.py (scripts/make_table.py) and nel_model/run_io.py on fixture run folders (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,15 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_table.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_table_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mt = _load_script()
+from nel_model import tables as mt  # noqa: E402
 
 
 def metrics(mrr, h1, h3, h5, h10, h20, n=100):
@@ -214,7 +205,7 @@ def test_cli_as_script(runs):
 
 
 # ---------------------------------------------------------------------------------------------
-# scripts/run_ablations.py with a stand-in train module (the real one is exercised in test_predict.py)
+# nel_model/ablations.py with a stand-in train module (the real one is exercised in test_predict.py)
 
 FAKE_TRAIN = '''
 import argparse, json, sys
@@ -241,7 +232,7 @@ out.mkdir(parents=True, exist_ok=True)
 def _toy_features(root: Path, caption: bool) -> Path:
     import numpy as np
 
-    from data_process.feature_store import FeatureStore
+    from data_process.encode.feature_store import FeatureStore
 
     store = FeatureStore(root)
     store.set_ids("mention", ["m0", "m1"])
@@ -260,11 +251,9 @@ def _toy_features(root: Path, caption: bool) -> Path:
 
 
 def _ablations():
-    spec = importlib.util.spec_from_file_location("run_ablations_under_test", ROOT / "scripts" / "run_ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from nel_model import ablations
+
+    return ablations
 
 
 def test_available_views(tmp_path):

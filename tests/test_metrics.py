@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks, top_wrong
+from nel_model.hard_negatives import top_wrong
+from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
 
 
 def test_metrics_from_ranks_hand_case():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nel_model.args import parse_args
-from nel_model.data import load_mel_data, write_synthetic
+from data_process.fixtures.synthetic_features import write_synthetic
+from nel_model.data import load_mel_data
 from nel_model.nel import DIM, DIMConfig, config_from_args
 
 B, L, R, K, E, DT, DI = 5, 6, 4, 2, 7, 16, 12

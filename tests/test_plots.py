@@ -1,8 +1,7 @@
-"""scripts/plot_run.py on fixture run folders: PNGs written with the expected pixel size."""
+"""nel_model/plots.py (scripts/plot_run.py) on fixture run folders: PNGs written with the expected pixel size."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,19 +11,7 @@ from PIL import Image
 
 from nel_model.run_io import RunError
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "plot_run.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("plot_run_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pr = _load_script()
+from nel_model import plots as pr  # noqa: E402
 
 
 def write_run(path: Path, label: str, seed: int, scale: float, epochs: int = 5) -> Path:

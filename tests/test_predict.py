@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_process.records import load_dataset
+from data_process.core.records import load_dataset
 from nel_model import predict as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data_process.features import FeatureSettings, build_features
-    from data_process.synthetic import SyntheticConfig, generate
-    from data_process.tiny_models.clip import save_tiny_clip
+    from data_process.encode.features import FeatureSettings, build_features
+    from data_process.fixtures.synthetic import SyntheticConfig, generate
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
     w = tmp_path_factory.mktemp("predict_demo")
     data = generate(w / "data", SyntheticConfig(entities=24, mentions=160, seed=0, image_size=32), progress=False)
@@ -118,7 +118,7 @@ def test_errors(demo, tmp_path, capsys):
     bad_img = tmp_path / "bad.png"
     bad_img.write_bytes(b"not a png")
     assert P.main(["--run", run, "--sentence", "s", "--mention", "m", "--image", str(bad_img)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {bad_img}: cannot read the image (unreadable (")
+    assert capsys.readouterr().err.startswith(f"error: {bad_img}: cannot read the image (unreadable: ")
     inp = tmp_path / "q.jsonl"
     inp.write_text('{"sentence": "s", "mention": "m"}\n{"sentence": "s", "mention": "m", "image": "x.png"}\n')
     assert P.main(["--run", run, "--input", str(inp)]) == 2

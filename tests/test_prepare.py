@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_process import prepare as prep
-from data_process import validate as val
-from data_process.records import DataError, load_dataset
+from data_process.ingest import prepare as prep
+from data_process.ingest import validate as val
+from data_process.core.records import DataError, load_dataset
 from tests.test_readers import MELBENCH, make_mimic, make_wikidiverse, write_image, write_json
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_process.readers import (
+from data_process.ingest.readers import (
     mimic_image_name,
     read_melbench,
     read_mimic,
@@ -17,7 +17,7 @@ from data_process.readers import (
     read_wikiperson,
     split_samples,
 )
-from data_process.records import DataError
+from data_process.core.records import DataError
 
 
 def write_json(path: Path, obj) -> Path:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_process.records import load_dataset
-from data_process.synthetic import TYPES, SyntheticConfig, generate, main
+from data_process.core.records import load_dataset
+from data_process.fixtures.synthetic import TYPES, SyntheticConfig, generate, main
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -104,8 +104,8 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys):
 def test_image_features_resolve_family_members_text_does_not(tmp_path):
     """Design check: with a tiny *random* CLIP, mention image -> entity image nearest neighbour within the
     gold family is far better than chance, while text-only nearest neighbour is not."""
-    from data_process.encoders import load_encoders
-    from data_process.tiny_models.clip import save_tiny_clip
+    from data_process.encode.encoders import load_encoders
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
     data = generate(tmp_path / "d", SyntheticConfig(entities=80, mentions=240, seed=0, image_size=64),
                     progress=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nel_model.data import write_synthetic
+from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

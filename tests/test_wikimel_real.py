@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from data_process.prepare import prepare
-from data_process.readers import build_wikimel_text_task, read_melbench
-from data_process.readers.common import split_samples
-from data_process.records import load_dataset
+from data_process.ingest.prepare import prepare
+from data_process.ingest.prepare import build_wikimel_text_task
+from data_process.ingest.readers import read_melbench
+from data_process.ingest.readers.common import split_samples
+from data_process.core.records import load_dataset
 
 SHARED = Path(os.environ.get("MEL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 ZIP = SHARED / "Wikidata-MEL.zip"

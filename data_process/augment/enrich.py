@@ -1,0 +1,584 @@
+"""Dynamic entity enrichment with an LLM: build the "+" dataset.
+
+    python -m data_process.augment.enrich --data DIR --out DIR_PLUS [--model M] [--base-url URL] [--dry-run] ...
+
+For every KB entity (name + description + attributes) and every mention (sentence + mention) an
+OpenAI-compatible chat model is asked, with a versioned prompt template (``configs/prompts/``), for a
+structured JSON answer ``{"description", "type", "attributes"}``. Each answer is validated; an invalid one
+is retried (the model is shown its answer and the error) a bounded number of times, then recorded as
+failed with every raw text kept.
+
+Durability: every answer is appended to a :class:`~data_process.core.durable_io.JsonlCache` (fsync'ed) *before*
+it is parsed or used, keyed by ``stable_hash({"model", "template_version", "input"})``. A re-run skips
+cached items, so a crash loses at most the requests in flight and paid work is never repeated; items
+recorded as failed are asked again only with ``--retry-failed``. Request errors (HTTP 4xx other than
+auth/model errors, or transport errors that outlived the retries) are not answers: nothing is cached for
+them and the next run asks again.
+
+The output folder is a unified dataset (``data_process/core/records.py``) whose records carry
+``enrichment = {"text", "description", "type", "attributes", "provenance"}``; failed items carry none.
+Images are placed with ``data_process.core.placement`` (``--images symlink`` by default: the source folder's
+top-level image folders are linked, so every image path in the records stays as it was; or ``copy``, ``rewrite``). ``enrichment_report.json`` in the output
+folder holds the counts and failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tqdm import tqdm
+
+from data_process.core.durable_io import JsonlCache, atomic_write_json
+from data_process.core.fingerprints import stable_hash
+from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_images
+from data_process.core.settings import read_yaml_mapping
+from data_process.augment.llm_client import (
+    RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
+)
+from data_process.augment.llm_prompts import (
+    ANSWER_SCHEMA, AnswerError, PromptTemplate, correction_message, enrichment_text, parse_answer,
+)
+from data_process.core.records import DatasetInfo, Entity, Mention, load_dataset, save_dataset
+
+log = logging.getLogger("data_process.augment.enrich")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "enrich.yaml"
+REPORT_FILE = "enrichment_report.json"
+CACHE_FILE = "enrichment_cache.jsonl"
+KINDS = ("entities", "mentions")
+
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Work items
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    kind: str  # "entity" | "mention"
+    item_id: str
+    key: str
+    template: PromptTemplate
+    inputs: dict[str, str]
+    messages: list[dict[str, str]]
+
+
+def entity_inputs(e: Entity) -> dict[str, str]:
+    attrs = "\n".join(f"- {k}: {v}" for k, v in sorted(e.attributes.items())) or "(none)"
+    return {"name": e.name, "description": e.description or "(none)", "attributes": attrs}
+
+
+def mention_inputs(m: Mention) -> dict[str, str]:
+    return {"sentence": m.sentence, "mention": m.mention}
+
+
+def cache_key(model: str, template: PromptTemplate, inputs: Mapping[str, str]) -> str:
+    return stable_hash({"model": model, "template_version": template.version, "input": dict(inputs)})
+
+
+def make_item(kind: str, item_id: str, model: str, template: PromptTemplate, inputs: dict[str, str]) -> WorkItem:
+    return WorkItem(kind=kind, item_id=item_id, key=cache_key(model, template, inputs), template=template,
+                    inputs=inputs, messages=template.render(inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunStats:
+    total: int = 0            # items (after de-duplication of identical inputs)
+    cached: int = 0           # answered (ok) in an earlier run
+    cached_failed: int = 0    # recorded as failed earlier and not retried (no --retry-failed)
+    done: int = 0             # answered (ok) in this run
+    failed: int = 0           # recorded as failed in this run (invalid after every answer retry)
+    errors: int = 0           # request errors this run: no answer, nothing cached, asked again next run
+    requests: int = 0         # answers received this run (paid)
+    transport_retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_messages: dict[str, str] = field(default_factory=dict)  # key -> last request error
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("error_messages")
+        return d
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class CacheWriter:
+    """Serialised, off-loop ``JsonlCache.put``: the fsync runs in a worker thread so requests keep flowing,
+    and the caller resumes only once the record is on disk (so it is still cached before it is used)."""
+
+    def __init__(self, cache: JsonlCache):
+        self.cache = cache
+        self._lock = asyncio.Lock()
+
+    async def put(self, key: str, record: dict[str, Any]) -> None:
+        write = asyncio.ensure_future(self._write(key, record))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The run is stopping (fatal error, Ctrl-C): this answer is paid for, so finish writing it
+            # (even when it waits behind another write), then let the cancellation through.
+            await write
+            raise
+
+    async def _write(self, key: str, record: dict[str, Any]) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.cache.put, key, record)
+
+
+def _is_finished(rec: Mapping[str, Any] | None, retry_failed: bool) -> bool:
+    if rec is None:
+        return False
+    return rec.get("status") == "ok" or (rec.get("status") == "failed" and not retry_failed)
+
+
+async def _answer_item(item: WorkItem, client: LLMClient, cache: CacheWriter, *, max_answers: int,
+                       retry_failed: bool, model: str, stats: RunStats) -> str:
+    """Ask until a valid answer or ``max_answers`` invalid ones; every answer is cached before it is parsed.
+
+    Returns the final status ("ok" | "failed"). Raises LLMRequestError when a request got no answer.
+    """
+    rec = cache.cache.get(item.key)
+    raws: list[str] = []
+    errors: list[str] = []
+    used = 0
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    if rec is not None:  # resume an unfinished item ("invalid") or retry a failed one
+        raws, errors = list(rec.get("raw", [])), list(rec.get("errors", []))
+        usage = dict(rec.get("usage", usage))
+        used = int(rec.get("attempts", 0)) if rec.get("status") == "invalid" else 0
+    while True:
+        messages = list(item.messages)
+        if used > 0 and raws and errors:  # show the model its invalid answer and why
+            messages += [{"role": "assistant", "content": raws[-1]}, correction_message(errors[-1])]
+        result = await client.complete(messages)
+        used += 1
+        stats.requests += 1
+        stats.prompt_tokens += result.prompt_tokens
+        stats.completion_tokens += result.completion_tokens
+        usage["prompt_tokens"] += result.prompt_tokens
+        usage["completion_tokens"] += result.completion_tokens
+        raws.append(result.text)
+        base = {"kind": item.kind, "item_id": item.item_id, "model": model, "template": item.template.name,
+                "template_version": item.template.version, "input": item.inputs, "raw": raws,
+                "attempts": used, "usage": usage, "created": _now()}
+        try:
+            answer = parse_answer(result.text, item.template.instructions)
+        except AnswerError as exc:
+            errors.append(str(exc))
+            status = "failed" if used >= max_answers else "invalid"
+            await cache.put(item.key, {**base, "status": status, "errors": errors})
+            if status == "failed":
+                return status
+            continue
+        # Cached as received first; validated answer stored alongside (parse is deterministic).
+        await cache.put(item.key, {**base, "status": "ok", "errors": errors, "answer": answer})
+        return "ok"
+
+
+async def run_items(items: Sequence[WorkItem], client: LLMClient, cache: JsonlCache, *, model: str,
+                    concurrency: int, answer_retries: int, retry_failed: bool,
+                    max_consecutive_errors: int = 50, progress: bool = True) -> RunStats:
+    """Answer every unfinished item with ``concurrency`` requests in flight."""
+    stats = RunStats(total=len(items))
+    pending: list[WorkItem] = []
+    for it in items:
+        rec = cache.get(it.key)
+        if rec is not None and rec.get("status") == "ok":
+            stats.cached += 1
+        elif rec is not None and rec.get("status") == "failed" and not retry_failed:
+            stats.cached_failed += 1
+        else:
+            pending.append(it)
+    queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+    for it in pending:
+        queue.put_nowait(it)
+    writer = CacheWriter(cache)
+    bar = tqdm(total=len(pending), desc="enrich", unit="item", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    consecutive = 0
+
+    def postfix() -> None:
+        bar.set_postfix(failed=stats.failed, errors=stats.errors,
+                        tokens=stats.prompt_tokens + stats.completion_tokens, refresh=False)
+
+    async def worker() -> None:
+        nonlocal consecutive
+        while True:
+            try:
+                it = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                status = await _answer_item(it, client, writer, max_answers=1 + answer_retries,
+                                            retry_failed=retry_failed, model=model, stats=stats)
+            except LLMFatalError:
+                raise
+            except LLMRequestError as exc:
+                stats.errors += 1
+                stats.error_messages[it.key] = str(exc)
+                consecutive += 1
+                log.warning("%s %s: no answer: %s", it.kind, it.item_id, exc)
+                if consecutive >= max_consecutive_errors:
+                    raise LLMFatalError(f"{consecutive} requests in a row got no answer; last: {exc}") from None
+            else:
+                consecutive = 0
+                if status == "ok":
+                    stats.done += 1
+                else:
+                    stats.failed += 1
+            bar.update(1)
+            postfix()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, min(concurrency, len(pending)))):
+                tg.create_task(worker())
+    except* LLMFatalError as eg:
+        raise eg.exceptions[0] from None
+    finally:
+        bar.close()
+        stats.transport_retries = client.retries
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost
+
+
+def model_price(model: str, prices: Mapping[str, Mapping[str, float]]) -> Mapping[str, float] | None:
+    """The price entry for ``model``: exact name, else the longest table name that prefixes it."""
+    if model in prices:
+        return prices[model]
+    matches = [name for name in prices if model.lower().startswith(name.lower())]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int,
+                  prices: Mapping[str, Mapping[str, float]]) -> float | None:
+    p = model_price(model, prices)
+    if p is None:
+        return None
+    return (prompt_tokens * float(p["prompt"]) + completion_tokens * float(p["completion"])) / 1e6
+
+
+def _fmt_cost(c: float | None) -> str:
+    return "unknown (model not in the price table)" if c is None else f"${c:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output dataset
+
+
+def build_enrichment(rec: Mapping[str, Any]) -> dict[str, Any]:
+    answer = rec["answer"]
+    return {
+        "text": enrichment_text(answer),
+        "description": answer["description"],
+        "type": answer["type"],
+        "attributes": dict(answer["attributes"]),
+        "provenance": {"model": rec["model"], "template": rec["template"],
+                       "template_version": rec["template_version"], "created": rec["created"]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and CLI
+
+
+@dataclass(frozen=True)
+class EnrichOptions:
+    data: Path
+    out: Path
+    cache: Path
+    kinds: tuple[str, ...]
+    mention_template: Path
+    entity_template: Path
+    concurrency: int
+    answer_retries: int
+    retry_failed: bool
+    limit: int | None
+    images: str
+    prices: Mapping[str, Mapping[str, float]]
+    expected_completion_tokens: int
+    dry_run: int | None  # number of prompts to print, or None
+    progress: bool
+    max_consecutive_errors: int
+
+
+def load_config(path: Path | None) -> dict[str, Any]:
+    path = path or DEFAULT_CONFIG
+    try:
+        cfg = read_yaml_mapping(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if "api_key" in cfg:
+        raise SystemExit(f"error: {path}: do not put the API key in a config file; use OPENAI_API_KEY or --api-key")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_process.augment.enrich", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="unified dataset folder to enrich")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the '+' dataset")
+    p.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default: {DEFAULT_CONFIG})")
+    p.add_argument("--cache", type=Path, default=None, help=f"answer cache (default: OUT/{CACHE_FILE})")
+    p.add_argument("--model")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--timeout-s", type=float, help="per-request timeout")
+    p.add_argument("--response-format", choices=RESPONSE_FORMATS,
+                   help="json_object (JSON mode), json_object_schema (llama-cpp-python: JSON mode + schema), "
+                        "json_schema (OpenAI structured outputs, vLLM, Ollama), none")
+    p.add_argument("--concurrency", type=int, help="requests in flight (1-256; 8-64 typical)")
+    p.add_argument("--max-retries", type=int, help="transport retries per request")
+    p.add_argument("--backoff-base-s", type=float)
+    p.add_argument("--backoff-max-s", type=float)
+    p.add_argument("--answer-retries", type=int, help="extra tries after an invalid answer")
+    p.add_argument("--requests-per-minute", type=float)
+    p.add_argument("--tokens-per-minute", type=float)
+    p.add_argument("--kinds", help="comma list of entities,mentions")
+    p.add_argument("--mention-template", type=Path)
+    p.add_argument("--entity-template", type=Path)
+    p.add_argument("--images", choices=PLACEMENT_MODES)
+    p.add_argument("--limit", type=int, help="only the first N entities and first N mentions")
+    p.add_argument("--retry-failed", action="store_true", help="ask again for items recorded as failed")
+    p.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="N",
+                   help="print the first N prompts (default 3) and the run's size and cost; no API calls")
+    p.add_argument("--max-consecutive-errors", type=int, default=50,
+                   help="stop when this many requests in a row get no answer")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _resolve_cfg_path(value: str | Path) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def resolve(args: argparse.Namespace) -> tuple[EnrichOptions, LLMConfig]:
+    cfg = load_config(args.config)
+
+    def pick(name: str, default: Any = None) -> Any:
+        v = getattr(args, name, None)
+        return v if v is not None else cfg.get(name, default)
+
+    kinds_raw = args.kinds.split(",") if args.kinds else cfg.get("kinds", list(KINDS))
+    kinds = tuple(k.strip() for k in kinds_raw if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise SystemExit(f"error: --kinds must be a comma list of {', '.join(KINDS)}, got {kinds_raw}")
+    concurrency = int(pick("concurrency", 16))
+    if not 1 <= concurrency <= 256:
+        raise SystemExit(f"error: --concurrency must be in 1..256, got {concurrency}")
+    model = pick("model")
+    if not model:
+        raise SystemExit("error: no model: give --model or set 'model' in the config")
+    base_url = pick("base_url")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    if not api_key and not base_url and args.dry_run is None:
+        raise SystemExit("error: the OpenAI API needs a key: set OPENAI_API_KEY or give --api-key "
+                         "(local servers: give --base-url)")
+    out = args.out
+    if args.data.resolve() == out.resolve():
+        raise SystemExit("error: --out must differ from --data")
+    llm = LLMConfig(
+        model=model, base_url=base_url, api_key=api_key,
+        temperature=float(pick("temperature", 0.0)), max_tokens=int(pick("max_tokens", 256)),
+        timeout_s=float(pick("timeout_s", 60)), max_retries=int(pick("max_retries", 6)),
+        backoff_base_s=float(pick("backoff_base_s", 1.0)), backoff_max_s=float(pick("backoff_max_s", 60.0)),
+        response_format=pick("response_format", "json_object"), answer_schema=ANSWER_SCHEMA,
+        requests_per_minute=pick("requests_per_minute"), tokens_per_minute=pick("tokens_per_minute"),
+    )
+    templates = {}
+    for name in ("mention_template", "entity_template"):
+        v = getattr(args, name)
+        templates[name] = v if v is not None else _resolve_cfg_path(cfg.get(name, f"configs/prompts/{name[:-9]}_v1.txt"))
+    opts = EnrichOptions(
+        data=args.data, out=out, cache=args.cache or out / CACHE_FILE, kinds=kinds,
+        mention_template=templates["mention_template"], entity_template=templates["entity_template"],
+        concurrency=concurrency, answer_retries=max(0, int(pick("answer_retries", 2))),
+        retry_failed=args.retry_failed, limit=args.limit, images=pick("images", "symlink"),
+        prices=cfg.get("prices") or {}, expected_completion_tokens=int(pick("expected_completion_tokens", 80)),
+        dry_run=args.dry_run, progress=not args.no_progress, max_consecutive_errors=args.max_consecutive_errors,
+    )
+    return opts, llm
+
+
+def collect_items(ds, opts: EnrichOptions, model: str) -> tuple[list[WorkItem], dict[tuple[str, str], str]]:
+    """Unique work items (identical inputs share one request) and the (kind, id) -> key map."""
+    keys: dict[tuple[str, str], str] = {}
+    items: dict[str, WorkItem] = {}
+    if "entities" in opts.kinds:
+        tpl = PromptTemplate.load(opts.entity_template)
+        for e in ds.entities[: opts.limit]:
+            it = make_item("entity", e.id, model, tpl, entity_inputs(e))
+            keys[("entity", e.id)] = it.key
+            items.setdefault(it.key, it)
+    if "mentions" in opts.kinds:
+        tpl = PromptTemplate.load(opts.mention_template)
+        for m in ds.mentions[: opts.limit]:
+            it = make_item("mention", m.id, model, tpl, mention_inputs(m))
+            keys[("mention", m.id)] = it.key
+            items.setdefault(it.key, it)
+    return list(items.values()), keys
+
+
+def dry_run(items: Sequence[WorkItem], cache: JsonlCache | None, opts: EnrichOptions, llm: LLMConfig) -> None:
+    pending = [it for it in items if not _is_finished(cache.get(it.key) if cache else None, opts.retry_failed)]
+    n = opts.dry_run or 0
+    for i, it in enumerate(pending[:n], 1):
+        print(f"===== prompt {i}/{min(n, len(pending))}: {it.kind} {it.item_id} "
+              f"(template {it.template.name} @ {it.template.version}, key {it.key[:12]}) =====")
+        for m in it.messages:
+            print(f"--- {m['role']} ---\n{m['content']}")
+        print()
+    prompt_tokens = sum(messages_tokens(it.messages) for it in pending)
+    exp_completion = opts.expected_completion_tokens * len(pending)
+    max_completion = llm.max_tokens * len(pending)
+    by_kind = {k: sum(1 for it in pending if it.kind == k) for k in ("entity", "mention")}
+    print(f"dry run: {len(pending)} requests to make ({by_kind['entity']} entities, {by_kind['mention']} mentions; "
+          f"{len(items) - len(pending)} of {len(items)} already cached), model {llm.model}")
+    print(f"estimated tokens: ~{prompt_tokens} prompt (chars/4), ~{exp_completion} completion "
+          f"({opts.expected_completion_tokens}/request; at most {max_completion} with max_tokens={llm.max_tokens})")
+    print(f"estimated cost: {_fmt_cost(estimate_cost(llm.model, prompt_tokens, exp_completion, opts.prices))} "
+          f"(upper bound {_fmt_cost(estimate_cost(llm.model, prompt_tokens, max_completion, opts.prices))}); "
+          "invalid answers that are retried cost more")
+
+
+def write_output(ds, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, keys: Mapping[tuple[str, str], str],
+                 stats: RunStats, templates: Mapping[str, PromptTemplate]) -> dict[str, Any]:
+    """Write the '+' dataset and its report; returns the report."""
+    failures = []
+    counts: dict[str, dict[str, int]] = {}
+
+    def enrich_of(kind: str, rid: str, current):
+        if (kind, rid) not in keys:  # kind not enriched in this run (or beyond --limit): keep as is
+            return current
+        c = counts.setdefault(kind, {"total": 0, "ok": 0, "failed": 0, "missing": 0})
+        c["total"] += 1
+        rec = cache.get(keys[(kind, rid)])
+        if rec is not None and rec.get("status") == "ok":
+            c["ok"] += 1
+            return build_enrichment(rec)
+        if rec is not None and rec.get("status") == "failed":
+            c["failed"] += 1
+            failures.append({"kind": kind, "id": rid, "key": rec["key"], "errors": rec.get("errors", []),
+                             "raw": [r[:500] for r in rec.get("raw", [])]})
+        else:
+            c["missing"] += 1
+            err = stats.error_messages.get(keys[(kind, rid)])
+            failures.append({"kind": kind, "id": rid, "key": keys[(kind, rid)], "errors": [err] if err else
+                             ["not answered (rerun to complete)"], "raw": []})
+        return None  # never a made-up value
+
+    entities = [dataclasses.replace(e, enrichment=enrich_of("entity", e.id, e.enrichment)) for e in ds.entities]
+    mentions = [dataclasses.replace(m, enrichment=enrich_of("mention", m.id, m.enrichment)) for m in ds.mentions]
+    opts.out.mkdir(parents=True, exist_ok=True)
+    paths = [p for e in entities for p in e.images] + [m.image for m in mentions if m.image]
+    mapping = place_images(opts.out, paths, opts.images, src_root=opts.data)
+    entities = [dataclasses.replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e
+                for e in entities]
+    mentions = [dataclasses.replace(m, image=mapping[m.image]) if m.image else m for m in mentions]
+    linked = sorted(dataset_links(opts.data, paths)) if opts.images != "rewrite" else []
+    prompt_cost = estimate_cost(llm.model, stats.prompt_tokens, stats.completion_tokens, opts.prices)
+    enrichment_note = {
+        "source": str(opts.data.resolve()), "model": llm.model,
+        "templates": {k: {"name": t.name, "version": t.version} for k, t in templates.items()},
+        "images": {"mode": opts.images, "entries": linked}, "report": REPORT_FILE,
+    }
+    name = ds.info.name if ds.info.name.endswith("+") else ds.info.name + "+"
+    info = DatasetInfo(name=name, source_format=ds.info.source_format, split_rule=ds.info.split_rule,
+                       notes={**ds.info.notes, "enrichment": enrichment_note})
+    save_dataset(opts.out, info, entities, mentions)
+    report = {
+        "created": _now(), "data": str(opts.data), "out": str(opts.out), "cache": str(opts.cache),
+        "llm": llm.public(), "counts": counts, "run": stats.as_dict(),
+        "estimated_cost_usd": prompt_cost, "complete": stats.errors == 0 and
+        all(c["missing"] == 0 for c in counts.values()),
+        "failures": failures,
+    }
+    atomic_write_json(opts.out / REPORT_FILE, report)
+    return report
+
+
+def print_summary(stats: RunStats, report: Mapping[str, Any], llm: LLMConfig) -> None:
+    print(f"enrichment: {stats.total} unique requests: {stats.done} done, {stats.cached} cached, "
+          f"{stats.failed} failed now, {stats.cached_failed} failed earlier, {stats.errors} unanswered "
+          f"(transport retries {stats.transport_retries})", file=sys.stderr)
+    for kind, c in report["counts"].items():
+        print(f"  {kind}: {c['ok']}/{c['total']} enriched, {c['failed']} failed, {c['missing']} missing",
+              file=sys.stderr)
+    print(f"  tokens this run: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion; "
+          f"estimated cost {_fmt_cost(report['estimated_cost_usd'])} ({llm.model})", file=sys.stderr)
+    print(f"  wrote {report['out']} (report {REPORT_FILE})", file=sys.stderr)
+
+
+async def _run_async(items, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache) -> RunStats:
+    async with LLMClient(llm) as client:
+        return await run_items(items, client, cache, model=llm.model, concurrency=opts.concurrency,
+                               answer_retries=opts.answer_retries, retry_failed=opts.retry_failed,
+                               max_consecutive_errors=opts.max_consecutive_errors, progress=opts.progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Never DEBUG for the HTTP stack, even with -v: its debug lines may include request headers.
+    for noisy in ("httpx", "httpx2", "openai", "httpcore", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    opts, llm = resolve(args)
+    ds = load_dataset(opts.data)
+    items, keys = collect_items(ds, opts, llm.model)
+    templates = {}
+    if "entities" in opts.kinds:
+        templates["entity"] = PromptTemplate.load(opts.entity_template)
+    if "mentions" in opts.kinds:
+        templates["mention"] = PromptTemplate.load(opts.mention_template)
+    if opts.dry_run is not None:
+        cache = JsonlCache(opts.cache) if opts.cache.exists() else None
+        try:
+            dry_run(items, cache, opts, llm)
+        finally:
+            if cache:
+                cache.close()
+        return EXIT_OK
+    with JsonlCache(opts.cache) as cache:
+        try:
+            stats = asyncio.run(_run_async(items, opts, llm, cache))
+        except LLMFatalError as exc:
+            print(f"error: {exc}\n(the answers received so far are cached in {opts.cache})", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"interrupted: answers received so far are cached in {opts.cache}; rerun to resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        report = write_output(ds, opts, llm, cache, keys, stats, templates)
+    print_summary(stats, report, llm)
+    return EXIT_OK if report["complete"] else EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

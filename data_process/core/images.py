@@ -1,0 +1,123 @@
+"""Image decoding (the one decoder and the one worker-process loader) and CLIP-style preprocessing, with PIL and
+numpy only (no torchvision).
+
+:func:`decode_image` never raises for a bad image: it returns the reason instead (``"no image"``,
+``"missing: file not found"`` or ``"unreadable: <error>: <message>"``), so the caption and feature steps count and
+report missing or unreadable images rather than stopping (or, worse, substituting a random tensor).
+:func:`iter_decoded` runs it in DataLoader worker processes; :class:`ImagePreprocess` is a small picklable
+dataclass, so it runs there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Resize the shortest edge to ``size``, center-crop ``crop_h`` x ``crop_w``, scale to [0, 1], normalise."""
+
+    size: int = 224
+    crop_h: int = 224
+    crop_w: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """PIL image -> float32 array [3, crop_h, crop_w]."""
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.crop_w, round(w * scale)), max(self.crop_h, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), resample=Image.Resampling(self.resample))
+        left, top = (nw - self.crop_w) // 2, (nh - self.crop_h) // 2
+        img = img.crop((left, top, left + self.crop_w, top + self.crop_h))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "ImagePreprocess":
+        """Read size, crop, mean and std from a CLIP image processor (Hugging Face name or local folder)."""
+        try:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+        except ImportError:  # other transformers versions
+            from transformers import CLIPImageProcessor as Proc
+        proc = Proc.from_pretrained(name_or_path)
+
+        def get(obj, key):
+            return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+        size = proc.size
+        short = get(size, "shortest_edge") or get(size, "height")
+        crop = proc.crop_size if getattr(proc, "do_center_crop", True) and proc.crop_size else size
+        crop_h = get(crop, "height") or short
+        crop_w = get(crop, "width") or short
+        if not short or not crop_h or not crop_w:
+            raise ValueError(f"{name_or_path}: image processor has no usable size/crop_size ({size!r}, {crop!r})")
+        resample = proc.resample if isinstance(proc.resample, int) else int(Image.Resampling.BICUBIC)
+        return cls(size=int(short), crop_h=int(crop_h), crop_w=int(crop_w),
+                   mean=tuple(float(v) for v in proc.image_mean), std=tuple(float(v) for v in proc.image_std),
+                   resample=int(resample))
+
+
+def decode_image(path: str | Path | None, prepare: Callable[[Image.Image], Any] | None = None
+                 ) -> tuple[Any, str | None]:
+    """Open, fully decode and convert an image to RGB, then ``prepare`` it (a resize, or CLIP preprocessing).
+
+    Returns ``(image, None)`` or ``(None, reason)``; never raises for a bad file (PIL raises many types, and a
+    decompression bomb is not even an ``OSError``): a bad image is data, not a crash."""
+    if path is None:
+        return None, "no image"
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+        return (prepare(rgb) if prepare is not None else rgb), None
+    except FileNotFoundError:
+        return None, "missing: file not found"
+    except Exception as exc:  # noqa: BLE001 - every failure is reported with its type and message
+        return None, f"unreadable: {type(exc).__name__}: {exc}"
+
+
+class _DecodeFiles:
+    """Map-style dataset over image paths; items are ``(index, image | None, reason | None)``."""
+
+    def __init__(self, paths: Sequence[str | Path | None], prepare: Callable | None):
+        self.paths = list(paths)
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image, reason = decode_image(self.paths[i], self.prepare)
+        return i, image, reason
+
+
+def _as_list(items):
+    return items
+
+
+def iter_decoded(paths: Sequence[str | Path | None], batch_size: int, num_workers: int,
+                 prepare: Callable | None = None) -> Iterator[list[tuple[int, Any, str | None]]]:
+    """Batches (lists) of ``(index into paths, image | None, reason | None)``, decoded in ``num_workers`` processes
+    (0: in this process), in order.
+
+    ``prepare`` (picklable) runs in the worker after decoding: a backend's exact resize or CLIP preprocessing there
+    shrinks what crosses the process boundary and leaves the main process free for the model."""
+    from torch.utils.data import DataLoader  # noqa: PLC0415 - only the decoding steps need torch here
+
+    loader = DataLoader(_DecodeFiles(paths, prepare), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_list, shuffle=False, prefetch_factor=4 if num_workers > 0 else None)
+    yield from loader

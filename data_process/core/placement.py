@@ -1,0 +1,95 @@
+"""Image placement: the one way a new dataset folder finds the images of its source.
+
+Record image paths are relative to their dataset folder. When a step writes a new folder (``prepare`` from a
+release, ``enrich`` and ``caption`` from a unified dataset), the images are not moved; :func:`place_images` makes
+the new folder's paths resolve, in one of three modes:
+
+* ``symlink`` (default everywhere): each linked folder becomes a symbolic link to its absolute source folder; paths
+  stay as they are, nothing is copied.
+* ``copy``: each *referenced* file is copied (a self-contained folder that survives moving the source).
+* ``rewrite``: nothing is made; each path is rewritten relative to the new folder, pointing at the source file.
+
+``links`` maps a folder *inside the new dataset* (``images`` or ``images/mention``) to the source folder it stands
+for: a release reader gives it; for a unified source dataset (``src_root``) it is the dataset's top-level image
+folders (:func:`dataset_links`). Absolute paths are kept; a path of a unified source that leaves its folder
+(``../x.jpg``) is always rewritten. An existing entry in
+the new folder is never removed: a link to the same source is kept, anything else is an error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping
+
+PLACEMENT_MODES = ("symlink", "copy", "rewrite")
+
+
+def dataset_links(src_root: str | Path, rel_paths: Iterable[str]) -> dict[str, Path]:
+    """``{top-level folder: source folder}`` for the image paths of a unified dataset at ``src_root``."""
+    tops = {Path(p).parts[0] for p in rel_paths if p and not Path(p).is_absolute()} - {"..", "."}
+    return {top: Path(src_root) / top for top in sorted(tops) if (Path(src_root) / top).exists()}
+
+
+def _link_of(rel: str, links: Mapping[str, Path]) -> tuple[str, Path] | None:
+    for folder in sorted(links, key=len, reverse=True):
+        prefix = folder.rstrip("/") + "/"
+        if rel.startswith(prefix):
+            return folder, Path(links[folder]) / rel[len(prefix):]
+    return None
+
+
+def _make_link(link: Path, target: Path) -> None:
+    target = target.resolve()
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target:
+            return
+        raise FileExistsError(f"{link}: exists and is not a link to {target}; choose an empty output folder")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def place_images(out_root: str | Path, rel_paths: Iterable[str | None], mode: str = "symlink", *,
+                 src_root: str | Path | None = None, links: Mapping[str, str | Path] | None = None
+                 ) -> dict[str, str]:
+    """Make ``rel_paths`` resolve from ``out_root`` (see the module docstring); returns ``{old path: new path}``.
+
+    Give ``src_root`` (a unified source dataset) or ``links`` (a release reader's folders). A path under no linked
+    folder is kept as it is (a missing image stays missing, for validation to report)."""
+    if mode not in PLACEMENT_MODES:
+        raise ValueError(f"images mode must be one of {', '.join(PLACEMENT_MODES)}, got {mode!r}")
+    rel_paths = list(dict.fromkeys(p for p in rel_paths if p))
+    if links is None:
+        if src_root is None:
+            raise ValueError("place_images needs src_root or links")
+        links = dataset_links(src_root, rel_paths)
+    out_root = Path(out_root)
+    out_abs = out_root.resolve()
+    links = {k.rstrip("/"): Path(v) for k, v in links.items()}
+    mapping: dict[str, str] = {}
+    linked: set[str] = set()
+    for rel in rel_paths:
+        if Path(rel).is_absolute():
+            mapping[rel] = rel
+            continue
+        hit = _link_of(rel, links)
+        if hit is None:
+            leaves = src_root is not None and Path(rel).parts[0] == ".."
+            mapping[rel] = os.path.relpath(Path(src_root).resolve() / rel, out_abs) if leaves else rel
+            continue
+        folder, source = hit
+        if mode == "rewrite":
+            mapping[rel] = os.path.relpath(source.resolve(), out_abs)
+        elif mode == "symlink":
+            mapping[rel] = rel
+            if folder not in linked:
+                linked.add(folder)
+                _make_link(out_root / folder, links[folder])
+        else:
+            mapping[rel] = rel
+            if source.is_file():
+                dest = out_root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest)
+    return mapping

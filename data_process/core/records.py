@@ -1,0 +1,327 @@
+"""Unified MEL records: typed dataclasses, JSON Lines reading with validation, atomic writing.
+
+A unified dataset is one folder::
+
+    DATASET/
+      dataset.json      # DatasetInfo: name, source format, how splits were made, ...
+      entities.jsonl    # one Entity per line
+      mentions.jsonl    # one Mention per line
+      images/...        # optional; image paths in records are relative to DATASET/
+
+Every later step (enrichment, captions, features, training) reads only this format.
+Loading validates every record; a bad record raises :class:`DataError` naming the file,
+the line (and record id when known) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from data_process.core.durable_io import atomic_write_text
+
+SPLITS = ("train", "dev", "test")
+ENTITIES_FILE = "entities.jsonl"
+MENTIONS_FILE = "mentions.jsonl"
+INFO_FILE = "dataset.json"
+
+
+class DataError(ValueError):
+    """A bad input record. The message names the file, the line/record and the field."""
+
+    def __init__(self, path: str | Path, where: str, field_name: str | None, problem: str):
+        self.path = str(path)
+        self.where = where
+        self.field = field_name
+        self.problem = problem
+        loc = f"{self.path}, {where}"
+        if field_name:
+            loc += f", field '{field_name}'"
+        super().__init__(f"{loc}: {problem}")
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A knowledge-base entity.
+
+    ``enrichment`` holds LLM-extracted information (``{"text": str, ..., "provenance": {...}}``)
+    when the dataset is a "+" dataset; ``None`` otherwise.
+    """
+
+    id: str
+    name: str
+    description: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    images: tuple[str, ...] = ()
+    enrichment: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        """The entity's text as encoded for its description view: name, description, attributes."""
+        parts = [self.name]
+        if self.description:
+            parts.append(self.description)
+        if self.attributes:
+            parts.append("; ".join(f"{k}: {v}" for k, v in sorted(self.attributes.items())))
+        return ". ".join(parts)
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A mention in a sentence with an optional image, linked to a gold entity.
+
+    ``span`` is the character span ``[start, end)`` of the mention in ``sentence`` when known.
+    ``candidates`` is a per-mention candidate list (entity ids) for the candidate protocol.
+    ``caption`` (BLIP-2 text) and ``enrichment`` (LLM text) carry ``{"text": ..., "provenance": {...}}``.
+    """
+
+    id: str
+    sentence: str
+    mention: str
+    gold_id: str
+    split: str
+    span: tuple[int, int] | None = None
+    image: str | None = None
+    candidates: tuple[str, ...] | None = None
+    caption: dict[str, Any] | None = None
+    enrichment: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about how a unified dataset was made (``dataset.json``)."""
+
+    name: str
+    source_format: str
+    split_rule: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+R = TypeVar("R", Entity, Mention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_str(obj: dict, key: str, fail, *, required: bool = True, nonempty: bool = False):
+    if key not in obj or obj[key] is None:
+        if required:
+            fail(key, "is missing")
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        fail(key, f"must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        fail(key, "must not be empty")
+    return value
+
+
+def _check_provenanced(obj: dict, key: str, fail):
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        fail(key, f"must be an object, got {type(value).__name__}")
+    if not isinstance(value.get("text"), str):
+        fail(key, "must have a string 'text'")
+    if not isinstance(value.get("provenance"), dict):
+        fail(key, "must have an object 'provenance'")
+    return value
+
+
+def entity_from_dict(obj: Any, fail) -> Entity:
+    if not isinstance(obj, dict):
+        fail(None, f"record must be a JSON object, got {type(obj).__name__}")
+    _check_str(obj, "id", fail, nonempty=True)
+    _check_str(obj, "name", fail, nonempty=True)
+    _check_str(obj, "description", fail, required=False)
+    attrs = obj.get("attributes") or {}
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in attrs.items()):
+        fail("attributes", "must be an object mapping strings to strings")
+    images = obj.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        fail("images", "must be a list of non-empty strings (paths relative to the dataset folder)")
+    known = {f.name for f in fields(Entity)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        fail(unknown[0], "is not a field of an entity record")
+    return Entity(
+        id=obj["id"],
+        name=obj["name"],
+        description=obj.get("description") or "",
+        attributes=dict(attrs),
+        images=tuple(images),
+        enrichment=_check_provenanced(obj, "enrichment", fail),
+    )
+
+
+def mention_from_dict(obj: Any, fail) -> Mention:
+    if not isinstance(obj, dict):
+        fail(None, f"record must be a JSON object, got {type(obj).__name__}")
+    _check_str(obj, "id", fail, nonempty=True)
+    sentence = _check_str(obj, "sentence", fail)
+    mention = _check_str(obj, "mention", fail, nonempty=True)
+    _check_str(obj, "gold_id", fail, nonempty=True)
+    split = _check_str(obj, "split", fail)
+    if split not in SPLITS:
+        fail("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    span = obj.get("span")
+    if span is not None:
+        if (
+            not isinstance(span, list)
+            or len(span) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in span)
+            or not 0 <= span[0] < span[1] <= len(sentence)
+        ):
+            fail("span", f"must be [start, end) with 0 <= start < end <= {len(sentence)}, got {span!r}")
+        if sentence[span[0] : span[1]] != mention:
+            fail("span", f"sentence[{span[0]}:{span[1]}] is {sentence[span[0]:span[1]]!r}, not the mention {mention!r}")
+    image = obj.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        fail("image", "must be a non-empty string or null")
+    cands = obj.get("candidates")
+    if cands is not None and (not isinstance(cands, list) or not all(isinstance(c, str) for c in cands)):
+        fail("candidates", "must be a list of entity ids or null")
+    known = {f.name for f in fields(Mention)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        fail(unknown[0], "is not a field of a mention record")
+    return Mention(
+        id=obj["id"],
+        sentence=sentence,
+        mention=mention,
+        gold_id=obj["gold_id"],
+        split=split,
+        span=tuple(span) if span is not None else None,
+        image=image,
+        candidates=tuple(cands) if cands is not None else None,
+        caption=_check_provenanced(obj, "caption", fail),
+        enrichment=_check_provenanced(obj, "enrichment", fail),
+    )
+
+
+def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
+    """JSON-ready dict; tuples become lists, ``None`` optional fields are dropped."""
+    out = {}
+    for key, value in asdict(record).items():
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Lines I/O
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line; invalid JSON raises :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its file and line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"line {lineno}", None,
+                                f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                raise DataError(path, f"line {lineno}", None,
+                                f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _read_jsonl(path: Path, parse) -> Iterator:
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_json_lines(path):
+        where = f"line {lineno}"
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+            where = f"line {lineno} (id {obj['id']!r})"
+
+        def fail(field_name, problem, _where=where):
+            raise DataError(path, _where, field_name, problem)
+
+        record = parse(obj, fail)
+        if record.id in seen:
+            fail("id", f"duplicate id, first seen on line {seen[record.id]}")
+        seen[record.id] = lineno
+        yield record
+
+
+def read_entities(path: str | Path) -> list[Entity]:
+    return list(_read_jsonl(Path(path), entity_from_dict))
+
+
+def read_mentions(path: str | Path) -> list[Mention]:
+    return list(_read_jsonl(Path(path), mention_from_dict))
+
+
+def write_jsonl(path: str | Path, records: Iterable[Entity | Mention]) -> None:
+    """Write records atomically: the file appears complete or not at all."""
+    lines = [json.dumps(record_to_dict(r), ensure_ascii=False) for r in records]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+
+
+@dataclass
+class Dataset:
+    """A loaded unified dataset. ``root`` resolves relative image paths."""
+
+    root: Path
+    info: DatasetInfo
+    entities: list[Entity]
+    mentions: list[Mention]
+
+    def image_path(self, rel: str | None) -> Path | None:
+        return None if rel is None else self.root / rel
+
+    def split(self, name: str) -> list[Mention]:
+        return [m for m in self.mentions if m.split == name]
+
+
+def load_dataset(root: str | Path, *, check_gold: bool = True) -> Dataset:
+    """Load and validate a unified dataset folder.
+
+    With ``check_gold``, every mention's gold entity (and candidates) must be in the KB.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    info_path = root / INFO_FILE
+    if info_path.is_file():
+        try:
+            raw = json.loads(info_path.read_text(encoding="utf-8"))
+            info = DatasetInfo(**raw)
+        except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, missing or unknown fields
+            raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
+    else:
+        info = DatasetInfo(name=root.name, source_format="unknown")
+    entities = read_entities(root / ENTITIES_FILE)
+    mentions = read_mentions(root / MENTIONS_FILE)
+    if check_gold:
+        ids = {e.id for e in entities}
+        path = root / MENTIONS_FILE
+        for m in mentions:
+            if m.gold_id not in ids:
+                raise DataError(path, f"id {m.id!r}", "gold_id", f"entity {m.gold_id!r} is not in {ENTITIES_FILE}")
+            for c in m.candidates or ():
+                if c not in ids:
+                    raise DataError(path, f"id {m.id!r}", "candidates", f"entity {c!r} is not in {ENTITIES_FILE}")
+    return Dataset(root=root, info=info, entities=entities, mentions=mentions)
+
+
+def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity], mentions: Iterable[Mention]) -> Path:
+    """Write a unified dataset folder (each file atomically)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(root / ENTITIES_FILE, entities)
+    write_jsonl(root / MENTIONS_FILE, mentions)
+    atomic_write_text(root / INFO_FILE, json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
+    return root

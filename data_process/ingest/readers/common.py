@@ -1,0 +1,152 @@
+"""Shared pieces of the release readers: the reader result, field checks, spans and seeded splits.
+
+Every reader returns a :class:`Converted`: the unified records plus ``image_links``, a map from a folder
+*inside the output dataset* (e.g. ``images/mention``) to the *source* folder whose files it stands for.
+``data_process.ingest.prepare`` materialises those links (folder symlinks by default) so that record image paths,
+which are relative to the dataset folder, resolve without copying gigabytes of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS
+
+MENTION_IMAGE_DIR = "images/mention"
+ENTITY_IMAGE_DIR = "images/kb"
+
+
+@dataclass
+class Converted:
+    """What a reader produced: records ready for ``records.save_dataset`` plus image folder links."""
+
+    info: DatasetInfo
+    entities: list[Entity]
+    mentions: list[Mention]
+    image_links: dict[str, Path] = field(default_factory=dict)
+
+
+Fail = Callable[[str | None, str], NoReturn]
+
+
+def failer(path: str | Path, where: str) -> Fail:
+    """A ``fail(field, problem)`` callable raising :class:`DataError` for one record."""
+
+    def fail(field_name: str | None, problem: str) -> NoReturn:
+        raise DataError(path, where, field_name, problem)
+
+    return fail
+
+
+def type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def require(obj: dict, key: str, fail: Fail) -> Any:
+    if key not in obj or obj[key] is None:
+        fail(key, "is missing")
+    return obj[key]
+
+
+def req_str(obj: dict, key: str, fail: Fail, *, nonempty: bool = True) -> str:
+    value = require(obj, key, fail)
+    if not isinstance(value, str):
+        fail(key, f"must be a string, got {type_name(value)}")
+    if nonempty and not value.strip():
+        fail(key, "must not be empty")
+    return value
+
+
+def str_list(value: Any, key: str, fail: Fail) -> list[str]:
+    """A MELBench-style field: a plain string (one item) or a list of non-empty strings."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        fail(key, f"must be a string or a list of strings, got {type_name(value)}")
+    if not items:
+        fail(key, "must not be an empty list")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            fail(key, f"item {i} must be a string, got {type_name(item)}")
+        if not item.strip():
+            fail(key, f"item {i} must not be empty")
+    return list(items)
+
+
+def record_id(obj: dict, key: str, fail: Fail) -> str:
+    """An id given as a string or an integer (MIMIC releases use both); returned as a string."""
+    value = require(obj, key, fail)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        fail(key, f"must be a string or an integer, got {type_name(value)}")
+    text = str(value)
+    if not text.strip():
+        fail(key, "must not be empty")
+    return text
+
+
+def find_span(sentence: str, mention: str) -> tuple[int, int] | None:
+    """``[start, end)`` of the first occurrence of ``mention`` in ``sentence``, or ``None``."""
+    start = sentence.find(mention) if mention else -1
+    return None if start < 0 else (start, start + len(mention))
+
+
+def load_json(path: Path, text: str | None = None) -> Any:
+    """Parse a JSON file (or ``text`` read from it), naming the file in errors."""
+    try:
+        if text is None:
+            text = Path(path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, "file", None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(path, "file", None, f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded splits by sample
+
+
+def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """``"70,10,20"`` (or a sequence) → three non-negative ratios with a positive sum."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        values = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"splits must be three numbers like 70,10,20, got {text!r}") from None
+    if len(values) != 3 or any(v < 0 or math.isnan(v) for v in values) or sum(values) <= 0:
+        raise ValueError(f"splits must be three non-negative numbers with a positive sum, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def split_rule_text(seed: int, ratios: Sequence[float]) -> str:
+    a, b, c = (f"{r:g}" for r in ratios)
+    return (
+        f"by sample, seed {seed}: samples ordered by sha256('{seed}:' + sample_id) hex digest; "
+        f"first round(n*{a}/{sum(ratios):g}) samples train, next round(n*{b}/{sum(ratios):g}) dev, rest test "
+        f"(ratios {a}/{b}/{c}); all mentions of a sample share its split"
+    )
+
+
+def split_samples(sample_ids: Sequence[str], seed: int, ratios: Sequence[float]) -> dict[str, str]:
+    """Assign each sample id to train/dev/test, deterministically for ``seed`` (see :func:`split_rule_text`).
+
+    Independent of input order and of Python's ``random`` module: the order is a hash of seed and id.
+    """
+    ids = sorted(set(sample_ids), key=lambda s: (hashlib.sha256(f"{seed}:{s}".encode("utf-8")).hexdigest(), s))
+    total = float(sum(ratios))
+    n = len(ids)
+    n_train = math.floor(n * ratios[0] / total + 0.5)
+    n_dev = min(n - n_train, math.floor(n * ratios[1] / total + 0.5))
+    out: dict[str, str] = {}
+    for i, sid in enumerate(ids):
+        out[sid] = SPLITS[0] if i < n_train else SPLITS[1] if i < n_train + n_dev else SPLITS[2]
+    return out

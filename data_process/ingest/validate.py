@@ -1,0 +1,322 @@
+"""Validation report for a unified dataset folder; run after every conversion and usable alone.
+
+    python -m data_process.ingest.validate DIR [--images {verify,exists,none}] [--no-write]
+
+Counts entities, mentions per split, and problems. Each problem is either an **error** or a counted
+**warning**:
+
+* errors (a conversion with any error fails and writes nothing; ``validate`` exits with status 1):
+  malformed records or fields (``malformed_records``: bad JSON, missing/mistyped field, bad span, unknown
+  split, ...), duplicate entity ids, duplicate mention ids, mentions whose gold entity is not in the KB,
+  candidate ids not in the KB, image paths that are absolute or leave the dataset folder, an unreadable
+  ``dataset.json``.
+* warnings (counted, reported, the dataset is still written): missing mention/entity images, unreadable
+  mention/entity images (PIL cannot open or verify them), empty sentences, mention strings not found in their
+  sentence, empty splits, a missing ``dataset.json``.
+
+The report is written as ``DIR/validation.json`` and ``DIR/validation.txt`` (atomically) and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from data_process.core.durable_io import atomic_write_json, atomic_write_text
+from data_process.core.records import (
+    ENTITIES_FILE,
+    INFO_FILE,
+    MENTIONS_FILE,
+    SPLITS,
+    DataError,
+    DatasetInfo,
+    Entity,
+    Mention,
+    entity_from_dict,
+    mention_from_dict,
+)
+
+REPORT_JSON = "validation.json"
+REPORT_TXT = "validation.txt"
+MAX_EXAMPLES = 5
+IMAGE_CHECKS = ("verify", "exists", "none")
+
+ERROR_KINDS = (
+    "malformed_records",
+    "duplicate_entity_ids",
+    "duplicate_mention_ids",
+    "gold_not_in_kb",
+    "candidates_not_in_kb",
+    "image_paths_outside_dataset",
+    "bad_dataset_info",
+)
+WARNING_KINDS = (
+    "missing_mention_images",
+    "unreadable_mention_images",
+    "missing_entity_images",
+    "unreadable_entity_images",
+    "empty_sentences",
+    "mention_not_in_sentence",
+    "empty_splits",
+    "missing_dataset_info",
+)
+
+
+@dataclass
+class ValidationReport:
+    """Counts and problems of one unified dataset. ``ok`` is ``True`` when there is no error."""
+
+    dataset: str
+    root: str
+    entities: int = 0
+    mentions: int = 0
+    mentions_per_split: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    mentions_with_span: int = 0
+    mentions_with_image: int = 0
+    ambiguous_surface_forms: int = 0
+    entities_with_images: int = 0
+    image_check: str = "verify"
+    images: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ERROR_KINDS})
+    warnings: dict[str, int] = field(default_factory=lambda: {k: 0 for k in WARNING_KINDS})
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors.values())
+
+    def add(self, kind: str, example: str) -> None:
+        table = self.errors if kind in self.errors else self.warnings
+        table[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < MAX_EXAMPLES:
+            shown.append(example)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, **asdict(self)}
+
+    def error_summary(self) -> str:
+        """One line per error kind with its first example (for exception messages)."""
+        lines = []
+        for kind, n in self.errors.items():
+            if n:
+                first = self.examples.get(kind, [""])[0]
+                lines.append(f"{kind}: {n} (e.g. {first})")
+        return "; ".join(lines)
+
+
+def _load_records(path: Path, parse, report: ValidationReport, dup_kind: str, progress: bool) -> list:
+    """Parse a JSON Lines file tolerantly: bad lines and duplicate ids are counted, good records kept."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    records = []
+    seen: dict[str, int] = {}
+    with path.open("rb") as fh:  # decoded per line: a bad byte is one malformed record, not a crash
+        for lineno, raw in enumerate(tqdm(fh, desc=f"validate {path.name}", disable=not progress, unit="line"), 1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.add("malformed_records", str(DataError(path, where, None,
+                                                              f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)")))
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.add("malformed_records", str(DataError(path, where, None, f"invalid JSON ({exc.msg})")))
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+                where = f"line {lineno} (id {obj['id']!r})"
+
+            def fail(field_name, problem, _where=where):
+                raise DataError(path, _where, field_name, problem)
+
+            try:
+                record = parse(obj, fail)
+            except DataError as exc:
+                report.add("malformed_records", str(exc))
+                continue
+            if record.id in seen:
+                report.add(dup_kind, str(DataError(path, where, "id", f"duplicate id, first seen on line {seen[record.id]}")))
+                continue
+            seen[record.id] = lineno
+            records.append(record)
+    return records
+
+
+def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
+    """``"ok"``, ``"missing"`` or ``"unreadable"``."""
+    if path in cache:
+        return cache[path]
+    if not path.is_file():
+        state = "missing"
+    elif check == "verify":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            state = "ok"
+        except Exception:  # noqa: BLE001 - any PIL failure means unreadable; counted, never hidden
+            state = "unreadable"
+    else:
+        state = "ok"
+    cache[path] = state
+    return state
+
+
+def _inside(rel: str) -> bool:
+    p = PurePosixPath(rel.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not (len(rel) > 1 and rel[1] == ":")
+
+
+def validate_records(
+    root: str | Path,
+    name: str,
+    entities: Iterable[Entity],
+    mentions: Iterable[Mention],
+    *,
+    image_check: str = "verify",
+    progress: bool = True,
+    report: ValidationReport | None = None,
+) -> ValidationReport:
+    """Check already-parsed records; image paths resolve against ``root``."""
+    if image_check not in IMAGE_CHECKS:
+        raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECKS)}, got {image_check!r}")
+    root = Path(root)
+    entities = list(entities)
+    mentions = list(mentions)
+    rep = report or ValidationReport(dataset=name, root=str(root))
+    rep.image_check = image_check
+    rep.entities = len(entities)
+    rep.mentions = len(mentions)
+    kb = {e.id for e in entities}
+    cache: dict[Path, str] = {}
+    counts = {side: {"referenced": 0, "missing": 0, "unreadable": 0} for side in ("mention", "entity")}
+
+    def check_image(rel: str, side: str, owner: str) -> None:
+        if not _inside(rel):
+            rep.add("image_paths_outside_dataset", f"{side} {owner!r}: {rel!r}")
+            return
+        counts[side]["referenced"] += 1
+        if image_check == "none":
+            return
+        state = _image_state(root / rel, image_check, cache)
+        if state != "ok":
+            counts[side][state] += 1
+            rep.add(f"{state}_{side}_images", f"{side} {owner!r}: {rel}")
+
+    for e in tqdm(entities, desc="check entities", disable=not progress, unit="entity"):
+        if e.images:
+            rep.entities_with_images += 1
+        for rel in e.images:
+            check_image(rel, "entity", e.id)
+    for m in tqdm(mentions, desc="check mentions", disable=not progress, unit="mention"):
+        rep.mentions_per_split[m.split] = rep.mentions_per_split.get(m.split, 0) + 1
+        if m.gold_id not in kb:
+            rep.add("gold_not_in_kb", f"mention {m.id!r}: gold {m.gold_id!r}")
+        missing = [c for c in (m.candidates or ()) if c not in kb]
+        if missing:
+            rep.add("candidates_not_in_kb", f"mention {m.id!r}: candidate {missing[0]!r}")
+        if not m.sentence.strip():
+            rep.add("empty_sentences", f"mention {m.id!r}")
+        elif m.mention not in m.sentence:
+            rep.add("mention_not_in_sentence", f"mention {m.id!r}: {m.mention!r}")
+        if m.span is not None:
+            rep.mentions_with_span += 1
+        if m.image:
+            rep.mentions_with_image += 1
+            check_image(m.image, "mention", m.id)
+    golds: dict[str, set[str]] = {}
+    for m in mentions:
+        golds.setdefault(m.mention, set()).add(m.gold_id)
+    rep.ambiguous_surface_forms = sum(1 for g in golds.values() if len(g) > 1)
+    for split in SPLITS:
+        if rep.mentions_per_split.get(split, 0) == 0:
+            rep.add("empty_splits", split)
+    rep.images = counts
+    return rep
+
+
+def validate_dataset(root: str | Path, *, image_check: str = "verify", progress: bool = True) -> ValidationReport:
+    """Validate a unified dataset folder, counting every problem instead of stopping at the first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    rep = ValidationReport(dataset=root.name, root=str(root))
+    info_path = root / INFO_FILE
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+                raise ValueError("not an object with a string 'name'")
+            DatasetInfo(**info)  # the fields records.load_dataset requires and accepts
+            rep.dataset = info["name"]
+        except (ValueError, TypeError) as exc:
+            rep.add("bad_dataset_info", f"{info_path}: {exc}")
+    else:
+        rep.add("missing_dataset_info", str(info_path))
+    entities = _load_records(root / ENTITIES_FILE, entity_from_dict, rep, "duplicate_entity_ids", progress)
+    mentions = _load_records(root / MENTIONS_FILE, mention_from_dict, rep, "duplicate_mention_ids", progress)
+    return validate_records(root, rep.dataset, entities, mentions, image_check=image_check, progress=progress, report=rep)
+
+
+def format_report(rep: ValidationReport) -> str:
+    """A short human-readable summary."""
+    split_text = ", ".join(f"{s} {n}" for s, n in rep.mentions_per_split.items())
+    lines = [
+        f"dataset {rep.dataset} ({rep.root}): {'OK' if rep.ok else 'ERRORS'}",
+        f"  entities {rep.entities} ({rep.entities_with_images} with images)",
+        f"  mentions {rep.mentions}: {split_text}; {rep.mentions_with_span} with span, "
+        f"{rep.mentions_with_image} with image; {rep.ambiguous_surface_forms} surface forms name several entities",
+    ]
+    for side, c in rep.images.items():
+        lines.append(
+            f"  {side} images ({rep.image_check}): {c['referenced']} referenced, {c['missing']} missing, "
+            f"{c['unreadable']} unreadable"
+        )
+    for title, table in (("errors", rep.errors), ("warnings", rep.warnings)):
+        nonzero = {k: v for k, v in table.items() if v}
+        lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) if nonzero else "none"))
+        for kind in nonzero:
+            for ex in rep.examples.get(kind, []):
+                lines.append(f"    {kind}: {ex}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rep: ValidationReport, folder: str | Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    atomic_write_json(folder / REPORT_JSON, rep.to_dict())
+    atomic_write_text(folder / REPORT_TXT, format_report(rep))
+    return folder / REPORT_JSON, folder / REPORT_TXT
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_process.ingest.validate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path, help="unified dataset folder")
+    ap.add_argument("--images", choices=IMAGE_CHECKS, default="verify",
+                    help="verify: open and verify every image with PIL; exists: only check files exist")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write validation.json/.txt")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        rep = validate_dataset(args.dir, image_check=args.images, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_write:
+        write_report(rep, args.dir)
+    print(format_report(rep), end="")
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The package layout holds: no import circle, and imports run one way through the stages
+(core <- ingest <- augment <- encode <- nel_model <- dim_mel; fixtures beside, imported by no stage).
+
+Every ``import`` statement counts, also those inside functions, since a lazy import is still a dependency."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_process", "nel_model", "dim_mel")
+# A module may import modules of its own layer or an earlier one.
+LAYERS = ("data_process.core", "data_process.ingest", "data_process.augment", "data_process.encode", "nel_model",
+          "dim_mel")
+FIXTURES = "data_process.fixtures"
+
+
+def module_files() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules that ``name`` imports (``from pkg import mod`` counts as ``pkg.mod`` when that is a module)."""
+    found = set()
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_pkg else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = module_files()
+    known = set(files)
+    return {name: imports_of(name, path, known) for name, path in files.items()}
+
+
+def layer(name: str) -> int | None:
+    for i, prefix in enumerate(LAYERS):
+        if name == prefix or name.startswith(prefix + "."):
+            return i
+    return None
+
+
+def test_graph_sees_the_packages():
+    g = graph()
+    # a check that reads nothing cannot fail: make sure the walk found the modules and their imports
+    assert "data_process.core.records" in g and "nel_model.train" in g and "dim_mel.cli" in g
+    assert "data_process.core.durable_io" in g["data_process.core.records"]
+    assert "nel_model.batches" in g["nel_model.train"]
+
+
+def test_no_import_circle():
+    g = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_follow_the_stage_order():
+    wrong = []
+    for name, deps in graph().items():
+        for dep in deps:
+            if dep.startswith(FIXTURES) and not name.startswith(FIXTURES):
+                wrong.append(f"{name} imports the fixture {dep}")
+            elif name.startswith(FIXTURES):
+                if layer(dep) is not None and layer(dep) > LAYERS.index("data_process.encode"):
+                    wrong.append(f"fixture {name} imports {dep}")
+            elif layer(name) is not None and layer(dep) is not None and layer(dep) > layer(name):
+                wrong.append(f"{name} (stage {LAYERS[layer(name)]}) imports the later {dep}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_sys_path_edits():
+    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+                 if ".venv" not in p.parts and p.name != Path(__file__).name
+                 and "sys.path.insert" in p.read_text(encoding="utf-8")]
+    assert not offenders, offenders
