@@ -120,7 +120,7 @@ def untrained_dim_ranks(feats: Path, config: Path, rows: np.ndarray) -> torch.Te
     from nel_model import distributed as D
     from nel_model.args import parse_args
     from nel_model.data import FeatureSource, load_mel_data
-    from nel_model.evaluate import EvalSettings, split_ranks
+    from nel_model.evaluate import EvalSettings, split_counts
     from nel_model.nel import DIM, config_from_args
 
     args = parse_args(["--config", str(config), "--features", str(feats), "--no_image", "--output_dir", "unused"])
@@ -130,7 +130,8 @@ def untrained_dim_ranks(feats: Path, config: Path, rows: np.ndarray) -> torch.Te
     model = DIM(cfg).eval()
     source = FeatureSource(data, cfg.mention_views(), cfg.entity_views())
     dist = D.DistInfo(device=torch.device("cpu"))
-    return split_ranks(model, data, source, rows, dist, EvalSettings(score_dtype=torch.float32))["full_kb"]
+    counts = split_counts(model, data, source, rows, dist, EvalSettings(score_dtype=torch.float32))["full_kb"]
+    return counts.ranks("pessimistic")
 
 
 def zero_shot(feats: Path, config: Path, context_max_len: int,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data_process.core.settings import read_yaml_mapping
+from nel_model.metrics import CANDIDATE_RULES, TIE_RULES
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
 VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_caption", "no_enrichment", "no_entity_image",
@@ -56,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                        ("no_caption", "the caption profile row"), ("no_enrichment", "the LLM enrichment profile row"),
                        ("no_entity_image", "entity images"), ("no_entity_profile", "entity enrichment")]:
         g.add_argument(f"--{flag}", action="store_true", help=f"ablation: do not use {what}")
+    g = p.add_argument_group("model choices where the DIM paper/code differs (docs/DIVERGENCES.md)")
+    g.add_argument("--sentence_fusion", choices=["attention", "add"], default="attention",
+                   help="the mention attends over the sentence tokens, or their mean is added to it")
+    g.add_argument("--image_fusion", choices=["key", "add"], default="key",
+                   help="the whole mention image: an attention key beside the regions, or added to the query")
+    g.add_argument("--profile_pool", choices=["attention", "max"], default="attention",
+                   help="profile rows (enrichment, caption): attended one by one, or max-pooled into one first")
+    g.add_argument("--shared_attention", type=_bool, default=False,
+                   help="one attention module for every view (DIM's code) instead of one per view")
+    g.add_argument("--entity_tower", choices=["trained", "frozen"], default="trained",
+                   help="trained entity side (description + image + enrichment), or the frozen text feature")
+    g.add_argument("--init", choices=["default", "xavier"], default="default",
+                   help="initialisation of the linear layers (xavier: DIM's code)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=300)
@@ -66,16 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=0.001)
     g.add_argument("--warmup_steps", type=int, default=100)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    g.add_argument("--loss", choices=["triplet", "infonce"], default="triplet")
+    g.add_argument("--loss", choices=["triplet", "infonce", "npair"], default="triplet",
+                   help="triplet on cosines, InfoNCE over the batch, or DIM's N-pair loss on raw dot products")
     g.add_argument("--margin", type=float, default=0.5, help="triplet margin (cosine)")
     g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    g.add_argument("--npair_l2", type=float, default=0.02, help="N-pair loss: weight of |q|^2 + |e+|^2")
     g.add_argument("--num_negatives", type=int, default=1, help="sampled KB negatives per mention")
+    g.add_argument("--negatives", choices=["random", "tfidf"], default="random",
+                   help="random KB entities, or DIM's TF-IDF sampling (entities sharing a salient description word)")
     g.add_argument("--hard_negatives", action="store_true",
                    help="draw negatives from each mention's top-ranked wrong entities of the previous epoch")
     g.add_argument("--hard_negative_pool", type=int, default=20, help="top-k wrong entities kept per mention")
     g.add_argument("--hard_negative_ratio", type=float, default=0.5,
                    help="probability that a negative is hard (when --hard_negatives and a ranking exists)")
-    g.add_argument("--patience", type=int, default=0, help="stop after N epochs without dev MRR gain (0 = off)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop after N epochs without a gain of the --select_by metric on dev (0 = off)")
+    g.add_argument("--select_by", default="full_kb:mrr",
+                   help="dev metric that picks the best checkpoint, PROTOCOL:METRIC (DIM: candidates:hits@1); "
+                        "a candidates metric falls back to full_kb:mrr, with a warning, when there are no lists")
     g.add_argument("--seed", type=int, default=114514)
     g.add_argument("--deterministic", type=_bool, default=True, help="deterministic algorithms where possible")
     g.add_argument("--stop_after_steps", type=int, default=0,
@@ -96,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=int, default=512, help="mentions per scoring chunk")
     g.add_argument("--entity_chunk", type=int, default=8192, help="entities per encoding/scoring chunk")
     g.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="scoring precision (auto: float16 on CUDA, float32 on CPU)")
+                   help="scoring precision (auto = float32); float16/bfloat16 are faster on GPUs and give the same "
+                        "ranks (near-ties are re-checked in float32)")
+    g = p.add_argument_group("evaluation protocol (recorded in results.json)")
+    g.add_argument("--tie_rule", choices=TIE_RULES, default="pessimistic",
+                   help="how ties count (results.json holds all three): pessimistic, strict (DIM), mean")
+    g.add_argument("--candidate_rule", choices=CANDIDATE_RULES, default="dim",
+                   help="dim: the gold is ranked against its candidate list whether or not the list holds it; "
+                        "in_list: a gold missing from its list is a miss")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p
 
@@ -134,4 +163,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("batch_size and grad_accum must be >= 1, epochs >= 0")
     if args.hidden_size % args.num_heads:
         parser.error(f"hidden_size {args.hidden_size} is not divisible by num_heads {args.num_heads}")
+    try:
+        parse_select_by(args.select_by)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
+
+
+SELECT_METRICS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
+
+
+def parse_select_by(text: str) -> tuple[str, str]:
+    """``"candidates:hits@1"`` -> ``("candidates", "hits@1")``."""
+    proto, _, metric = str(text).partition(":")
+    if proto not in ("full_kb", "candidates") or metric not in SELECT_METRICS:
+        raise ValueError(f"--select_by must be PROTOCOL:METRIC with PROTOCOL full_kb or candidates and METRIC one of "
+                         f"{', '.join(SELECT_METRICS)}, got {text!r}")
+    return proto, metric

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nel_model.data import FeatureSource
+from nel_model.tfidf_negatives import TfidfNegatives
 
 def sample_random_negatives(rng: np.random.Generator, gold: np.ndarray, n: int, num_entities: int) -> np.ndarray:
     """``[len(gold), n]`` uniformly random entity rows, never the gold row (vectorised)."""
@@ -44,12 +45,13 @@ class EpochPlan:
 
 def make_epoch_plan(seed: int, epoch: int, train_rows: np.ndarray, gold_all: np.ndarray, num_entities: int,
                     batch_size: int, num_negatives: int, hard_table: np.ndarray | None = None,
-                    hard_ratio: float = 0.5, min_batch: int = 1) -> EpochPlan:
+                    hard_ratio: float = 0.5, min_batch: int = 1, tfidf: TfidfNegatives | None = None) -> EpochPlan:
     """Shuffle and sample negatives from ``np.random.default_rng([seed, epoch])``.
 
-    ``hard_table`` is ``[M, k]`` (indexed by mention row; ``-1`` = none) of each mention's top-ranked wrong entities;
-    each negative is drawn from it with probability ``hard_ratio``. A last global batch smaller than ``min_batch``
-    (the number of DDP processes) is dropped so every process has at least one mention.
+    Negatives are uniformly random KB entities, or DIM's TF-IDF negatives with ``tfidf``. ``hard_table`` is
+    ``[M, k]`` (indexed by mention row; ``-1`` = none) of each mention's top-ranked wrong entities; each negative is
+    drawn from it with probability ``hard_ratio``. A last global batch smaller than ``min_batch`` (the number of DDP
+    processes) is dropped so every process has at least one mention.
     """
     rng = np.random.default_rng([int(seed), int(epoch)])
     order = train_rows[rng.permutation(len(train_rows))]
@@ -57,7 +59,10 @@ def make_epoch_plan(seed: int, epoch: int, train_rows: np.ndarray, gold_all: np.
     if tail and tail < min_batch:
         order = order[: len(order) - tail]
     gold = gold_all[order]
-    negs = sample_random_negatives(rng, gold, num_negatives, num_entities)
+    if tfidf is not None:
+        negs = tfidf.sample(rng, gold, num_negatives)
+    else:
+        negs = sample_random_negatives(rng, gold, num_negatives, num_entities)
     if hard_table is not None and num_negatives > 0:
         table = hard_table[order]                                       # [N, k]
         k = table.shape[1]

@@ -65,6 +65,7 @@ class MELData:
     image_dim: int
     profile_rows: tuple[str, ...]
     arrays: _LazyArrays = field(repr=False, default=None)  # type: ignore[assignment]
+    dataset: Path | None = None   # the unified dataset folder the labels come from
 
     @property
     def num_entities(self) -> int:
@@ -136,7 +137,7 @@ def load_mel_data(features: str | Path, dataset: str | Path | None = None) -> ME
     rows = meta.get("views", {}).get("mention.profile", {}).get("rows", list(PROFILE_ROWS))
     return MELData(root=root, meta=meta, mention_ids=mention_ids, entity_ids=entity_ids, gold=gold, splits=splits,
                    candidates=candidates, mention_views=mviews, entity_views=eviews, text_dim=text_dim,
-                   image_dim=image_dim, profile_rows=tuple(rows), arrays=arrays)
+                   image_dim=image_dim, profile_rows=tuple(rows), arrays=arrays, dataset=ds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 ``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best]`` reloads the run's configuration and
 checkpoint, recomputes the metrics and prints a table (percentages). Entity embeddings are computed once per
 evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
-the tie rule).
+the tie rules, the candidate rules and exact low-precision scoring). ``--tie_rule`` and ``--candidate_rule`` default to
+the run's own settings.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from data_process.core.devices import resolve_device
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
+from nel_model.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
+                               metrics_from_counts, metrics_from_ranks)
 from nel_model.nel import DIM, DIMConfig
 
 
@@ -30,13 +32,16 @@ from nel_model.nel import DIM, DIMConfig
 class EvalSettings:
     mention_chunk: int = 512
     entity_chunk: int = 8192
-    score_dtype: torch.dtype = torch.float32
+    score_dtype: torch.dtype = torch.float32  # low precision is exact too: near-ties are re-checked in float32
     amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
+    tie_rule: str = "pessimistic"             # nel_model.metrics.TIE_RULES
+    candidate_rule: str = "dim"               # nel_model.metrics.CANDIDATE_RULES
 
 
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = float32 (exact and cheap at MEL sizes); float16/bfloat16 give the same ranks, faster on GPUs."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -90,39 +95,69 @@ def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
-def split_ranks(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray,
-                dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
-    """Gold ranks of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol."""
+def split_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray,
+                 dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None
+                 ) -> dict[str, RankCounts]:
+    """Rank counts of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol."""
     device = dist.device
     if entity_emb is None:
         entity_emb = encode_entities(model, source, device, settings)
     local = rows[D.shard(len(rows), dist)]
     q = encode_mentions(model, source, local, device, settings)
     gold = torch.from_numpy(data.gold[local]).to(device)
-    out = {"full_kb": D.gather_rows(full_kb_ranks(q, entity_emb, gold, settings.mention_chunk,
-                                                  settings.score_dtype).cpu(), dist)}
+    counts = {"full_kb": full_kb_counts(q, entity_emb, gold, settings.mention_chunk, settings.score_dtype)}
     if data.candidates is not None:
         cands = torch.from_numpy(data.candidates[local])
-        ranks = []
-        for s in range(0, len(local), settings.mention_chunk):
-            ranks.append(candidate_ranks(q[s: s + settings.mention_chunk], entity_emb,
-                                         cands[s: s + settings.mention_chunk], gold[s: s + settings.mention_chunk]).cpu())
-        local_r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
-        out["candidates"] = D.gather_rows(local_r, dist)
+        c = settings.mention_chunk
+        counts["candidates"] = RankCounts.cat([
+            candidate_counts(q[s: s + c], entity_emb, cands[s: s + c], gold[s: s + c], settings.candidate_rule)
+            for s in range(0, len(local), c)]).to(device)
+    return {proto: _gather_counts(cnt, dist) for proto, cnt in counts.items()}
+
+
+def _gather_counts(counts: RankCounts, dist: D.DistInfo) -> RankCounts:
+    return RankCounts(*(D.gather_rows(getattr(counts, f).cpu(), dist) for f in ("higher", "equal", "unordered",
+                                                                               "found")))
+
+
+def evaluate_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
+                    dist: D.DistInfo, settings: EvalSettings) -> dict[str, dict[str, RankCounts]]:
+    """``{protocol: {split: RankCounts}}``; entity embeddings are computed once for all splits."""
+    emb = encode_entities(model, source, dist.device, settings)
+    out: dict[str, dict[str, RankCounts]] = {}
+    for split in splits:
+        for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb).items():
+            out.setdefault(proto, {})[split] = cnt
     return out
+
+
+def metrics_of(counts: dict[str, dict[str, RankCounts]], rule: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{protocol: {split: metrics}}`` under a tie rule."""
+    return {proto: {split: metrics_from_counts(c, rule) for split, c in per_split.items()}
+            for proto, per_split in counts.items()}
 
 
 def evaluate_splits(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
                     dist: D.DistInfo, settings: EvalSettings) -> dict[str, dict[str, dict[str, float]]]:
-    """``{protocol: {split: metrics}}``; entity embeddings are computed once for all splits."""
-    emb = encode_entities(model, source, dist.device, settings)
-    result: dict[str, dict[str, dict[str, float]]] = {}
-    for split in splits:
-        ranks = split_ranks(model, data, source, data.splits[split], dist, settings, emb)
-        for proto, r in ranks.items():
-            result.setdefault(proto, {})[split] = metrics_from_ranks(r)
-    return result
+    """``{protocol: {split: metrics}}`` under ``settings.tie_rule``."""
+    return metrics_of(evaluate_counts(model, data, source, splits, dist, settings), settings.tie_rule)
+
+
+def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, settings: EvalSettings) -> dict[str, Any]:
+    """What ``results.json`` records of an evaluation: the metrics under the run's tie rule (``protocols``), under
+    every tie rule (``tie_rules``), how they were measured, and the candidate lists' recall."""
+    out: dict[str, Any] = {
+        "tie_rule": settings.tie_rule, "candidate_rule": settings.candidate_rule if data.candidates is not None
+        else None, "score_dtype": str(settings.score_dtype).replace("torch.", ""),
+        "exact_float32_ranks": True, "kb_entities": data.num_entities,
+        "protocols": metrics_of(counts, settings.tie_rule),
+        "tie_rules": {rule: metrics_of(counts, rule) for rule in TIE_RULES},
+    }
+    if data.candidates is not None:
+        splits = sorted({s for per in counts.values() for s in per}, key=["train", "dev", "test"].index)
+        out["candidate_recall"] = {s: candidate_recall(torch.from_numpy(data.candidates[data.splits[s]]),
+                                                       torch.from_numpy(data.gold[data.splits[s]])) for s in splits}
+    return out
 
 
 def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
@@ -178,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--features", default=None, help="override the feature folder recorded in config.json")
     p.add_argument("--dataset", default=None, help="override the dataset folder recorded in config.json")
     p.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--tie_rule", choices=TIE_RULES, default=None, help="default: the run's --tie_rule")
+    p.add_argument("--candidate_rule", choices=CANDIDATE_RULES, default=None,
+                   help="default: the run's --candidate_rule")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
@@ -193,13 +231,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
     source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
     settings = EvalSettings(mention_chunk=conf.get("eval_batch_size", 512), entity_chunk=conf.get("entity_chunk", 8192),
-                            score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device))
+                            score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device),
+                            tie_rule=a.tie_rule or conf.get("tie_rule", "pessimistic"),
+                            candidate_rule=a.candidate_rule or conf.get("candidate_rule", "dim"))
     splits = ["dev", "test"] if a.split == "all" else [a.split]
     results = evaluate_splits(model, data, source, splits, D.DistInfo(device=device), settings)
     if a.faiss:
         results[f"faiss_{a.faiss}"] = evaluate_with_index(model, data, source, splits, device, settings, a.faiss,
                                                           a.faiss_k)
-    print(json.dumps(results, indent=2) if a.json else format_table(results))
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"KB {data.num_entities} entities; tie rule {settings.tie_rule}; candidate rule "
+              f"{settings.candidate_rule if data.candidates is not None else '-'}; scores "
+              f"{str(settings.score_dtype).replace('torch.', '')} (exact float32 ranks)")
+        print(format_table(results))
     return results
 
 

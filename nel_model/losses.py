@@ -1,6 +1,6 @@
 """Training losses over one global batch's entity embeddings.
 
-Layout of ``entities`` (all L2-normalised): rows ``[0, G)`` are the gold entities of the G mentions of the global
+Layout of ``entities`` (L2-normalised, except for the N-pair loss, which uses raw dot products as DIM's code does): rows ``[0, G)`` are the gold entities of the G mentions of the global
 batch, rows ``G + i*n + j`` mention ``i``'s ``j``-th sampled negative. ``queries`` are this process's mentions
 ``[lo, hi)`` of the global batch. Both losses return the **sum** over local mentions; the trainer divides by the
 global batch size (times the number of processes, which DDP's gradient averaging undoes), so 1 process and N
@@ -41,10 +41,33 @@ def infonce_loss_sum(queries: torch.Tensor, entities: torch.Tensor, entity_rows:
     return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
+def npair_loss_sum(queries: torch.Tensor, entities: torch.Tensor, lo: int, hi: int, global_n: int,
+                   num_negatives: int, l2: float) -> torch.Tensor:
+    """DIM's N-pair loss on raw (not normalised) dot products, summed over local mentions:
+    ``log(1 + sum_j exp(q.e-_j - q.e+)) + l2 * (|q|^2 + |e+|^2)``."""
+    if num_negatives < 1:
+        raise ValueError("the N-pair loss needs --num_negatives >= 1")
+    b = hi - lo
+    pos = entities[lo:hi]
+    neg = entities[global_n + lo * num_negatives: global_n + hi * num_negatives].reshape(b, num_negatives, -1)
+    s_pos = (queries * pos).sum(-1, keepdim=True)                                # [b,1]
+    s_neg = torch.einsum("bd,bnd->bn", queries, neg)                             # [b,n]
+    # log(1 + sum exp(x)) = logsumexp([0, x...]): no overflow for large raw dot products
+    logits = torch.cat([torch.zeros_like(s_pos), s_neg - s_pos], 1)
+    reg = l2 * (queries.pow(2).sum(-1) + pos.pow(2).sum(-1))
+    return (torch.logsumexp(logits, 1) + reg).sum()
+
+
+NORMALISED_LOSSES = ("triplet", "infonce")   # losses on cosines; npair works on raw dot products
+
+
 def batch_loss_sum(kind: str, queries: torch.Tensor, entities: torch.Tensor, entity_rows: torch.Tensor, lo: int,
-                   hi: int, global_n: int, num_negatives: int, margin: float, temperature: float) -> torch.Tensor:
+                   hi: int, global_n: int, num_negatives: int, margin: float, temperature: float,
+                   l2: float = 0.02) -> torch.Tensor:
     if kind == "triplet":
         return triplet_loss_sum(queries, entities, lo, hi, global_n, num_negatives, margin)
     if kind == "infonce":
         return infonce_loss_sum(queries, entities, entity_rows, lo, hi, global_n, temperature)
-    raise ValueError(f"unknown loss {kind!r}; expected triplet or infonce")
+    if kind == "npair":
+        return npair_loss_sum(queries, entities, lo, hi, global_n, num_negatives, l2)
+    raise ValueError(f"unknown loss {kind!r}; expected triplet, infonce or npair")

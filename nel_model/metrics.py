@@ -1,75 +1,238 @@
-"""Ranking metrics: full-KB ranks by chunked matrix products, candidate-list ranks, MRR and Hits@k.
+"""Ranking metrics: full-KB and candidate-list rank counts, three tie rules, MRR and Hits@k.
 
-Tie rule (pessimistic, both protocols): the rank of the gold entity is ``1 + #{other entities j : not (s_j < s_gold)}``,
-i.e. every other entity scoring *equal to or higher than* the gold one (and any NaN score) is ranked ahead of it.
-A degenerate model that gives all entities the same score therefore gets the worst rank, never the best. The gold
-score is read from the same score matrix as the others (same precision, same kernel), so the gold never ties
-against itself because of rounding. Rank ``0`` means "gold not ranked" (candidate protocol: gold not among the
-candidates); it counts as a miss (reciprocal rank 0).
+Every ranking first counts, for each query, how the other entities of its list compare with the gold entity's score
+(:class:`RankCounts`): ``higher`` (strictly above), ``equal`` (exactly equal) and ``unordered`` (a NaN on either
+side). A tie rule then turns the counts into metrics:
+
+* ``pessimistic`` (the default): rank = 1 + higher + equal + unordered; every tie and every NaN counts against the
+  gold, so a degenerate model that scores everything alike gets the worst rank, never the best.
+* ``strict`` (DIM's and GHMFC's code): rank = 1 + higher; ties and NaNs count for the gold (a NaN gold score is
+  rank 1, as in that code).
+* ``mean``: the expectation under random tie-breaking: the gold's rank is uniform over
+  ``1 + higher + unordered ... 1 + higher + unordered + equal``; MRR and Hits@k are the exact expectations.
+
+The gold's score comes from the same score matrix as the others, so it never ties with itself through rounding.
+``found`` False means "gold not ranked" (candidate protocol with the ``in_list`` rule, gold absent from the list):
+a miss under every rule (reciprocal rank 0).
+
+Scores are computed in float32 by default. With ``dtype`` float16/bfloat16 the matrix product runs in low precision
+and every entity whose low-precision score lies within the rounding band of the gold's is compared again in float32
+(:func:`full_kb_counts`): the counts are those of float32 scoring, at the speed of the low-precision product.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 HITS_AT = (1, 3, 5, 10, 20)
+TIE_RULES = ("pessimistic", "strict", "mean")
+CANDIDATE_RULES = ("dim", "in_list")
+RECHECK_PAIRS = 1 << 20     # float32 re-check pairs per step (bounds the gathered memory)
+
+
+@dataclass
+class RankCounts:
+    """Per query (all [N] long, ``found`` bool): how the other listed entities compare with the gold's score."""
+
+    higher: torch.Tensor
+    equal: torch.Tensor
+    unordered: torch.Tensor
+    found: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.higher)
+
+    @staticmethod
+    def cat(parts: list["RankCounts"]) -> "RankCounts":
+        if not parts:
+            z = torch.zeros(0, dtype=torch.long)
+            return RankCounts(z, z, z, z.bool())
+        return RankCounts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("higher", "equal", "unordered",
+                                                                                "found")))
+
+    def to(self, device) -> "RankCounts":
+        return RankCounts(self.higher.to(device), self.equal.to(device), self.unordered.to(device),
+                          self.found.to(device))
+
+    def ranks(self, rule: str = "pessimistic") -> torch.Tensor:
+        """Ranks under ``rule`` (0 = not found); ``mean`` gives the expected rank (a float tensor)."""
+        check_rule(rule)
+        if rule == "pessimistic":
+            r = 1 + self.higher + self.equal + self.unordered
+        elif rule == "strict":
+            r = 1 + self.higher
+        else:
+            r = 1 + self.higher + self.unordered + self.equal.double() / 2
+        return torch.where(self.found, r, torch.zeros_like(r))
+
+
+def check_rule(rule: str) -> None:
+    if rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {rule!r}; expected one of {', '.join(TIE_RULES)}")
+
+
+def _empty_metrics(ks) -> dict[str, float]:
+    out: dict[str, float] = {"mrr": 0.0}
+    out.update({f"hits@{k}": 0.0 for k in ks})
+    out["n"] = 0
+    return out
 
 
 def metrics_from_ranks(ranks: torch.Tensor | list[int], ks: tuple[int, ...] = HITS_AT) -> dict[str, float]:
     """``{"mrr", "hits@k"..., "n"}`` as fractions in [0, 1]; rank 0 = miss."""
     r = torch.as_tensor(ranks, dtype=torch.float64).reshape(-1)
     n = int(r.numel())
-    out: dict[str, float] = {}
     if n == 0:
-        out["mrr"] = 0.0
-        for k in ks:
-            out[f"hits@{k}"] = 0.0
-        out["n"] = 0
-        return out
+        return _empty_metrics(ks)
     found = r > 0
     rr = torch.where(found, 1.0 / r.clamp(min=1), torch.zeros_like(r))
-    out["mrr"] = float(rr.mean())
+    out: dict[str, float] = {"mrr": float(rr.mean())}
     for k in ks:
         out[f"hits@{k}"] = float((found & (r <= k)).double().mean())
     out["n"] = n
     return out
 
 
-def full_kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, chunk: int = 512,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rank of each query's gold entity among all ``entities`` ([N,D] × [E,D] → [N] long, on the queries' device).
+def metrics_from_counts(counts: RankCounts, rule: str = "pessimistic",
+                        ks: tuple[int, ...] = HITS_AT) -> dict[str, float]:
+    """Metrics of ``counts`` under a tie rule (``mean``: exact expectations under random tie-breaking)."""
+    check_rule(rule)
+    if rule != "mean":
+        return metrics_from_ranks(counts.ranks(rule), ks)
+    n = len(counts)
+    if n == 0:
+        return _empty_metrics(ks)
+    first = (1 + counts.higher + counts.unordered).double().cpu()          # best rank the gold can get
+    t = counts.equal.double().cpu()                                       # the gold's rank is first .. first + t
+    found = counts.found.cpu()
+    # E[1/rank] = (H(first + t) - H(first - 1)) / (t + 1), with the harmonic number H(x) = digamma(x + 1) + gamma
+    rr = (torch.special.digamma(first + t + 1) - torch.special.digamma(first)) / (t + 1)
+    out: dict[str, float] = {"mrr": float(torch.where(found, rr, torch.zeros_like(rr)).mean())}
+    for k in ks:
+        p = ((k - first + 1) / (t + 1)).clamp(0.0, 1.0)
+        out[f"hits@{k}"] = float(torch.where(found, p, torch.zeros_like(p)).mean())
+    out["n"] = n
+    return out
 
-    Scores are computed ``chunk`` queries at a time as one matrix product (in ``dtype``, default the inputs');
-    no Python loop over entities."""
-    dtype = dtype or queries.dtype
+
+def _band(dtype: torch.dtype, q_norm: float, e_norm: float) -> float:
+    """Half-width within which a low-precision score difference may disagree in sign with float32's.
+
+    Each score is off by at most ~1.5 eps |q| |e| (inputs rounded to ``dtype``, float32 accumulation, output
+    rounded); a difference of two by twice that. A factor 4 over that bound covers reduced-precision reductions."""
+    return 4 * 3 * torch.finfo(dtype).eps * q_norm * e_norm
+
+
+def _compare_f32(q32: torch.Tensor, e32: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 gold_f32: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For (row, col) pairs: per-row counts of col scoring below / above / equal to the row's gold, in float32."""
+    below = torch.zeros(n, dtype=torch.long, device=q32.device)
+    higher, equal = torch.zeros_like(below), torch.zeros_like(below)
+    for s in range(0, len(rows), RECHECK_PAIRS):
+        r, c = rows[s:s + RECHECK_PAIRS], cols[s:s + RECHECK_PAIRS]
+        sc = (q32[r] * e32[c]).sum(-1)
+        g = gold_f32[r]
+        below.index_add_(0, r, (sc < g).long())
+        higher.index_add_(0, r, (sc > g).long())
+        equal.index_add_(0, r, (sc == g).long())
+    return below, higher, equal
+
+
+def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, chunk: int = 512,
+                   dtype: torch.dtype | None = None) -> RankCounts:
+    """:class:`RankCounts` of each query's gold among all ``entities`` ([N,D] x [E,D], on the queries' device).
+
+    Scores are computed ``chunk`` queries at a time as one matrix product in ``dtype`` (default float32); no Python
+    loop over entities. A low-precision ``dtype`` is exact too: near-ties are compared again in float32."""
+    dtype = dtype or torch.float32
+    dev = queries.device
+    gold = gold.to(dev).long()
+    E = len(entities)
+    low = dtype not in (torch.float32, torch.float64)
     ent = entities.to(dtype)
-    gold = gold.to(queries.device).long()
-    out = torch.empty(len(queries), dtype=torch.long, device=queries.device)
+    q32 = queries.float()
+    e32 = entities.float() if low else None
+    if low:
+        width = _band(dtype, float(q32.norm(dim=1).max()) if len(q32) else 1.0, float(e32.norm(dim=1).max()))
+    parts = []
     for s in range(0, len(queries), chunk):
         q = queries[s: s + chunk].to(dtype)
+        g_rows = gold[s: s + chunk]
+        rows = torch.arange(len(q), device=dev)
         scores = q @ ent.T                                                       # [c,E]
-        g = scores.gather(1, gold[s: s + chunk, None])                           # [c,1]
-        # Entities not strictly below the gold (the gold itself, ties and NaN) = E - #below. Counting on a
-        # uint8 view in int32 is several times faster on CPU than summing a bool tensor.
-        below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32)
-        out[s: s + chunk] = len(ent) - below
-    return out
+        g = scores.gather(1, g_rows[:, None])                                    # [c,1]
+        if not low:
+            # counting on a uint8 view in int32 is several times faster on CPU than summing a bool tensor
+            below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32).long()
+            higher = (scores > g).view(torch.uint8).sum(1, dtype=torch.int32).long()
+            equal = (scores == g).view(torch.uint8).sum(1, dtype=torch.int32).long() - (g[:, 0] == g[:, 0]).long()
+        else:
+            diff = scores.float() - g.float()
+            below = (diff < -width).view(torch.uint8).sum(1, dtype=torch.int32).long()
+            higher = (diff > width).view(torch.uint8).sum(1, dtype=torch.int32).long()
+            near = ~((diff < -width) | (diff > width))                          # in the band, or NaN
+            near[rows, g_rows] = False
+            r, c = near.nonzero(as_tuple=True)
+            qc = q32[s: s + chunk]
+            gold_f32 = (qc * e32[g_rows]).sum(-1)
+            b2, h2, e2 = _compare_f32(qc, e32, r, c, gold_f32, len(q))
+            below, higher, equal = below + b2, higher + h2, e2
+        unordered = (E - 1) - below - higher - equal
+        parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool)))
+    return RankCounts.cat(parts) if parts else RankCounts.cat([]).to(dev)
+
+
+def full_kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, chunk: int = 512,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pessimistic rank of each query's gold among all ``entities`` ([N] long; see :func:`full_kb_counts`)."""
+    return full_kb_counts(queries, entities, gold, chunk, dtype).ranks("pessimistic")
+
+
+def candidate_counts(queries: torch.Tensor, entities: torch.Tensor, candidates: torch.Tensor, gold: torch.Tensor,
+                     rule: str = "dim") -> RankCounts:
+    """:class:`RankCounts` of the gold against each query's candidate list ([N,C] entity rows, ``-1`` = padding).
+
+    ``dim`` (DIM's and GHMFC's rule): the gold is scored and ranked against the list's other entries whether or
+    not the list contains it. ``in_list``: a gold absent from its list is not ranked (``found`` False, a miss).
+    Copies of the gold row in a list are never counted against it. Scores in float32."""
+    if rule not in CANDIDATE_RULES:
+        raise ValueError(f"unknown candidate rule {rule!r}; expected one of {', '.join(CANDIDATE_RULES)}")
+    dev = queries.device
+    cands = candidates.to(dev).long()
+    gold = gold.to(dev).long()
+    q = queries.float()
+    valid = cands >= 0
+    ce = entities[cands.clamp(min=0)].float()                                    # [N,C,D]
+    scores = torch.einsum("nd,ncd->nc", q, ce)
+    g = (q * entities[gold].float()).sum(-1, keepdim=True)                       # [N,1]
+    is_gold = cands == gold[:, None]
+    others = valid & ~is_gold
+    higher = (others & (scores > g)).sum(1)
+    equal = (others & (scores == g)).sum(1)
+    below = (others & (scores < g)).sum(1)
+    unordered = others.sum(1) - higher - equal - below
+    found = torch.ones_like(gold, dtype=torch.bool) if rule == "dim" else (valid & is_gold).any(1)
+    return RankCounts(higher, equal, unordered, found)
 
 
 def candidate_ranks(queries: torch.Tensor, entities: torch.Tensor, candidates: torch.Tensor,
                     gold: torch.Tensor) -> torch.Tensor:
-    """Rank of the gold among each query's candidate list ([N,C] entity rows, ``-1`` = padding).
+    """Pessimistic rank of the gold among its candidates under the ``in_list`` rule (0 = gold not a candidate)."""
+    return candidate_counts(queries, entities, candidates, gold, "in_list").ranks("pessimistic")
 
-    Repeated copies of the gold row in a list are ignored; returns 0 where the gold is not a candidate."""
-    dev = queries.device
-    cands = candidates.to(dev).long()
-    gold = gold.to(dev).long()
-    valid = cands >= 0
-    ce = entities[cands.clamp(min=0)]                                            # [N,C,D]
-    scores = torch.einsum("nd,ncd->nc", queries.to(ce.dtype), ce)
-    is_gold = valid & (cands == gold[:, None])
-    present = is_gold.any(1)
-    gpos = is_gold.float().argmax(1)
-    g = scores.gather(1, gpos[:, None])
-    ahead = valid & ~is_gold & ~(scores < g)
-    return torch.where(present, 1 + ahead.sum(1), torch.zeros_like(gold))
+
+def candidate_recall(candidates: torch.Tensor, gold: torch.Tensor,
+                     ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100)) -> dict[str, float]:
+    """Share of mentions whose gold is among the first k entries of its candidate list, and in the whole list."""
+    cands = candidates.long()
+    hit = (cands == gold.long()[:, None]) & (cands >= 0)
+    n = len(cands)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(hit[:, :k].any(1).double().mean()) if n else 0.0
+    out["recall@all"] = float(hit.any(1).double().mean()) if n else 0.0
+    out["mean_list_length"] = float((cands >= 0).sum(1).double().mean()) if n else 0.0
+    out["n"] = n
+    return out

@@ -8,6 +8,9 @@ and added to the raw features::
     q = mention + W_q(Dropout(h_mention))        e = desc + W_e(Dropout(h_entity))
 
 so an untrained model scores exactly the zero-shot cosine(mention feature, description feature).
+
+Every choice where this model differs from the DIM paper or its code is a field of :class:`DIMConfig` (a training
+flag); ``configs/dim_paper.yaml`` sets them all to the paper's choices. The table is docs/DIVERGENCES.md.
 """
 
 from __future__ import annotations
@@ -37,6 +40,23 @@ class DIMConfig:
     profile_use: tuple[bool, ...] = (True, True)                 # which rows are used
     use_entity_image: bool = True
     use_entity_profile: bool = True
+    # divergences from the DIM paper/code (docs/DIVERGENCES.md); the defaults are ours
+    sentence_fusion: str = "attention"   # "attention": the mention attends over tokens; "add": their mean is added
+    image_fusion: str = "key"            # the global image: an attention "key" beside the regions, or "add"ed
+    profile_pool: str = "attention"      # profile rows: each an attention key, or "max"-pooled into one
+    shared_attention: bool = False       # one attention module for every view (DIM's code) instead of one each
+    entity_tower: str = "trained"        # "trained" (desc + image + enrichment), or "frozen" text features
+    init: str = "default"                # "xavier": Xavier-uniform linear layers (DIM's code); torch's otherwise
+
+    def __post_init__(self):
+        for name, allowed in (("sentence_fusion", ("attention", "add")), ("image_fusion", ("key", "add")),
+                              ("profile_pool", ("attention", "max")), ("entity_tower", ("trained", "frozen")),
+                              ("init", ("default", "xavier"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.entity_tower == "frozen" and self.output_size != self.text_dim:
+            raise ValueError(f"a frozen entity tower scores mentions against the entities' text features: the "
+                             f"output size ({self.output_size}) must equal the text feature size ({self.text_dim})")
 
     @property
     def is_residual(self) -> bool:
@@ -60,9 +80,21 @@ class DIMConfig:
 
     def entity_views(self) -> tuple[str, ...]:
         v = ["desc"]
-        if self.use_entity_image:
+        if self.use_entity_image and self.entity_tower == "trained":
             v.append("image")
         if self.use_entity_profile:
+            v.append("profile")
+        return tuple(v)
+
+    @property
+    def attended_views(self) -> tuple[str, ...]:
+        """The views the mention attends over (each one attention output, refined together)."""
+        v = []
+        if self.use_sentence and self.sentence_fusion == "attention":
+            v.append("sentence")
+        if self.use_regions or (self.use_image and self.image_fusion == "key"):
+            v.append("image")
+        if self.use_profile:
             v.append("profile")
         return tuple(v)
 
@@ -85,6 +117,8 @@ def config_from_args(args, data) -> DIMConfig:
         profile_rows=rows, profile_use=use if "profile" in mv else tuple(False for _ in rows),
         use_entity_image=not args.no_entity_image and "image" in ev and has_img_dim,
         use_entity_profile=not args.no_entity_profile and "profile" in ev,
+        sentence_fusion=args.sentence_fusion, image_fusion=args.image_fusion, profile_pool=args.profile_pool,
+        shared_attention=args.shared_attention, entity_tower=args.entity_tower, init=args.init,
     )
 
 
@@ -108,39 +142,64 @@ def masked_attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: tor
     return torch.where(has_any.unsqueeze(1), out[:, 0], torch.zeros_like(out[:, 0]))
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of ``x`` [B,N,H] where ``mask`` [B,N]; 0 where no row is present."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over the rows of ``x`` [B,N,D] where ``mask`` [B,N]; 0 where no row is present."""
+    filled = torch.where(mask.unsqueeze(-1), x, torch.finfo(x.dtype).min)
+    return torch.where(mask.any(1, keepdim=True), filled.max(1).values, torch.zeros_like(x[:, 0]))
+
+
 class DIM(nn.Module):
     def __init__(self, cfg: DIMConfig):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
         self.text_proj = Projection(cfg.text_dim, H, cfg.dropout)
-        uses_image = cfg.use_image or cfg.use_regions or cfg.use_entity_image
+        uses_image = cfg.use_image or cfg.use_regions or (cfg.use_entity_image and cfg.entity_tower == "trained")
         self.image_proj = Projection(cfg.image_dim, H, cfg.dropout) if uses_image else None
 
         def mha():
             return nn.MultiheadAttention(H, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
 
-        self.sentence_attn = mha() if cfg.use_sentence else None
-        self.image_attn = mha() if (cfg.use_image or cfg.use_regions) else None
-        self.profile_attn = mha() if cfg.use_profile else None
+        attended = cfg.attended_views
+        self.shared_attn = mha() if cfg.shared_attention and attended else None
+        own = not cfg.shared_attention
+        self.sentence_attn = mha() if own and "sentence" in attended else None
+        self.image_attn = mha() if own and "image" in attended else None
+        self.profile_attn = mha() if own and "profile" in attended else None
         self.refine = None
-        if cfg.num_layers > 0 and self.num_mention_views > 0:
+        if cfg.num_layers > 0 and attended:
             layer = nn.TransformerEncoderLayer(H, cfg.num_heads, cfg.ff_size, cfg.dropout, batch_first=True,
                                                norm_first=True)
             self.refine = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.q_dropout = nn.Dropout(cfg.dropout)
         self.q_out = nn.Linear(H, cfg.output_size)
-        self.e_dropout = nn.Dropout(cfg.dropout)
-        self.e_out = nn.Linear(H, cfg.output_size)
+        if cfg.entity_tower == "trained":
+            self.e_dropout = nn.Dropout(cfg.dropout)
+            self.e_out = nn.Linear(H, cfg.output_size)
         self.register_buffer("profile_row_use", torch.tensor(cfg.profile_use, dtype=torch.bool), persistent=False)
+        if cfg.init == "xavier":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
         if cfg.is_residual:
-            for lin in (self.q_out, self.e_out):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+            for lin in (self.q_out, getattr(self, "e_out", None)):
+                if lin is not None:
+                    nn.init.zeros_(lin.weight)
+                    nn.init.zeros_(lin.bias)
 
     @property
     def num_mention_views(self) -> int:
-        return int(self.cfg.use_sentence) + int(self.cfg.use_image or self.cfg.use_regions) + int(self.cfg.use_profile)
+        return len(self.cfg.attended_views)
+
+    def _attn(self, view: str) -> nn.MultiheadAttention:
+        return self.shared_attn if self.shared_attn is not None else getattr(self, f"{view}_attn")
 
     def _dtype(self) -> torch.dtype:
         return self.q_out.weight.dtype
@@ -151,28 +210,37 @@ class DIM(nn.Module):
         hm = self.text_proj(mention)                       # [B,H]
         query = hm.unsqueeze(1)
         tokens, present = [], []
+        h = hm
         if cfg.use_sentence:
             keys = self.text_proj(views["sentence"].to(dt))
             mask = views["sentence_mask"].bool()
-            tokens.append(masked_attention(self.sentence_attn, query, keys, mask))
-            present.append(mask.any(1))
-        if cfg.use_image or cfg.use_regions:
+            if cfg.sentence_fusion == "attention":
+                tokens.append(masked_attention(self._attn("sentence"), query, keys, mask))
+                present.append(mask.any(1))
+            else:
+                h = h + masked_mean(keys, mask)
+        image_key = cfg.use_image and cfg.image_fusion == "key"
+        if cfg.use_regions or image_key:
             parts, masks = [], []
             if cfg.use_regions:
                 parts.append(self.image_proj(views["regions"].to(dt)))
                 masks.append(views["regions_mask"].bool())
-            if cfg.use_image:
+            if image_key:
                 parts.append(self.image_proj(views["image"].to(dt)).unsqueeze(1))
                 masks.append(views["image_mask"].bool().reshape(-1, 1))
             keys, mask = torch.cat(parts, 1), torch.cat(masks, 1)
-            tokens.append(masked_attention(self.image_attn, query, keys, mask))
+            tokens.append(masked_attention(self._attn("image"), query, keys, mask))
             present.append(mask.any(1))
+        if cfg.use_image and cfg.image_fusion == "add":
+            m = views["image_mask"].bool().reshape(-1, 1)
+            h = h + torch.where(m, self.image_proj(views["image"].to(dt)), 0.0)
         if cfg.use_profile:
-            keys = self.text_proj(views["profile"].to(dt))
+            rows = views["profile"].to(dt)
             mask = views["profile_mask"].bool() & self.profile_row_use.unsqueeze(0)
-            tokens.append(masked_attention(self.profile_attn, query, keys, mask))
+            if cfg.profile_pool == "max":
+                rows, mask = masked_max(rows, mask).unsqueeze(1), mask.any(1, keepdim=True)
+            tokens.append(masked_attention(self._attn("profile"), query, self.text_proj(rows), mask))
             present.append(mask.any(1))
-        h = hm
         if tokens:
             toks = torch.stack(tokens, 1)                       # [B,V,H]
             pres = torch.stack(present, 1)                      # [B,V]
@@ -189,6 +257,12 @@ class DIM(nn.Module):
     def encode_entities(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
         cfg, dt = self.cfg, self._dtype()
         desc = views["desc"].to(dt)
+        if cfg.entity_tower == "frozen":
+            # the entity's own text feature: its LLM description where the dataset has one, else its description
+            out = desc
+            if cfg.use_entity_profile:
+                out = torch.where(views["profile_mask"].bool().reshape(-1, 1), views["profile"].to(dt), desc)
+            return F.normalize(out.float(), dim=-1) if normalize else out.float()
         h = self.text_proj(desc)
         if cfg.use_entity_image:
             m = views["image_mask"].bool().reshape(-1, 1)
@@ -201,7 +275,8 @@ class DIM(nn.Module):
             out = desc + out
         return F.normalize(out.float(), dim=-1) if normalize else out
 
-    def forward(self, mention_views: dict[str, torch.Tensor],
-                entity_views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both sides in one call (DDP needs its forward to run): ``(queries [B,D], entities [E,D])``."""
-        return self.encode_mentions(mention_views), self.encode_entities(entity_views)
+    def forward(self, mention_views: dict[str, torch.Tensor], entity_views: dict[str, torch.Tensor],
+                normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides in one call (DDP needs its forward to run): ``(queries [B,D], entities [E,D])``, L2-normalised
+        unless ``normalize`` is False (the N-pair loss works on raw dot products)."""
+        return self.encode_mentions(mention_views, normalize), self.encode_entities(entity_views, normalize)

@@ -1,4 +1,5 @@
-"""Train DIM on a feature cache, evaluate dev every epoch, keep the best model by dev MRR, test it at the end.
+"""Train DIM on a feature cache, evaluate dev every epoch, keep the best model by a dev metric (``--select_by``, default
+the full-KB MRR), test it at the end.
 
     python -m nel_model.train --config configs/synthetic.yaml --features FEAT_DIR --output_dir RUN_DIR [flags]
     torchrun --nproc_per_node N -m nel_model.train ...            # DistributedDataParallel, same flags
@@ -28,14 +29,17 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
+from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
-from nel_model.args import parse_args
+from nel_model.args import parse_args, parse_select_by
 from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
 from nel_model.data import FeatureSource, load_mel_data, to_device
-from nel_model.evaluate import EvalSettings, encode_entities, evaluate_splits, score_dtype_for
+from nel_model.evaluate import (EvalSettings, encode_entities, evaluate_counts, evaluate_splits, results_block,
+                                score_dtype_for)
 from nel_model.hard_negatives import hard_negative_table
-from nel_model.losses import batch_loss_sum
+from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
+from nel_model.tfidf_negatives import TfidfNegatives
 from nel_model.run_records import (append_metrics, environment, load_checkpoint, save_checkpoint, truncate_metrics)
 
 
@@ -104,6 +108,17 @@ def restore_rng(st: dict[str, Any], device: torch.device | None = None) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
+def tfidf_table(data) -> TfidfNegatives:
+    """DIM's TF-IDF negative tables over the KB's descriptions (names where there is none), in entity-row order."""
+    if data.dataset is None:
+        raise ValueError("--negatives tfidf needs the dataset's entity descriptions (pass --dataset DIR)")
+    texts = {e.id: e.description or e.name for e in read_entities(Path(data.dataset) / ENTITIES_FILE)}
+    missing = [eid for eid in data.entity_ids if eid not in texts]
+    if missing:
+        raise ValueError(f"{data.dataset}/{ENTITIES_FILE}: entity {missing[0]!r} of the feature cache is missing")
+    return TfidfNegatives.build([texts[eid] for eid in data.entity_ids])
+
+
 def dataset_name(data) -> str:
     ds = data.meta.get("dataset")
     if ds and (Path(ds) / "dataset.json").is_file():
@@ -128,9 +143,19 @@ class Trainer:
         self.data = load_mel_data(args.features, args.dataset)
         if len(self.data.splits["train"]) == 0:
             raise ValueError(f"{args.features}: the dataset has no train mentions")
+        self.select = parse_select_by(args.select_by)
         if args.epochs > 0 and len(self.data.splits["dev"]) == 0:
-            raise ValueError(f"{args.features}: the dataset has no dev mentions; the best model is chosen by dev MRR "
-                             "(re-split the data, e.g. prepare --splits 70,10,20)")
+            metric = "MRR" if self.select[1] == "mrr" else self.select[1]
+            raise ValueError(f"{args.features}: the dataset has no dev mentions; the best model is chosen by dev "
+                             f"{metric} (--select_by {args.select_by}; re-split the data, e.g. prepare --splits "
+                             "70,10,20)")
+        if self.select[0] == "candidates" and self.data.candidates is None:
+            print(f"warning: --select_by {args.select_by}: the dataset has no candidate lists; the best checkpoint "
+                  "is chosen by full_kb:mrr instead (recorded in config.json and results.json)", file=sys.stderr)
+            self.select = ("full_kb", "mrr")
+        self.tfidf = None
+        if args.negatives == "tfidf":
+            self.tfidf = tfidf_table(self.data)
         if args.batch_size < dist.world_size:
             raise ValueError(f"--batch_size {args.batch_size} is smaller than the {dist.world_size} processes")
         self.cfg = config_from_args(args, self.data)
@@ -148,7 +173,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(args.warmup_steps, total))
         self.eval_settings = EvalSettings(mention_chunk=args.eval_batch_size, entity_chunk=args.entity_chunk,
                                           score_dtype=score_dtype_for(args.eval_dtype, self.device),
-                                          amp_dtype=self.amp_dtype)
+                                          amp_dtype=self.amp_dtype, tie_rule=args.tie_rule,
+                                          candidate_rule=args.candidate_rule)
         self.train_model: torch.nn.Module = self.model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -158,7 +184,7 @@ class Trainer:
         # training state (checkpointed)
         self.epoch = 0            # completed epochs
         self.global_step = 0
-        self.best_mrr = -1.0
+        self.best_score = -1.0     # dev value of the --select_by metric
         self.best_epoch = 0
         self.bad_epochs = 0
         self.stopped = False
@@ -205,6 +231,7 @@ class Trainer:
             conf["world_size"] = dist.world_size
             conf["model_config"] = asdict(self.cfg)
             conf["data_on_device"] = self.source.on_device
+            conf["selection"] = ":".join(self.select)
             atomic_write_json(self.out / "config.json", conf)
             env_name = "env.json" if not a.resume else f"env.resume{self.epoch}.json"
             atomic_write_json(self.out / env_name, environment(self.device, a.seed, dist.world_size))
@@ -218,7 +245,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_states(self.device),
                 "sampler": {"epoch": self.epoch, "batch": 0, "seed": self.args.seed},
-                "epoch": self.epoch, "global_step": self.global_step, "best_mrr": self.best_mrr,
+                "epoch": self.epoch, "global_step": self.global_step, "best_score": self.best_score,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "stopped": self.stopped,
                 "hard_table": None if self.hard_table is None else self.hard_table.astype(np.int32),
                 "world_size": self.dist.world_size}
@@ -233,7 +260,8 @@ class Trainer:
         self.scaler.load_state_dict(st["scaler"])
         restore_rng(st["rng"], self.device)
         self.epoch, self.global_step = st["epoch"], st["global_step"]
-        self.best_mrr, self.best_epoch, self.bad_epochs = st["best_mrr"], st["best_epoch"], st["bad_epochs"]
+        self.best_score = st["best_score"] if "best_score" in st else st["best_mrr"]   # older checkpoints
+        self.best_epoch, self.bad_epochs = st["best_epoch"], st["bad_epochs"]
         self.stopped = st["stopped"]
         ht = st.get("hard_table")
         self.hard_table = None if ht is None else np.asarray(ht, dtype=np.int64)
@@ -250,7 +278,7 @@ class Trainer:
         plan = make_epoch_plan(a.seed, self.epoch, self.data.splits["train"], self.data.gold,
                                self.data.num_entities, a.batch_size, a.num_negatives,
                                self.hard_table if a.hard_negatives else None, a.hard_negative_ratio,
-                               min_batch=dist.world_size)
+                               min_batch=dist.world_size, tfidf=self.tfidf)
         ds = TrainBatches(plan, self.source, dist.rank, dist.world_size)
         pin = a.pin_memory and self.device.type == "cuda" and not self.source.on_device
         loader = make_loader(ds, 0, a.num_workers, pin)
@@ -269,9 +297,9 @@ class Trainer:
             sync = contextlib.nullcontext() if (last_in_group or not dist.enabled) else self._no_sync()
             with sync:
                 with self._autocast():
-                    q, e = self.train_model(batch["mention"], batch["entity"])
+                    q, e = self.train_model(batch["mention"], batch["entity"], normalize=a.loss in NORMALISED_LOSSES)
                 raw = batch_loss_sum(a.loss, q.float(), e.float(), batch["entity_rows"], lo, hi, batch["global_n"],
-                                     batch["num_negatives"], a.margin, a.temperature)
+                                     batch["num_negatives"], a.margin, a.temperature, a.npair_l2)
                 loss = raw * (dist.world_size / batch["global_n"] / group_size)
                 self.scaler.scale(loss).backward()
             loss_sum += raw.detach().double()
@@ -313,12 +341,13 @@ class Trainer:
             self.epoch += 1
             dev = self.evaluate(["dev"])
             dev_full = dev["full_kb"]["dev"]
+            score = dev[self.select[0]]["dev"][self.select[1]]
             if a.hard_negatives:
                 self.hard_table = hard_negative_table(self.model, self.data, self.source, self.data.splits["train"],
                                                       a.hard_negative_pool, dist, self.eval_settings)
-            improved = dev_full["mrr"] > self.best_mrr
+            improved = score > self.best_score
             if improved:
-                self.best_mrr, self.best_epoch, self.bad_epochs = dev_full["mrr"], self.epoch, 0
+                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
             else:
                 self.bad_epochs += 1
                 if a.patience and self.bad_epochs >= a.patience:
@@ -353,8 +382,9 @@ class Trainer:
     def _untrained_as_first_best(self) -> None:
         """The untrained model (the zero-shot start of the residual model) is the first candidate for "best", so
         a run whose training only hurts dev MRR still returns the zero-shot model rather than a worse one."""
-        dev_full = self.evaluate(["dev"])["full_kb"]["dev"]
-        self.best_mrr, self.best_epoch = dev_full["mrr"], 0
+        dev = self.evaluate(["dev"])
+        dev_full = dev["full_kb"]["dev"]
+        self.best_score, self.best_epoch = dev[self.select[0]]["dev"][self.select[1]], 0
         if self.dist.is_main:
             save_checkpoint(self._ckpt_dir() / "best.pt", {"model": self.model.state_dict(),
                                                            "model_config": asdict(self.cfg), "epoch": 0,
@@ -371,10 +401,11 @@ class Trainer:
                                    "epoch": 0, "dev": None})
         D.barrier(dist)
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        res = self.evaluate(["dev", "test"])
+        counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings)
         emb = encode_entities(self.model, self.source, self.device, self.eval_settings)
         results = {"dataset": dataset_name(self.data), "label": a.label or self.out.name, "seed": a.seed,
-                   "best_epoch": self.best_epoch, "epochs_run": self.epoch, "protocols": res}
+                   "best_epoch": self.best_epoch, "epochs_run": self.epoch, "selection": ":".join(self.select),
+                   **results_block(counts, self.data, self.eval_settings)}
         if dist.is_main:
             import io
             buf = io.BytesIO()

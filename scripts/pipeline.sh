@@ -12,6 +12,8 @@
 #   --clip NAME       CLIP for features (default openai/clip-vit-base-patch32)
 #   --text-encoder N  optional separate text encoder for the text views
 #   --seed N          training seed
+#   --preset NAME     train with configs/NAME.yaml instead of the dataset's config; dim_paper = DIM as the paper
+#                     describes it (docs/DIVERGENCES.md), feature-step choices included
 #   anything after -- is passed to `python -m nel_model.train`
 set -euo pipefail
 
@@ -20,7 +22,7 @@ run_pipeline() {
   local envvar; envvar="$(echo "${name}" | tr '[:lower:]' '[:upper:]')_DIR"
   local data="${!envvar:-}" work="outputs/${name}" plus=0 captions=0 seed=""
   local clip="openai/clip-vit-base-patch32" text_encoder="" blip2="Salesforce/blip2-opt-2.7b"
-  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model=""
+  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model="" preset=""
   local -a train_extra=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -34,8 +36,9 @@ run_pipeline() {
       --llm-base-url) llm_base_url=$2; shift 2;;
       --llm-model) llm_model=$2; shift 2;;
       --seed) seed=$2; shift 2;;
+      --preset) preset=$2; shift 2;;
       --) shift; train_extra=("$@"); break;;
-      -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; return 0;;
+      -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; return 0;;
       *) echo "error: unknown flag $1 (see --help)" >&2; return 2;;
     esac
   done
@@ -45,6 +48,14 @@ run_pipeline() {
     echo "  ${hint}" >&2
     echo "  Expected layout: see docs/DATA.md. No data at hand? Run the synthetic demo: bash scripts/demo.sh" >&2
     return 1
+  fi
+  local -a feature_flags=()
+  if [ -n "${preset}" ]; then
+    config="$(dirname "$(dirname "${BASH_SOURCE[0]}")")/configs/${preset}.yaml"
+    if [ ! -f "${config}" ]; then
+      echo "error: --preset ${preset}: ${config} not found" >&2
+      return 2
+    fi
   fi
   local py="${PYTHON:-python}"
   local unified="${work}/unified" feats="${work}/features" runs="${work}/runs"
@@ -69,12 +80,14 @@ run_pipeline() {
   fi
 
   echo "== [4/5] features (${clip}) -> ${feats}"
-  local -a enc=(--clip "${clip}")
+  local -a enc=(--clip "${clip}" "${feature_flags[@]}")
   [ -n "${text_encoder}" ] && enc+=(--text_encoder "${text_encoder}")
   "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" "${enc[@]}"
 
   local label="DIM"; [ "${plus}" = 1 ] && label="DIM+"
-  local run="${runs}/${label}_seed${seed:-default}"
+  [ -n "${preset}" ] && label="${label} (${preset})"
+  local run="${runs}/${label// /_}_seed${seed:-default}"
+  run="${run//[()]/}"
   echo "== [5/5] train + evaluate -> ${run}"
   local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
   [ -n "${seed}" ] && t+=(--seed "${seed}")
