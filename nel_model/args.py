@@ -15,8 +15,8 @@ from data_process.core.settings import read_yaml_mapping
 from nel_model.metrics import CANDIDATE_RULES, TIE_RULES
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
-VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_caption", "no_enrichment", "no_entity_image",
-              "no_entity_profile")
+VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_global_image", "no_caption", "no_enrichment",
+              "no_entity_image", "no_entity_profile")
 
 
 def _bool(value: str) -> bool:
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add the raw mention/description features to the outputs (no zero-shot start)")
     for flag, what in [("no_sentence", "sentence tokens"), ("no_image", "mention image (regions and global)"),
                        ("no_regions", "image regions (keep the global image)"),
+                       ("no_global_image", "the whole mention image (keep the regions)"),
                        ("no_caption", "the caption profile row"), ("no_enrichment", "the LLM enrichment profile row"),
                        ("no_entity_image", "entity images"), ("no_entity_profile", "entity enrichment")]:
         g.add_argument(f"--{flag}", action="store_true", help=f"ablation: do not use {what}")

@@ -112,7 +112,7 @@ def config_from_args(args, data) -> DIMConfig:
         ff_size=args.ff_size, num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout,
         residual=not args.no_residual,
         use_sentence=not args.no_sentence and "sentence" in mv,
-        use_image=not args.no_image and "image" in mv and has_img_dim,
+        use_image=not args.no_image and not args.no_global_image and "image" in mv and has_img_dim,
         use_regions=not args.no_image and not args.no_regions and "regions" in mv and has_img_dim,
         profile_rows=rows, profile_use=use if "profile" in mv else tuple(False for _ in rows),
         use_entity_image=not args.no_entity_image and "image" in ev and has_img_dim,
