@@ -196,7 +196,8 @@ def candidate_counts(queries: torch.Tensor, entities: torch.Tensor, candidates: 
 
     ``dim`` (DIM's and GHMFC's rule): the gold is scored and ranked against the list's other entries whether or
     not the list contains it. ``in_list``: a gold absent from its list is not ranked (``found`` False, a miss).
-    Copies of the gold row in a list are never counted against it. Scores in float32."""
+    A mention without a list (all padding) is a miss under both rules. Copies of the gold row in a list are never
+    counted against it. Scores in float32."""
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; expected one of {', '.join(CANDIDATE_RULES)}")
     dev = queries.device
@@ -213,7 +214,7 @@ def candidate_counts(queries: torch.Tensor, entities: torch.Tensor, candidates: 
     equal = (others & (scores == g)).sum(1)
     below = (others & (scores < g)).sum(1)
     unordered = others.sum(1) - higher - equal - below
-    found = torch.ones_like(gold, dtype=torch.bool) if rule == "dim" else (valid & is_gold).any(1)
+    found = valid.any(1) if rule == "dim" else (valid & is_gold).any(1)   # no list at all: a miss
     return RankCounts(higher, equal, unordered, found)
 
 

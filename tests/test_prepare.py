@@ -80,11 +80,14 @@ def test_failed_conversion_writes_nothing_and_keeps_previous(tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", {"s1": {"sentence": "a", "mentions": ["a"], "entities": ["A"],
                                                     "answer": ["Q1", "Q2"]}})
     capsys.readouterr()
-    assert prep.main(["--format", "melbench", "--src", str(bad), "--out", str(out), "--quiet"]) == 1
+    assert prep.main(["--format", "melbench", "--src", str(bad), "--out", str(out), "--quiet", "--strict"]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {bad}, sample 's1', field 'answer': has 2 item(s) but 'mentions' has 1\n"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # without --strict the bad sample is dropped: 1 of 1 records is more than the default 1%
     assert prep.main(["--format", "melbench", "--src", str(bad), "--out", str(tmp_path / "new"), "--quiet"]) == 1
+    assert capsys.readouterr().err.startswith("error: 1 of 1 records are invalid, more than --max-invalid 1% "
+                                              "allows (0); nothing written. First: ")
     assert not (tmp_path / "new").exists()
     assert siblings(tmp_path) == ["bad.json", "good.json", "out"]
 
@@ -98,7 +101,7 @@ def test_validation_errors_fail_the_conversion(tmp_path):
         json.dumps({"id": "m1", "sentence": "One", "mention": "One", "gold_id": "E1", "split": "train"}) + "\n"
         + json.dumps({"id": "m2", "sentence": "Two", "mention": "Two", "gold_id": "E2", "split": "test"}) + "\n")
     with pytest.raises(prep.ConversionError) as err:
-        prep.prepare("unified", src, tmp_path / "out", echo=False, progress=False)
+        prep.prepare("unified", src, tmp_path / "out", echo=False, progress=False, strict=True)
     assert str(err.value) == (f"{tmp_path / 'out'}: conversion failed validation, nothing written: "
                               "gold_not_in_kb: 1 (e.g. mention 'm2': gold 'E2')")
     assert err.value.report.errors["gold_not_in_kb"] == 1
@@ -154,7 +157,7 @@ def test_validate_cli_counts_every_problem(tmp_path, capsys):
         "empty_sentences": 1, "mention_not_in_sentence": 1, "empty_splits": 1}
     assert rep["examples"]["malformed_records"] == [
         f"{root / 'entities.jsonl'}, line 3 (id 'E2'), field 'name': must not be empty",
-        f"{root / 'mentions.jsonl'}, line 4: invalid JSON (Expecting property name enclosed in double quotes)"]
+        f"{root / 'mentions.jsonl'}, line 4: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
     assert rep["examples"]["duplicate_mention_ids"] == [
         f"{root / 'mentions.jsonl'}, line 2 (id 'm1'), field 'id': duplicate id, first seen on line 1"]
     assert "dataset probe" in capsys.readouterr().out

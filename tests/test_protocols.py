@@ -15,7 +15,7 @@ import torch
 
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.losses import npair_loss_sum
-from nel_model.metrics import (RankCounts, candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
+from nel_model.metrics import (candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
                                metrics_from_ranks)
 from nel_model.nel import DIM, DIMConfig
 from nel_model.tfidf_negatives import TfidfNegatives, tokenize
@@ -89,6 +89,10 @@ def test_candidate_rules_hand_case():
     # a listed entity that ties with an unlisted gold: pessimistic 2, strict 1
     tie = candidate_counts(q[2:], ent, torch.tensor([[0, 3]]), torch.tensor([4]), "dim")
     assert (tie.ranks("pessimistic").item(), tie.ranks("strict").item()) == (2, 1)
+    # a mention without any list is a miss under both rules (not a free rank 1)
+    none = torch.tensor([[-1, -1, -1, -1]])
+    assert candidate_counts(q[:1], ent, none, gold[:1], "dim").ranks("strict").tolist() == [0]
+    assert candidate_counts(q[:1], ent, none, gold[:1], "in_list").ranks("strict").tolist() == [0]
     rec = candidate_recall(cands, gold, ks=(1, 2))
     assert rec["recall@1"] == 0 and rec["recall@2"] == pytest.approx(1 / 3) and rec["recall@all"] == pytest.approx(1 / 3)
     assert rec["mean_list_length"] == pytest.approx((3 + 3 + 4) / 3)

@@ -125,7 +125,7 @@ def test_split_samples_is_seeded_and_order_free():
 def test_melbench_malformed(tmp_path, sample, expected):
     path = write_json(tmp_path / "bad.json", {"s1": sample})
     with pytest.raises(DataError) as err:
-        read_melbench(path, progress=False)
+        read_melbench(path, progress=False, strict=True)
     assert str(err.value) == f"{path}, sample 's1'{expected}"
 
 
@@ -244,7 +244,7 @@ def test_wikiperson_uses_the_mimic_layout(tmp_path):
 def test_mimic_malformed_mentions(tmp_path, record, expected):
     src = make_mimic(tmp_path / "bad", train=[record])
     with pytest.raises(DataError) as err:
-        read_mimic(src, progress=False)
+        read_mimic(src, progress=False, strict=True)
     assert str(err.value) == f"{src / 'WIKIMEL_train.json'}, {expected}"
 
 
@@ -269,7 +269,7 @@ def test_mimic_malformed_mentions(tmp_path, record, expected):
 def test_mimic_malformed_kb(tmp_path, kb, expected):
     src = make_mimic(tmp_path / "bad", kb=kb, qid2id=False)
     with pytest.raises(DataError) as err:
-        read_mimic(src, progress=False)
+        read_mimic(src, progress=False, strict=True)
     assert str(err.value) == f"{src / 'kb_entity.json'}, {expected}"
 
 
@@ -277,11 +277,11 @@ def test_mimic_qid2id_must_agree_with_the_kb(tmp_path):
     src = make_mimic(tmp_path / "bad")
     (src / "qid2id.json").write_text(json.dumps({"Q1": 0, "Q2": 5}), encoding="utf-8")
     with pytest.raises(DataError) as err:
-        read_mimic(src, progress=False)
+        read_mimic(src, progress=False, strict=True)
     assert str(err.value) == f"{src / 'qid2id.json'}, qid 'Q2': maps to 5 but kb_entity.json gives id 1"
     (src / "qid2id.json").write_text(json.dumps({"Q77": 0}), encoding="utf-8")
     with pytest.raises(DataError) as err:
-        read_mimic(src, progress=False)
+        read_mimic(src, progress=False, strict=True)
     assert str(err.value) == f"{src / 'qid2id.json'}, qid 'Q77': is not in kb_entity.json"
 
 
@@ -351,7 +351,7 @@ def test_wikidiverse_reader(tmp_path):
 def test_wikidiverse_malformed(tmp_path, item, expected):
     src = make_wikidiverse(tmp_path / "wd", train=[item])
     with pytest.raises(DataError) as err:
-        read_wikidiverse(src, progress=False)
+        read_wikidiverse(src, progress=False, strict=True)
     assert str(err.value) == f"{src / 'train.json'}, {expected}"
 
 

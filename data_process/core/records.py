@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from data_process.core.durable_io import atomic_write_text
 
@@ -218,8 +218,13 @@ def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
 # JSON Lines I/O
 
 
-def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed value)`` for each non-blank line; invalid JSON raises :class:`DataError`."""
+OnError = Callable[[DataError, str], None]   # (error, kind) with kind "malformed" or "duplicate"
+
+
+def iter_json_lines(path: str | Path, on_error: OnError | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line.
+
+    Invalid JSON or a non-UTF-8 line raises :class:`DataError`, or, with ``on_error``, is passed to it and skipped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
@@ -228,20 +233,34 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(path, f"line {lineno}", None,
-                                f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
+                _report(DataError(path, f"line {lineno}", None,
+                                  f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"), on_error)
+                continue
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line.rstrip("\r\n"))
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                raise DataError(path, f"line {lineno}", None,
-                                f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                _report(DataError(path, f"line {lineno}", None,
+                                  f"invalid JSON ({exc.msg} at column {exc.colno})"), on_error)
+                continue
+            yield lineno, obj
 
 
-def _read_jsonl(path: Path, parse) -> Iterator:
+def _report(err: DataError, on_error: OnError | None, kind: str = "malformed") -> None:
+    if on_error is None:
+        raise err
+    on_error(err, kind)
+
+
+def iter_records(path: str | Path, parse: Callable, on_error: OnError | None = None) -> Iterator:
+    """Validated records of a JSON Lines file (``parse`` = :func:`entity_from_dict` or :func:`mention_from_dict`).
+
+    The first bad line (JSON, UTF-8, a field, a duplicate id) raises :class:`DataError` naming file, line, id and
+    field; with ``on_error`` every bad line is passed to it (kind ``"malformed"`` or ``"duplicate"``) and skipped."""
+    path = Path(path)
     seen: dict[str, int] = {}
-    for lineno, obj in iter_json_lines(path):
+    for lineno, obj in iter_json_lines(path, on_error):
         where = f"line {lineno}"
         if isinstance(obj, dict) and isinstance(obj.get("id"), str):
             where = f"line {lineno} (id {obj['id']!r})"
@@ -249,19 +268,25 @@ def _read_jsonl(path: Path, parse) -> Iterator:
         def fail(field_name, problem, _where=where):
             raise DataError(path, _where, field_name, problem)
 
-        record = parse(obj, fail)
+        try:
+            record = parse(obj, fail)
+        except DataError as err:
+            _report(err, on_error)
+            continue
         if record.id in seen:
-            fail("id", f"duplicate id, first seen on line {seen[record.id]}")
+            _report(DataError(path, where, "id", f"duplicate id, first seen on line {seen[record.id]}"), on_error,
+                    "duplicate")
+            continue
         seen[record.id] = lineno
         yield record
 
 
 def read_entities(path: str | Path) -> list[Entity]:
-    return list(_read_jsonl(Path(path), entity_from_dict))
+    return list(iter_records(path, entity_from_dict))
 
 
 def read_mentions(path: str | Path) -> list[Mention]:
-    return list(_read_jsonl(Path(path), mention_from_dict))
+    return list(iter_records(path, mention_from_dict))
 
 
 def write_jsonl(path: str | Path, records: Iterable[Entity | Mention]) -> None:
@@ -286,23 +311,28 @@ class Dataset:
         return [m for m in self.mentions if m.split == name]
 
 
+def read_info(root: str | Path) -> DatasetInfo:
+    """A dataset folder's ``dataset.json`` (a default one naming the folder when the file is absent)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    info_path = root / INFO_FILE
+    if not info_path.is_file():
+        return DatasetInfo(name=root.name, source_format="unknown")
+    try:
+        raw = json.loads(info_path.read_text(encoding="utf-8"))
+        return DatasetInfo(**raw)
+    except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, missing or unknown fields
+        raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
+
+
 def load_dataset(root: str | Path, *, check_gold: bool = True) -> Dataset:
     """Load and validate a unified dataset folder.
 
     With ``check_gold``, every mention's gold entity (and candidates) must be in the KB.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset folder not found")
-    info_path = root / INFO_FILE
-    if info_path.is_file():
-        try:
-            raw = json.loads(info_path.read_text(encoding="utf-8"))
-            info = DatasetInfo(**raw)
-        except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, missing or unknown fields
-            raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
-    else:
-        info = DatasetInfo(name=root.name, source_format="unknown")
+    info = read_info(root)
     entities = read_entities(root / ENTITIES_FILE)
     mentions = read_mentions(root / MENTIONS_FILE)
     if check_gold:

@@ -1,14 +1,17 @@
 """Convert a public MEL release to the unified format, validate it, and publish it atomically.
 
-    python -m data_process.ingest.prepare --format {melbench,mimic,wikidiverse,wikiperson,unified} \\
+    python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified} \\
         --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 70,10,20] \\
-        [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}]
+        [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}] \\
+        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}]
 
-Steps: the format's reader builds the records (``data_process.ingest.readers``); they are written with
-``records.save_dataset`` into a temporary folder beside ``--out``; image folders are attached; the folder is
-validated (``data_process.ingest.validate``). With any validation error (or any reader error) the temporary folder is
+Steps: the format's reader builds the records (``data_process.ingest.readers``), dropping bad records and listing
+them (``--strict``: the first bad record is an error; more dropped records than ``--max-invalid``, default 1% of the
+records read, fail the conversion); they are written with ``records.save_dataset`` into a temporary folder beside
+``--out``; image folders are attached; the folder is validated (``data_process.ingest.validate``). With any validation error (or any reader error) the temporary folder is
 removed and ``--out`` is left as it was (absent, or the previous dataset). Otherwise ``validation.json`` and
-``validation.txt`` are added and the folder replaces ``--out`` by rename.
+``validation.txt`` (which list every dropped record: file, record, field, reason; and ids the release lists
+without a record) are added and the folder replaces ``--out`` by rename.
 
 Images (``--images``, see ``data_process.core.placement``): ``symlink`` (default) makes folder symlinks inside the
 dataset (``images/mention``, ``images/kb``) pointing to the *absolute* source image folders, so record paths stay
@@ -34,6 +37,7 @@ from data_process.core.records import ENTITIES_FILE, INFO_FILE, MENTIONS_FILE, D
 from data_process.ingest.validate import IMAGE_CHECKS, ValidationReport, format_report, validate_dataset, write_report
 
 IMAGE_MODES = (*PLACEMENT_MODES, "none")
+DEFAULT_MAX_INVALID = "1%"
 FORMATS = tuple(READERS)
 
 
@@ -50,22 +54,55 @@ def _place_images(stage: Path, converted: Converted, mode: str) -> Converted:
     mapping = place_images(stage, rels, mode, links=converted.image_links)
     if all(old == new for old, new in mapping.items()):
         return converted
-    return Converted(
-        info=converted.info,
+    return dataclasses.replace(
+        converted,
         entities=[dataclasses.replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e
                   for e in converted.entities],
         mentions=[dataclasses.replace(m, image=mapping[m.image]) if m.image else m for m in converted.mentions],
-        image_links=converted.image_links,
     )
 
 
 def _strip_images(converted: Converted) -> Converted:
-    return Converted(
-        info=converted.info,
+    return dataclasses.replace(
+        converted,
         entities=[dataclasses.replace(e, images=()) if e.images else e for e in converted.entities],
         mentions=[dataclasses.replace(m, image=None) if m.image else m for m in converted.mentions],
         image_links={},
     )
+
+
+class TooManyInvalidRecords(ValueError):
+    """More records failed than ``--max-invalid`` allows; nothing was written."""
+
+
+def parse_max_invalid(spec: str | int | float, records: int) -> int:
+    """``"1%"`` -> 1% of ``records`` (rounded down); ``"25"`` or 25 -> 25 records."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return int(records * share / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise ValueError(f"--max-invalid must be a count (e.g. 25) or a share of the records (e.g. 1%), got "
+                         f"{spec!r}") from None
+
+
+def check_invalid(converted: Converted, max_invalid: str | int | float) -> None:
+    """Refuse a conversion whose reader dropped more records than ``max_invalid`` allows."""
+    allowed = parse_max_invalid(max_invalid, converted.records_read)
+    n = len(converted.dropped)
+    if n > allowed:
+        shown = "; ".join(str(d) for d in converted.dropped[:3])
+        raise TooManyInvalidRecords(
+            f"{n} of {converted.records_read} records are invalid, more than --max-invalid {max_invalid} allows "
+            f"({allowed}); nothing written. First: {shown}. Fix the release, raise --max-invalid, or use --strict "
+            "to stop at the first bad record")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -114,12 +151,15 @@ def publish(
     check_images: bool | str = True,
     echo: bool = True,
     progress: bool = False,
+    max_invalid: str | int | float = DEFAULT_MAX_INVALID,
 ) -> tuple[Path, ValidationReport]:
     """Write ``converted`` to ``out`` atomically after validating it; return ``(out, report)``.
 
-    ``check_images``: ``True``/"verify" (PIL verify), "exists", or ``False``/"none".
-    Raises :class:`ConversionError` (nothing written) when the report has errors.
+    ``check_images``: ``True``/"verify" (PIL verify), "exists", or ``False``/"none". The report lists the records
+    the reader dropped and the ids without a record. Raises :class:`TooManyInvalidRecords` when more records were
+    dropped than ``max_invalid`` allows, :class:`ConversionError` when the report has errors (nothing written).
     """
+    check_invalid(converted, max_invalid)
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     image_check = {True: "verify", False: "none"}.get(check_images, check_images)  # type: ignore[arg-type]
@@ -137,6 +177,9 @@ def publish(
         save_dataset(stage, converted.info, converted.entities, converted.mentions)
         report = validate_dataset(stage, image_check=image_check, progress=progress)
         report.root = str(out)
+        report.records_read = converted.records_read
+        report.dropped = [d.to_json() for d in converted.dropped]
+        report.absent_ids = converted.absent_ids
         if not report.ok:
             if echo:
                 print(format_report(report), end="")
@@ -165,12 +208,19 @@ def prepare(
     check_images: bool | str = True,
     echo: bool = True,
     progress: bool = True,
+    strict: bool = False,
+    max_invalid: str | int | float = DEFAULT_MAX_INVALID,
+    annotations: str | Path | None = None,
+    entity_text: str = "brief",
 ) -> tuple[Path, ValidationReport]:
     """Read ``src`` in format ``fmt`` and publish it to ``out`` (see the module docstring)."""
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if image_dir is not None and fmt != "melbench":
-        raise ValueError("--image-dir is only for --format melbench (other releases carry their image folders)")
+    if image_dir is not None and fmt not in ("melbench", "ghmfc"):
+        raise ValueError("--image-dir is only for --format melbench and ghmfc (other releases carry their image "
+                         "folders)")
+    if (annotations is not None or entity_text != "brief") and fmt != "ghmfc":
+        raise ValueError("--annotations and --entity-text are only for --format ghmfc")
     _check_replaceable(Path(out))
     if fmt == "unified" and Path(src).resolve() == Path(out).resolve():
         report = validate_dataset(src, image_check={True: "verify", False: "none"}.get(check_images, check_images),
@@ -181,12 +231,16 @@ def prepare(
             raise ConversionError(Path(out), report)
         write_report(report, out)
         return Path(out), report
+    common = {"dataset_name": dataset_name, "progress": progress, "strict": strict}
     if fmt == "melbench":
-        converted = READERS[fmt](src, dataset_name=dataset_name, seed=split_seed, splits=parse_ratios(splits),
-                                 image_dir=image_dir, progress=progress)
+        converted = READERS[fmt](src, seed=split_seed, splits=parse_ratios(splits), image_dir=image_dir, **common)
+    elif fmt == "ghmfc":
+        converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
+                                 **common)
     else:
-        converted = READERS[fmt](src, dataset_name=dataset_name, progress=progress)
-    return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress)
+        converted = READERS[fmt](src, **common)
+    return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress,
+                   max_invalid=max_invalid)
 
 
 def build_wikimel_text_task(zip_or_json_path: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
@@ -208,7 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset-name", default=None, help="name recorded in dataset.json")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the by-sample split (MELBench)")
     ap.add_argument("--splits", default="70,10,20", help="train,dev,test ratios of the by-sample split (MELBench)")
-    ap.add_argument("--image-dir", type=Path, default=None, help="MELBench: folder of images named by sample id")
+    ap.add_argument("--image-dir", type=Path, default=None,
+                    help="MELBench, GHMFC: folder of mention images (named by sample id, or imgPath)")
+    ap.add_argument("--annotations", type=Path, default=None,
+                    help="GHMFC with splits.json: the MELBench annotation file (.json or .zip)")
+    ap.add_argument("--entity-text", choices=("brief", "long"), default="brief",
+                    help="GHMFC: entity descriptions from qid2abs.json (brief, DIM's default) or qid2abs_long.json")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first bad record (default: drop bad records, list them, go on)")
+    ap.add_argument("--max-invalid", default=DEFAULT_MAX_INVALID,
+                    help="fail when more records than this are dropped: a count (25) or a share of the records "
+                         f"read (default {DEFAULT_MAX_INVALID})")
     ap.add_argument("--images", choices=IMAGE_MODES, default="symlink",
                     help="symlink (default), copy or rewrite the release's image folders, or none (text only)")
     ap.add_argument("--image-check", choices=IMAGE_CHECKS, default="verify",
@@ -219,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_ratios(args.splits)
         prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
                 splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
-                progress=not args.quiet)
+                progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,
+                annotations=args.annotations, entity_text=args.entity_text)
     except (DataError, ConversionError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ from data_process.core.records import (
     Entity,
     Mention,
     entity_from_dict,
+    iter_records,
     mention_from_dict,
 )
 
@@ -86,6 +87,10 @@ class ValidationReport:
     errors: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ERROR_KINDS})
     warnings: dict[str, int] = field(default_factory=lambda: {k: 0 for k in WARNING_KINDS})
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # filled by a conversion (data_process.ingest.prepare): what the reader left out of the release
+    records_read: int | None = None
+    dropped: list[dict[str, Any]] = field(default_factory=list)       # {"file", "record", "field", "reason"}
+    absent_ids: dict[str, list[str]] = field(default_factory=dict)     # ids a release lists without a record
 
     @property
     def ok(self) -> bool:
@@ -113,43 +118,12 @@ class ValidationReport:
 
 def _load_records(path: Path, parse, report: ValidationReport, dup_kind: str, progress: bool) -> list:
     """Parse a JSON Lines file tolerantly: bad lines and duplicate ids are counted, good records kept."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    records = []
-    seen: dict[str, int] = {}
-    with path.open("rb") as fh:  # decoded per line: a bad byte is one malformed record, not a crash
-        for lineno, raw in enumerate(tqdm(fh, desc=f"validate {path.name}", disable=not progress, unit="line"), 1):
-            where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                report.add("malformed_records", str(DataError(path, where, None,
-                                                              f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)")))
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                report.add("malformed_records", str(DataError(path, where, None, f"invalid JSON ({exc.msg})")))
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                where = f"line {lineno} (id {obj['id']!r})"
 
-            def fail(field_name, problem, _where=where):
-                raise DataError(path, _where, field_name, problem)
+    def on_error(err: DataError, kind: str) -> None:
+        report.add(dup_kind if kind == "duplicate" else "malformed_records", str(err))
 
-            try:
-                record = parse(obj, fail)
-            except DataError as exc:
-                report.add("malformed_records", str(exc))
-                continue
-            if record.id in seen:
-                report.add(dup_kind, str(DataError(path, where, "id", f"duplicate id, first seen on line {seen[record.id]}")))
-                continue
-            seen[record.id] = lineno
-            records.append(record)
-    return records
+    records = iter_records(path, parse, on_error)
+    return list(tqdm(records, desc=f"validate {path.name}", disable=not progress, unit="record"))
 
 
 def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
@@ -283,6 +257,14 @@ def format_report(rep: ValidationReport) -> str:
             f"  {side} images ({rep.image_check}): {c['referenced']} referenced, {c['missing']} missing, "
             f"{c['unreadable']} unreadable"
         )
+    if rep.records_read is not None:
+        lines.append(f"  dropped records: {len(rep.dropped)} of {rep.records_read} read (all listed in "
+                     f"{REPORT_JSON})")
+        for d in rep.dropped[:MAX_EXAMPLES]:
+            lines.append(f"    dropped: {DataError(d['file'], d['record'], d['field'], d['reason'])}")
+    for name, ids in rep.absent_ids.items():
+        lines.append(f"  {name}: {len(ids)} ids without a record (listed in {REPORT_JSON})"
+                     + (f", e.g. {', '.join(ids[:MAX_EXAMPLES])}" if ids else ""))
     for title, table in (("errors", rep.errors), ("warnings", rep.warnings)):
         nonzero = {k: v for k, v in table.items() if v}
         lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in nonzero.items()) if nonzero else "none"))

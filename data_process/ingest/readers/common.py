@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS
 
@@ -21,14 +21,62 @@ MENTION_IMAGE_DIR = "images/mention"
 ENTITY_IMAGE_DIR = "images/kb"
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """A record a reader left out: where it is and why (the parts of its :class:`DataError`)."""
+
+    file: str
+    record: str
+    field: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return str(DataError(self.file, self.record, self.field, self.reason))
+
+
+T = TypeVar("T")
+
+
+class RecordPolicy:
+    """Runs a reader's per-record checks: a failing record is dropped and listed, or (``strict``) raised."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.dropped: list[Dropped] = []
+        self.records = 0   # records read (samples, mention records, KB entities)
+
+    def attempt(self, fn: Callable[[], T], *, count: bool = True) -> T | None:
+        """``fn()``, or ``None`` when it raises :class:`DataError` (dropped, or re-raised when strict)."""
+        self.records += count
+        try:
+            return fn()
+        except DataError as err:
+            if self.strict:
+                raise
+            self.drop(err)
+            return None
+
+    def drop(self, err: DataError) -> None:
+        if self.strict:
+            raise err
+        self.dropped.append(Dropped(err.path, err.where, err.field, err.problem))
+
+
 @dataclass
 class Converted:
-    """What a reader produced: records ready for ``records.save_dataset`` plus image folder links."""
+    """What a reader produced: records ready for ``records.save_dataset`` plus image folder links, the records it
+    dropped and how many it read, and ids a release lists (e.g. in its splits) without a record."""
 
     info: DatasetInfo
     entities: list[Entity]
     mentions: list[Mention]
     image_links: dict[str, Path] = field(default_factory=dict)
+    dropped: list[Dropped] = field(default_factory=list)
+    records_read: int = 0
+    absent_ids: dict[str, list[str]] = field(default_factory=dict)
 
 
 Fail = Callable[[str | None, str], NoReturn]

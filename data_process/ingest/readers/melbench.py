@@ -14,8 +14,10 @@ A sample with k mentions gives k mention records with ids ``"<sample id>-<i>"`` 
   ``images/mention/<file>``; a sample without a file still references ``images/mention/<id>.jpg`` so the
   validation report counts it as missing.
 
-Strict: a non-object file or sample, a missing or mistyped field, unequal list lengths, an answer that is not
-a Wikidata QID (``Q<digits>``) or an ``id`` that differs from its key raise :class:`DataError`.
+A non-object file is an error. A sample with a missing or mistyped field, unequal list lengths, an answer that is
+not a Wikidata QID (``Q<digits>``) or an ``id`` that differs from its key is dropped and listed (``strict``: raises
+:class:`DataError`). The split is computed over every sample id (dropped ones included), so dropping a sample never
+moves another sample to another split.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm import tqdm
 from data_process.ingest.readers.common import (
     Converted,
     MENTION_IMAGE_DIR,
+    RecordPolicy,
     failer,
     find_span,
     load_json,
@@ -86,6 +89,34 @@ def _find_image(image_dir: Path | None, listing: dict[str, str], sample_id: str)
     return f"{MENTION_IMAGE_DIR}/{sample_id}.jpg"
 
 
+def parse_sample(path: str, sid: str, sample: Any) -> list[tuple[str, str, str]]:
+    """``[(sentence, mention, entity name, qid)]`` of one MELBench sample; :class:`DataError` when it is malformed."""
+    fail = failer(path, f"sample {sid!r}")
+    if not isinstance(sample, dict):
+        fail(None, f"sample must be a JSON object, got {type_name(sample)}")
+    if "id" in sample and sample["id"] is not None:
+        if not isinstance(sample["id"], str):
+            fail("id", f"must be a string, got {type_name(sample['id'])}")
+        if sample["id"] != sid:
+            fail("id", f"is {sample['id']!r} but the sample's key is {sid!r}")
+    for key in FIELDS:
+        if key not in sample or sample[key] is None:
+            fail(key, "is missing")
+    sentence = sample["sentence"]
+    if not isinstance(sentence, str):
+        fail("sentence", f"must be a string, got {type_name(sentence)}")
+    mentions = str_list(sample["mentions"], "mentions", fail)
+    entities = str_list(sample["entities"], "entities", fail)
+    answers = str_list(sample["answer"], "answer", fail)
+    for key, items in (("entities", entities), ("answer", answers)):
+        if len(items) != len(mentions):
+            fail(key, f"has {len(items)} item(s) but 'mentions' has {len(mentions)}")
+    for i, qid in enumerate(answers):
+        if not QID_RE.match(qid):
+            fail("answer", f"item {i} must be a Wikidata QID like 'Q42', got {qid!r}")
+    return [(sentence, mention, name, qid) for mention, name, qid in zip(mentions, entities, answers)]
+
+
 def read_melbench(
     src: str | Path,
     *,
@@ -94,6 +125,7 @@ def read_melbench(
     splits: str | Sequence[float] = (70, 10, 20),
     image_dir: str | Path | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> Converted:
     """Read MELBench raw annotations into unified records (see the module docstring for the rules)."""
     ratios = parse_ratios(splits)
@@ -105,33 +137,17 @@ def read_melbench(
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     listing = {p.name: p.name for p in img_dir.iterdir()} if img_dir is not None else {}
 
+    policy = RecordPolicy(strict)
     names: dict[str, str] = {}
     renamed: set[str] = set()
     rows: list[tuple[str, int, str, str, str]] = []  # sample id, index, sentence, mention, qid
+    kept: list[str] = []
     for sid, sample in tqdm(data.items(), desc="melbench samples", disable=not progress, unit="sample"):
-        fail = failer(path, f"sample {sid!r}")
-        if not isinstance(sample, dict):
-            fail(None, f"sample must be a JSON object, got {type_name(sample)}")
-        if "id" in sample and sample["id"] is not None:
-            if not isinstance(sample["id"], str):
-                fail("id", f"must be a string, got {type_name(sample['id'])}")
-            if sample["id"] != sid:
-                fail("id", f"is {sample['id']!r} but the sample's key is {sid!r}")
-        for key in FIELDS:
-            if key not in sample or sample[key] is None:
-                fail(key, "is missing")
-        sentence = sample["sentence"]
-        if not isinstance(sentence, str):
-            fail("sentence", f"must be a string, got {type_name(sentence)}")
-        mentions = str_list(sample["mentions"], "mentions", fail)
-        entities = str_list(sample["entities"], "entities", fail)
-        answers = str_list(sample["answer"], "answer", fail)
-        for key, items in (("entities", entities), ("answer", answers)):
-            if len(items) != len(mentions):
-                fail(key, f"has {len(items)} item(s) but 'mentions' has {len(mentions)}")
-        for i, (mention, name, qid) in enumerate(zip(mentions, entities, answers)):
-            if not QID_RE.match(qid):
-                fail("answer", f"item {i} must be a Wikidata QID like 'Q42', got {qid!r}")
+        parsed = policy.attempt(lambda: parse_sample(path, sid, sample))
+        if parsed is None:
+            continue
+        kept.append(sid)
+        for i, (sentence, mention, name, qid) in enumerate(parsed):
             if qid not in names:
                 names[qid] = name
             elif names[qid] != name:
@@ -159,6 +175,7 @@ def read_melbench(
         notes={
             "source": path,
             "samples": len(data),
+            "samples_dropped": len(policy.dropped),
             "mention_ids": "<sample id>-<index of the mention in the sample>",
             "entity_text": "name only (MELBench has no descriptions); name = first 'entities' string for the QID",
             "qids_with_several_names": len(renamed),
@@ -167,4 +184,5 @@ def read_melbench(
         },
     )
     links = {MENTION_IMAGE_DIR: img_dir} if img_dir is not None else {}
-    return Converted(info=info, entities=entities_out, mentions=mentions_out, image_links=links)
+    return Converted(info=info, entities=entities_out, mentions=mentions_out, image_links=links,
+                     dropped=policy.dropped, records_read=policy.records)

@@ -1,26 +1,50 @@
 """An existing unified dataset folder as a reader input (``prepare --format unified``): it is loaded with the
 record checks of ``data_process.core.records`` and re-validated; image paths keep their meaning through links from
-the output folder to the source folder's top-level image folders."""
+the output folder to the source folder's top-level image folders.
+
+A malformed line, a duplicate id, or a mention whose gold entity (or a candidate) is not in the KB is dropped and
+listed; ``strict`` keeps the first malformed line an error and leaves gold and candidate checks to validation."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from data_process.ingest.readers.common import Converted
-from data_process.core.records import load_dataset
+from data_process.core.placement import dataset_links
+from data_process.core.records import (ENTITIES_FILE, MENTIONS_FILE, DataError, entity_from_dict, iter_records,
+                                       load_dataset, mention_from_dict, read_info)
+from data_process.ingest.readers.common import Converted, RecordPolicy
 
 
-def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: bool = True) -> Converted:
+def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: bool = True,
+                 strict: bool = False) -> Converted:
     src = Path(src)
-    ds = load_dataset(src, check_gold=False)
-    tops: set[str] = set()
-    for rel in [m.image for m in ds.mentions if m.image] + [p for e in ds.entities for p in e.images]:
-        parts = Path(rel).parts
-        if parts and not Path(rel).is_absolute() and parts[0] != "..":
-            tops.add(parts[0])
-    links = {top: (src / top).resolve() for top in sorted(tops) if (src / top).exists()}
-    info = ds.info
+    policy = RecordPolicy(strict)
+    if strict:
+        ds = load_dataset(src, check_gold=False)
+        info, entities, mentions = ds.info, ds.entities, ds.mentions
+    else:
+        info = read_info(src)
+
+        def on_error(err: DataError, _kind: str) -> None:
+            policy.drop(err)
+
+        entities = list(iter_records(src / ENTITIES_FILE, entity_from_dict, on_error))
+        kb = {e.id for e in entities}
+        mentions = []
+        for m in iter_records(src / MENTIONS_FILE, mention_from_dict, on_error):
+            missing = [(f, x) for f, x in [("gold_id", m.gold_id), *(("candidates", c) for c in m.candidates or ())]
+                       if x not in kb]
+            if missing:
+                field_name, entity = missing[0]
+                policy.drop(DataError(src / MENTIONS_FILE, f"id {m.id!r}", field_name,
+                                      f"entity {entity!r} is not in {ENTITIES_FILE}"))
+            else:
+                mentions.append(m)
+    policy.records = len(entities) + len(mentions) + len(policy.dropped)
+    paths = [m.image for m in mentions if m.image] + [p for e in entities for p in e.images]
+    links = {top: target.resolve() for top, target in dataset_links(src, paths).items()}
     if dataset_name:
-        info = type(info)(name=dataset_name, source_format=info.source_format, split_rule=info.split_rule,
-                          notes=info.notes)
-    return Converted(info=info, entities=ds.entities, mentions=ds.mentions, image_links=links)
+        info = dataclasses.replace(info, name=dataset_name)
+    return Converted(info=info, entities=entities, mentions=mentions, image_links=links, dropped=policy.dropped,
+                     records_read=policy.records)

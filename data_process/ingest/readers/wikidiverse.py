@@ -15,7 +15,8 @@ name = the title with spaces. KB = every entity of the description file plus eve
 without a description get name only; counted in ``notes["gold_without_description"]``). Mention ids are
 ``<split>-<item index>-<mention index>``. Given character offsets are used when ``sentence[start:end]`` is
 the mention; otherwise the first occurrence is used (counted in ``notes["spans_repaired"]``) or ``None``.
-Mentions whose URL is empty or ``nil`` are skipped (``notes["skipped_nil"]``). The 10-candidate variant's
+Mentions whose URL is empty or ``nil`` are skipped (``notes["skipped_nil"]``). A malformed item (or one of its
+mentions) drops the item, listed; ``strict`` raises instead. The 10-candidate variant's
 candidate lists are not read (format unverified).
 """
 
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from data_process.ingest.readers.common import (
     Converted,
+    RecordPolicy,
     MENTION_IMAGE_DIR,
     failer,
     find_span,
@@ -105,7 +107,44 @@ def _item_mentions(item: Any, fail) -> tuple[str, str, list]:
     return sentence, image_url or "", mentions
 
 
-def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progress: bool = True) -> Converted:
+def _parse_item(path: Path, split: str, index: int, item: Any, stats: dict[str, int]
+                ) -> list[tuple[Mention, str]]:
+    fail = failer(path, f"item {index}")
+    sentence, image_url, mentions = _item_mentions(item, fail)
+    image = f"{MENTION_IMAGE_DIR}/{unquote(image_url.split('/')[-1])}" if image_url else None
+    out = []
+    skipped = repaired = 0
+    for j, m in enumerate(mentions):
+        mfail = failer(path, f"item {index}, mention {j}")
+        if not isinstance(m, list) or len(m) < 5:
+            mfail(None, "must be a list [mention, type, start, end, url]")
+        text, _etype, start, end, url = m[:5]
+        if not isinstance(text, str) or not text.strip():
+            mfail("mention", f"must be a non-empty string, got {text!r}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+            mfail("start/end", f"must be integers, got {start!r}, {end!r}")
+        if url is not None and not isinstance(url, str):
+            mfail("url", f"must be a string, got {type_name(url)}")
+        if not url or url.strip().lower() == "nil":
+            skipped += 1
+            continue
+        title = title_from_url(url)
+        if not title:
+            mfail("url", f"has no Wikipedia title: {url!r}")
+        if 0 <= start < end <= len(sentence) and sentence[start:end] == text:
+            span = (start, end)
+        else:
+            span = find_span(sentence, text)
+            repaired += 1
+        out.append((Mention(id=f"{split}-{index}-{j}", sentence=sentence, mention=text, gold_id=title, split=split,
+                            span=span, image=image), title))
+    stats["skipped_nil"] += skipped        # counted only for kept items
+    stats["spans_repaired"] += repaired
+    return out
+
+
+def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progress: bool = True,
+                     strict: bool = False) -> Converted:
     """Read the WikiDiverse original release folder (see the module docstring)."""
     src = Path(src)
     if not src.is_dir():
@@ -117,6 +156,7 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
     descriptions = read_descriptions(desc_files[0]) if desc_files else {}
     image_dir = next(((src / d).resolve() for d in IMAGE_DIRS if (src / d).is_dir()), None)
 
+    policy = RecordPolicy(strict)
     stats = {"skipped_nil": 0, "spans_repaired": 0}
     gold: dict[str, None] = {}
     mentions_out: list[Mention] = []
@@ -126,45 +166,9 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
         if not isinstance(data, list):
             raise DataError(path, "file", None, f"must be a JSON list of items, got {type_name(data)}")
         for index, item in enumerate(tqdm(data, desc=f"{split} items", disable=not progress, unit="item")):
-            fail = failer(path, f"item {index}")
-            sentence, image_url, mentions = _item_mentions(item, fail)
-            image = None
-            if image_url:
-                image = f"{MENTION_IMAGE_DIR}/{unquote(image_url.split('/')[-1])}"
-            for j, m in enumerate(mentions):
-                mfail = failer(path, f"item {index}, mention {j}")
-                if not isinstance(m, list) or len(m) < 5:
-                    mfail(None, "must be a list [mention, type, start, end, url]")
-                text, _etype, start, end, url = m[:5]
-                if not isinstance(text, str) or not text.strip():
-                    mfail("mention", f"must be a non-empty string, got {text!r}")
-                if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
-                    mfail("start/end", f"must be integers, got {start!r}, {end!r}")
-                if url is not None and not isinstance(url, str):
-                    mfail("url", f"must be a string, got {type_name(url)}")
-                if not url or url.strip().lower() == "nil":
-                    stats["skipped_nil"] += 1
-                    continue
-                title = title_from_url(url)
-                if not title:
-                    mfail("url", f"has no Wikipedia title: {url!r}")
-                if 0 <= start < end <= len(sentence) and sentence[start:end] == text:
-                    span = (start, end)
-                else:
-                    span = find_span(sentence, text)
-                    stats["spans_repaired"] += 1
+            for mention, title in policy.attempt(lambda: _parse_item(path, split, index, item, stats)) or []:
                 gold[title] = None
-                mentions_out.append(
-                    Mention(
-                        id=f"{split}-{index}-{j}",
-                        sentence=sentence,
-                        mention=text,
-                        gold_id=title,
-                        split=split,
-                        span=span,
-                        image=image,
-                    )
-                )
+                mentions_out.append(mention)
     kb_ids = list(descriptions) + [t for t in gold if t not in descriptions]
     entities = [Entity(id=t, name=t.replace("_", " "), description=descriptions.get(t, "")) for t in kb_ids]
     info = DatasetInfo(
@@ -184,4 +188,6 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
         entities=entities,
         mentions=mentions_out,
         image_links={MENTION_IMAGE_DIR: image_dir} if image_dir else {},
+        dropped=policy.dropped,
+        records_read=policy.records,
     )

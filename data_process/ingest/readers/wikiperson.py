@@ -12,5 +12,6 @@ from data_process.ingest.readers.common import Converted
 from data_process.ingest.readers.mimic import read_mimic
 
 
-def read_wikiperson(src: str | Path, *, dataset_name: str | None = None, progress: bool = True) -> Converted:
-    return read_mimic(src, dataset_name=dataset_name, source_format="wikiperson", progress=progress)
+def read_wikiperson(src: str | Path, *, dataset_name: str | None = None, progress: bool = True,
+                    strict: bool = False) -> Converted:
+    return read_mimic(src, dataset_name=dataset_name, source_format="wikiperson", progress=progress, strict=strict)
