@@ -194,3 +194,22 @@ def test_real_ghmfc_wikimel_converts(tmp_path):
     assert rep.mentions_per_split == {"train": 18_088, "dev": 2_627, "test": 5_131}
     assert {m.gold_id for m in ds.mentions} <= {e.id for e in ds.entities}
     assert all(e.description for e in ds.entities)
+
+
+def test_candidate_retriever_nearest_names_and_release_file(tmp_path):
+    from data_process.ingest.candidates import main as candidates_main
+    from data_process.ingest.candidates import nearest_names
+
+    names = ["Bob", "Alicia", "Alice", "Al", "bobby"]
+    # normalised edit distance: alice -> Alice 0, Alicia 2/6, Al 3/5; bob -> Bob 0, bobby 2/5, then three at 1.0
+    # (Alicia, Alice, Al), ties in KB order
+    assert nearest_names(["alice", "bob"], names, 3).tolist() == [[2, 1, 3], [0, 4, 1]]
+    assert nearest_names(["bob"], names, 5).tolist() == [[0, 4, 1, 2, 3]]
+    root = make_release(tmp_path / "rel")
+    (root / "search_top100.json").unlink()
+    assert candidates_main(["--src", str(root), "--k", "2"]) == 0
+    lists = json.loads((root / "search_top100.json").read_text())
+    assert lists == {"Alice": ["Q1", "Q3"], "Avon": ["Q4", "Q2"], "Bob": ["Q2", "Q4"]}
+    assert candidates_main(["--src", str(root)]) == 1                      # never overwritten silently
+    conv = read_ghmfc(root, progress=False)
+    assert {m.id: m.candidates for m in conv.mentions}["30-0"] == ("Q4", "Q2")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from data_process.ingest.prepare import prepare
-from data_process.ingest.prepare import build_wikimel_text_task
 from data_process.ingest.readers import read_melbench
 from data_process.ingest.readers.common import split_samples
 from data_process.core.records import load_dataset
@@ -84,13 +83,3 @@ def test_splits_are_by_sample_and_deterministic(converted_dir, wikimel_json):
     other = split_samples(list(by_sample), 1, (70, 10, 20))
     assert Counter(other.values()) == sample_counts
     assert other != {sid: next(iter(s)) for sid, s in by_sample.items()}
-
-
-def test_build_wikimel_text_task_from_zip(tmp_path):
-    out = build_wikimel_text_task(ZIP, tmp_path / "wikimel_text", seed=0)
-    ds = load_dataset(out)
-    assert ds.info.name == "wikimel-text"
-    assert len(ds.entities) == N_ENTITIES and len(ds.mentions) == N_MENTIONS
-    assert all(m.image is None for m in ds.mentions) and all(not e.images for e in ds.entities)
-    assert Counter(m.split for m in ds.mentions) == {"train": 18_109, "dev": 2_598, "test": 5_139}
-    assert (out / "validation.json").is_file() and (out / "validation.txt").is_file()

@@ -243,17 +243,6 @@ def prepare(
                    max_invalid=max_invalid)
 
 
-def build_wikimel_text_task(zip_or_json_path: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the text-only WikiMEL unified dataset used by the real-data benchmark; return its folder.
-
-    KB = the distinct gold QIDs with their names (17,391 for Wikidata-MEL), mentions split by sample 70/10/20
-    with ``seed``, no images. Written atomically with a validation report (see :func:`publish`).
-    """
-    converted = READERS["melbench"](zip_or_json_path, dataset_name="wikimel-text", seed=seed, splits=(70, 10, 20))
-    out, _report = publish(converted, out_dir, images="none", check_images=False, echo=False)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_process.ingest.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--format", required=True, choices=FORMATS, help="source release format")
