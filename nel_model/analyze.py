@@ -265,13 +265,14 @@ def describe(a: Analysis) -> str:
     proto = (f"full_kb (gold ranked against all {kb:,} KB entities)" if a.protocol == "full_kb" and kb
              else "full_kb (gold ranked against the whole KB)" if a.protocol == "full_kb"
              else f"candidates (gold ranked within its candidate list, rule {meta.get('candidate_rule', '?')})")
-    dtype = meta.get("rank_score_dtype", "not recorded")
+    dtype = meta.get("rank_score_dtype", "not recorded") + (" (ranks exact in float32)"
+                                                            if meta.get("exact_float32_ranks") else "")
     runs = "; ".join(
         f"{'AB'[i] + ': ' if len(a.runs) > 1 else ''}{rp.name} ({rp.run.path}, checkpoint "
         f"{rp.predictions.meta.get('checkpoint', {}).get('name', '?')}, epoch "
         f"{rp.predictions.meta.get('checkpoint', {}).get('epoch', '?')})" for i, rp in enumerate(a.runs))
     return (f"Runs: {runs}.\n\nSplit {a.split}, {a.n} mentions; protocol {proto}; tie rule {a.tie_rule}; scores "
-            f"{dtype} (ranks exact in float32). Metrics in percent.")
+            f"{dtype}. Metrics in percent.")
 
 
 def render_markdown(a: Analysis) -> str:

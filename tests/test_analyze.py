@@ -56,7 +56,8 @@ def _write_run(root: Path, name: str, label: str, preds, dataset: Path) -> Path:
                          "top": [[t, 1.0 - 0.1 * i] for i, t in enumerate(top)]}) for m, g, h, e, top in preds]
     (run / "predictions" / "test.jsonl").write_text("".join(ln + "\n" for ln in lines))
     (run / "predictions" / "test.meta.json").write_text(json.dumps(
-        {"split": "test", "n": len(lines), "kb_entities": len(ENTITIES), "rank_score_dtype": "float32",
+        {"split": "test", "n": len(lines), "kb_entities": len(ENTITIES), "rank_score_dtype": "float16",
+         "exact_float32_ranks": True,
          "checkpoint": {"name": "best", "epoch": 3}}))
     return run
 
@@ -100,7 +101,7 @@ def test_breakdown_counts_and_metrics_by_hand(hand, capsys):
         ("E5", "E6", 2, ["Lyon", "  lyon "]), ("E2", "E1", 1, ["PARIS"]), ("E4", "E3", 1, ["Milan"])]
     md = capsys.readouterr().out
     assert "Split test, 6 mentions; protocol full_kb (gold ranked against all 11 KB entities); tie rule pessimistic; " \
-           "scores float32" in md
+           "scores float16 (ranks exact in float32). Metrics in percent." in md
     assert "| 2–5 | 2 | 75.00 | 50.00 | 100.00 | 100.00 | 100.00 |" in md.splitlines()
     assert "| 0 | 1 | 50.00 | 0.00 | 100.00 | 100.00 | 100.00 |" in md.splitlines()
     assert md.splitlines()[-3:] == ["| 2 | Lyon (E5) | Lyon (E6) | Lyon,   lyon  |",
