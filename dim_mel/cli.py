@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table": ("nel_model.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
     "plot": ("nel_model.plots", "training curves and Hits@k plots of run folders"),
     "ablations": ("nel_model.ablations", "run the standard ablations and write their table"),
+    "analyze": ("nel_model.analyze", "error analysis of a run's predictions (by name ambiguity, modality, ...)"),
 }
 
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=list(BY_KEY), help="run only these ablations")
     p.add_argument("--protocol", choices=["full_kb", "candidates"], default="full_kb")
     p.add_argument("--split", default="test")
-    p.add_argument("--paper", help="paper results CSV shown beside ours (configs/paper_results.csv)")
+    mt.add_paper_argument(p)
     p.add_argument("--force", action="store_true", help="re-train runs that already have results.json")
     p.add_argument("--dry_run", action="store_true", help="print the train commands, run nothing")
     p.add_argument("--train_module", default="nel_model.train", help=argparse.SUPPRESS)

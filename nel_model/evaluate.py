@@ -1,8 +1,9 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best]`` reloads the run's configuration and
-checkpoint, recomputes the metrics and prints a table (percentages). Entity embeddings are computed once per
-evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
+``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
+configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
+the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
+per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
 the tie rules, the candidate rules and exact low-precision scoring). ``--tie_rule`` and ``--candidate_rule`` default to
 the run's own settings.
 """
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 
 from data_process.core.devices import resolve_device
+from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks)
 from nel_model.nel import DIM, DIMConfig
+from nel_model.run_io import PREDICTIONS_DIR
 
 
 @dataclass
@@ -36,6 +39,9 @@ class EvalSettings:
     amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
     tie_rule: str = "pessimistic"             # nel_model.metrics.TIE_RULES
     candidate_rule: str = "dim"               # nel_model.metrics.CANDIDATE_RULES
+
+
+PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
 
 
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -180,6 +186,81 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-mention predictions (docs/CONTRACTS.md, "Run folders": RUN/predictions/<split>.jsonl)
+
+
+@torch.no_grad()
+def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
+    equal scores are ordered by KB row (a row is re-sorted whole when a tie touches its top ``k``). A NaN score
+    ranks last."""
+    k = min(k, len(entities))
+    ent = entities.float()
+    out_s, out_r = [], []
+    for s in range(0, len(queries), chunk):
+        scores = (queries[s: s + chunk].float() @ ent.T).nan_to_num(nan=-float("inf"))
+        vals, rows = scores.topk(k, dim=1)
+        tied = ((scores >= vals[:, -1:]).sum(1) > k) | (vals[:, 1:] == vals[:, :-1]).any(1)
+        for i in tied.nonzero().flatten().tolist():
+            vals[i], rows[i] = (t[:k] for t in scores[i].sort(descending=True, stable=True))
+        out_s.append(vals.cpu())
+        out_r.append(rows.cpu())
+    if not out_s:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(out_s), torch.cat(out_r)
+
+
+def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:
+    """Per mention: the ranks under each tie rule and the counts they come from (JSON-ready)."""
+    cols = {"rank": counts.ranks("pessimistic"), "rank_strict": counts.ranks("strict"),
+            "rank_mean": counts.ranks("mean"), "higher": counts.higher, "equal": counts.equal,
+            "unordered": counts.unordered}
+    lists = {key: t.cpu().tolist() for key, t in cols.items()}
+    return [dict(zip(lists, vals)) for vals in zip(*lists.values())]
+
+
+def _json_score(x: float) -> float | None:
+    return float(f"{x:.9g}") if np.isfinite(x) else None     # 9 significant digits round-trip a float32
+
+
+def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData, source: FeatureSource,
+                      counts: dict[str, dict[str, RankCounts]], settings: EvalSettings, device: torch.device,
+                      entity_emb: torch.Tensor | None = None, checkpoint: dict[str, Any] | None = None,
+                      top_k: int = PREDICTION_TOP_K) -> list[Path]:
+    """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
+    ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
+    ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists are recomputed in float32."""
+    if entity_emb is None:
+        entity_emb = encode_entities(model, source, device, settings)
+    folder = Path(run_dir) / PREDICTIONS_DIR
+    written = []
+    for split, full in counts["full_kb"].items():
+        rows = data.splits[split]
+        q = encode_mentions(model, source, rows, device, settings)
+        scores, top = top_entities(q, entity_emb, top_k, settings.mention_chunk)
+        lines = []
+        cand = counts["candidates"][split] if "candidates" in counts else None
+        cand_fields = _rank_fields(cand) if cand is not None else None
+        for i, (row, ranks) in enumerate(zip(rows.tolist(), _rank_fields(full))):
+            rec = {"mention_id": data.mention_ids[row], "gold": data.entity_ids[int(data.gold[row])], **ranks,
+                   "top": [[data.entity_ids[r], _json_score(v)] for r, v in zip(top[i].tolist(), scores[i].tolist())]}
+            if cand_fields is not None:
+                rec["candidates"] = cand_fields[i]
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        path = folder / f"{split}.jsonl"
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        atomic_write_json(folder / f"{split}.meta.json", {
+            "split": split, "n": len(lines), "checkpoint": checkpoint or {}, "kb_entities": data.num_entities,
+            "protocols": sorted(p for p in counts if split in counts[p]),
+            "rank_score_dtype": str(settings.score_dtype).replace("torch.", ""), "exact_float32_ranks": True,
+            "candidate_rule": settings.candidate_rule if "candidates" in counts else None,
+            "top_k": int(top.shape[1]), "top_score_dtype": "float32", "top_ties": "KB row order"})
+        written.append(path)
+    return written
+
+
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     cols = ["mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20"]
     lines = [f"{'protocol':<12}{'split':<7}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}"]
@@ -220,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
     p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
+    p.add_argument("--predictions", action="store_true",
+                   help="also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
     run = Path(a.run)
     cfg_path = run / "config.json"
@@ -227,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{cfg_path}: not a run folder")
     conf = json.loads(cfg_path.read_text())
     device = resolve_device(a.device)
-    model, _ = load_run_model(run, a.checkpoint, device)
+    model, ckpt = load_run_model(run, a.checkpoint, device)
     data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
     source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
     settings = EvalSettings(mention_chunk=conf.get("eval_batch_size", 512), entity_chunk=conf.get("entity_chunk", 8192),
@@ -235,7 +318,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             tie_rule=a.tie_rule or conf.get("tie_rule", "pessimistic"),
                             candidate_rule=a.candidate_rule or conf.get("candidate_rule", "dim"))
     splits = ["dev", "test"] if a.split == "all" else [a.split]
-    results = evaluate_splits(model, data, source, splits, D.DistInfo(device=device), settings)
+    counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings)
+    results = metrics_of(counts, settings.tie_rule)
+    if a.predictions:
+        for path in write_predictions(run, model, data, source, counts, settings, device,
+                                      checkpoint={"name": a.checkpoint, "epoch": ckpt.get("epoch")}):
+            print(f"wrote {path}", file=sys.stderr)
     if a.faiss:
         results[f"faiss_{a.faiss}"] = evaluate_with_index(model, data, source, splits, device, settings, a.faiss,
                                                           a.faiss_k)

@@ -39,7 +39,7 @@ def run_name(run: Run, runs: list[Run]) -> str:
     return name
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
@@ -74,7 +74,7 @@ def plot_curves(runs: list[Run], path: Path, protocol: str = "full_kb") -> Path:
             ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(_title(runs))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_hits(runs: list[Run], path: Path, protocol: str = "full_kb", split: str = "test") -> Path:
@@ -98,7 +98,7 @@ def plot_hits(runs: list[Run], path: Path, protocol: str = "full_kb", split: str
     else:
         ax.text(0.5, 0.5, f"no '{protocol}' / '{split}' results", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _title(runs: list[Run]) -> str:

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from data_process.core.records import DataError, iter_json_lines
+
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ENV_FILE = "env.json"
+PREDICTIONS_DIR = "predictions"   # RUN/predictions/<split>.jsonl and <split>.meta.json
 PROTOCOLS = ("full_kb", "candidates")
 METRIC_KEYS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 HITS_KS = (1, 3, 5, 10, 20)
+DEFAULT_TIE_RULE = "pessimistic"  # what results.json files without a "tie_rule" field were measured with
 
 
 class RunError(ValueError):
@@ -48,9 +52,36 @@ class Run:
     def seed(self) -> Any:
         return self.results.get("seed")
 
-    def split_metrics(self, protocol: str = "full_kb", split: str = "test") -> dict[str, float] | None:
-        """``results["protocols"][protocol][split]`` or ``None`` when the run has no such entry."""
-        entry = (self.results.get("protocols") or {}).get(protocol)
+    @property
+    def tie_rule(self) -> str:
+        """The tie rule of ``results["protocols"]`` (older run folders: pessimistic, the only rule they had)."""
+        return str(self.results.get("tie_rule") or DEFAULT_TIE_RULE)
+
+    @property
+    def score_dtype(self) -> str | None:
+        """The scoring dtype of the evaluation (``None``: not recorded, an older run folder)."""
+        v = self.results.get("score_dtype")
+        return str(v) if v else None
+
+    @property
+    def kb_entities(self) -> int | None:
+        """How many KB entities the full-KB protocol ranked against (``None``: not recorded)."""
+        v = self.results.get("kb_entities")
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def candidate_list_length(self, split: str) -> float | None:
+        """Mean candidate-list length of ``split`` (``results["candidate_recall"]``; ``None``: not recorded)."""
+        v = ((self.results.get("candidate_recall") or {}).get(split) or {}).get("mean_list_length")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def split_metrics(self, protocol: str = "full_kb", split: str = "test",
+                      tie_rule: str | None = None) -> dict[str, float] | None:
+        """``results["protocols"][protocol][split]``, or with ``tie_rule`` other than the run's own,
+        ``results["tie_rules"][tie_rule][protocol][split]``; ``None`` when the run has no such entry."""
+        block = self.results.get("protocols")
+        if tie_rule is not None and tie_rule != self.tie_rule:
+            block = (self.results.get("tie_rules") or {}).get(tie_rule)
+        entry = (block or {}).get(protocol)
         if not isinstance(entry, dict):
             return None
         m = entry.get(split)
@@ -92,11 +123,18 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     protocols = res.get("protocols")
     if not isinstance(protocols, dict):
         raise RunError(f"{path}: field 'protocols' is missing or not an object")
-    for proto, splits in protocols.items():
-        if not isinstance(splits, dict):
-            raise RunError(f"{path}: protocols.{proto} must be an object of splits")
-        for split, m in splits.items():
-            _check_metrics(path, f"protocols.{proto}.{split}", m)
+    blocks = {"protocols": protocols}
+    tie_rules = res.get("tie_rules")
+    if tie_rules is not None:
+        if not isinstance(tie_rules, dict) or not all(isinstance(v, dict) for v in tie_rules.values()):
+            raise RunError(f"{path}: field 'tie_rules' must map tie rules to objects of protocols")
+        blocks.update({f"tie_rules.{rule}": v for rule, v in tie_rules.items()})
+    for where, block in blocks.items():
+        for proto, splits in block.items():
+            if not isinstance(splits, dict):
+                raise RunError(f"{path}: {where}.{proto} must be an object of splits")
+            for split, m in splits.items():
+                _check_metrics(path, f"{where}.{proto}.{split}", m)
     return res
 
 
@@ -187,3 +225,117 @@ def dev_mrr(record: dict[str, Any], protocol: str = "full_kb") -> float | None:
     if isinstance(sub, dict) and isinstance(sub.get("mrr"), (int, float)):
         return float(sub["mrr"])
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-mention predictions (RUN/predictions/<split>.jsonl, written by nel_model.evaluate.write_predictions)
+
+RANK_FIELDS = ("rank", "higher", "equal", "unordered")
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """How one mention's gold entity ranked under one protocol: the pessimistic ``rank`` (0 = not ranked: gold
+    outside its candidate list under the ``in_list`` rule) and the counts every tie rule is computed from
+    (``nel_model.metrics.RankCounts``)."""
+
+    rank: int
+    higher: int
+    equal: int
+    unordered: int
+
+    @property
+    def found(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
+class MentionPrediction:
+    """One line of a predictions file: the full-KB ranking, its top entities ``(entity id, float32 score)``, best
+    first, and the candidate-list ranking when the dataset has candidate lists."""
+
+    mention_id: str
+    gold: str
+    full_kb: RankEntry
+    top: tuple[tuple[str, float | None], ...]
+    candidates: RankEntry | None = None
+
+    def ranking(self, protocol: str) -> RankEntry | None:
+        return self.full_kb if protocol == "full_kb" else self.candidates
+
+
+@dataclass
+class Predictions:
+    path: Path
+    split: str
+    meta: dict[str, Any]
+    mentions: list[MentionPrediction]
+
+
+def predictions_path(run_dir: str | Path, split: str) -> Path:
+    return Path(run_dir) / PREDICTIONS_DIR / f"{split}.jsonl"
+
+
+def _rank_entry(obj: Any, fail, prefix: str = "") -> RankEntry:
+    if not isinstance(obj, dict):
+        fail(prefix.rstrip(".") or None, "must be an object")
+    vals = []
+    for key in RANK_FIELDS:
+        v = obj.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            fail(prefix + key, f"must be a non-negative integer, got {v!r}")
+        vals.append(v)
+    return RankEntry(*vals)
+
+
+def _mention_prediction(obj: Any, fail) -> MentionPrediction:
+    if not isinstance(obj, dict):
+        fail(None, f"must be a JSON object, got {type(obj).__name__}")
+    for key in ("mention_id", "gold"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            fail(key, f"must be a non-empty string, got {obj.get(key)!r}")
+    top = obj.get("top")
+    if not isinstance(top, list) or not all(
+            isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)
+            and (t[1] is None or (isinstance(t[1], (int, float)) and not isinstance(t[1], bool))) for t in top):
+        fail("top", "must be a list of [entity id, score] pairs")
+    cands = obj.get("candidates")
+    return MentionPrediction(
+        mention_id=obj["mention_id"], gold=obj["gold"], full_kb=_rank_entry(obj, fail),
+        top=tuple((t[0], None if t[1] is None else float(t[1])) for t in top),
+        candidates=None if cands is None else _rank_entry(cands, fail, "candidates."))
+
+
+def load_predictions(run_dir: str | Path, split: str = "test") -> Predictions:
+    """Read and validate ``RUN/predictions/<split>.jsonl`` (and its ``.meta.json`` when present)."""
+    path = predictions_path(run_dir, split)
+    if not path.is_file():
+        raise RunError(f"{path}: no predictions for split '{split}' (written by nel_model.train at the end of "
+                       f"training; for an older run: python -m nel_model.evaluate --run {run_dir} --split {split} "
+                       "--predictions)")
+    mentions: list[MentionPrediction] = []
+    seen: dict[str, int] = {}
+    try:
+        for lineno, obj in iter_json_lines(path):
+            where = f"line {lineno}"
+            if isinstance(obj, dict) and isinstance(obj.get("mention_id"), str):
+                where += f" (mention {obj['mention_id']!r})"
+
+            def fail(field_name, problem, _where=where):
+                raise RunError(f"{path}, {_where}" + (f", field '{field_name}'" if field_name else "")
+                               + f": {problem}")
+
+            rec = _mention_prediction(obj, fail)
+            if rec.mention_id in seen:
+                fail("mention_id", f"duplicate, first seen on line {seen[rec.mention_id]}")
+            seen[rec.mention_id] = lineno
+            mentions.append(rec)
+    except DataError as exc:
+        raise RunError(str(exc)) from None
+    meta_path = path.with_name(f"{split}.meta.json")
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    if not isinstance(meta, dict):
+        raise RunError(f"{meta_path}: must hold a JSON object")
+    if "n" in meta and meta["n"] != len(mentions):
+        raise RunError(f"{meta_path}: field 'n' says {meta['n']} mentions but {path} has {len(mentions)} lines")
+    return Predictions(path=path, split=split, meta=meta, mentions=mentions)

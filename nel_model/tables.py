@@ -1,14 +1,15 @@
 """Gather run folders into the paper's results table (Markdown, CSV, LaTeX).
 
-    dim-mel table runs/dim_s1 runs/dim_s2 runs/ablations [--protocol full_kb] [--split test]
-        [--paper configs/paper_results.csv] [--metrics mrr hits@1 hits@3 hits@5] [--out results/table]
+    dim-mel table runs/dim_s1 runs/dim_s2 runs/ablations [--protocol full_kb] [--split test] [--tie_rule RULE]
+        [--paper [configs/published_results.csv]] [--metrics mrr hits@1 hits@3 hits@5] [--out results/table]
 
 Rows are methods/ablations (``results.json`` "label"), columns are datasets x metrics. Runs that share
 (dataset, label) are different seeds of one method: their cell is ``mean ± std`` with the *sample* standard
 deviation (n-1 in the denominator); a single run shows the mean alone. Values are percentages with 2 decimals.
-Rows and dataset columns keep the order in which they first appear among the given runs; paper rows (from the
-user-filled ``--paper`` file) come first. A folder that holds run folders (e.g. ``runs/ablations``) stands
-for all of them. See docs/RESULTS.md.
+Rows and dataset columns keep the order in which they first appear among the given runs; published rows (``--paper``,
+see ``nel_model.published``) come first, and only where they were measured like ours; the others are listed below
+the table with the reason. Every output names the protocol, split, tie rule and score dtype of our rows. A folder
+that holds run folders (e.g. ``runs/ablations``) stands for all of them. See docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 
 from data_process.core.durable_io import atomic_write_text
+from nel_model.metrics import TIE_RULES
+from nel_model.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
 from nel_model.run_io import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run
 
 METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5", "hits@10": "H@10",
@@ -30,24 +33,35 @@ METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5",
 DECIMALS = 2
 MISSING_MD = "–"
 MISSING_TEX = "--"
+NOT_RECORDED = "not recorded"
+NOT_REPORTED = "not reported"
 
 
 @dataclass
 class Cell:
-    """One (row, dataset) block: per-metric mean and std in percent; ``n`` runs (None for paper rows)."""
+    """One (row, dataset) block: per-metric mean and std in percent; ``n`` runs (None for published rows), and
+    the distinct tie rules and score dtypes of those runs (``None`` = not recorded)."""
 
     mean: dict[str, float | None]
     std: dict[str, float | None]
     n: int | None = None
     seeds: list = field(default_factory=list)
+    tie_rules: tuple[str, ...] = ()
+    score_dtypes: tuple[str | None, ...] = ()
 
 
 @dataclass
 class Row:
     method: str
-    source: str  # "ours" | "paper" | "skipped"
+    source: str  # "ours" | "published" | "skipped"
     cells: dict[str, Cell] = field(default_factory=dict)
     note: str = ""
+
+    def measured(self, attr: str) -> str:
+        """The row's tie rules / score dtypes (``attr`` = "tie_rules" | "score_dtypes") as text."""
+        if self.source == "published":
+            return NOT_REPORTED
+        return _join(v for cell in self.cells.values() for v in getattr(cell, attr))
 
 
 @dataclass
@@ -57,6 +71,9 @@ class Table:
     rows: list[Row]
     protocol: str
     split: str
+    settings: dict[str, OurSetting] = field(default_factory=dict)   # by dataset name
+    not_comparable: list[str] = field(default_factory=list)        # published rows left out, with the reason
+    published_from: str | None = None                              # the --paper file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,15 +84,26 @@ def _fmt(v: float | None) -> str | None:
     return None if v is None else f"{v:.{DECIMALS}f}"
 
 
-def collect(runs: list[Run], protocol: str, split: str, metrics: list[str], warn=None) -> tuple[list[str], list[Row]]:
-    """Group runs by (label, dataset) and aggregate. Returns (datasets in first-seen order, rows)."""
+def _distinct(values) -> tuple:
+    return tuple(dict.fromkeys(values))
+
+
+def _join(values) -> str:
+    return " / ".join(NOT_RECORDED if v is None else str(v) for v in _distinct(values)) or MISSING_MD
+
+
+def collect(runs: list[Run], protocol: str, split: str, metrics: list[str], warn=None,
+            tie_rule: str | None = None) -> tuple[list[str], list[Row]]:
+    """Group runs by (label, dataset) and aggregate. Returns (datasets in first-seen order, rows).
+    ``tie_rule``: report every run under this rule (default: each run's own, ``results.json`` "tie_rule")."""
     warn = warn or (lambda msg: None)
     datasets: list[str] = []
     groups: dict[str, dict[str, list[tuple[Run, dict]]]] = {}
     for run in runs:
-        m = run.split_metrics(protocol, split)
+        m = run.split_metrics(protocol, split, tie_rule)
         if m is None:
-            warn(f"{run.path}: no '{protocol}' / '{split}' results; left out")
+            under = f" under tie rule '{tie_rule}'" if tie_rule else ""
+            warn(f"{run.path}: no '{protocol}' / '{split}' results{under}; left out")
             continue
         if run.dataset not in datasets:
             datasets.append(run.dataset)
@@ -89,6 +117,10 @@ def collect(runs: list[Run], protocol: str, split: str, metrics: list[str], warn
             if dup:
                 warn(f"label {label!r}, dataset {ds!r}: seed(s) {', '.join(dup)} appear in several runs "
                      f"({', '.join(str(r.path) for r, _ in items)})")
+            rules = _distinct(tie_rule or r.tie_rule for r, _ in items)
+            if len(rules) > 1:
+                warn(f"label {label!r}, dataset {ds!r}: runs measured under different tie rules "
+                     f"({', '.join(rules)}) are averaged; pass --tie_rule to report them under one")
             mean, std = {}, {}
             for key in metrics:
                 vals = [100.0 * float(m[key]) for _, m in items if key in m]
@@ -99,80 +131,68 @@ def collect(runs: list[Run], protocol: str, split: str, metrics: list[str], warn
                     continue
                 mean[key] = statistics.fmean(vals)
                 std[key] = statistics.stdev(vals) if len(vals) > 1 else None
-            row.cells[ds] = Cell(mean=mean, std=std, n=len(items), seeds=seeds)
+            row.cells[ds] = Cell(mean=mean, std=std, n=len(items), seeds=seeds, tie_rules=rules,
+                                 score_dtypes=_distinct(r.score_dtype for r, _ in items))
         rows.append(row)
     return datasets, rows
 
 
-def read_paper(path: str | Path, datasets: list[str], protocol: str, metrics: list[str]) -> list[Row]:
-    """Paper rows from the user-filled CSV (see configs/paper_results.csv).
+def our_settings(runs: list[Run], datasets: list[str], split: str) -> dict[str, OurSetting]:
+    """How our runs of each dataset column were measured (KB sizes, mean candidate-list lengths of ``split``)."""
+    return {ds: OurSetting(ds, _distinct(r.kb_entities for r in runs if r.dataset == ds),
+                           _distinct(r.candidate_list_length(split) for r in runs if r.dataset == ds))
+            for ds in datasets}
 
-    Lines starting with ``#`` are comments. Columns: ``method, dataset, protocol`` and any of the metric
-    columns (percentages as printed in the paper; empty = not reported). Only rows for ``datasets`` and
-    for ``protocol`` (or an empty protocol) with at least one value are kept.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: paper results file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
-    if not numbered:
-        return []
-    reader = csv.reader([ln for _, ln in numbered])
-    header = [h.strip() for h in next(reader)]
-    for need in ("method", "dataset"):
-        if need not in header:
-            raise RunError(f"{path}, line {numbered[0][0]}: header has no '{need}' column")
-    unknown = [h for h in header if h not in ("method", "dataset", "protocol", "source", "note", *METRIC_KEYS)]
-    if unknown:
-        raise RunError(f"{path}, line {numbered[0][0]}: unknown column '{unknown[0]}' "
-                       f"(metric columns: {', '.join(METRIC_KEYS)})")
+
+def published_rows(path: str | Path, datasets: list[str], settings: dict[str, OurSetting], protocol: str,
+                   split: str, metrics: list[str]) -> tuple[list[Row], list[str]]:
+    """Rows of the published-results file that are comparable with our runs (one row per method, its values
+    under our dataset column names), and one line per left-out (dataset, protocol, KB size, split) giving the
+    methods and the reason."""
+    by_key = {dataset_key(ds): settings[ds] for ds in datasets}
     rows: dict[str, Row] = {}
-    for (lineno, _), values in zip(numbered[1:], reader):
-        rec = dict(zip(header, (v.strip() for v in values)))
-        if len(values) != len(header):
-            raise RunError(f"{path}, line {lineno}: {len(values)} values for {len(header)} columns")
-        if not rec["method"] or not rec["dataset"]:
-            raise RunError(f"{path}, line {lineno}: 'method' and 'dataset' must not be empty")
-        if rec.get("protocol") and rec["protocol"] not in PROTOCOLS:
-            raise RunError(f"{path}, line {lineno}, column 'protocol': must be one of {', '.join(PROTOCOLS)} "
-                           f"or empty, got {rec['protocol']!r}")
-        mean: dict[str, float | None] = {}
-        for key in metrics:
-            raw = rec.get(key, "").rstrip("%").strip()
-            if raw == "":
-                mean[key] = None
-                continue
-            try:
-                mean[key] = float(raw)
-            except ValueError:
-                raise RunError(f"{path}, line {lineno}, column '{key}': not a number: {rec[key]!r}") from None
-        if rec["dataset"] not in datasets or rec.get("protocol", "") not in ("", protocol):
+    left_out: dict[tuple[str, str], list[str]] = {}
+    for res in read_published(path):
+        reason = why_not_comparable(res, protocol, split, by_key)
+        if reason is not None:
+            kb = f" ({res.kb_entities:,} entities)" if res.kb_entities else ""
+            names = left_out.setdefault((f"{res.dataset} {res.protocol}{kb}, {res.split}", reason), [])
+            if res.name not in names:
+                names.append(res.name)
             continue
-        if all(v is None for v in mean.values()):
+        if res.metric not in metrics:
             continue
-        name = rec["method"] if "(paper)" in rec["method"] else f"{rec['method']} (paper)"
-        row = rows.setdefault(name, Row(method=name, source="paper"))
-        row.cells[rec["dataset"]] = Cell(mean=mean, std={k: None for k in mean}, n=None)
-    return list(rows.values())
+        ds = by_key[dataset_key(res.dataset)].dataset
+        row = rows.setdefault(res.name, Row(method=res.name, source="published"))
+        cell = row.cells.setdefault(ds, Cell(mean={k: None for k in metrics}, std={k: None for k in metrics}))
+        cell.mean[res.metric] = res.value
+        if res.source not in row.note:
+            row.note = f"{row.note}; {res.source}" if row.note else res.source
+    notes = [f"{what}: {', '.join(names)}. Not comparable: {reason}" for (what, reason), names in left_out.items()]
+    return list(rows.values()), notes
 
 
 def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test", metrics: list[str] | None = None,
                 paper: str | Path | None = None, skipped: list[tuple[str, str]] = (), warn=None,
-                order: list[str] | None = None) -> Table:
-    """The whole table. ``skipped`` = [(label, reason)] rows shown as skipped (e.g. ablations the features lack).
-    ``order``: method labels in the wanted row order (paper rows stay first; unlisted rows keep their place
-    after the listed ones)."""
+                order: list[str] | None = None, tie_rule: str | None = None) -> Table:
+    """The whole table. ``paper``: a published-results CSV (``nel_model.published``). ``skipped`` = [(label,
+    reason)] rows shown as skipped (e.g. ablations the features lack). ``order``: method labels in the wanted row
+    order (published rows stay first; unlisted rows keep their place after the listed ones). ``tie_rule``: report
+    our runs under this rule (default: each run's own)."""
     metrics = list(metrics or METRIC_KEYS)
-    datasets, rows = collect(runs, protocol, split, metrics, warn=warn)
-    if paper is not None and split == "test":
-        rows = read_paper(paper, datasets, protocol, metrics) + rows
+    datasets, rows = collect(runs, protocol, split, metrics, warn=warn, tie_rule=tie_rule)
+    settings = our_settings(runs, datasets, split)
+    not_comparable: list[str] = []
+    if paper is not None:
+        published, not_comparable = published_rows(paper, datasets, settings, protocol, split, metrics)
+        rows = published + rows
     for label, reason in skipped:
         rows.append(Row(method=label, source="skipped", note=reason))
     if order:
         rank = {label: i for i, label in enumerate(order)}
-        rows.sort(key=lambda r: (r.source != "paper", rank.get(r.method, len(rank))))
-    return Table(datasets=datasets, metrics=metrics, rows=rows, protocol=protocol, split=split)
+        rows.sort(key=lambda r: (r.source != "published", rank.get(r.method, len(rank))))
+    return Table(datasets=datasets, metrics=metrics, rows=rows, protocol=protocol, split=split, settings=settings,
+                 not_comparable=not_comparable, published_from=None if paper is None else str(paper))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +200,8 @@ def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test",
 
 
 def _n_text(row: Row, datasets: list[str]) -> str:
-    if row.source == "paper":
-        return "paper"
+    if row.source == "published":
+        return "published"
     if row.source == "skipped":
         return "skipped"
     ns = [str(row.cells[d].n) if d in row.cells else "0" for d in datasets]
@@ -197,9 +217,43 @@ def _cell_text(cell: Cell | None, key: str, pm: str, missing: str) -> str:
     return text
 
 
+def _ours(table: Table) -> list[Row]:
+    return [r for r in table.rows if r.source == "ours"]
+
+
 def caption(table: Table) -> str:
-    return (f"Protocol: {table.protocol}, split: {table.split}. Percentages ({DECIMALS} decimals); "
-            f"mean ± sample std over the n runs (seeds) of a method.")
+    """Protocol, split, tie rule, score dtype and KB size (or candidate-list length) of our rows."""
+    ours = _ours(table)
+    if table.protocol == "full_kb":
+        sizes = "; KB entities: " + ", ".join(f"{d} {_join(f'{v:,}' if v else None for v in s.kb_entities)}"
+                                               for d, s in table.settings.items())
+    else:
+        sizes = "; mean candidate-list length: " + ", ".join(
+            f"{d} {_join(f'{v:g}' if v is not None else None for v in s.list_lengths)}"
+            for d, s in table.settings.items())
+    return (f"Protocol: {table.protocol}, split: {table.split}, tie rule: "
+            f"{_join(r.measured('tie_rules') for r in ours)}, scores: {_join(r.measured('score_dtypes') for r in ours)}"
+            f"{sizes if table.settings else ''}. Percentages ({DECIMALS} decimals); mean ± sample std over the n runs "
+            "(seeds) of a method.")
+
+
+def notes(table: Table) -> list[str]:
+    """Lines printed below the table: per-row tie rules / dtypes when our rows differ, published-row caveats,
+    published results left out and why, skipped rows."""
+    out = []
+    ours = _ours(table)
+    for attr, what in (("tie_rules", "tie rule"), ("score_dtypes", "scores")):
+        if len({r.measured(attr) for r in ours}) > 1:
+            out += [f"- {r.method}: {what} {r.measured(attr)}" for r in ours]
+    if any(r.source == "published" for r in table.rows):
+        out.append(f"- Published rows (from {table.published_from}): as reported by their sources, which do not "
+                   "state a tie rule; shown only where dataset, protocol, KB size / candidate-list length and "
+                   "split match ours.")
+    if table.not_comparable:
+        out.append(f"- Published results not comparable with these runs (from {table.published_from}):")
+        out += [f"  - {line}" for line in table.not_comparable]
+    out += [f"- {row.method}: skipped ({row.note})" for row in table.rows if row.source == "skipped"]
+    return out
 
 
 def _md_escape(text: str) -> str:
@@ -213,15 +267,16 @@ def render_markdown(table: Table) -> str:
     for row in table.rows:
         cells = [_cell_text(row.cells.get(d), k, " ± ", MISSING_MD) for d in table.datasets for k in table.metrics]
         lines.append("| " + " | ".join([_md_escape(row.method), _n_text(row, table.datasets)] + cells) + " |")
-    notes = [f"- {row.method}: skipped ({row.note})" for row in table.rows if row.source == "skipped"]
-    if notes:
-        lines += ["", *notes]
+    below = notes(table)
+    if below:
+        lines += ["", *below]
     return "\n".join(lines) + "\n"
 
 
 def render_csv(table: Table) -> str:
-    """Wide CSV: method, source, then per dataset ``n`` and each metric's mean and std (percent), and a note."""
-    head = ["method", "source"]
+    """Wide CSV: method, source, how the row was measured (protocol, split, tie rule, score dtype), then per
+    dataset ``n`` and each metric's mean and std (percent), and a note (published rows: their source)."""
+    head = ["method", "source", "protocol", "split", "tie rule", "score dtype"]
     for d in table.datasets:
         head.append(f"{d} n")
         for k in table.metrics:
@@ -231,7 +286,8 @@ def render_csv(table: Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
     for row in table.rows:
-        out = [row.method, row.source]
+        measured = [row.measured("tie_rules"), row.measured("score_dtypes")] if row.source != "skipped" else ["", ""]
+        out = [row.method, row.source, table.protocol, table.split, *measured]
         for d in table.datasets:
             cell = row.cells.get(d)
             out.append("" if cell is None or cell.n is None else str(cell.n))
@@ -266,6 +322,7 @@ def render_latex(table: Table) -> str:
         cells = [_cell_text(row.cells.get(d), k, " $\\pm$ ", MISSING_TEX) for d in table.datasets for k in table.metrics]
         lines.append(" & ".join([tex_escape(row.method)] + cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += [f"% {line}" for line in notes(table)]
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +341,14 @@ def write_outputs(table: Table, prefix: str | Path) -> list[Path]:
 # CLI
 
 
+def add_paper_argument(p: argparse.ArgumentParser) -> None:
+    """``--paper [CSV]``: published results beside ours (the shipped file when no CSV is given)."""
+    p.add_argument("--paper", nargs="?", const=str(PUBLISHED_FILE), default=None, metavar="CSV",
+                   help="show published results beside ours where they are comparable, and list the others with the "
+                        f"reason (default file: {PUBLISHED_FILE.parent.name}/{PUBLISHED_FILE.name}; format: "
+                        "docs/RESULTS.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gather run folders into a results table (Markdown/CSV/LaTeX).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -293,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of results.json to report (default: test)")
     p.add_argument("--metrics", nargs="+", choices=METRIC_KEYS, default=list(METRIC_KEYS),
                    help="metric columns, in this order (default: all six)")
-    p.add_argument("--paper", default=None, help="CSV of paper-reported numbers shown beside ours "
-                                                 "(e.g. configs/paper_results.csv); test split only")
+    p.add_argument("--tie_rule", choices=TIE_RULES, default=None,
+                   help="report every run under this tie rule (results.json 'tie_rules'; default: each run's own)")
+    add_paper_argument(p)
     p.add_argument("--out", default=None, metavar="PREFIX", help="also write PREFIX.md, PREFIX.csv, PREFIX.tex")
     return p
 
@@ -307,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runs = [load_run(d) for d in expand_run_dirs(args.runs, warn=warn)]
-        table = build_table(runs, args.protocol, args.split, args.metrics, paper=args.paper, warn=warn)
+        table = build_table(runs, args.protocol, args.split, args.metrics, paper=args.paper, warn=warn,
+                            tie_rule=args.tie_rule)
         if not table.datasets:
             raise RunError(f"no run has '{args.protocol}' / '{args.split}' results")
         print(render_markdown(table), end="")

@@ -35,7 +35,7 @@ from nel_model.args import parse_args, parse_select_by
 from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
 from nel_model.data import FeatureSource, load_mel_data, to_device
 from nel_model.evaluate import (EvalSettings, encode_entities, evaluate_counts, evaluate_splits, results_block,
-                                score_dtype_for)
+                                score_dtype_for, write_predictions)
 from nel_model.hard_negatives import hard_negative_table
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
@@ -412,6 +412,8 @@ class Trainer:
             np.save(buf, emb.cpu().numpy().astype(np.float16))
             atomic_write_bytes(self.out / "entity_embeddings.npy", buf.getvalue())
             atomic_write_json(self.out / "entity_ids.json", self.data.entity_ids)
+            write_predictions(self.out, self.model, self.data, self.source, counts, self.eval_settings, self.device,
+                              emb, checkpoint={"name": "best", "epoch": self.best_epoch})
             atomic_write_json(self.out / "results.json", results)
             if self.tb is not None:
                 self.tb.close()

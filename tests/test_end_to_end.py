@@ -19,13 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _train(features: Path, out: Path, *flags: str) -> dict:
+def _train(features: Path, out: Path, *flags: str) -> None:
     cmd = [sys.executable, "-m", "nel_model.train", "--config", str(ROOT / "configs" / "synthetic.yaml"),
            "--features", str(features), "--output_dir", str(out), "--seed", "3", "--device", "cpu",
            "--threads", "1", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())["protocols"]["full_kb"]["test"]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,19 @@ def features(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def results(features, tmp_path_factory) -> dict[str, dict]:
+def run_dirs(features, tmp_path_factory) -> dict[str, Path]:
     runs = tmp_path_factory.mktemp("e2e_runs")
-    return {
-        "untrained": _train(features, runs / "untrained", "--epochs", "0"),
-        "full": _train(features, runs / "full", "--epochs", "15"),
-        "text_only": _train(features, runs / "text", "--epochs", "15", "--no_image", "--no_entity_image"),
-    }
+    dirs = {"untrained": runs / "untrained", "full": runs / "full", "text_only": runs / "text"}
+    _train(features, dirs["untrained"], "--epochs", "0")
+    _train(features, dirs["full"], "--epochs", "15")
+    _train(features, dirs["text_only"], "--epochs", "15", "--no_image", "--no_entity_image")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def results(run_dirs) -> dict[str, dict]:
+    return {name: json.loads((d / "results.json").read_text())["protocols"]["full_kb"]["test"]
+            for name, d in run_dirs.items()}
 
 
 def test_trained_beats_untrained_by_a_wide_margin(results):
@@ -62,6 +67,23 @@ def test_full_model_beats_text_only(results):
     # Names are shared inside a family and most sentences carry no hint: only the image separates the members.
     assert results["full"]["mrr"] > results["text_only"]["mrr"] + 0.12  # measured: 0.732 vs 0.529
     assert results["full"]["hits@1"] > results["text_only"]["hits@1"] + 0.2
+
+
+def test_analysis_shows_the_image_winning_on_shared_names(run_dirs, tmp_path):
+    # The error analysis of the same runs: on mentions whose name 2+ KB entities share, the image must carry the
+    # full model past the text-only one (every synthetic family has 2-5 members, so that is the whole test split).
+    from nel_model import analyze
+
+    out = tmp_path / "full_vs_text"
+    assert analyze.main(["--run", str(run_dirs["full"]), "--compare", str(run_dirs["text_only"]),
+                         "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    shared = {row["bucket"]: row for row in res["breakdowns"]["name_shared"]}["2+"]
+    full, text = shared["metrics"]
+    assert shared["n"] > 50
+    assert full["mrr"] > text["mrr"] + 0.1 and full["hits@1"] > text["hits@1"] + 0.15
+    assert shared["better"][0] > 2 * shared["better"][1]   # mentions the full model ranks better vs worse
+    assert out.with_suffix(".png").stat().st_size > 0 and "## Hardest confusions" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("launcher,envvar", [("wiki.sh", "WIKI_DIR"), ("rich.sh", "RICH_DIR"),

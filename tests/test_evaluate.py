@@ -107,3 +107,81 @@ def test_faiss_index_evaluation_matches_exact_on_a_small_kb(trained_run, capsys)
     for key in ("mrr", "hits@1", "hits@5", "hits@20", "n"):
         assert approx[key] == pytest.approx(exact[key])
     assert "faiss_hnsw" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-mention predictions (RUN/predictions/<split>.jsonl)
+
+
+def test_predictions_agree_with_an_independent_float64_ranking(trained_run):
+    from nel_model.metrics import metrics_from_ranks
+    from nel_model.run_io import load_predictions
+
+    feat, out = trained_run
+    cpu = torch.device("cpu")
+    model, ckpt = ev.load_run_model(out, "best", cpu)
+    data = load_mel_data(feat)
+    src = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    results = json.loads((out / "results.json").read_text())
+    for split in ("dev", "test"):
+        preds = load_predictions(out, split)
+        rows = data.splits[split]
+        assert preds.meta["n"] == len(rows) == len(preds.mentions)
+        assert preds.meta["checkpoint"] == {"name": "best", "epoch": ckpt["epoch"]}
+        assert preds.meta["kb_entities"] == data.num_entities and preds.meta["top_k"] == 10
+        q = ev.encode_mentions(model, src, rows, cpu, ev.EvalSettings()).double()
+        scores = q @ ev.encode_entities(model, src, cpu, ev.EvalSettings()).double().T
+        for i, p in enumerate(preds.mentions):
+            s, gold, cands = scores[i].tolist(), int(data.gold[rows[i]]), data.candidates[rows[i]]
+            assert (p.mention_id, p.gold) == (data.mention_ids[rows[i]], data.entity_ids[gold])
+            assert p.full_kb.rank == sum(v >= s[gold] for v in s)        # pessimistic: the gold counts itself once
+            best = sorted(range(len(s)), key=lambda r: (-s[r], r))[:10]
+            assert [e for e, _ in p.top] == [data.entity_ids[r] for r in best]
+            assert [v for _, v in p.top] == pytest.approx([s[r] for r in best], abs=1e-5)
+            others = [c for c in cands.tolist() if c >= 0 and c != gold]
+            assert p.candidates.rank == 1 + sum(s[c] >= s[gold] for c in others)    # DIM's rule: gold always ranked
+        assert metrics_from_ranks([p.full_kb.rank for p in preds.mentions]) == pytest.approx(
+            results["protocols"]["full_kb"][split])
+
+
+def test_evaluate_predictions_flag_rewrites_the_same_files(trained_run, tmp_path):
+    import shutil
+
+    _, out = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = {p.name: p.read_bytes() for p in (run / "predictions").iterdir()}
+    assert sorted(before) == ["dev.jsonl", "dev.meta.json", "test.jsonl", "test.meta.json"]
+    shutil.rmtree(run / "predictions")
+    ev.main(["--run", str(run), "--split", "all", "--predictions"])
+    assert {p.name: p.read_bytes() for p in (run / "predictions").iterdir()} == before
+
+
+def test_top_entities_orders_ties_by_kb_row_and_nan_last():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0], [float("nan"), 0.0]])
+    scores, rows = ev.top_entities(q, e, 2, chunk=1)
+    assert rows.tolist() == [[1, 2], [0, 1]] and scores.tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    scores, rows = ev.top_entities(q, e, 6, chunk=2)
+    assert rows.tolist() == [[1, 2, 4, 3, 0, 5], [0, 1, 2, 3, 4, 5]]
+
+
+def test_predictions_reader_names_file_line_and_field(tmp_path):
+    from nel_model.run_io import RunError, load_predictions
+
+    with pytest.raises(RunError, match=r"predictions/test.jsonl: no predictions for split 'test' .*--predictions\)$"):
+        load_predictions(tmp_path, "test")
+    (tmp_path / "predictions").mkdir()
+    good = {"mention_id": "m1", "gold": "e1", "rank": 2, "higher": 1, "equal": 0, "unordered": 0,
+            "top": [["e2", 0.5], ["e1", 0.25]]}
+    bad = {**good, "mention_id": "m2", "candidates": {"rank": -1, "higher": 0, "equal": 0, "unordered": 0}}
+    path = tmp_path / "predictions" / "test.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(RunError) as exc:
+        load_predictions(tmp_path, "test")
+    assert str(exc.value) == f"{path}, line 2 (mention 'm2'), field 'candidates.rank': must be a non-negative " \
+                             "integer, got -1"
+    path.write_text(json.dumps(good) + "\n")
+    (tmp_path / "predictions" / "test.meta.json").write_text('{"n": 3}')
+    with pytest.raises(RunError, match="field 'n' says 3 mentions but .* has 1 lines"):
+        load_predictions(tmp_path, "test")

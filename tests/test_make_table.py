@@ -23,13 +23,14 @@ def metrics(mrr, h1, h3, h5, h10, h20, n=100):
 
 
 def write_run(path: Path, dataset: str, label: str, seed: int, test: dict, *, dev: dict | None = None,
-              candidates: dict | None = None) -> Path:
+              candidates: dict | None = None, **extra) -> Path:
+    """A run folder; ``extra`` goes into results.json as given (e.g. kb_entities, tie_rule, score_dtype)."""
     path.mkdir(parents=True)
     protocols = {"full_kb": {"dev": dev or test, "test": test}}
     if candidates is not None:
         protocols["candidates"] = {"dev": candidates, "test": candidates}
     (path / "results.json").write_text(json.dumps(
-        {"dataset": dataset, "label": label, "seed": seed, "best_epoch": 2, "protocols": protocols}))
+        {"dataset": dataset, "label": label, "seed": seed, "best_epoch": 2, "protocols": protocols, **extra}))
     (path / "config.json").write_text(json.dumps({"label": label, "seed": seed}))
     lines = [{"epoch": e, "step": 10 * e, "train_loss": 2.0 / e, "lr": 1e-4, "time_s": 1.0,
               "dev": {"mrr": 0.1 * e, "hits@1": 0.05 * e}} for e in (1, 2, 3)]
@@ -50,7 +51,8 @@ def runs(tmp_path):
 
 
 EXPECTED_MD = """\
-Protocol: full_kb, split: test. Percentages (2 decimals); mean ± sample std over the n runs (seeds) of a method.
+Protocol: full_kb, split: test, tie rule: pessimistic, scores: not recorded; KB entities: WikiMEL not recorded, \
+Rich|MEL not recorded. Percentages (2 decimals); mean ± sample std over the n runs (seeds) of a method.
 
 | Method | n | WikiMEL MRR | WikiMEL H@1 | Rich\\|MEL MRR | Rich\\|MEL H@1 |
 |:---|---:|---:|---:|---:|---:|
@@ -59,9 +61,9 @@ Protocol: full_kb, split: test. Percentages (2 decimals); mean ± sample std ove
 """
 
 EXPECTED_CSV = """\
-method,source,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,WikiMEL H@1 std,Rich|MEL n,Rich|MEL MRR,Rich|MEL MRR std,Rich|MEL H@1,Rich|MEL H@1 std,note
-DIM,ours,3,82.00,2.00,72.00,2.00,1,61.23,,50.00,,
-text only,ours,1,50.00,,40.00,,,,,,,
+method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,WikiMEL H@1 std,Rich|MEL n,Rich|MEL MRR,Rich|MEL MRR std,Rich|MEL H@1,Rich|MEL H@1 std,note
+DIM,ours,full_kb,test,pessimistic,not recorded,3,82.00,2.00,72.00,2.00,1,61.23,,50.00,,
+text only,ours,full_kb,test,pessimistic,not recorded,1,50.00,,40.00,,,,,,,
 """
 
 
@@ -86,7 +88,9 @@ def test_candidates_protocol_leaves_out_runs_without_it(runs):
     warnings = []
     loaded = [load_run(d) for d in expand_run_dirs([runs])]
     table = mt.build_table(loaded, "candidates", "test", ["mrr"], warn=warnings.append)
-    assert mt.render_csv(table) == "method,source,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,note\nDIM,ours,1,90.00,,\n"
+    assert mt.render_csv(table) == ("method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,"
+                                    "WikiMEL MRR std,note\n"
+                                    "DIM,ours,candidates,test,pessimistic,not recorded,1,90.00,,\n")
     assert len(warnings) == 4 and all("no 'candidates' / 'test' results; left out" in w for w in warnings)
 
 
@@ -108,38 +112,173 @@ def test_latex(runs):
     assert mt.tex_escape("a_b & 5%") == "a\\_b \\& 5\\%"
 
 
-PAPER = """\
-# comment line
-method,dataset,protocol,mrr,hits@1,hits@3,hits@5,hits@10,hits@20,source
-DIM,WikiMEL,full_kb,81.5,71.25%,,,,,Table 2
-DIM,RichpediaMEL,full_kb,,,,,,,Table 2
-MIMIC,WikiMEL,candidates,90,,,,,,Table 9
-Empty,WikiMEL,,,,,,,,
+PUBLISHED_HEADER = "method,venue,dataset,protocol,kb_entities,split,metric,value,source\n"
+PUBLISHED = PUBLISHED_HEADER + """\
+DIM,PRCV'24,WIKIMEL,full_kb,5000,test,mrr,81.5,paper table 2
+DIM,PRCV'24,wikimel,full_kb,5000,test,hits@1,71.25,paper table 2
+DIM,PRCV'24,WikiMEL,full_kb,5000,test,hits@20,99,paper table 2
+Old,,WikiMEL,full_kb,9999,test,mrr,60,somewhere
+Lists,,WikiMEL,candidates_10,,test,mrr,90,elsewhere
+Dev,,WikiMEL,full_kb,5000,dev,mrr,70,elsewhere
+Other,,Richpedia,full_kb,5000,test,mrr,50,elsewhere
 """
 
 
-def test_paper_rows_and_cli_outputs(runs, tmp_path, capsys):
-    paper = tmp_path / "paper.csv"
-    paper.write_text(PAPER)
+def test_published_rows_beside_ours_only_where_comparable(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    m = metrics(0.80, 0.70, 0.85, 0.90, 0.95, 0.98)
+    for seed in (1, 2):
+        write_run(runs / f"dim_s{seed}", "WikiMEL", "DIM (ours)", seed, {**m, "mrr": 0.80 + 0.02 * (seed - 1)},
+                  kb_entities=5000, tie_rule="strict", score_dtype="float32")
+    paper = tmp_path / "published.csv"
+    paper.write_text("# a comment\n" + PUBLISHED)
     prefix = tmp_path / "out" / "table"
     rc = mt.main([str(runs / "dim_s1"), str(runs / "dim_s2"), "--metrics", "mrr", "hits@1",
                   "--paper", str(paper), "--out", str(prefix)])
     assert rc == 0
     out = capsys.readouterr().out
     expected = (
-        "Protocol: full_kb, split: test. Percentages (2 decimals); mean ± sample std over the n runs (seeds) "
-        "of a method.\n\n"
+        "Protocol: full_kb, split: test, tie rule: strict, scores: float32; KB entities: WikiMEL 5,000. Percentages "
+        "(2 decimals); mean ± sample std over the n runs (seeds) of a method.\n\n"
         "| Method | n | WikiMEL MRR | WikiMEL H@1 |\n"
         "|:---|---:|---:|---:|\n"
-        "| DIM (paper) | paper | 81.50 | 71.25 |\n"
-        "| DIM | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 |\n")
+        "| DIM (PRCV'24) | published | 81.50 | 71.25 |\n"
+        "| DIM (ours) | 2 | 81.00 ± 1.41 | 70.00 ± 0.00 |\n"
+        "\n"
+        f"- Published rows (from {paper}): as reported by their sources, which do not state a tie rule; shown only "
+        "where dataset, protocol, KB size / candidate-list length and split match ours.\n"
+        f"- Published results not comparable with these runs (from {paper}):\n"
+        "  - WikiMEL full_kb (9,999 entities), test: Old. Not comparable: WikiMEL full_kb with 9,999 entities; our "
+        "runs rank against 5,000\n"
+        "  - WikiMEL candidates_10, test: Lists. Not comparable: protocol candidates_10; this table reports full_kb\n"
+        "  - WikiMEL full_kb (5,000 entities), dev: Dev. Not comparable: published on the dev split; this table "
+        "reports test\n"
+        "  - Richpedia full_kb (5,000 entities), test: Other. Not comparable: no run of ours on Richpedia (our "
+        "datasets: WikiMEL)\n")
     assert out == expected
     assert (tmp_path / "out" / "table.md").read_text() == expected
     assert (tmp_path / "out" / "table.csv").read_text() == (
-        "method,source,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,WikiMEL H@1 std,note\n"
-        "DIM (paper),paper,,81.50,,71.25,,\n"
-        "DIM,ours,2,81.00,1.41,71.00,1.41,\n")
-    assert (tmp_path / "out" / "table.tex").read_text().startswith("% Protocol: full_kb")
+        "method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,"
+        "WikiMEL H@1 std,note\n"
+        "DIM (PRCV'24),published,full_kb,test,not reported,not reported,,81.50,,71.25,,paper table 2\n"
+        "DIM (ours),ours,full_kb,test,strict,float32,2,81.00,1.41,70.00,0.00,\n")
+    tex = (tmp_path / "out" / "table.tex").read_text().splitlines()
+    assert tex[0].startswith("% Protocol: full_kb, split: test, tie rule: strict, scores: float32")
+    assert tex[-5] == f"% - Published results not comparable with these runs (from {paper}):"
+    # the other protocol: only the candidates_10 row can stand beside runs whose lists have 10 entries
+    for d in (runs / "dim_s1", runs / "dim_s2"):
+        res = json.loads((d / "results.json").read_text())
+        res["protocols"]["candidates"] = {"test": m}
+        res["candidate_recall"] = {"test": {"mean_list_length": 10.0, "n": 100}}
+        (d / "results.json").write_text(json.dumps(res))
+    table = mt.build_table([load_run(runs / "dim_s1")], "candidates", metrics=["mrr"], paper=paper)
+    assert [(r.method, r.cells["WikiMEL"].mean) for r in table.rows] == [("Lists", {"mrr": 90.0}),
+                                                                        ("DIM (ours)", {"mrr": 80.0})]
+
+
+def _demo_like_run(path: Path) -> Path:
+    """What scripts/demo.sh writes: the synthetic dataset, 240 KB entities, candidate lists of 10."""
+    m = metrics(0.8, 0.7, 0.9, 0.95, 0.99, 1.0, n=340)
+    return write_run(path, "synthetic", "DIM (text+image+caption)", 0, m, candidates=m, kb_entities=240,
+                     tie_rule="pessimistic", score_dtype="float32",
+                     candidate_recall={"dev": {"mean_list_length": 10.0}, "test": {"mean_list_length": 10.0}})
+
+
+def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, capsys):
+    _demo_like_run(tmp_path / "full")
+    for protocol in ("full_kb", "candidates"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "full"), "--paper", "--protocol",
+                               protocol, "--metrics", "mrr"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[2:5] == ["| Method | n | synthetic MRR |", "|:---|---:|---:|",
+                              "| DIM (text+image+caption) | 1 | 80.00 |"]
+        assert "published" not in lines[4] and len(lines) == 5 + 2 + 6
+        assert lines[6] == ("- Published results not comparable with these runs (from "
+                            f"{ROOT / 'configs' / 'published_results.csv'}):")
+        assert lines[7:] == [
+            "  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
+            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on WikiMEL (our datasets: synthetic)",
+            "  - RichpediaMEL full_kb (160,935 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
+            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on RichpediaMEL (our datasets: synthetic)",
+            "  - WikiDiverse full_kb (132,460 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
+            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on WikiDiverse (our datasets: synthetic)",
+            "  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on WikiMEL "
+            "(our datasets: synthetic)",
+            "  - RichpediaMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on "
+            "RichpediaMEL (our datasets: synthetic)",
+            "  - WikiDiverse candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on "
+            "WikiDiverse (our datasets: synthetic)"]
+
+
+MIMIC_README_WIKIMEL = [  # (method, H@1, H@3, H@5, MRR) on WikiMEL, pengfei-luo/MIMIC readme.md
+    ("CLIP zero-shot", 83.23, 92.10, 94.51, 88.23), ("GHMFC (re-run)", 76.55, 88.40, 92.01, 83.36),
+    ("MIMIC (KDD'23)", 87.98, 95.07, 96.37, 91.82)]
+
+
+def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys):
+    m = metrics(0.9, 0.85, 0.93, 0.95, 0.97, 0.98, n=6000)
+    write_run(tmp_path / "ours", "WIKIMEL", "DIM", 1, m, kb_entities=109976, tie_rule="pessimistic",
+              score_dtype="float32")
+    assert mt.main([str(tmp_path / "ours"), "--paper", "--metrics", "hits@1", "hits@3", "hits@5", "mrr"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Protocol: full_kb, split: test, tie rule: pessimistic, scores: float32; "
+                               "KB entities: WIKIMEL 109,976.")
+    assert lines[2] == "| Method | n | WIKIMEL H@1 | WIKIMEL H@3 | WIKIMEL H@5 | WIKIMEL MRR |"
+    shown = {ln.split(" | ")[0][2:]: ln for ln in lines[4:10]}
+    for method, *values in MIMIC_README_WIKIMEL:
+        assert shown[method] == f"| {method} | published | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+    assert list(shown) == ["CLIP zero-shot", "GHMFC (re-run)", "MIMIC (KDD'23)", "MMoE (KDD'25)", "M3EL (KDD'25)",
+                           "DIM"]
+    assert shown["DIM"] == "| DIM | 1 | 85.00 | 93.00 | 95.00 | 90.00 |"
+    assert lines[11].startswith("- Published rows (from ") and "do not state a tie rule" in lines[11]
+    not_comparable = lines[13:]
+    assert len(not_comparable) == 5 and not any("WikiMEL full_kb" in ln for ln in not_comparable)
+    assert not_comparable[2] == ("  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: protocol "
+                                 "candidates_100; this table reports full_kb")
+    # the same run against a smaller KB (e.g. a subset prepared locally): nothing beside it, and the reason
+    res = json.loads((tmp_path / "ours" / "results.json").read_text())
+    (tmp_path / "ours" / "results.json").write_text(json.dumps({**res, "kb_entities": 18880}))
+    assert mt.main([str(tmp_path / "ours"), "--paper", "--metrics", "mrr"]) == 0
+    out = capsys.readouterr().out
+    assert "| published |" not in out
+    assert ("  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
+            "(KDD'25), M3EL (KDD'25). Not comparable: WikiMEL full_kb with 109,976 entities; our runs rank against "
+            "18,880") in out.splitlines()
+    # an older run folder that does not record its KB size is never set beside published numbers
+    (tmp_path / "ours" / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "kb_entities"}))
+    assert mt.main([str(tmp_path / "ours"), "--paper", "--metrics", "mrr"]) == 0
+    out = capsys.readouterr().out
+    assert "| published |" not in out and "the KB size of our runs is not recorded (older run folders)" in out
+
+
+def test_shipped_published_results_file_holds_the_gathered_rows():
+    from nel_model.published import PUBLISHED_FILE, read_published
+
+    rows = read_published(PUBLISHED_FILE)
+    assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv" and len(rows) == 7 * 3 * 4
+    got = {(r.name, r.dataset, r.protocol, r.kb_entities, r.split, r.metric): r.value for r in rows}
+    assert got[("MMoE (KDD'25)", "WikiDiverse", "full_kb", 132460, "test", "mrr")] == 84.23
+    assert got[("M3EL (KDD'25)", "RichpediaMEL", "full_kb", 160935, "test", "hits@5")] == 95.34
+    assert got[("DWE+", "WikiMEL", "candidates_100", None, "test", "hits@20")] == 99.7
+    assert got[("DWE (AAAI'24)", "RichpediaMEL", "candidates_100", None, "test", "hits@5")] == 97.1
+    assert {r.metric for r in rows if r.protocol == "full_kb"} == {"hits@1", "hits@3", "hits@5", "mrr"}
+    assert {r.metric for r in rows if r.protocol != "full_kb"} == {"hits@1", "hits@5", "hits@10", "hits@20"}
+
+
+def test_tie_rule_option_reports_every_run_under_one_rule(tmp_path, capsys):
+    m = metrics(0.5, 0.4, 0.6, 0.7, 0.8, 0.9)
+    write_run(tmp_path / "a", "D", "A", 1, m, tie_rule="pessimistic",
+              tie_rules={"strict": {"full_kb": {"test": {**m, "mrr": 0.55}}}})
+    write_run(tmp_path / "b", "D", "B", 1, {**m, "mrr": 0.6}, tie_rule="strict")
+    assert mt.main([str(tmp_path / "a"), str(tmp_path / "b"), "--metrics", "mrr"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Protocol: full_kb, split: test, tie rule: pessimistic / strict, scores: not recorded")
+    assert out[-2:] == ["- A: tie rule pessimistic", "- B: tie rule strict"]
+    assert mt.main([str(tmp_path / "a"), str(tmp_path / "b"), "--metrics", "mrr", "--tie_rule", "strict"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Protocol: full_kb, split: test, tie rule: strict,")
+    assert out[4:] == ["| A | 1 | 55.00 |", "| B | 1 | 60.00 |"]
 
 
 def test_skipped_rows(runs):
@@ -151,7 +290,8 @@ def test_skipped_rows(runs):
         "",
         "- +captions: skipped (feature store has no caption row)",
     ]
-    assert mt.render_csv(table).splitlines()[-1] == "+captions,skipped,,,,feature store has no caption row"
+    assert mt.render_csv(table).splitlines()[-1] == ("+captions,skipped,full_kb,test,,,,,,"
+                                                     "feature store has no caption row")
 
 
 def test_errors(tmp_path, capsys):
@@ -174,15 +314,33 @@ def test_errors(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'x'}: not a run folder (no results.json)\n"
 
 
-def test_paper_file_errors(runs, tmp_path):
+def test_published_file_errors_name_file_line_and_column(tmp_path):
+    from nel_model.published import read_published
+
     paper = tmp_path / "p.csv"
-    paper.write_text("method,dataset,mrr\nDIM,WikiMEL,abc\n")
-    with pytest.raises(RunError) as exc:
-        mt.read_paper(paper, ["WikiMEL"], "full_kb", ["mrr"])
-    assert str(exc.value) == f"{paper}, line 2, column 'mrr': not a number: 'abc'"
-    paper.write_text("method,dataset,MRR\n")
-    with pytest.raises(RunError, match="line 1: unknown column 'MRR'"):
-        mt.read_paper(paper, ["WikiMEL"], "full_kb", ["mrr"])
+    cases = [
+        ("DIM,,WikiMEL,full_kb,10,test,mrr,abc,src\n", "line 2, column 'value': must be a percentage in [0, 100], "
+                                                       "got 'abc'"),
+        ("DIM,,WikiMEL,full_kb,10,test,mrr,0.9,src\nDIM,,wikimel,full_kb,10,test,mrr,0.8,src\n",
+         "line 3, column 'metric': DIM wikimel full_kb test mrr already given on line 2"),
+        ("DIM,,WikiMEL,top100,,test,mrr,90,src\n", "line 2, column 'protocol': must be full_kb or candidates_<N>, "
+                                                   "got 'top100'"),
+        ("DIM,,WikiMEL,full_kb,1e5,test,mrr,90,src\n", "line 2, column 'kb_entities': must be a positive integer or "
+                                                       "empty, got '1e5'"),
+        ("DIM,,WikiMEL,full_kb,,test,MRR,90,src\n", "line 2, column 'metric': must be one of mrr, hits@1, hits@3, "
+                                                    "hits@5, hits@10, hits@20, got 'MRR'"),
+        ("DIM,,WikiMEL,full_kb,,test,mrr,90\n", "line 2: 8 values for 9 columns"),
+    ]
+    for body, message in cases:
+        paper.write_text(PUBLISHED_HEADER + body)
+        with pytest.raises(RunError) as exc:
+            read_published(paper)
+        assert str(exc.value) == f"{paper}, {message}"
+    paper.write_text("method,dataset,mrr\n")
+    with pytest.raises(RunError, match="line 1: the header must be method,venue,dataset,protocol,kb_entities,"):
+        read_published(paper)
+    with pytest.raises(RunError, match="nowhere.csv: published results file not found"):
+        read_published(tmp_path / "nowhere.csv")
 
 
 def test_torn_metrics_line_and_unfinished_runs_skipped(runs, tmp_path):
@@ -307,12 +465,6 @@ def test_run_ablations_with_stand_in_trainer(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"reuse {out / 'text_only_s1'} (results.json present)" in err
     assert err.count("$ ") == 1
-
-
-def test_shipped_paper_file_parses_and_holds_no_invented_numbers():
-    rows = mt.read_paper(ROOT / "configs" / "paper_results.csv", ["WikiMEL", "RichpediaMEL", "WikiDiverse"],
-                         "full_kb", list(mt.METRIC_KEYS))
-    assert rows == []  # placeholders only: empty values until a user fills them in
 
 
 def test_force_retrains_instead_of_resuming_a_finished_run(tmp_path):

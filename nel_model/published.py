@@ -1,0 +1,154 @@
+"""Published MEL results (``configs/published_results.csv``) and the rule that decides when one is comparable
+with our runs.
+
+A published number is set beside ours only when it was measured the same way: the same dataset (spellings
+normalised by :func:`dataset_key`), the same protocol (``full_kb``, or ``candidates_<N>`` against our
+``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only)
+and the same split. :func:`why_not_comparable` gives the reason when it is not. Published sources do not state
+their tie rule; tables say so. The file format is described in its comment header and in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from nel_model.run_io import METRIC_KEYS, RunError
+
+PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "configs" / "published_results.csv"
+COLUMNS = ("method", "venue", "dataset", "protocol", "kb_entities", "split", "metric", "value", "source")
+_PROTOCOL = re.compile(r"^(full_kb|candidates_([1-9][0-9]*))$")
+_ALIASES = {"richpedia": "richpediamel"}
+
+
+def dataset_key(name: str) -> str:
+    """``WikiMEL`` / ``WIKIMEL`` / ``wiki-mel`` -> ``wikimel``; ``Richpedia`` -> ``richpediamel``."""
+    key = re.sub(r"[^0-9a-z]", "", name.casefold())
+    return _ALIASES.get(key, key)
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    """One row of the published-results file; ``value`` is a percentage."""
+
+    method: str
+    venue: str
+    dataset: str
+    protocol: str            # full_kb | candidates_<N>
+    kb_entities: int | None
+    split: str
+    metric: str              # one of run_io.METRIC_KEYS
+    value: float
+    source: str
+    line: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.venue})" if self.venue else self.method
+
+    @property
+    def family(self) -> str:
+        """``full_kb`` or ``candidates`` (our protocol names)."""
+        return "full_kb" if self.protocol == "full_kb" else "candidates"
+
+    @property
+    def list_length(self) -> int | None:
+        m = _PROTOCOL.match(self.protocol)
+        return int(m.group(2)) if m and m.group(2) else None
+
+
+@dataclass(frozen=True)
+class OurSetting:
+    """How our runs of one dataset were measured: the distinct KB sizes and mean candidate-list lengths among
+    them (``None`` = not recorded in an older ``results.json``)."""
+
+    dataset: str
+    kb_entities: tuple[int | None, ...]
+    list_lengths: tuple[float | None, ...]
+
+
+def read_published(path: str | Path) -> list[PublishedResult]:
+    """Read and validate a published-results CSV; lines starting with ``#`` are comments. Errors name the file,
+    the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: published results file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not numbered:
+        return []
+    reader = csv.reader([ln for _, ln in numbered])
+    header = [h.strip() for h in next(reader)]
+    if tuple(header) != COLUMNS:
+        raise RunError(f"{path}, line {numbered[0][0]}: the header must be {','.join(COLUMNS)} "
+                       f"(got {','.join(header)})")
+    out: list[PublishedResult] = []
+    seen: dict[tuple, int] = {}
+    for (lineno, _), values in zip(numbered[1:], reader):
+        def fail(column: str, problem: str, _lineno=lineno) -> None:
+            raise RunError(f"{path}, line {_lineno}, column '{column}': {problem}")
+
+        if len(values) != len(COLUMNS):
+            raise RunError(f"{path}, line {lineno}: {len(values)} values for {len(COLUMNS)} columns")
+        rec = dict(zip(COLUMNS, (v.strip() for v in values)))
+        for col in ("method", "dataset", "split", "source"):
+            if not rec[col]:
+                fail(col, "must not be empty")
+        if not _PROTOCOL.match(rec["protocol"]):
+            fail("protocol", f"must be full_kb or candidates_<N>, got {rec['protocol']!r}")
+        if rec["metric"] not in METRIC_KEYS:
+            fail("metric", f"must be one of {', '.join(METRIC_KEYS)}, got {rec['metric']!r}")
+        kb = None
+        if rec["kb_entities"]:
+            if not rec["kb_entities"].isdigit() or int(rec["kb_entities"]) == 0:
+                fail("kb_entities", f"must be a positive integer or empty, got {rec['kb_entities']!r}")
+            kb = int(rec["kb_entities"])
+        try:
+            value = float(rec["value"])
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 100.0:
+            fail("value", f"must be a percentage in [0, 100], got {rec['value']!r}")
+        row = PublishedResult(rec["method"], rec["venue"], rec["dataset"], rec["protocol"], kb, rec["split"],
+                              rec["metric"], value, rec["source"], lineno)
+        key = (row.name, dataset_key(row.dataset), row.protocol, kb, row.split, row.metric)
+        if key in seen:
+            fail("metric", f"{row.name} {row.dataset} {row.protocol} {row.split} {row.metric} already given on "
+                           f"line {seen[key]}")
+        seen[key] = lineno
+        out.append(row)
+    return out
+
+
+def _sizes(values) -> str:
+    return ", ".join("not recorded" if v is None else f"{v:,}" for v in values)
+
+
+def why_not_comparable(row: PublishedResult, protocol: str, split: str, ours: dict[str, OurSetting]) -> str | None:
+    """``None`` when ``row`` may stand beside our ``protocol`` / ``split`` numbers; otherwise the reason.
+    ``ours`` maps :func:`dataset_key` of each of our datasets to how our runs of it were measured."""
+    setting = ours.get(dataset_key(row.dataset))
+    if setting is None:
+        names = ", ".join(s.dataset for s in ours.values()) or "none"
+        return f"no run of ours on {row.dataset} (our datasets: {names})"
+    if row.split != split:
+        return f"published on the {row.split} split; this table reports {split}"
+    if row.family != protocol:
+        return f"protocol {row.protocol}; this table reports {protocol}"
+    if protocol == "full_kb":
+        if row.kb_entities is None:
+            return f"{row.dataset} full_kb without a published KB size"
+        if setting.kb_entities != (row.kb_entities,):
+            if None in setting.kb_entities:
+                return (f"{row.dataset} full_kb with {row.kb_entities:,} entities; the KB size of our runs is not "
+                        "recorded (older run folders)")
+            return (f"{row.dataset} full_kb with {row.kb_entities:,} entities; our runs rank against "
+                    f"{_sizes(setting.kb_entities)}")
+        return None
+    n = row.list_length
+    if len(setting.list_lengths) != 1 or setting.list_lengths[0] is None or abs(setting.list_lengths[0] - n) > 1e-9:
+        have = ", ".join("not recorded" if v is None else f"{v:g}" for v in setting.list_lengths)
+        return f"{row.dataset} {row.protocol}: lists of {n} entities; our candidate lists have {have} on average"
+    return None
