@@ -50,6 +50,7 @@ from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Det
 from data_process.encode.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
                                           stack_inputs, text_positions)
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
+from data_process.encode.precomputed import VIEWS, ImportSpec, check_dims, prepare_import, write_import
 from data_process.encode.regions import (MODES, CropStats, PrepareCrops, RegionSettings, encode_crop_batch,
                                          select_boxes)
 
@@ -393,48 +394,107 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
     return report
 
 
-def build_features(data: str | Path, out: str | Path, settings: FeatureSettings, batch_size: int = 64,
+def build_features(data: str | Path, out: str | Path, settings: FeatureSettings | None, batch_size: int = 64,
                    num_workers: int = 2, device: str = "auto", force: bool = False,
-                   progress: bool = True, detector_batch_size: int = 8) -> dict[str, Any]:
+                   progress: bool = True, detector_batch_size: int = 8,
+                   imports: Sequence[ImportSpec] = ()) -> dict[str, Any]:
     """Write (or update) the feature cache ``out`` for the dataset ``data``; returns a summary
-    ``{"written": [...], "skipped": [...], "images": {side: report}}`` (+ ``"regions"``: box counts, with crops)."""
+    ``{"written": [...], "skipped": [...], "imported": [...], "images": {side: report}}`` (+ ``"regions"``: box
+    counts, with crops).
+
+    ``imports`` are views read from a release's files instead of encoding (:mod:`data_process.encode.precomputed`);
+    with ``settings=None`` (no encoder) only they are written."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    if settings is None and not imports:
+        raise ValueError("nothing to write: name the encoders (--clip) or views to import (--import)")
+    names = [spec.view for spec in imports]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--import names a view twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     ds = load_dataset(data)
     store = FeatureStore(out)
     ms, es = ds.mentions, ds.entities
     m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
     store.set_ids("mention", m_ids)
     store.set_ids("entity", e_ids)
-    regions = settings.regions
+    regions = settings.regions if settings is not None else RegionSettings()
     boxes_file = read_boxes_file(regions.boxes, ms) if regions.mode == "file" else None  # checked before any work
     boxes_sha = boxes_file.sha256 if boxes_file is not None else None
     m_paths = [ds.image_path(m.image) for m in ms]
     e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
     with ImageHasher(store.root / HASHES_FILE) as hasher:
         m_shas, e_shas = hasher.hash_all(m_paths), hasher.hash_all(e_paths)
-    text_limit = settings.text_max_len or text_positions(settings.text_name)
-    fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
-                        _image_inputs([e.images[0] if e.images else None for e in es], e_shas), text_limit, boxes_sha)
-    todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
-    skipped = [name for name in fps if name not in todo]
-    for name in skipped:
+        max_len = settings.max_len if settings is not None else store.meta().get("max_len")
+        prepared = [prepare_import(spec, ms if spec.side == "mention" else es,
+                                   m_ids if spec.side == "mention" else e_ids, max_len, hasher) for spec in imports]
+    fresh = [imp for imp in prepared if force or not store.has(imp.spec.side, imp.spec.view.split(".")[1],
+                                                                 fingerprint=imp.fingerprint)]
+    summary: dict[str, Any] = {"written": [], "skipped": [imp.spec.view for imp in prepared if imp not in fresh],
+                               "imported": [imp.spec.view for imp in fresh], "images": {}}
+    base_meta: dict[str, Any] = {"dataset": str(data)}
+    todo: list[str] = []
+    if settings is not None:
+        text_limit = settings.text_max_len or text_positions(settings.text_name)
+        fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
+                            _image_inputs([e.images[0] if e.images else None for e in es], e_shas), text_limit,
+                            boxes_sha)
+        fps = {name: fp for name, fp in fps.items() if name not in names}
+        todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
+        summary["written"] = todo
+        summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
+        base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
+                         text_max_len=text_limit, region_grid=settings.region_grid,
+                         regions=regions.provenance(settings.region_grid, boxes_sha))
+    elif any(imp.spec.view == "mention.sentence" for imp in prepared):
+        base_meta["max_len"] = next(imp.row_shape[0] for imp in prepared if imp.spec.view == "mention.sentence")
+    for name in summary["skipped"]:
         log.info("%s: up to date, skipped", name)
-    summary: dict[str, Any] = {"written": todo, "skipped": skipped, "images": {}}
-    provenance = regions.provenance(settings.region_grid, boxes_sha)
-    base_meta = {"text_encoder": settings.text_name, "image_encoder": settings.clip, "max_len": settings.max_len,
-                 "text_max_len": text_limit, "region_grid": settings.region_grid, "regions": provenance,
-                 "dataset": str(data)}
-    if not todo:
+    if not todo and not fresh:
         store.update_meta(**base_meta)
         return summary
 
-    text_enc, image_enc = load_encoders(settings.clip, settings.text_encoder, device=device,
-                                        max_len=settings.max_len, region_grid=settings.grid,
-                                        batch_size=batch_size, text_max_len=text_limit)
+    encoders = None
+    if todo:
+        encoders = load_encoders(settings.clip, settings.text_encoder, device=device, max_len=settings.max_len,
+                                 region_grid=settings.grid, batch_size=batch_size, text_max_len=text_limit)
+        known = {"text": (encoders[0].dim, f"the text encoder {settings.text_name}"),
+                 "image": (encoders[1].dim, f"the image encoder {settings.clip}")}
+    else:
+        known = _cache_dims(store.meta(), exclude=set(names))
+    dims = check_dims(prepared, known)  # before anything is written
+    store.update_meta(**base_meta, **{f"{space}_dim": d for space, d in dims.items()})
+    for imp in fresh:
+        log.info("%s: importing %s", imp.spec.view, imp.spec.path)
+        write_import(store, imp)
+    if encoders is not None:
+        _encode_views(ds, store, settings, todo, fps, encoders, m_paths, m_shas, boxes_file, batch_size,
+                      num_workers, device, progress, detector_batch_size, summary)
+    return summary
+
+
+def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int, str]]:
+    """The text / image dimensions the cache's views (other than ``exclude``) already have, from ``meta.json``."""
+    known = {}
+    for space in ("text", "image"):
+        others = [v for v in meta.get("views", {}) if v in VIEWS and VIEWS[v][0] == space and v not in exclude]
+        if others and meta.get(f"{space}_dim"):
+            known[space] = (int(meta[f"{space}_dim"]), f"meta.json {space}_dim, views {', '.join(sorted(others))}")
+    return known
+
+
+def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
+                  encoders: tuple[TextEncoder, ImageEncoder], m_paths: list[Path | None], m_shas: list[str | None],
+                  boxes_file, batch_size: int, num_workers: int, device: str, progress: bool,
+                  detector_batch_size: int, summary: dict[str, Any]) -> None:
+    """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time)."""
+    text_enc, image_enc = encoders
+    regions = settings.regions
+    ms, es = ds.mentions, ds.entities
+    m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
+    e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
+    provenance = store.meta()["regions"]
     dt, di, L, K = text_enc.dim, image_enc.dim, settings.max_len, len(PROFILE_ROWS)
     R = regions.max_regions if regions.crops else image_enc.n_regions
-    store.update_meta(**base_meta, text_dim=dt, image_dim=di)
     shapes = {
         "mention.mention": ((dt,), None), "mention.sentence": ((L, dt), (L,)),
         "mention.image": ((di,), ()), "mention.regions": ((R, di), (R,)),
@@ -500,12 +560,11 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings,
                                      batch_size, num_workers)
             summary["images"]["entity"] = rep.to_json()
             bar.update(1)
-    return summary
 
 
 def _report(summary: dict[str, Any], out: Path) -> str:
-    lines = [f"feature cache {out}: wrote {len(summary['written'])} views, skipped {len(summary['skipped'])} "
-             "up-to-date views"]
+    lines = [f"feature cache {out}: wrote {len(summary['written'])} views, imported "
+             f"{len(summary.get('imported', []))}, skipped {len(summary['skipped'])} up-to-date views"]
     for side, rep in summary["images"].items():
         lines.append(f"  {side} images: {rep['no_image']} records without an image, {rep['failed']} missing or "
                      "unreadable (zero feature, mask False)")
@@ -532,9 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Encode a unified dataset's views into a feature cache.")
     ap.add_argument("--data", required=True, type=Path, help="unified dataset folder")
     ap.add_argument("--out", required=True, type=Path, help="feature cache folder (created or updated)")
-    ap.add_argument("--clip", required=True,
+    ap.add_argument("--clip", default=None,
                     help="vision-language model (CLIP, SigLIP, SigLIP 2, any AutoModel with get_text_features and "
-                         "get_image_features): Hugging Face name or local folder")
+                         "get_image_features): Hugging Face name or local folder (required unless only --import)")
     ap.add_argument("--text_encoder", default=None,
                     help="text encoder name or folder (default: the --clip model's text tower); e.g. a BERT/MiniLM "
                          "model")
@@ -559,6 +618,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated classes to keep, e.g. person,car (the detector's id2label names; an OWLv2 "
                         "detector's text queries; a boxes file's labels)")
     g.add_argument("--detector_batch_size", type=int, default=8, help="images per detector forward pass")
+    g = ap.add_argument_group("precomputed features from a release (docs/DATA.md)")
+    g.add_argument("--import", dest="imports", action="append", default=[], metavar="SIDE.VIEW=FILE[,ids=IDS][,...]",
+                   help="read a view from a release's file instead of encoding it (repeatable): .h5/.hdf5, .npy, "
+                        ".npz, .pt; options ids=IDS.json (the id of each row), key=NAME (array name, default "
+                        "features), by=id|image (mention views: ids are mention ids or image names); e.g. "
+                        "entity.desc=gt_feats_brief.h5,ids=qids_ordered.json")
+    g.add_argument("--import_ids", default=None, help="id list (JSON) for every --import that names no ids=")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_workers", type=int, default=None,
                     help="image decoding worker processes (0: in the main process; default: CPU cores - 1 on a GPU, "
@@ -574,8 +640,15 @@ def main(argv: list[str] | None = None) -> int:
                                  max_regions=args.max_regions, score=args.region_score, labels=args.region_labels)
     except ValueError as exc:
         ap.error(str(exc))
-    settings = FeatureSettings(clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len,
-                               region_grid=args.region_grid, text_max_len=args.text_max_len, regions=regions)
+    try:
+        imports = [ImportSpec.parse(text, args.import_ids) for text in args.imports]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.clip is None and not imports:
+        ap.error("--clip is required (unless every view to write comes from --import)")
+    settings = None if args.clip is None else FeatureSettings(
+        clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len, region_grid=args.region_grid,
+        text_max_len=args.text_max_len, regions=regions)
     device = resolve_device(args.device)  # fail early on a malformed device string
     if args.num_workers is None:
         cores = os.cpu_count() or 1
@@ -583,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads(args.num_workers))
     summary = build_features(args.data, args.out, settings, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=args.device, force=args.force,
-                             detector_batch_size=args.detector_batch_size)
+                             detector_batch_size=args.detector_batch_size, imports=imports)
     print(_report(summary, args.out))
     return 0
 
