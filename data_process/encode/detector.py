@@ -170,9 +170,10 @@ class DetectionSettings:
 
 def detect_all(paths: Sequence[Path | None], shas: Sequence[str | None], settings: DetectionSettings,
                cache_path: Path, device: str | torch.device = "auto", batch_size: int = 8, num_workers: int = 0,
-               progress: bool = True) -> tuple[list[list[Box]], dict[str, int]]:
-    """Boxes for every row: from the detections cache, detecting (and caching) only images not in it. Rows without
-    a usable image get no boxes. Returns the boxes and counts ``{"detected", "cached", "unreadable"}``."""
+               progress: bool = True, detector: Detector | None = None) -> tuple[list[list[Box]], dict[str, int]]:
+    """Boxes for every row: from the detections cache, detecting (and caching) only images not in it (with
+    ``detector``, else one loaded from ``settings`` only then). Rows without a usable image get no boxes. Returns
+    the boxes and counts ``{"detected", "cached", "unreadable"}``."""
     detector_id = describe_model_files(settings.detector)
     keys = [None if sha in (None, MISSING, UNREADABLE) else settings.key(sha, detector_id) for sha in shas]
     counts = {"detected": 0, "cached": 0, "unreadable": 0}
@@ -185,7 +186,8 @@ def detect_all(paths: Sequence[Path | None], shas: Sequence[str | None], setting
         if todo:
             log.info("detecting regions in %d images with %s (%d cached)", len(todo), settings.detector,
                      counts["cached"])
-            detector = Detector(settings.detector, device, score=settings.score, labels=settings.labels)
+            if detector is None:
+                detector = Detector(settings.detector, device, score=settings.score, labels=settings.labels)
             todo_keys = list(todo)
             batches = iter_decoded([todo[k] for k in todo_keys], batch_size, num_workers, detector.preprocess)
             for batch in tqdm(batches, total=(len(todo_keys) + batch_size - 1) // batch_size, desc="detections",

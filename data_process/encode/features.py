@@ -6,6 +6,7 @@ r"""Feature step: encode every view of a unified dataset into a feature cache (:
         [--text_encoder NAME_OR_PATH] [--max_len 32] [--text_max_len N] [--batch_size 64] [--num_workers 2] \
         [--regions grid|detector|file] [--region_grid 3] [--detector NAME_OR_PATH] [--boxes FILE] \
         [--max_regions 9] [--region_score S] [--region_labels person,car] [--detector_batch_size 8] \
+        [--import SIDE.VIEW=FILE[,ids=IDS.json][,key=NAME][,by=id|image] ...] [--import_ids IDS.json] \
         [--device auto] [--threads 0] [--force]
 
 ``--clip`` is any vision-language model (CLIP, SigLIP / SigLIP 2, any ``AutoModel`` with ``get_text_features`` and
@@ -14,7 +15,8 @@ r"""Feature step: encode every view of a unified dataset into a feature cache (:
 CLIP). ``--regions`` decides ``mention.regions`` (:mod:`data_process.encode.regions`): the patch grid, crops of
 an object detector's boxes (:mod:`data_process.encode.detector`, detections cached in ``detections.jsonl``), or
 crops of boxes from a JSON Lines file (:mod:`data_process.encode.boxes_file`); ``meta.json`` records which
-(``meta["regions"]``), and it is part of the view's fingerprint.
+(``meta["regions"]``), and it is part of the view's fingerprint. ``--import`` reads views from a release's files
+instead of encoding them (:mod:`data_process.encode.precomputed`; without ``--clip`` only those are written).
 
 Each view's fingerprint is ``stable_hash(encoder id, settings, the exact inputs)`` (an image input is its path and
 content hash, ``data_process.core.fingerprints``); a re-run skips views whose fingerprint matches ``meta.json`` (no model is even loaded when nothing changed) and re-encodes only the changed
@@ -373,7 +375,8 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
             glob, regs, present, reasons = _encode_image_batch(items, image_enc)
             rmask = np.repeat(present[:, None], image_enc.n_regions, axis=1)
         else:
-            cb = encode_crop_batch(items, image_enc, crops.max_regions, batch_size, crops.stats)
+            cb = encode_crop_batch(items, image_enc, crops.max_regions, batch_size, crops.stats,
+                                   whole_images="image" in writers)
             glob, regs, rmask, present, reasons = cb.glob, cb.regions, cb.regions_mask, cb.present, cb.reasons
         for j, reason in enumerate(reasons):
             report.add(ids[i + j], reason)

@@ -152,15 +152,16 @@ class CropBatch:
 
 
 def encode_crop_batch(items: Sequence[tuple[int, CropInputs | None, str | None]], image_enc: ImageEncoder,
-                      max_regions: int, crop_batch: int, stats: CropStats | None = None) -> CropBatch:
-    """Encode the whole images and their crops (``crop_batch`` crops a forward pass); zeros and mask False where an
-    image or a crop is absent."""
+                      max_regions: int, crop_batch: int, stats: CropStats | None = None,
+                      whole_images: bool = True) -> CropBatch:
+    """Encode the whole images (unless ``whole_images`` is False: zeros) and their crops (``crop_batch`` crops a
+    forward pass); zeros and mask False where an image or a crop is absent."""
     b, dim = len(items), image_enc.dim
     out = CropBatch(glob=np.zeros((b, dim), np.float32), regions=np.zeros((b, max_regions, dim), np.float32),
                     regions_mask=np.zeros((b, max_regions), bool),
                     present=np.array([x is not None for _, x, _ in items], dtype=bool),
                     reasons=[reason for _, _, reason in items])
-    if out.present.any():
+    if whole_images and out.present.any():
         out.glob[out.present] = image_enc.encode_global(stack_inputs([x.image for _, x, _ in items if x is not None]))
     flat = [(j, r, crop) for j, (_, x, _) in enumerate(items) if x is not None for r, crop in enumerate(x.crops)]
     for s in range(0, len(flat), crop_batch):
