@@ -352,3 +352,38 @@ def test_detector_regions_for_new_mentions_match_the_cache(assets, tmp_path):
     np.testing.assert_array_equal(views["regions"][1], store.load("mention", "regions").mask[:4])
     with pytest.raises(ValueError, match="do not match the encoders"):
         encode_mention_views(picks, data, text_enc, image_enc, replace(loaded, regions=RegionSettings()))
+
+
+def test_killed_crop_regions_resume_to_identical_arrays(assets, tmp_path, monkeypatch):
+    from data_process.encode.feature_store import ViewWriter
+
+    data, clip = assets["data"], assets["clip"]
+    boxes = _boxes_for(data, tmp_path)
+    settings = FeatureSettings(clip=str(clip), max_len=12, regions=RegionSettings(mode="file", boxes=str(boxes),
+                                                                                  max_regions=3))
+    clean = tmp_path / "clean"
+    build_features(data, clean, settings, batch_size=16, num_workers=0, device="cpu", progress=False)
+    real_write = ViewWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, start, rows, mask=None):
+        if self.name == "mention.regions":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated kill")
+        return real_write(self, start, rows, mask)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(ViewWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(data, out, settings, batch_size=16, num_workers=0, device="cpu", progress=False)
+    monkeypatch.setattr(ViewWriter, "write", real_write)
+    summary = build_features(data, out, settings, batch_size=16, num_workers=0, device="cpu", progress=False)
+    assert sorted(summary["written"]) == ["entity.image", "mention.image", "mention.regions"]  # text views kept
+    for name in ("mention.regions.npy", "mention.regions.mask.npy", "mention.image.npy", "mention.image.mask.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(clean / name), err_msg=name)
+    meta, ref = FeatureStore(out).meta(), FeatureStore(clean).meta()
+    assert meta["views"]["mention.regions"]["boxes"]["rows_counted"] == len(load_dataset(data).mentions) - 16
+    assert meta["views"]["mention.regions"]["images"] == ref["views"]["mention.regions"]["images"]
+    assert (meta["views"]["mention.regions"]["boxes"]["regions_per_image"]
+            == ref["views"]["mention.regions"]["boxes"]["regions_per_image"])

@@ -58,18 +58,41 @@ def _pooled(out: Any) -> torch.Tensor:
     return pooled
 
 
-class ClipTowers:
-    """``CLIPModel``: exactly the cache's original CLIP features."""
+class Towers:
+    """What every family gives: ``text(ids, mask) -> (tokens, pooled)``, ``image(inputs) -> (pooled, state)`` and
+    ``regions(state, grid)``; dimensions 0 are measured by the encoders on a probe batch."""
 
-    family = "clip"
-    pad_to_positions = False
-    supports_regions = True
+    family = "generic"
+    pad_to_positions = False  # pad texts to text_positions (the model was trained so)
+    supports_regions = False
 
     def __init__(self, model: Any, name: str):
         self.model, self.name = model, name
+        self.text_dim = self.image_dim = 0
+        tc = getattr(model.config, "text_config", None) or model.config
+        self.text_positions = int(getattr(tc, "max_position_embeddings", 0) or 512)
+
+    def regions(self, state: Any, grid: int) -> torch.Tensor:
+        raise RegionsUnavailable(regions_unavailable_message(self.name, self.model))
+
+    def _square(self, patches: int) -> int:
+        """The side of a square patch grid."""
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise ValueError(f"{self.name}: {patches} patch tokens do not form a square grid")
+        return side
+
+
+class ClipTowers(Towers):
+    """``CLIPModel``: exactly the cache's original CLIP features."""
+
+    family = "clip"
+    supports_regions = True
+
+    def __init__(self, model: Any, name: str):
+        super().__init__(model, name)
         cfg = model.config
         self.text_dim = self.image_dim = int(cfg.projection_dim)
-        self.text_positions = int(cfg.text_config.max_position_embeddings)
 
     def text(self, ids: torch.Tensor, att: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.text_model(input_ids=ids, attention_mask=att)
@@ -84,28 +107,25 @@ class ClipTowers:
     def regions(self, state: Any, grid: int) -> torch.Tensor:
         patches = state[:, 1:, :]
         b, p, _ = patches.shape
-        side = math.isqrt(p)
-        if side * side != p:
-            raise ValueError(f"{self.name}: {p} patch tokens do not form a square grid")
+        side = self._square(p)
         patches = self.model.visual_projection(self.model.vision_model.post_layernorm(patches))  # [B, P, Di]
         cells = patches.transpose(1, 2).reshape(b, self.image_dim, side, side)
         pooled = F.adaptive_avg_pool2d(cells.float(), grid)  # [B, Di, g, g]
         return pooled.flatten(2).transpose(1, 2)  # [B, R, Di], row-major over the grid
 
 
-class SiglipTowers:
+class SiglipTowers(Towers):
     """``SiglipModel`` / ``Siglip2Model`` (SigLIP 2's NaFlex inputs carry ``spatial_shapes`` and a patch mask)."""
 
     family = "siglip"
     pad_to_positions = True
 
     def __init__(self, model: Any, name: str):
-        self.model, self.name = model, name
+        super().__init__(model, name)
         cfg = model.config
         tc = cfg.text_config
         self.text_dim = int(getattr(tc, "projection_size", None) or tc.hidden_size)
         self.image_dim = int(cfg.vision_config.hidden_size)
-        self.text_positions = int(tc.max_position_embeddings)
         self.supports_regions = bool(getattr(cfg.vision_config, "vision_use_head", True))
 
     def text(self, ids: torch.Tensor, att: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +140,7 @@ class SiglipTowers:
         hidden, inputs = state
         head = self.model.vision_model.head
         if "spatial_shapes" not in inputs:  # SigLIP: one square patch grid for every image
-            side = math.isqrt(hidden.shape[1])
-            if side * side != hidden.shape[1]:
-                raise ValueError(f"{self.name}: {hidden.shape[1]} patch tokens do not form a square grid")
+            side = self._square(hidden.shape[1])
             idx = torch.arange(side * side, device=hidden.device).reshape(side, side)
             cells = [idx[r0:r1, c0:c1].reshape(-1) for r0, r1 in grid_bins(side, grid)
                      for c0, c1 in grid_bins(side, grid)]
@@ -144,19 +162,8 @@ class SiglipTowers:
         return torch.stack(out, 1).float()
 
 
-class GenericTowers:
+class GenericTowers(Towers):
     """Any model with ``get_text_features`` / ``get_image_features`` (pooled features; no grid regions)."""
-
-    family = "generic"
-    pad_to_positions = False
-    supports_regions = False
-
-    def __init__(self, model: Any, name: str):
-        self.model, self.name = model, name
-        cfg = model.config
-        tc = getattr(cfg, "text_config", None) or cfg
-        self.text_positions = int(getattr(tc, "max_position_embeddings", 0) or 512)
-        self.text_dim = self.image_dim = 0  # measured by the encoders on their first (probe) batch
 
     def text(self, ids: torch.Tensor, att: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.get_text_features(input_ids=ids, attention_mask=att)
@@ -174,9 +181,6 @@ class GenericTowers:
     def image(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         return _pooled(self.model.get_image_features(**inputs)), None
 
-    def regions(self, state: Any, grid: int) -> torch.Tensor:
-        raise RegionsUnavailable(regions_unavailable_message(self.name, self.model))
-
 
 def regions_unavailable_message(name: str, model: Any) -> str:
     return (f"{name}: {type(model).__name__} gives no patch features in its image embedding space, so --regions "
@@ -188,7 +192,7 @@ def is_vision_language(model: Any) -> bool:
     return callable(getattr(model, "get_text_features", None)) and callable(getattr(model, "get_image_features", None))
 
 
-def towers_for(model: Any, name: str) -> ClipTowers | SiglipTowers | GenericTowers:
+def towers_for(model: Any, name: str) -> Towers:
     """The tower access for a loaded model (by ``config.model_type``; any other CLIP-style model is generic)."""
     kind = getattr(model.config, "model_type", "")
     if kind in CLIP_TYPES:
