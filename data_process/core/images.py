@@ -93,15 +93,23 @@ def decode_image(path: str | Path | None, prepare: Callable[[Image.Image], Any] 
 class _DecodeFiles:
     """Map-style dataset over image paths; items are ``(index, image | None, reason | None)``."""
 
-    def __init__(self, paths: Sequence[str | Path | None], prepare: Callable | None):
+    def __init__(self, paths: Sequence[str | Path | None], prepare: Callable | None,
+                 extras: Sequence[Any] | None = None):
         self.paths = list(paths)
         self.prepare = prepare
+        self.extras = None if extras is None else list(extras)
+        if self.extras is not None and len(self.extras) != len(self.paths):
+            raise ValueError(f"{len(self.extras)} extras for {len(self.paths)} image paths")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image, reason = decode_image(self.paths[i], self.prepare)
+        prepare = self.prepare
+        if self.extras is not None and prepare is not None:
+            extra, base = self.extras[i], self.prepare
+            prepare = lambda img: base(img, extra)  # noqa: E731 - built in the worker, never pickled
+        image, reason = decode_image(self.paths[i], prepare)
         return i, image, reason
 
 
@@ -110,14 +118,16 @@ def _as_list(items):
 
 
 def iter_decoded(paths: Sequence[str | Path | None], batch_size: int, num_workers: int,
-                 prepare: Callable | None = None) -> Iterator[list[tuple[int, Any, str | None]]]:
+                 prepare: Callable | None = None, extras: Sequence[Any] | None = None
+                 ) -> Iterator[list[tuple[int, Any, str | None]]]:
     """Batches (lists) of ``(index into paths, image | None, reason | None)``, decoded in ``num_workers`` processes
     (0: in this process), in order.
 
     ``prepare`` (picklable) runs in the worker after decoding: a backend's exact resize or CLIP preprocessing there
-    shrinks what crosses the process boundary and leaves the main process free for the model."""
+    shrinks what crosses the process boundary and leaves the main process free for the model. With ``extras`` (one
+    picklable value per path, e.g. the boxes to crop), it is called as ``prepare(image, extras[i])``."""
     from torch.utils.data import DataLoader  # noqa: PLC0415 - only the decoding steps need torch here
 
-    loader = DataLoader(_DecodeFiles(paths, prepare), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_DecodeFiles(paths, prepare, extras), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list, shuffle=False, prefetch_factor=4 if num_workers > 0 else None)
     yield from loader

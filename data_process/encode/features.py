@@ -3,8 +3,20 @@ r"""Feature step: encode every view of a unified dataset into a feature cache (:
 ::
 
     python -m data_process.encode.features --data DATASET --out FEATURES --clip openai/clip-vit-base-patch32 \
-        [--text_encoder NAME_OR_PATH] [--max_len 32] [--region_grid 3] [--batch_size 64] [--num_workers 2] \
+        [--text_encoder NAME_OR_PATH] [--max_len 32] [--text_max_len N] [--batch_size 64] [--num_workers 2] \
+        [--regions grid|detector|file] [--region_grid 3] [--detector NAME_OR_PATH] [--boxes FILE] \
+        [--max_regions 9] [--region_score S] [--region_labels person,car] [--detector_batch_size 8] \
+        [--import SIDE.VIEW=FILE[,ids=IDS.json][,key=NAME][,by=id|image] ...] [--import_ids IDS.json] \
         [--device auto] [--threads 0] [--force]
+
+``--clip`` is any vision-language model (CLIP, SigLIP / SigLIP 2, any ``AutoModel`` with ``get_text_features`` and
+``get_image_features``; :mod:`data_process.encode.towers`). ``--max_len`` is the sentence view's length (DIM's
+32); every other text view is truncated at ``--text_max_len`` (default: the text encoder's own limit, 77 for
+CLIP). ``--regions`` decides ``mention.regions`` (:mod:`data_process.encode.regions`): the patch grid, crops of
+an object detector's boxes (:mod:`data_process.encode.detector`, detections cached in ``detections.jsonl``), or
+crops of boxes from a JSON Lines file (:mod:`data_process.encode.boxes_file`); ``meta.json`` records which
+(``meta["regions"]``), and it is part of the view's fingerprint. ``--import`` reads views from a release's files
+instead of encoding them (:mod:`data_process.encode.precomputed`; without ``--clip`` only those are written).
 
 Each view's fingerprint is ``stable_hash(encoder id, settings, the exact inputs)`` (an image input is its path and
 content hash, ``data_process.core.fingerprints``); a re-run skips views whose fingerprint matches ``meta.json`` (no model is even loaded when nothing changed) and re-encodes only the changed
@@ -35,8 +47,14 @@ from data_process.core.devices import cpu_threads, resolve_device
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.images import decode_image, iter_decoded
 from data_process.core.records import Entity, Mention, load_dataset
-from data_process.encode.encoders import ImageEncoder, TextEncoder, describe_model_files, load_encoders
+from data_process.encode.boxes_file import Box, read_boxes_file
+from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Detector, detect_all
+from data_process.encode.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
+                                          stack_inputs, text_positions)
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
+from data_process.encode.precomputed import VIEWS, ImportSpec, check_dims, prepare_import, write_import
+from data_process.encode.regions import (MODES, CropStats, PrepareCrops, RegionSettings, encode_crop_batch,
+                                         select_boxes)
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +66,21 @@ HASHES_FILE = "image_hashes.jsonl"  # image content hashes by (path, size, mtime
 class FeatureSettings:
     """Everything that decides the features (besides the inputs)."""
 
-    clip: str
-    text_encoder: str | None = None  # None: the CLIP text tower
-    max_len: int = 32
-    region_grid: int = 3
+    clip: str  # the image encoder: any vision-language model (CLIP, SigLIP, ...)
+    text_encoder: str | None = None  # None: the vision-language model's text tower
+    max_len: int = 32  # the sentence view's tokens
+    region_grid: int = 3  # --regions grid
+    text_max_len: int | None = None  # every other text view; None: the text encoder's own limit
+    regions: RegionSettings = field(default_factory=RegionSettings)
 
     @property
     def text_name(self) -> str:
         return self.text_encoder or self.clip
+
+    @property
+    def grid(self) -> int | None:
+        """The image encoder's region grid: ``None`` when regions are crops."""
+        return None if self.regions.crops else self.region_grid
 
 
 @dataclass
@@ -101,10 +126,9 @@ def entity_profile_text(e: Entity) -> str | None:
     return text if isinstance(text, str) and text.strip() else None
 
 
-def _image_inputs(rels: Sequence[str | None], root: Path, hasher: ImageHasher) -> list[Any]:
+def _image_inputs(rels: Sequence[str | None], shas: Sequence[str | None]) -> list[Any]:
     """Fingerprint inputs of images: path and content hash (``data_process.core.fingerprints``), so an image edited
     in place is re-encoded."""
-    shas = hasher.hash_all([None if rel is None else root / rel for rel in rels])
     return [None if rel is None else [rel, sha] for rel, sha in zip(rels, shas)]
 
 
@@ -120,7 +144,7 @@ def _encode_image_batch(items, image_enc: ImageEncoder) -> tuple[np.ndarray, np.
     regs = np.zeros((b, image_enc.n_regions, image_enc.dim), np.float32)
     present = np.array([arr is not None for _, arr, _ in items], dtype=bool)
     if present.any():
-        g, r = image_enc.encode(np.stack([arr for _, arr, _ in items if arr is not None]))
+        g, r = image_enc.encode(stack_inputs([arr for _, arr, _ in items if arr is not None]))
         glob[present], regs[present] = g, r
     return glob, regs, present, [reason for _, _, reason in items]
 
@@ -133,7 +157,7 @@ def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder) -> tuple
     present = np.array([t is not None for t in texts], dtype=bool)
     out = np.zeros((len(texts), text_enc.dim), np.float32)
     if present.any():
-        out[present] = text_enc.encode([t for t in texts if t is not None]).pooled
+        out[present] = text_enc.encode_pooled([t for t in texts if t is not None])
     return out, present
 
 
@@ -141,40 +165,84 @@ def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder) -> tuple
 # Reusable: encode mentions in memory (predict)
 
 
+def _mention_crop_items(paths: Sequence[Path | None], image_enc: ImageEncoder, regions: RegionSettings,
+                        detector: Detector | None, batch_size: int) -> list[tuple[int, Any, str | None]]:
+    """Decoded mention images with their crops: a detector's boxes (detected here), or none for a boxes file (new
+    mentions are not in it: their regions are masked)."""
+    decoded = [decode_image(p) for p in paths]
+    boxes: list[list[Box]] = [[] for _ in paths]
+    if regions.mode == "detector":
+        det = detector or Detector(regions.detector, image_enc.device, score=regions.threshold, labels=regions.labels)
+        ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
+        for s in range(0, len(ok), batch_size):
+            idx = ok[s:s + batch_size]
+            for i, found in zip(idx, det.detect([det.preprocess(decoded[i][0]) for i in idx])):
+                boxes[i] = found
+    elif any(img is not None for img, _ in decoded):
+        log.warning("regions from a boxes file (%s): these mentions are not in it, their regions are masked",
+                    regions.boxes)
+    prepare = PrepareCrops(image_enc.preprocess, regions.max_regions)
+    return [(i, None if img is None else prepare(img, select_boxes(boxes[i], regions.labels, regions.threshold)),
+             why) for i, (img, why) in enumerate(decoded)]
+
+
 def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | None, text_enc: TextEncoder,
                          image_enc: ImageEncoder, settings: FeatureSettings | None = None,
-                         batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+                         batch_size: int = 64, detector: Detector | None = None
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Encode every mention view in memory: ``{view: (data float32, mask bool or None)}`` with the same
     shapes as the cache rows (views ``mention``, ``sentence``, ``image``, ``regions``, ``profile``).
 
     Image paths are relative to ``image_root`` (absolute paths are used as they are); a missing image gives
-    zeros and mask False. ``settings``, when given, must match the encoders (checked).
+    zeros and mask False. ``settings``, when given, must match the encoders (checked); with detector regions the
+    detector (``detector``, else loaded from ``settings``) runs on each image.
     """
+    regions = settings.regions if settings is not None else RegionSettings()
     if settings is not None:
-        if settings.max_len != text_enc.max_len or settings.region_grid != image_enc.region_grid:
-            raise ValueError(f"settings (max_len {settings.max_len}, region_grid {settings.region_grid}) do not "
-                             f"match the encoders (max_len {text_enc.max_len}, region_grid {image_enc.region_grid})")
+        if settings.max_len != text_enc.max_len or settings.grid != image_enc.region_grid or (
+                settings.text_max_len is not None and settings.text_max_len != text_enc.text_max_len):
+            raise ValueError(f"settings (max_len {settings.max_len}, region_grid {settings.grid}, text_max_len "
+                             f"{settings.text_max_len}) do not match the encoders (max_len {text_enc.max_len}, "
+                             f"region_grid {image_enc.region_grid}, text_max_len {text_enc.text_max_len})")
     root = Path(image_root) if image_root is not None else Path(".")
     mentions = list(mentions)
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    out["mention"] = (text_enc.encode([m.mention for m in mentions]).pooled, None)
+    out["mention"] = (text_enc.encode_pooled([m.mention for m in mentions]), None)
     sent = text_enc.encode([m.sentence for m in mentions])
     out["sentence"] = (sent.tokens, sent.mask)
-    items = [(i, *decode_image(None if m.image is None else root / m.image, image_enc.preprocess))
-             for i, m in enumerate(mentions)]
-    globs, regs, pres = [], [], []
-    for i in range(0, len(items), batch_size):
-        g, r, p, _ = _encode_image_batch(items[i:i + batch_size], image_enc)
-        globs.append(g), regs.append(r), pres.append(p)
+    paths = [None if m.image is None else root / m.image for m in mentions]
+    globs, regs, rmasks, pres = [], [], [], []
+    if regions.crops:
+        items = _mention_crop_items(paths, image_enc, regions, detector, batch_size)
+        for i in range(0, len(items), batch_size):
+            cb = encode_crop_batch(items[i:i + batch_size], image_enc, regions.max_regions, batch_size)
+            globs.append(cb.glob), regs.append(cb.regions), rmasks.append(cb.regions_mask), pres.append(cb.present)
+    else:
+        items = [(i, *decode_image(p, image_enc.preprocess)) for i, p in enumerate(paths)]
+        for i in range(0, len(items), batch_size):
+            g, r, p, _ = _encode_image_batch(items[i:i + batch_size], image_enc)
+            globs.append(g), regs.append(r), pres.append(p)
+            rmasks.append(np.repeat(p[:, None], image_enc.n_regions, axis=1))
+    n_regions = regions.max_regions if regions.crops else image_enc.n_regions
     present = np.concatenate(pres) if pres else np.zeros(0, bool)
     out["image"] = (np.concatenate(globs) if globs else np.zeros((0, image_enc.dim), np.float32), present)
-    regions = np.concatenate(regs) if regs else np.zeros((0, image_enc.n_regions, image_enc.dim), np.float32)
-    out["regions"] = (regions, np.repeat(present[:, None], image_enc.n_regions, axis=1))
+    out["regions"] = (np.concatenate(regs) if regs else np.zeros((0, n_regions, image_enc.dim), np.float32),
+                      np.concatenate(rmasks) if rmasks else np.zeros((0, n_regions), bool))
     rows = [profile_texts(m) for m in mentions]
     flat, mask = _pooled_or_zero([t for r in rows for t in r], text_enc)
     k = len(PROFILE_ROWS)
     out["profile"] = (flat.reshape(len(mentions), k, text_enc.dim), mask.reshape(len(mentions), k))
     return out
+
+
+def region_settings_from_meta(meta: dict[str, Any]) -> RegionSettings:
+    """The :class:`RegionSettings` a cache's ``meta.json`` records (caches from before ``meta["regions"]``: grid)."""
+    spec = meta.get("regions") or {"mode": "grid"}
+    if spec.get("mode", "grid") == "grid":
+        return RegionSettings()
+    return RegionSettings(mode=spec["mode"], detector=spec.get("detector"), boxes=spec.get("boxes"),
+                          max_regions=int(spec["max_regions"]), score=spec.get("score"),
+                          labels=tuple(spec.get("labels") or ()))
 
 
 def load_encoders_from_meta(meta: dict[str, Any], device: str = "auto",
@@ -185,10 +253,14 @@ def load_encoders_from_meta(meta: dict[str, Any], device: str = "auto",
             raise KeyError(f"feature meta.json has no {key!r}; rebuild the cache with python -m data_process.encode.features")
     clip = meta["image_encoder"]
     text = meta["text_encoder"] if meta["text_encoder"] != clip else None
+    # caches from before --text_max_len truncated every text view at max_len
     settings = FeatureSettings(clip=clip, text_encoder=text, max_len=int(meta["max_len"]),
-                               region_grid=int(meta["region_grid"]))
+                               region_grid=int(meta["region_grid"]),
+                               text_max_len=int(meta.get("text_max_len") or meta["max_len"]),
+                               regions=region_settings_from_meta(meta))
     text_enc, image_enc = load_encoders(clip, text, device=device, max_len=settings.max_len,
-                                        region_grid=settings.region_grid, batch_size=batch_size)
+                                        region_grid=settings.grid, batch_size=batch_size,
+                                        text_max_len=settings.text_max_len)
     return text_enc, image_enc, settings
 
 
@@ -212,22 +284,42 @@ class _Job:
         return f"{self.side}.{self.view}"
 
 
-def _fingerprints(ds, settings: FeatureSettings, hasher: ImageHasher) -> dict[str, str]:
+@dataclass
+class _CropPlan:
+    """Crop regions of one run: the worker step, the boxes of each row (score order), K and the counts."""
+
+    prepare: PrepareCrops
+    boxes: list[list[Box]]
+    max_regions: int
+    stats: CropStats = field(default_factory=CropStats)
+
+
+def _region_fingerprint(settings: FeatureSettings, image_id: Any, boxes_sha256: str | None) -> dict[str, Any]:
+    """The settings part of ``mention.regions``' fingerprint (grid caches keep their original fingerprint)."""
+    r = settings.regions
+    if r.mode == "grid":
+        return {"encoder": image_id, "region_grid": settings.region_grid}
+    source = {"detector": describe_model_files(r.detector)} if r.mode == "detector" else {"boxes": boxes_sha256}
+    return {"encoder": image_id, "regions": {"mode": r.mode, "max_regions": r.max_regions, "score": r.threshold,
+                                             "labels": list(r.labels), **source}}
+
+
+def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: list[Any], text_limit: int,
+                  boxes_sha256: str | None) -> dict[str, str]:
     text_id = describe_model_files(settings.text_name)
     image_id = describe_model_files(settings.clip)
     ms, es = ds.mentions, ds.entities
-    m_images = _image_inputs([m.image for m in ms], ds.root, hasher)
-    e_images = _image_inputs([e.images[0] if e.images else None for e in es], ds.root, hasher)
-    text_common = {"encoder": text_id, "max_len": settings.max_len}
+    sentence = {"encoder": text_id, "max_len": settings.max_len}
+    pooled = {"encoder": text_id, "text_max_len": text_limit}
     inputs = {
-        "mention.mention": (text_common, [m.mention for m in ms]),
-        "mention.sentence": (text_common, [m.sentence for m in ms]),
+        "mention.mention": (pooled, [m.mention for m in ms]),
+        "mention.sentence": (sentence, [m.sentence for m in ms]),
         "mention.image": ({"encoder": image_id}, m_images),
-        "mention.regions": ({"encoder": image_id, "region_grid": settings.region_grid}, m_images),
-        "mention.profile": ({**text_common, "rows": list(PROFILE_ROWS)}, [profile_texts(m) for m in ms]),
-        "entity.desc": (text_common, [e.text() for e in es]),
+        "mention.regions": (_region_fingerprint(settings, image_id, boxes_sha256), m_images),
+        "mention.profile": ({**pooled, "rows": list(PROFILE_ROWS)}, [profile_texts(m) for m in ms]),
+        "entity.desc": (pooled, [e.text() for e in es]),
         "entity.image": ({"encoder": image_id}, e_images),
-        "entity.profile": (text_common, [entity_profile_text(e) for e in es]),
+        "entity.profile": (pooled, [entity_profile_text(e) for e in es]),
     }
     return {name: stable_hash({"view": name, "settings": s, "inputs": stable_hash(x)})
             for name, (s, x) in inputs.items()}
@@ -245,9 +337,22 @@ def _write_text_view(store: FeatureStore, job: _Job, n: int, batch_size: int,
     w.commit(job.info)
 
 
+def _done_presence(store: FeatureStore, side: str, writers: dict, start: int, grid: bool) -> np.ndarray | None:
+    """Which of the first ``start`` rows (written by an earlier run) had a usable image, from a mask that says so."""
+    if "image" in writers:
+        return np.asarray(writers["image"].mask[:start])
+    if grid:  # grid regions are masked exactly where the image is absent
+        return np.asarray(writers["regions"].mask[:start])[:, 0]
+    if store.has(side, "image"):
+        return np.asarray(store.load(side, "image").mask[:start])
+    return None
+
+
 def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: list[Path | None],
-                       jobs: list[_Job], image_enc: ImageEncoder, batch_size: int, num_workers: int) -> ImageReport:
-    """Write the image views of one side (``image`` and, for mentions, ``regions``) in one decoding pass."""
+                       jobs: list[_Job], image_enc: ImageEncoder, batch_size: int, num_workers: int,
+                       crops: _CropPlan | None = None) -> ImageReport:
+    """Write the image views of one side (``image`` and, for mentions, ``regions``: the patch grid, or with
+    ``crops`` the crops of boxes) in one decoding pass."""
     n = len(paths)
     writers = {j.view: store.writer(side, j.view, n, j.row_shape, j.mask_shape, j.fingerprint) for j in jobs}
     # Resume from the earliest unfinished row; rows are deterministic, so rewriting a few is harmless.
@@ -256,58 +361,143 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
     if start:
         log.info("%s images: resuming at row %d of %d", side, start, n)
         # rows finished by the earlier run: their masks say which images were unusable
-        done_mask = np.asarray(next(iter(writers.values())).mask[:start]).reshape(start, -1)[:, 0]
-        for j in np.flatnonzero(~done_mask):
+        done = _done_presence(store, side, writers, start, grid=crops is None)
+        for j in np.flatnonzero(~done) if done is not None else ():
             report.add(ids[j], "no image" if paths[j] is None else "missing or unreadable (earlier run)")
-    batches = iter_decoded(paths[start:], batch_size, num_workers, image_enc.preprocess)
+    if crops is None:
+        batches = iter_decoded(paths[start:], batch_size, num_workers, image_enc.preprocess)
+    else:
+        batches = iter_decoded(paths[start:], batch_size, num_workers, crops.prepare, extras=crops.boxes[start:])
     i = start
     for items in tqdm(batches, total=(n - start + batch_size - 1) // batch_size, desc=f"{side} images",
                       unit="batch", leave=False):
-        glob, regs, present, reasons = _encode_image_batch(items, image_enc)
+        if crops is None:
+            glob, regs, present, reasons = _encode_image_batch(items, image_enc)
+            rmask = np.repeat(present[:, None], image_enc.n_regions, axis=1)
+        else:
+            cb = encode_crop_batch(items, image_enc, crops.max_regions, batch_size, crops.stats,
+                                   whole_images="image" in writers)
+            glob, regs, rmask, present, reasons = cb.glob, cb.regions, cb.regions_mask, cb.present, cb.reasons
         for j, reason in enumerate(reasons):
             report.add(ids[i + j], reason)
         end = i + len(items)
         if "image" in writers and end > writers["image"].start_row:
             writers["image"].write(i, glob, present)
         if "regions" in writers and end > writers["regions"].start_row:
-            writers["regions"].write(i, regs, np.repeat(present[:, None], image_enc.n_regions, axis=1))
+            writers["regions"].write(i, regs, rmask)
         i = end
     images_info = report.to_json()
     for j in jobs:
-        writers[j.view].commit({**j.info, "images": images_info})
+        info = {**j.info, "images": images_info}
+        if j.view == "regions" and crops is not None:
+            per_image = np.asarray(writers["regions"].mask).sum(1)
+            info["boxes"] = {**crops.stats.to_json(), "rows_counted": n - start,
+                             "regions_per_image": np.bincount(per_image, minlength=crops.max_regions + 1).tolist()}
+        writers[j.view].commit(info)
     return report
 
 
-def build_features(data: str | Path, out: str | Path, settings: FeatureSettings, batch_size: int = 64,
+def build_features(data: str | Path, out: str | Path, settings: FeatureSettings | None, batch_size: int = 64,
                    num_workers: int = 2, device: str = "auto", force: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, detector_batch_size: int = 8,
+                   imports: Sequence[ImportSpec] = ()) -> dict[str, Any]:
     """Write (or update) the feature cache ``out`` for the dataset ``data``; returns a summary
-    ``{"written": [...], "skipped": [...], "images": {side: report}}``."""
+    ``{"written": [...], "skipped": [...], "imported": [...], "images": {side: report}}`` (+ ``"regions"``: box
+    counts, with crops).
+
+    ``imports`` are views read from a release's files instead of encoding (:mod:`data_process.encode.precomputed`);
+    with ``settings=None`` (no encoder) only they are written."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    if settings is None and not imports:
+        raise ValueError("nothing to write: name the encoders (--clip) or views to import (--import)")
+    names = [spec.view for spec in imports]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--import names a view twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     ds = load_dataset(data)
     store = FeatureStore(out)
-    m_ids, e_ids = [m.id for m in ds.mentions], [e.id for e in ds.entities]
+    ms, es = ds.mentions, ds.entities
+    m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
     store.set_ids("mention", m_ids)
     store.set_ids("entity", e_ids)
+    regions = settings.regions if settings is not None else RegionSettings()
+    boxes_file = read_boxes_file(regions.boxes, ms) if regions.mode == "file" else None  # checked before any work
+    boxes_sha = boxes_file.sha256 if boxes_file is not None else None
+    m_paths = [ds.image_path(m.image) for m in ms]
+    e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
     with ImageHasher(store.root / HASHES_FILE) as hasher:
-        fps = _fingerprints(ds, settings, hasher)
-    todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
-    skipped = [name for name in fps if name not in todo]
-    for name in skipped:
+        m_shas, e_shas = hasher.hash_all(m_paths), hasher.hash_all(e_paths)
+        max_len = settings.max_len if settings is not None else store.meta().get("max_len")
+        prepared = [prepare_import(spec, ms if spec.side == "mention" else es,
+                                   m_ids if spec.side == "mention" else e_ids, max_len, hasher) for spec in imports]
+    fresh = [imp for imp in prepared if force or not store.has(imp.spec.side, imp.spec.view.split(".")[1],
+                                                                 fingerprint=imp.fingerprint)]
+    summary: dict[str, Any] = {"written": [], "skipped": [imp.spec.view for imp in prepared if imp not in fresh],
+                               "imported": [imp.spec.view for imp in fresh], "images": {}}
+    base_meta: dict[str, Any] = {"dataset": str(data)}
+    todo: list[str] = []
+    if settings is not None:
+        text_limit = settings.text_max_len or text_positions(settings.text_name)
+        fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
+                            _image_inputs([e.images[0] if e.images else None for e in es], e_shas), text_limit,
+                            boxes_sha)
+        fps = {name: fp for name, fp in fps.items() if name not in names}
+        todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
+        summary["written"] = todo
+        summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
+        base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
+                         text_max_len=text_limit, region_grid=settings.region_grid,
+                         regions=regions.provenance(settings.region_grid, boxes_sha))
+    elif any(imp.spec.view == "mention.sentence" for imp in prepared):
+        base_meta["max_len"] = next(imp.row_shape[0] for imp in prepared if imp.spec.view == "mention.sentence")
+    for name in summary["skipped"]:
         log.info("%s: up to date, skipped", name)
-    summary: dict[str, Any] = {"written": todo, "skipped": skipped, "images": {}}
-    base_meta = {"text_encoder": settings.text_name, "image_encoder": settings.clip, "max_len": settings.max_len,
-                 "region_grid": settings.region_grid, "dataset": str(data)}
-    if not todo:
+    if not todo and not fresh:
         store.update_meta(**base_meta)
         return summary
 
-    text_enc, image_enc = load_encoders(settings.clip, settings.text_encoder, device=device,
-                                        max_len=settings.max_len, region_grid=settings.region_grid,
-                                        batch_size=batch_size)
-    dt, di, L, R, K = text_enc.dim, image_enc.dim, settings.max_len, image_enc.n_regions, len(PROFILE_ROWS)
-    store.update_meta(**base_meta, text_dim=dt, image_dim=di)
+    encoders = None
+    if todo:
+        encoders = load_encoders(settings.clip, settings.text_encoder, device=device, max_len=settings.max_len,
+                                 region_grid=settings.grid, batch_size=batch_size, text_max_len=text_limit)
+        known = {"text": (encoders[0].dim, f"the text encoder {settings.text_name}"),
+                 "image": (encoders[1].dim, f"the image encoder {settings.clip}")}
+    else:
+        known = _cache_dims(store.meta(), exclude=set(names))
+    dims = check_dims(prepared, known)  # before anything is written
+    store.update_meta(**base_meta, **{f"{space}_dim": d for space, d in dims.items()})
+    for imp in fresh:
+        log.info("%s: importing %s", imp.spec.view, imp.spec.path)
+        write_import(store, imp)
+    if encoders is not None:
+        _encode_views(ds, store, settings, todo, fps, encoders, m_paths, m_shas, boxes_file, batch_size,
+                      num_workers, device, progress, detector_batch_size, summary)
+    return summary
+
+
+def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int, str]]:
+    """The text / image dimensions the cache's views (other than ``exclude``) already have, from ``meta.json``."""
+    known = {}
+    for space in ("text", "image"):
+        others = [v for v in meta.get("views", {}) if v in VIEWS and VIEWS[v][0] == space and v not in exclude]
+        if others and meta.get(f"{space}_dim"):
+            known[space] = (int(meta[f"{space}_dim"]), f"meta.json {space}_dim, views {', '.join(sorted(others))}")
+    return known
+
+
+def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
+                  encoders: tuple[TextEncoder, ImageEncoder], m_paths: list[Path | None], m_shas: list[str | None],
+                  boxes_file, batch_size: int, num_workers: int, device: str, progress: bool,
+                  detector_batch_size: int, summary: dict[str, Any]) -> None:
+    """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time)."""
+    text_enc, image_enc = encoders
+    regions = settings.regions
+    ms, es = ds.mentions, ds.entities
+    m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
+    e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
+    provenance = store.meta()["regions"]
+    dt, di, L, K = text_enc.dim, image_enc.dim, settings.max_len, len(PROFILE_ROWS)
+    R = regions.max_regions if regions.crops else image_enc.n_regions
     shapes = {
         "mention.mention": ((dt,), None), "mention.sentence": ((L, dt), (L,)),
         "mention.image": ((di,), ()), "mention.regions": ((R, di), (R,)),
@@ -317,10 +507,11 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings,
     jobs = {name: _Job(*name.split("."), *shapes[name], fingerprint=fps[name]) for name in todo}
     if "mention.profile" in jobs:
         jobs["mention.profile"].info["rows"] = list(PROFILE_ROWS)
-    ms, es = ds.mentions, ds.entities
+    if "mention.regions" in jobs:
+        jobs["mention.regions"].info["regions"] = provenance
 
     def pooled(texts: list[str]) -> Callable[[int, int], tuple[np.ndarray, None]]:
-        return lambda a, b: (text_enc.encode(texts[a:b]).pooled, None)
+        return lambda a, b: (text_enc.encode_pooled(texts[a:b]), None)
 
     def sentence(a: int, b: int):
         f = text_enc.encode([m.sentence for m in ms[a:b]])
@@ -347,28 +538,55 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings,
                 bar.update(1)
         m_jobs = [jobs[n] for n in ("mention.image", "mention.regions") if n in jobs]
         if m_jobs:
-            paths = [ds.image_path(m.image) for m in ms]
-            rep = _write_image_views(store, "mention", m_ids, paths, m_jobs, image_enc, batch_size, num_workers)
+            crops = None
+            if regions.crops and "mention.regions" in jobs:
+                if boxes_file is not None:
+                    boxes = boxes_file.boxes_per_row(len(ms))
+                    summary["regions"] = {"boxes_file_keys": boxes_file.keys}
+                else:
+                    boxes, counts = detect_all(m_paths, m_shas, DetectionSettings(regions.detector, regions.threshold,
+                                                                                  regions.labels),
+                                               store.root / DETECTIONS_FILE, device, detector_batch_size,
+                                               num_workers, progress)
+                    summary["regions"] = {"detections": counts}
+                jobs["mention.regions"].info.update(summary["regions"])
+                crops = _CropPlan(PrepareCrops(image_enc.preprocess, R),
+                                  [select_boxes(b, regions.labels, regions.threshold) for b in boxes], R)
+            rep = _write_image_views(store, "mention", m_ids, m_paths, m_jobs, image_enc, batch_size, num_workers,
+                                     crops)
             summary["images"]["mention"] = rep.to_json()
+            if crops is not None:
+                summary["regions"]["boxes"] = store.meta()["views"]["mention.regions"]["boxes"]
             bar.update(len(m_jobs))
         if "entity.image" in jobs:
-            paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
-            rep = _write_image_views(store, "entity", e_ids, paths, [jobs["entity.image"]], image_enc,
+            rep = _write_image_views(store, "entity", e_ids, e_paths, [jobs["entity.image"]], image_enc,
                                      batch_size, num_workers)
             summary["images"]["entity"] = rep.to_json()
             bar.update(1)
-    return summary
 
 
 def _report(summary: dict[str, Any], out: Path) -> str:
-    lines = [f"feature cache {out}: wrote {len(summary['written'])} views, skipped {len(summary['skipped'])} "
-             "up-to-date views"]
+    lines = [f"feature cache {out}: wrote {len(summary['written'])} views, imported "
+             f"{len(summary.get('imported', []))}, skipped {len(summary['skipped'])} up-to-date views"]
     for side, rep in summary["images"].items():
         lines.append(f"  {side} images: {rep['no_image']} records without an image, {rep['failed']} missing or "
                      "unreadable (zero feature, mask False)")
         for rid, why in zip(rep["failed_ids"], rep["failed_reasons"]):
             lines.append(f"    {side} {rid}: {why}")
+    regions = summary.get("regions", {})
+    if "detections" in regions:
+        c = regions["detections"]
+        lines.append(f"  detections: {c['detected']} images detected, {c['cached']} from the cache")
+    if "boxes" in regions:
+        b = regions["boxes"]
+        lines.append(f"  region boxes: {b['boxes_kept']} crops kept, {b['clipped']} boxes clipped to the image, "
+                     f"{b['dropped']} outside it dropped, {b['images_without_boxes']} images without boxes "
+                     "(regions masked)")
     return "\n".join(lines)
+
+
+def _labels(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,11 +594,40 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Encode a unified dataset's views into a feature cache.")
     ap.add_argument("--data", required=True, type=Path, help="unified dataset folder")
     ap.add_argument("--out", required=True, type=Path, help="feature cache folder (created or updated)")
-    ap.add_argument("--clip", required=True, help="CLIP model: Hugging Face name or local folder")
+    ap.add_argument("--clip", default=None,
+                    help="vision-language model (CLIP, SigLIP, SigLIP 2, any AutoModel with get_text_features and "
+                         "get_image_features): Hugging Face name or local folder (required unless only --import)")
     ap.add_argument("--text_encoder", default=None,
-                    help="text encoder name or folder (default: the CLIP text tower); e.g. a BERT/MiniLM model")
-    ap.add_argument("--max_len", type=int, default=32, help="sentence tokens kept (padded/truncated)")
-    ap.add_argument("--region_grid", type=int, default=3, help="image regions: grid x grid pooled patch tokens")
+                    help="text encoder name or folder (default: the --clip model's text tower); e.g. a BERT/MiniLM "
+                         "model")
+    ap.add_argument("--max_len", type=int, default=32, help="sentence tokens kept (padded/truncated; DIM: 32)")
+    ap.add_argument("--text_max_len", type=int, default=None,
+                    help="tokens kept of every other text (mention, description, profile rows; default: the text "
+                         "encoder's own limit from its config, 77 for CLIP)")
+    g = ap.add_argument_group("image regions (mention.regions)")
+    g.add_argument("--regions", choices=MODES, default="grid",
+                   help="grid: pooled patch tokens; detector: crops of an object detector's boxes; file: crops of "
+                        "boxes from --boxes")
+    g.add_argument("--region_grid", type=int, default=3, help="--regions grid: grid x grid pooled patch tokens")
+    g.add_argument("--detector", default=None,
+                   help="--regions detector: transformers object detector, name or folder (DETR, RT-DETR, YOLOS, "
+                        "OWLv2, ...)")
+    g.add_argument("--boxes", default=None,
+                   help="--regions file: JSON Lines {image key: [[x0, y0, x1, y1, score, label], ...]} (docs/DATA.md)")
+    g.add_argument("--max_regions", type=int, default=9, help="K: crops kept per image (the highest scores)")
+    g.add_argument("--region_score", type=float, default=None,
+                   help="keep boxes scoring at least this (default: 0.5 for a detector, all boxes of a file)")
+    g.add_argument("--region_labels", type=_labels, default=(),
+                   help="comma-separated classes to keep, e.g. person,car (the detector's id2label names; an OWLv2 "
+                        "detector's text queries; a boxes file's labels)")
+    g.add_argument("--detector_batch_size", type=int, default=8, help="images per detector forward pass")
+    g = ap.add_argument_group("precomputed features from a release (docs/DATA.md)")
+    g.add_argument("--import", dest="imports", action="append", default=[], metavar="SIDE.VIEW=FILE[,ids=IDS][,...]",
+                   help="read a view from a release's file instead of encoding it (repeatable): .h5/.hdf5, .npy, "
+                        ".npz, .pt; options ids=IDS.json (the id of each row), key=NAME (array name, default "
+                        "features), by=id|image (mention views: ids are mention ids or image names); e.g. "
+                        "entity.desc=gt_feats_brief.h5,ids=qids_ordered.json")
+    g.add_argument("--import_ids", default=None, help="id list (JSON) for every --import that names no ids=")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_workers", type=int, default=None,
                     help="image decoding worker processes (0: in the main process; default: CPU cores - 1 on a GPU, "
@@ -391,15 +638,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads for encoding (0: auto = CPU cores minus decoding workers, at least 1)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    settings = FeatureSettings(clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len,
-                               region_grid=args.region_grid)
+    try:
+        regions = RegionSettings(mode=args.regions, detector=args.detector, boxes=args.boxes,
+                                 max_regions=args.max_regions, score=args.region_score, labels=args.region_labels)
+    except ValueError as exc:
+        ap.error(str(exc))
+    try:
+        imports = [ImportSpec.parse(text, args.import_ids) for text in args.imports]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.clip is None and not imports:
+        ap.error("--clip is required (unless every view to write comes from --import)")
+    settings = None if args.clip is None else FeatureSettings(
+        clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len, region_grid=args.region_grid,
+        text_max_len=args.text_max_len, regions=regions)
     device = resolve_device(args.device)  # fail early on a malformed device string
     if args.num_workers is None:
         cores = os.cpu_count() or 1
         args.num_workers = max(1, cores - 1) if device.type == "cuda" else min(2, cores)
     torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads(args.num_workers))
     summary = build_features(args.data, args.out, settings, batch_size=args.batch_size,
-                             num_workers=args.num_workers, device=args.device, force=args.force)
+                             num_workers=args.num_workers, device=args.device, force=args.force,
+                             detector_batch_size=args.detector_batch_size, imports=imports)
     print(_report(summary, args.out))
     return 0
 
