@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (host-memory mode)")
     g.add_argument("--pin_memory", type=_bool, default=True, help="pin host batches on CUDA")
     g.add_argument("--data_on_device", choices=["auto", "yes", "no"], default="auto",
-                   help="keep all features on the GPU when they fit (auto), always, or never")
+                   help="keep all features on the device (GPU memory, or RAM on a CPU) when they fit (auto), "
+                        "always, or never (read batches from the memory-mapped cache)")
     g.add_argument("--eval_batch_size", type=int, default=512, help="mentions per scoring chunk")
     g.add_argument("--entity_chunk", type=int, default=8192, help="entities per encoding/scoring chunk")
     g.add_argument("--eval_dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",

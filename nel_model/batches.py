@@ -77,11 +77,17 @@ class TrainBatches(torch.utils.data.Dataset):
 
     Returns ``{"mention": views of the local mentions, "entity": views of all global-batch entities
     (gold rows first, then negatives), "local": slice bounds, "global_n", "num_negatives"}``. Every process encodes
-    all entities of the global batch (cheap vectors), so in-batch negatives need no cross-process gather.
+    all entities of the global batch (cheap vectors), so in-batch negatives need no cross-process gather. With a
+    device-resident source the plan is moved to the device once per epoch and every batch is gathered there from
+    index tensors alone.
     """
 
     def __init__(self, plan: EpochPlan, source: FeatureSource, rank: int = 0, world_size: int = 1):
         self.plan, self.source, self.rank, self.world = plan, source, rank, world_size
+        self._device_plan = None
+        if source.on_device:
+            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(source.device)  # noqa: E731
+            self._device_plan = (as_t(plan.order), as_t(plan.gold), as_t(plan.negatives))
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -93,12 +99,15 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int) -> dict[str, Any]:
         sl = self.plan.batch(b)
-        rows, gold, negs = self.plan.order[sl], self.plan.gold[sl], self.plan.negatives[sl]
+        order, gold, negatives = self._device_plan or (self.plan.order, self.plan.gold, self.plan.negatives)
+        rows, gold, negs = order[sl], gold[sl], negatives[sl]
         lo, hi = self.local_bounds(len(rows))
-        ent_rows = np.concatenate([gold, negs.reshape(-1)])
+        if isinstance(rows, torch.Tensor):
+            ent_rows = torch.cat([gold, negs.reshape(-1)])
+        else:
+            ent_rows = torch.from_numpy(np.concatenate([gold, negs.reshape(-1)]))
         return {"mention": self.source.mentions(rows[lo:hi]), "entity": self.source.entities(ent_rows),
-                "entity_rows": torch.from_numpy(ent_rows), "local": (lo, hi), "global_n": len(rows),
-                "num_negatives": negs.shape[1]}
+                "entity_rows": ent_rows, "local": (lo, hi), "global_n": len(rows), "num_negatives": negs.shape[1]}
 
 
 def make_loader(dataset: TrainBatches, start_batch: int, num_workers: int, pin_memory: bool):

@@ -146,10 +146,12 @@ def load_mel_data(features: str | Path, dataset: str | Path | None = None) -> ME
 
 class FeatureSource:
     """Gathers batches of mention/entity views as torch tensors, from the memory-mapped cache (host) or from
-    copies of the needed views kept on ``device`` (``on_device=True``)."""
+    copies of the needed views kept on ``device`` (``on_device=True``; on a CPU that means in RAM as tensors), in
+    ``dtype`` (float32 saves a cast per view per batch; float16 halves the memory). Rows are numpy arrays or, for
+    a resident source, index tensors already on the device (no host-device copy per batch)."""
 
     def __init__(self, data: MELData, mention_views: Iterable[str], entity_views: Iterable[str],
-                 device: torch.device | None = None, on_device: bool = False):
+                 device: torch.device | None = None, on_device: bool = False, dtype: torch.dtype = torch.float16):
         self.data = data
         self.mention_views = tuple(v for v in mention_views if v in data.mention_views)
         self.entity_views = tuple(v for v in entity_views if v in data.entity_views)
@@ -160,11 +162,12 @@ class FeatureSource:
             for side, views in (("mention", self.mention_views), ("entity", self.entity_views)):
                 for v in views:
                     arr, mask = data.view(side, v)
-                    self._tensors[f"{side}.{v}"] = torch.from_numpy(np.array(arr)).to(device)
+                    self._tensors[f"{side}.{v}"] = torch.from_numpy(np.array(arr)).to(device, dtype)
                     if mask is not None:
                         self._tensors[f"{side}.{v}.mask"] = torch.from_numpy(np.array(mask)).to(device)
 
     def nbytes(self) -> int:
+        """Bytes of the needed views as cached (float16 features, bool masks)."""
         total = 0
         for side, views in (("mention", self.mention_views), ("entity", self.entity_views)):
             for v in views:
@@ -177,16 +180,18 @@ class FeatureSource:
             raise RuntimeError("a device-resident FeatureSource cannot be sent to DataLoader workers")
         return self.__dict__
 
-    def _gather(self, side: str, views: tuple[str, ...], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def _gather(self, side: str, views: tuple[str, ...], rows) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.on_device:
-            idx = torch.as_tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+            idx = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows, dtype=torch.long)
+            idx = idx.to(self.device, non_blocking=True)
             for v in views:
                 out[v] = self._tensors[f"{side}.{v}"].index_select(0, idx)
                 mk = self._tensors.get(f"{side}.{v}.mask")
                 if mk is not None:
                     out[v + "_mask"] = mk.index_select(0, idx)
             return out
+        rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, dtype=np.int64)
         # Sorted unique reads are kinder to memory maps; scatter back to batch order afterwards.
         uniq, inverse = np.unique(rows, return_inverse=True)
         for v in views:
@@ -196,11 +201,24 @@ class FeatureSource:
                 out[v + "_mask"] = torch.from_numpy(np.ascontiguousarray(mask[uniq][inverse]))
         return out
 
-    def mentions(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return self._gather("mention", self.mention_views, np.asarray(rows, dtype=np.int64))
+    def mentions(self, rows) -> dict[str, torch.Tensor]:
+        return self._gather("mention", self.mention_views, rows)
 
-    def entities(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return self._gather("entity", self.entity_views, np.asarray(rows, dtype=np.int64))
+    def entities(self, rows) -> dict[str, torch.Tensor]:
+        return self._gather("entity", self.entity_views, rows)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for features: free GPU memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

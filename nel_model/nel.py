@@ -131,15 +131,25 @@ class Projection(nn.Sequential):
 
 def masked_attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
-    """``query`` [B,1,H] attends over ``keys`` [B,N,H] where ``mask`` [B,N] is True for real keys.
+    """``query`` [B,1,H] attends over ``keys`` [B,N,H] where ``mask`` [B,N] is True for real keys, with the
+    weights of ``attn`` (an ``nn.MultiheadAttention``: its in/out projections, heads and attention dropout).
 
+    The same function as ``attn(query, keys, keys, key_padding_mask=~mask)``, computed with one fused
+    ``scaled_dot_product_attention`` instead of the module's generic path (a few kernels instead of dozens).
     Returns [B,H]; rows without any real key return exactly 0 (one key is unmasked internally to keep softmax
     finite, and the output of that row is multiplied by 0, so neither value nor gradient leaks)."""
+    b, n, h = keys.shape
+    heads = attn.num_heads
     has_any = mask.any(dim=1)
     safe = mask.clone()
     safe[:, 0] |= ~has_any
-    out, _ = attn(query, keys, keys, key_padding_mask=~safe, need_weights=False)
-    return torch.where(has_any.unsqueeze(1), out[:, 0], torch.zeros_like(out[:, 0]))
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(query, w[:h], bias[:h]).view(b, 1, heads, h // heads).transpose(1, 2)          # [B,h,1,d]
+    k, v = F.linear(keys, w[h:], bias[h:]).view(b, n, 2, heads, h // heads).permute(2, 0, 3, 1, 4)  # [B,h,N,d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :],
+                                         dropout_p=attn.dropout if attn.training else 0.0)
+    out = attn.out_proj(out.transpose(1, 2).reshape(b, h))
+    return torch.where(has_any.unsqueeze(1), out, torch.zeros_like(out))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -207,40 +217,49 @@ class DIM(nn.Module):
     def encode_mentions(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
         cfg, dt = self.cfg, self._dtype()
         mention = views["mention"].to(dt)
-        hm = self.text_proj(mention)                       # [B,H]
-        query = hm.unsqueeze(1)
-        tokens, present = [], []
-        h = hm
+        # One projection call per modality: the mention, its sentence tokens and its profile rows go through the
+        # text projection together, the regions and the whole image through the image projection (the projection
+        # works token by token, so this is the same function with a third of the kernels).
+        text, L = [mention.unsqueeze(1)], 0
         if cfg.use_sentence:
-            keys = self.text_proj(views["sentence"].to(dt))
-            mask = views["sentence_mask"].bool()
+            text.append(views["sentence"].to(dt))
+            L = text[-1].shape[1]
+        if cfg.use_profile:
+            rows = views["profile"].to(dt)
+            pmask = views["profile_mask"].bool() & self.profile_row_use.unsqueeze(0)
+            if cfg.profile_pool == "max":
+                rows, pmask = masked_max(rows, pmask).unsqueeze(1), pmask.any(1, keepdim=True)
+            text.append(rows)
+        proj = self.text_proj(torch.cat(text, 1) if len(text) > 1 else text[0])       # [B,1+L+K,H]
+        hm, query = proj[:, 0], proj[:, :1]
+        h = hm
+        tokens, present = [], []
+        if cfg.use_sentence:
+            keys, mask = proj[:, 1:1 + L], views["sentence_mask"].bool()
             if cfg.sentence_fusion == "attention":
                 tokens.append(masked_attention(self._attn("sentence"), query, keys, mask))
                 present.append(mask.any(1))
             else:
                 h = h + masked_mean(keys, mask)
-        image_key = cfg.use_image and cfg.image_fusion == "key"
-        if cfg.use_regions or image_key:
+        if cfg.use_regions or cfg.use_image:
             parts, masks = [], []
             if cfg.use_regions:
-                parts.append(self.image_proj(views["regions"].to(dt)))
+                parts.append(views["regions"].to(dt))
                 masks.append(views["regions_mask"].bool())
-            if image_key:
-                parts.append(self.image_proj(views["image"].to(dt)).unsqueeze(1))
+            if cfg.use_image:
+                parts.append(views["image"].to(dt).unsqueeze(1))
                 masks.append(views["image_mask"].bool().reshape(-1, 1))
-            keys, mask = torch.cat(parts, 1), torch.cat(masks, 1)
-            tokens.append(masked_attention(self._attn("image"), query, keys, mask))
-            present.append(mask.any(1))
-        if cfg.use_image and cfg.image_fusion == "add":
-            m = views["image_mask"].bool().reshape(-1, 1)
-            h = h + torch.where(m, self.image_proj(views["image"].to(dt)), 0.0)
+            img = self.image_proj(torch.cat(parts, 1) if len(parts) > 1 else parts[0])   # [B,R(+1),H]
+            if cfg.use_image and cfg.image_fusion == "add":
+                h = h + torch.where(masks[-1], img[:, -1], 0.0)
+                img, masks = img[:, :-1], masks[:-1]
+            if masks:
+                mask = torch.cat(masks, 1) if len(masks) > 1 else masks[0]
+                tokens.append(masked_attention(self._attn("image"), query, img, mask))
+                present.append(mask.any(1))
         if cfg.use_profile:
-            rows = views["profile"].to(dt)
-            mask = views["profile_mask"].bool() & self.profile_row_use.unsqueeze(0)
-            if cfg.profile_pool == "max":
-                rows, mask = masked_max(rows, mask).unsqueeze(1), mask.any(1, keepdim=True)
-            tokens.append(masked_attention(self._attn("profile"), query, self.text_proj(rows), mask))
-            present.append(mask.any(1))
+            tokens.append(masked_attention(self._attn("profile"), query, proj[:, 1 + L:], pmask))
+            present.append(pmask.any(1))
         if tokens:
             toks = torch.stack(tokens, 1)                       # [B,V,H]
             pres = torch.stack(present, 1)                      # [B,V]
@@ -263,13 +282,15 @@ class DIM(nn.Module):
             if cfg.use_entity_profile:
                 out = torch.where(views["profile_mask"].bool().reshape(-1, 1), views["profile"].to(dt), desc)
             return F.normalize(out.float(), dim=-1) if normalize else out.float()
-        h = self.text_proj(desc)
+        if cfg.use_entity_profile:          # description and enrichment in one projection call
+            both = self.text_proj(torch.stack([desc, views["profile"].to(dt)], 1))
+            m = views["profile_mask"].bool().reshape(-1, 1)
+            h = both[:, 0] + torch.where(m, both[:, 1], 0.0)
+        else:
+            h = self.text_proj(desc)
         if cfg.use_entity_image:
             m = views["image_mask"].bool().reshape(-1, 1)
             h = h + torch.where(m, self.image_proj(views["image"].to(dt)), 0.0)
-        if cfg.use_entity_profile:
-            m = views["profile_mask"].bool().reshape(-1, 1)
-            h = h + torch.where(m, self.text_proj(views["profile"].to(dt)), 0.0)
         out = self.e_out(self.e_dropout(h))
         if self.cfg.is_residual:
             out = desc + out

@@ -33,7 +33,7 @@ from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
 from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
-from nel_model.data import FeatureSource, load_mel_data, to_device
+from nel_model.data import FeatureSource, available_memory, load_mel_data, to_device
 from nel_model.evaluate import (EvalSettings, encode_entities, evaluate_counts, evaluate_splits, results_block,
                                 score_dtype_for, write_predictions)
 from nel_model.hard_negatives import hard_negative_table
@@ -57,6 +57,9 @@ def set_determinism(enabled: bool) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # deterministic mode would also fill every new tensor with NaN (hundreds of fill kernels a step); nothing
+        # here reads memory before writing it, so that guard only costs time
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 
@@ -82,8 +85,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
+    # fused: one kernel for the whole update instead of a dozen per parameter group (CUDA and CPU)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 def rng_states(device: torch.device | None = None) -> dict[str, Any]:
@@ -160,9 +164,9 @@ class Trainer:
             raise ValueError(f"--batch_size {args.batch_size} is smaller than the {dist.world_size} processes")
         self.cfg = config_from_args(args, self.data)
         self.model = DIM(self.cfg).to(self.device)
-        on_device = self._decide_on_device()
+        on_device, feature_dtype = self._decide_on_device()
         self.source = FeatureSource(self.data, self.cfg.mention_views(), self.cfg.entity_views(), self.device,
-                                    on_device=on_device)
+                                    on_device=on_device, dtype=feature_dtype)
         self.amp_dtype, use_scaler = amp_setup(args.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
@@ -191,16 +195,18 @@ class Trainer:
         self.hard_table: np.ndarray | None = None
         self.tb = None
 
-    def _decide_on_device(self) -> bool:
+    def _decide_on_device(self) -> tuple[bool, torch.dtype]:
+        """Keep the features on the device (on a CPU: in RAM as tensors) when they fit: float32 when that fits in
+        half of the free GPU memory (a quarter of the host's available memory), float16 when only that fits."""
         a = self.args
-        if self.device.type != "cuda" or a.data_on_device == "no":
-            return False
+        if a.data_on_device == "no":
+            return False, torch.float16
         probe = FeatureSource(self.data, self.cfg.mention_views(), self.cfg.entity_views())
-        need = probe.nbytes()
-        if a.data_on_device == "yes":
-            return True
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return need < 0.5 * free
+        need16 = probe.nbytes()
+        budget = available_memory(self.device) * (0.5 if self.device.type == "cuda" else 0.25)
+        if 2 * need16 < budget:
+            return True, torch.float32
+        return (a.data_on_device == "yes" or need16 < budget), torch.float16
 
     # -- records -----------------------------------------------------------------------------
     def _ckpt_dir(self) -> Path:

@@ -144,3 +144,25 @@ def test_config_from_args_ablation_flags(tmp_path):
     assert cfg.mention_views() == ("mention", "image")
     m = DIM(cfg)
     assert m.profile_attn is None and m.sentence_attn is None
+
+
+def test_masked_attention_is_the_multihead_attention_module():
+    """The lean attention path computes what nn.MultiheadAttention computes (same weights), rows without a key -> 0."""
+    from nel_model.nel import masked_attention
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True).eval()
+    q, k = torch.randn(5, 1, 16), torch.randn(5, 7, 16)
+    mask = torch.rand(5, 7) < 0.6
+    mask[0] = True
+    mask[3] = False                                       # no key at all
+    ours = masked_attention(attn, q, k, mask)
+    ref, _ = attn(q, k, k, key_padding_mask=~mask, need_weights=False)
+    keep = mask.any(1)
+    assert torch.allclose(ours[keep], ref[keep][:, 0], atol=1e-5)
+    assert torch.equal(ours[3], torch.zeros(16))
+    attn.train()                                          # attention dropout is active in training
+    torch.manual_seed(1)
+    a = masked_attention(attn, q, k, mask)
+    torch.manual_seed(2)
+    assert not torch.allclose(a[keep], masked_attention(attn, q, k, mask)[keep])
