@@ -337,7 +337,7 @@ def run_benchmark(ghmfc_zip: Path, annotations: Path, work: Path, *, seeds: tupl
                   ours_config: Path = REPO / "configs" / "wikimel_ghmfc.yaml",
                   paper_config: Path = REPO / "configs" / "dim_paper.yaml", paper_epochs: int = 8,
                   epochs: int | None = None, ablations: bool = False, limit: int = 0, threads: int = 1,
-                  max_len: int = 32, text_max_len: int | None = None, context_max_len: int = 64,
+                  max_len: int = 32, text_max_len: int | None = 128, context_max_len: int = 64,
                   results_dir: Path | None = REPO / "bench" / "results", command: str | None = None) -> dict[str, Any]:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine two threads are often slower)")
     ap.add_argument("--max_len", type=int, default=32, help="sentence tokens (DIM's 32)")
-    ap.add_argument("--text_max_len", type=int, default=0,
-                    help="tokens of the other texts (descriptions; 0: the feature step's default)")
+    ap.add_argument("--text_max_len", type=int, default=128,
+                    help="tokens of the other texts (descriptions; 0: the feature step's default, the encoder's limit)")
     ap.add_argument("--context_max_len", type=int, default=64)
     ap.add_argument("--results_dir", type=Path, default=REPO / "bench" / "results")
     a = ap.parse_args(argv)

@@ -21,7 +21,6 @@ PREFIX.json and PREFIX.png (MRR per bucket, one bar per run); PREFIX defaults to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter

@@ -11,21 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from data_process.core.settings import read_yaml_mapping
+from data_process.core.settings import parse_bool, read_yaml_mapping
 from nel_model.metrics import CANDIDATE_RULES, TIE_RULES
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
 VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_global_image", "no_caption", "no_enrichment",
               "no_entity_image", "no_entity_profile")
-
-
-def _bool(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole mention image: an attention key beside the regions, or added to the query")
     g.add_argument("--profile_pool", choices=["attention", "max"], default="attention",
                    help="profile rows (enrichment, caption): attended one by one, or max-pooled into one first")
-    g.add_argument("--shared_attention", type=_bool, default=False,
+    g.add_argument("--shared_attention", type=parse_bool, default=False,
                    help="one attention module for every view (DIM's code) instead of one per view")
     g.add_argument("--entity_tower", choices=["trained", "frozen"], default="trained",
                    help="trained entity side (description + image + enrichment), or the frozen text feature")
@@ -100,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dev metric that picks the best checkpoint, PROTOCOL:METRIC (DIM: candidates:hits@1); "
                         "a candidates metric falls back to full_kb:mrr, with a warning, when there are no lists")
     g.add_argument("--seed", type=int, default=114514)
-    g.add_argument("--deterministic", type=_bool, default=True, help="deterministic algorithms where possible")
+    g.add_argument("--deterministic", type=parse_bool, default=True, help="deterministic algorithms where possible")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="debug: exit abruptly (no cleanup) once the optimizer step count reaches N (tests a crash)")
     g.add_argument("--stop_after_epochs", type=int, default=0,
@@ -113,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (host-memory mode)")
-    g.add_argument("--pin_memory", type=_bool, default=True, help="pin host batches on CUDA")
+    g.add_argument("--pin_memory", type=parse_bool, default=True, help="pin host batches on CUDA")
     g.add_argument("--data_on_device", choices=["auto", "yes", "no"], default="auto",
                    help="keep all features on the device (GPU memory, or RAM on a CPU) when they fit (auto), "
                         "always, or never (read batches from the memory-mapped cache)")

@@ -26,7 +26,7 @@ from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
-                               metrics_from_counts, metrics_from_ranks)
+                               metrics_from_counts, metrics_from_ranks, topk_by_row)
 from nel_model.nel import DIM, DIMConfig
 from nel_model.run_io import PREDICTIONS_DIR
 
@@ -102,16 +102,17 @@ def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @torch.no_grad()
 def split_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray,
-                 dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None
-                 ) -> dict[str, RankCounts]:
-    """Rank counts of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol."""
+                 dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None,
+                 top_k: int = 0) -> dict[str, RankCounts]:
+    """Rank counts of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol; with
+    ``top_k``, the full-KB counts also carry each mention's best entities, from the same scoring pass."""
     device = dist.device
     if entity_emb is None:
         entity_emb = encode_entities(model, source, device, settings)
     local = rows[D.shard(len(rows), dist)]
     q = encode_mentions(model, source, local, device, settings)
     gold = torch.from_numpy(data.gold[local]).to(device)
-    counts = {"full_kb": full_kb_counts(q, entity_emb, gold, settings.mention_chunk, settings.score_dtype)}
+    counts = {"full_kb": full_kb_counts(q, entity_emb, gold, settings.mention_chunk, settings.score_dtype, top_k)}
     if data.candidates is not None:
         cands = torch.from_numpy(data.candidates[local])
         c = settings.mention_chunk
@@ -122,17 +123,17 @@ def split_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, r
 
 
 def _gather_counts(counts: RankCounts, dist: D.DistInfo) -> RankCounts:
-    return RankCounts(*(D.gather_rows(getattr(counts, f).cpu(), dist) for f in ("higher", "equal", "unordered",
-                                                                               "found")))
+    return counts.map(lambda t: D.gather_rows(t.cpu(), dist))
 
 
 def evaluate_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
-                    dist: D.DistInfo, settings: EvalSettings) -> dict[str, dict[str, RankCounts]]:
-    """``{protocol: {split: RankCounts}}``; entity embeddings are computed once for all splits."""
+                    dist: D.DistInfo, settings: EvalSettings, top_k: int = 0) -> dict[str, dict[str, RankCounts]]:
+    """``{protocol: {split: RankCounts}}`` (with ``top_k``: the full-KB counts carry each mention's best entities,
+    scored in the same pass); entity embeddings are computed once for all splits."""
     emb = encode_entities(model, source, dist.device, settings)
     out: dict[str, dict[str, RankCounts]] = {}
     for split in splits:
-        for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb).items():
+        for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb, top_k).items():
             out.setdefault(proto, {})[split] = cnt
     return out
 
@@ -194,22 +195,13 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
 def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
-    equal scores are ordered by KB row (a row is re-sorted whole when a tie touches its top ``k``). A NaN score
-    ranks last."""
+    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.metrics.topk_by_row``)."""
     k = min(k, len(entities))
     ent = entities.float()
-    out_s, out_r = [], []
-    for s in range(0, len(queries), chunk):
-        scores = (queries[s: s + chunk].float() @ ent.T).nan_to_num(nan=-float("inf"))
-        vals, rows = scores.topk(k, dim=1)
-        tied = ((scores >= vals[:, -1:]).sum(1) > k) | (vals[:, 1:] == vals[:, :-1]).any(1)
-        for i in tied.nonzero().flatten().tolist():
-            vals[i], rows[i] = (t[:k] for t in scores[i].sort(descending=True, stable=True))
-        out_s.append(vals.cpu())
-        out_r.append(rows.cpu())
-    if not out_s:
+    parts = [topk_by_row(queries[s: s + chunk].float() @ ent.T, k) for s in range(0, len(queries), chunk)]
+    if not parts:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat(out_s), torch.cat(out_r)
+    return torch.cat([v for v, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
 
 
 def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:
@@ -231,15 +223,19 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
                       top_k: int = PREDICTION_TOP_K) -> list[Path]:
     """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
     ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
-    ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists are recomputed in float32."""
+    ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists too when the counts carry them (scored
+    in the same pass), else they are computed here in float32."""
     if entity_emb is None:
         entity_emb = encode_entities(model, source, device, settings)
     folder = Path(run_dir) / PREDICTIONS_DIR
     written = []
     for split, full in counts["full_kb"].items():
         rows = data.splits[split]
-        q = encode_mentions(model, source, rows, device, settings)
-        scores, top = top_entities(q, entity_emb, top_k, settings.mention_chunk)
+        if full.top_rows is not None and full.top_rows.shape[1] >= min(top_k, data.num_entities):
+            scores, top = full.top_scores[:, :top_k], full.top_rows[:, :top_k]
+        else:
+            q = encode_mentions(model, source, rows, device, settings)
+            scores, top = top_entities(q, entity_emb, top_k, settings.mention_chunk)
         lines = []
         cand = counts["candidates"][split] if "candidates" in counts else None
         cand_fields = _rank_fields(cand) if cand is not None else None
@@ -318,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             tie_rule=a.tie_rule or conf.get("tie_rule", "pessimistic"),
                             candidate_rule=a.candidate_rule or conf.get("candidate_rule", "dim"))
     splits = ["dev", "test"] if a.split == "all" else [a.split]
-    counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings)
+    counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
+                             top_k=PREDICTION_TOP_K if a.predictions else 0)
     results = metrics_of(counts, settings.tie_rule)
     if a.predictions:
         for path in write_predictions(run, model, data, source, counts, settings, device,

@@ -34,12 +34,17 @@ RECHECK_PAIRS = 1 << 20     # float32 re-check pairs per step (bounds the gather
 
 @dataclass
 class RankCounts:
-    """Per query (all [N] long, ``found`` bool): how the other listed entities compare with the gold's score."""
+    """Per query (all [N] long, ``found`` bool): how the other listed entities compare with the gold's score; and,
+    when asked for, each query's top entities from the same scores (``top_scores`` [N,k] float32, ``top_rows``)."""
 
     higher: torch.Tensor
     equal: torch.Tensor
     unordered: torch.Tensor
     found: torch.Tensor
+    top_scores: torch.Tensor | None = None
+    top_rows: torch.Tensor | None = None
+
+    FIELDS = ("higher", "equal", "unordered", "found", "top_scores", "top_rows")
 
     def __len__(self) -> int:
         return len(self.higher)
@@ -49,12 +54,15 @@ class RankCounts:
         if not parts:
             z = torch.zeros(0, dtype=torch.long)
             return RankCounts(z, z, z, z.bool())
-        return RankCounts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("higher", "equal", "unordered",
-                                                                                "found")))
+        return RankCounts(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                            for f in RankCounts.FIELDS))
+
+    def map(self, fn) -> "RankCounts":
+        """The same counts with ``fn`` applied to every tensor (e.g. a move to another device)."""
+        return RankCounts(*(None if getattr(self, f) is None else fn(getattr(self, f)) for f in RankCounts.FIELDS))
 
     def to(self, device) -> "RankCounts":
-        return RankCounts(self.higher.to(device), self.equal.to(device), self.unordered.to(device),
-                          self.found.to(device))
+        return self.map(lambda t: t.to(device))
 
     def ranks(self, rule: str = "pessimistic") -> torch.Tensor:
         """Ranks under ``rule`` (0 = not found); ``mean`` gives the expected rank (a float tensor)."""
@@ -140,12 +148,52 @@ def _compare_f32(q32: torch.Tensor, e32: torch.Tensor, rows: torch.Tensor, cols:
     return below, higher, equal
 
 
+def count_epilogue(scores: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``scores`` [c,E]: entities scoring below, above and equal to ``g`` [c,1] (``equal`` includes the
+    gold itself when its score is not NaN). Counting on a uint8 view in int32 is several times faster on CPU than
+    summing a bool tensor; on CUDA the function is compiled into one fused pass over the scores."""
+    below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32)
+    higher = (scores > g).view(torch.uint8).sum(1, dtype=torch.int32)
+    equal = (scores == g).view(torch.uint8).sum(1, dtype=torch.int32)
+    return below, higher, equal
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _epilogue(device: torch.device):
+    """:func:`count_epilogue`, compiled (one Triton kernel reading the scores once) on CUDA when torch.compile is
+    available; eager elsewhere or when compiling fails."""
+    if device.type != "cuda":
+        return count_epilogue
+    if "cuda" not in _COMPILED:
+        try:
+            _COMPILED["cuda"] = torch.compile(count_epilogue, dynamic=True)
+        except Exception:  # noqa: BLE001 - no compiler backend: the eager function is the same function
+            _COMPILED["cuda"] = count_epilogue
+    return _COMPILED["cuda"]
+
+
+def topk_by_row(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` best columns, best first, equal scores in column (KB row) order, a NaN last:
+    ``(values [c,k] float32, columns [c,k] long)``; a row is re-sorted whole only when a tie touches its top."""
+    k = min(k, scores.shape[1])
+    scores = scores.float().nan_to_num(nan=-float("inf"))
+    vals, rows = scores.topk(k, dim=1)
+    tied = ((scores >= vals[:, -1:]).sum(1) > k) | (vals[:, 1:] == vals[:, :-1]).any(1)
+    for i in tied.nonzero().flatten().tolist():
+        vals[i], rows[i] = (t[:k] for t in scores[i].sort(descending=True, stable=True))
+    return vals, rows
+
+
 def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, chunk: int = 512,
-                   dtype: torch.dtype | None = None) -> RankCounts:
+                   dtype: torch.dtype | None = None, top_k: int = 0) -> RankCounts:
     """:class:`RankCounts` of each query's gold among all ``entities`` ([N,D] x [E,D], on the queries' device).
 
     Scores are computed ``chunk`` queries at a time as one matrix product in ``dtype`` (default float32); no Python
-    loop over entities. A low-precision ``dtype`` is exact too: near-ties are compared again in float32."""
+    loop over entities. A low-precision ``dtype`` is exact too: near-ties are compared again in float32. With
+    ``top_k``, each query's best entities (float32 scores, :func:`topk_by_row`) come from the same pass (with a
+    low-precision ``dtype``, from a float32 product of the chunk)."""
     dtype = dtype or torch.float32
     dev = queries.device
     gold = gold.to(dev).long()
@@ -154,6 +202,7 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
     ent = entities.to(dtype)
     q32 = queries.float()
     e32 = entities.float() if low else None
+    epilogue = _epilogue(dev)
     if low:
         width = _band(dtype, float(q32.norm(dim=1).max()) if len(q32) else 1.0, float(e32.norm(dim=1).max()))
     parts = []
@@ -164,10 +213,8 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
         scores = q @ ent.T                                                       # [c,E]
         g = scores.gather(1, g_rows[:, None])                                    # [c,1]
         if not low:
-            # counting on a uint8 view in int32 is several times faster on CPU than summing a bool tensor
-            below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32).long()
-            higher = (scores > g).view(torch.uint8).sum(1, dtype=torch.int32).long()
-            equal = (scores == g).view(torch.uint8).sum(1, dtype=torch.int32).long() - (g[:, 0] == g[:, 0]).long()
+            below, higher, equal = (t.long() for t in epilogue(scores, g))
+            equal = equal - (g[:, 0] == g[:, 0]).long()                          # not the gold itself
         else:
             diff = scores.float() - g.float()
             below = (diff < -width).view(torch.uint8).sum(1, dtype=torch.int32).long()
@@ -180,7 +227,10 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
             b2, h2, e2 = _compare_f32(qc, e32, r, c, gold_f32, len(q))
             below, higher, equal = below + b2, higher + h2, e2
         unordered = (E - 1) - below - higher - equal
-        parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool)))
+        top = (None, None)
+        if top_k:
+            top = topk_by_row(scores if not low else q32[s: s + chunk] @ e32.T, top_k)
+        parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool), *top))
     return RankCounts.cat(parts) if parts else RankCounts.cat([]).to(dev)
 
 

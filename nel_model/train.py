@@ -35,7 +35,7 @@ from nel_model.args import parse_args, parse_select_by
 from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
 from nel_model.data import FeatureSource, available_memory, load_mel_data, to_device
 from nel_model.evaluate import (EvalSettings, encode_entities, evaluate_counts, evaluate_splits, results_block,
-                                score_dtype_for, write_predictions)
+                                PREDICTION_TOP_K, score_dtype_for, write_predictions)
 from nel_model.hard_negatives import hard_negative_table
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
@@ -407,7 +407,8 @@ class Trainer:
                                    "epoch": 0, "dev": None})
         D.barrier(dist)
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings)
+        counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings,
+                                 top_k=PREDICTION_TOP_K)
         emb = encode_entities(self.model, self.source, self.device, self.eval_settings)
         results = {"dataset": dataset_name(self.data), "label": a.label or self.out.name, "seed": a.seed,
                    "best_epoch": self.best_epoch, "epochs_run": self.epoch, "selection": ":".join(self.select),

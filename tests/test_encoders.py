@@ -84,7 +84,8 @@ def test_clip_text_and_image_encoder_shapes(clip_dir):
     imgs = [Image.new("RGB", (40, 30), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
     glob, regions = image_enc.encode_images(imgs, batch_size=2)
     assert glob.shape == (3, 64) and regions.shape == (3, 4, 64)
-    pix = torch.from_numpy(np.stack([image_enc.preprocess(im) for im in imgs]))
+    # the encoder's preprocessing hands uint8 pixels to the device and normalises them there
+    pix = image_enc.preprocess.normalize(torch.stack([image_enc.preprocess(im) for im in imgs]))
     with torch.inference_mode():
         ref = image_enc.model.get_image_features(pixel_values=pix).pooler_output.numpy()
     np.testing.assert_allclose(glob, ref, atol=1e-5)
@@ -129,3 +130,33 @@ def test_decode_image_reports_decompression_bomb_instead_of_raising(tmp_path, mo
         warnings.simplefilter("ignore")
         img, why = decode_image(path)
     assert img is None and why.startswith("unreadable: DecompressionBombError: ")
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_with_nearly_the_same_pixels(tmp_path):
+    from data_process.core.images import ImagePreprocess, decode_image
+
+    rng = np.random.default_rng(0)
+    base = rng.random((24, 32, 3))                                  # smooth content, scaled up
+    big = Image.fromarray((base * 255).astype(np.uint8)).resize((2000, 1500), Image.Resampling.BICUBIC)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=92)
+    full, draft = ImagePreprocess(), ImagePreprocess(jpeg_draft=True)
+    seen = {}
+
+    class Spy:
+        jpeg_draft = True
+        draft_size = staticmethod(draft.draft_size)
+
+        def __call__(self, img):
+            seen["size"] = img.size
+            return img
+
+    decode_image(path, Spy())
+    assert seen["size"] == (500, 375)             # libjpeg 1/4 scale: still above the 298 x 224 resize target
+    a, _ = decode_image(path, full)
+    b, _ = decode_image(path, draft)
+    assert a.shape == b.shape == (3, 224, 224)
+    assert np.abs(a - b).mean() < 0.02 and not np.array_equal(a, b)
+    png = tmp_path / "big.png"
+    big.save(png)                                 # only JPEGs are drafted
+    assert np.array_equal(decode_image(png, draft)[0], decode_image(png, full)[0])

@@ -77,3 +77,35 @@ def test_top_wrong_excludes_gold_and_is_sorted():
     top = top_wrong(q, ent, torch.tensor([0, 2]), k=2, chunk=1)
     assert top.tolist() == [[1, 3], [1, 3]]
     assert top_wrong(q, ent, torch.tensor([0, 2]), k=10).shape == (2, 3)
+
+
+def test_top_k_comes_from_the_same_pass_and_matches_a_separate_top_k():
+    from nel_model.evaluate import top_entities
+    from nel_model.metrics import full_kb_counts
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.nn.functional.normalize(torch.randn(23, 8, generator=g), dim=-1)
+    e = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    e[7] = e[3]                                              # an exact tie: ordered by KB row
+    gold = torch.randint(0, 40, (23,), generator=g)
+    c = full_kb_counts(q, e, gold, chunk=5, top_k=6)
+    scores, rows = top_entities(q, e, 6, chunk=9)
+    assert torch.equal(c.top_rows, rows) and torch.equal(c.top_scores, scores)
+    low = full_kb_counts(q, e, gold, chunk=5, dtype=torch.bfloat16, top_k=6)
+    assert torch.equal(low.top_rows, rows) and torch.equal(low.ranks(), c.ranks())
+    assert full_kb_counts(q, e, gold).top_rows is None
+
+
+def test_the_compiled_count_epilogue_equals_the_eager_one():
+    """On CUDA the count epilogue is compiled into one fused pass; the compiled function (here on the CPU backend)
+    must count exactly what the eager one does, NaN and ties included."""
+    from nel_model.metrics import count_epilogue
+
+    compiled = torch.compile(count_epilogue, dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 5, (7, 33), generator=g).float() / 4
+    scores[2, 4] = float("nan")
+    gold = scores[:, :1].clone()
+    gold[5] = float("nan")
+    for got, want in zip(compiled(scores, gold), count_epilogue(scores, gold)):
+        assert torch.equal(got, want)

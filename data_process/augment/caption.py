@@ -171,24 +171,27 @@ def _run_jobs(jobs_by_image: dict[str, list[Job]], paths: dict[str, Path], capti
             stats.model_seconds += time.perf_counter() - t0
             if len(texts) != len(chunk):
                 raise RuntimeError(f"captioner {captioner.id} returned {len(texts)} texts for {len(chunk)} images")
-            for (job, _), text in zip(chunk, texts):
-                cache.put(job.key, {"status": "ok", "text": text, "image_sha256": job.image_sha256,
-                                    "model": captioner.id, "prompt": job.prompt, "created": _now()})
-                stats.jobs_run += 1
+            # one fsync for the whole model batch: every answer is on disk before the next batch starts
+            cache.put_many([(job.key, {"status": "ok", "text": text, "image_sha256": job.image_sha256,
+                                       "model": captioner.id, "prompt": job.prompt, "created": _now()})
+                            for (job, _), text in zip(chunk, texts)])
+            stats.jobs_run += len(chunk)
 
     try:
         prepare = getattr(captioner, "prepare_image", None)  # optional backend hook, run in the workers
         for batch in iter_decoded([paths[s] for s in shas], cfg.batch_size, cfg.num_workers, prepare):
+            failed = []
             for i, image, reason in batch:
                 sha = shas[i]
                 if image is None:
-                    for job in jobs_by_image[sha]:
-                        cache.put(job.key, {"status": "failed", "reason": reason, "image_sha256": sha,
-                                            "model": captioner.id, "prompt": job.prompt, "created": _now()})
-                        stats.jobs_failed += 1
+                    failed += [(job.key, {"status": "failed", "reason": reason, "image_sha256": sha,
+                                          "model": captioner.id, "prompt": job.prompt, "created": _now()})
+                               for job in jobs_by_image[sha]]
                     continue
                 stats.images_decoded += 1
                 pending.extend((job, image) for job in jobs_by_image[sha])
+            cache.put_many(failed)
+            stats.jobs_failed += len(failed)
             flush(force=False)
             bar.update(len(batch))
             bar.set_postfix(failed=stats.jobs_failed, refresh=False)

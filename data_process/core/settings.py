@@ -20,3 +20,15 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: must be a mapping of settings, got {type(raw).__name__}")
     return raw
+
+
+def parse_bool(value: str) -> bool:
+    """A command-line boolean: 1/true/yes/on or 0/false/no/off (argparse ``type=``)."""
+    import argparse  # noqa: PLC0415
+
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")

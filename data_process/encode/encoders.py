@@ -16,6 +16,8 @@ Float16 on GPU, float32 on CPU; ``torch.inference_mode``; outputs are float32 nu
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +64,12 @@ class ProcessorPreprocess:
         return arrays["pixel_values"] if len(arrays) == 1 else arrays
 
 
-def stack_inputs(items: Sequence[np.ndarray | dict[str, np.ndarray]]) -> np.ndarray | dict[str, np.ndarray]:
-    """Stack preprocessed images into a batch (arrays, or dicts of arrays key by key)."""
+def stack_inputs(items: Sequence[Any]) -> Any:
+    """Stack preprocessed images into a batch (arrays or uint8 tensors, or dicts of arrays key by key)."""
     if isinstance(items[0], dict):
         return {k: np.stack([it[k] for it in items]) for k in items[0]}
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(list(items))
     return np.stack(items)
 
 
@@ -195,7 +199,7 @@ class ImageEncoder:
     """
 
     def __init__(self, name_or_path: str, device: str | torch.device = "auto", region_grid: int | None = 3,
-                 clip_model: Any = None):
+                 clip_model: Any = None, jpeg_draft: bool = False):
         if region_grid is not None and region_grid < 1:
             raise ValueError(f"region_grid must be at least 1, got {region_grid}")
         self.name = str(name_or_path)
@@ -206,7 +210,9 @@ class ImageEncoder:
         if region_grid is not None and not self.towers.supports_regions:
             raise RegionsUnavailable(regions_unavailable_message(self.name, self.model))
         if self.towers.family == "clip":
-            self.preprocess: Any = ImagePreprocess.from_pretrained(self.name)
+            # uint8 pixels from the decoding workers, normalised on the device (_inputs): same numbers, 1/4 bytes
+            self.preprocess: Any = dataclasses.replace(ImagePreprocess.from_pretrained(self.name), uint8_output=True,
+                                                       jpeg_draft=jpeg_draft)
         else:
             from transformers import AutoImageProcessor
 
@@ -228,6 +234,8 @@ class ImageEncoder:
             pixels = torch.as_tensor(pixels)
             if pixels.ndim != 4 or pixels.shape[1] != 3:
                 raise ValueError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels.shape)}")
+            if pixels.dtype == torch.uint8:                   # ImagePreprocess(uint8_output=True)
+                pixels = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
             batch = {"pixel_values": pixels}
         dtype = next(self.model.parameters()).dtype
         return {k: v.to(device=self.device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -272,13 +280,13 @@ class ImageEncoder:
 
 
 def load_encoders(clip: str, text_encoder: str | None = None, device: str = "auto", max_len: int = 32,
-                  region_grid: int | None = 3, batch_size: int = 64,
-                  text_max_len: int | None = None) -> tuple[TextEncoder, ImageEncoder]:
+                  region_grid: int | None = 3, batch_size: int = 64, text_max_len: int | None = None,
+                  jpeg_draft: bool = False) -> tuple[TextEncoder, ImageEncoder]:
     """Load the image encoder (a vision-language model: CLIP, SigLIP, ...) and the text encoder (the same model
     unless ``text_encoder`` names another); a shared model is loaded once."""
     dev = resolve_device(device)
     model = load_vision_language_model(clip, dev)
-    image_enc = ImageEncoder(clip, dev, region_grid=region_grid, clip_model=model)
+    image_enc = ImageEncoder(clip, dev, region_grid=region_grid, clip_model=model, jpeg_draft=jpeg_draft)
     if text_encoder is None or str(text_encoder) == str(clip):
         text_enc = TextEncoder(clip, dev, max_len=max_len, batch_size=batch_size, clip_model=model,
                                text_max_len=text_max_len)

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from data_process.core.devices import cpu_threads, resolve_device
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.images import decode_image, iter_decoded
+from data_process.core.settings import parse_bool
 from data_process.core.records import Entity, Mention, load_dataset
 from data_process.encode.boxes_file import Box, read_boxes_file
 from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Detector, detect_all
@@ -72,6 +73,7 @@ class FeatureSettings:
     region_grid: int = 3  # --regions grid
     text_max_len: int | None = None  # every other text view; None: the text encoder's own limit
     regions: RegionSettings = field(default_factory=RegionSettings)
+    jpeg_draft: bool = True  # whole images: decode large JPEGs at a reduced scale (core.images.ImagePreprocess)
 
     @property
     def text_name(self) -> str:
@@ -257,10 +259,10 @@ def load_encoders_from_meta(meta: dict[str, Any], device: str = "auto",
     settings = FeatureSettings(clip=clip, text_encoder=text, max_len=int(meta["max_len"]),
                                region_grid=int(meta["region_grid"]),
                                text_max_len=int(meta.get("text_max_len") or meta["max_len"]),
-                               regions=region_settings_from_meta(meta))
+                               regions=region_settings_from_meta(meta), jpeg_draft=bool(meta.get("jpeg_draft")))
     text_enc, image_enc = load_encoders(clip, text, device=device, max_len=settings.max_len,
                                         region_grid=settings.grid, batch_size=batch_size,
-                                        text_max_len=settings.text_max_len)
+                                        text_max_len=settings.text_max_len, jpeg_draft=settings.jpeg_draft)
     return text_enc, image_enc, settings
 
 
@@ -298,10 +300,15 @@ def _region_fingerprint(settings: FeatureSettings, image_id: Any, boxes_sha256: 
     """The settings part of ``mention.regions``' fingerprint (grid caches keep their original fingerprint)."""
     r = settings.regions
     if r.mode == "grid":
-        return {"encoder": image_id, "region_grid": settings.region_grid}
+        return {"encoder": image_id, "region_grid": settings.region_grid, **_decode_setting(settings)}
     source = {"detector": describe_model_files(r.detector)} if r.mode == "detector" else {"boxes": boxes_sha256}
     return {"encoder": image_id, "regions": {"mode": r.mode, "max_regions": r.max_regions, "score": r.threshold,
                                              "labels": list(r.labels), **source}}
+
+
+def _decode_setting(settings: FeatureSettings) -> dict[str, Any]:
+    """How whole images are decoded, for the image views' fingerprints (absent = full decode, as older caches)."""
+    return {"jpeg_draft": True} if settings.jpeg_draft else {}
 
 
 def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: list[Any], text_limit: int,
@@ -314,11 +321,11 @@ def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: 
     inputs = {
         "mention.mention": (pooled, [m.mention for m in ms]),
         "mention.sentence": (sentence, [m.sentence for m in ms]),
-        "mention.image": ({"encoder": image_id}, m_images),
+        "mention.image": ({"encoder": image_id, **_decode_setting(settings)}, m_images),
         "mention.regions": (_region_fingerprint(settings, image_id, boxes_sha256), m_images),
         "mention.profile": ({**pooled, "rows": list(PROFILE_ROWS)}, [profile_texts(m) for m in ms]),
         "entity.desc": (pooled, [e.text() for e in es]),
-        "entity.image": ({"encoder": image_id}, e_images),
+        "entity.image": ({"encoder": image_id, **_decode_setting(settings)}, e_images),
         "entity.profile": (pooled, [entity_profile_text(e) for e in es]),
     }
     return {name: stable_hash({"view": name, "settings": s, "inputs": stable_hash(x)})
@@ -446,7 +453,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         summary["written"] = todo
         summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
         base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
-                         text_max_len=text_limit, region_grid=settings.region_grid,
+                         text_max_len=text_limit, region_grid=settings.region_grid, jpeg_draft=settings.jpeg_draft,
                          regions=regions.provenance(settings.region_grid, boxes_sha))
     elif any(imp.spec.view == "mention.sentence" for imp in prepared):
         base_meta["max_len"] = next(imp.row_shape[0] for imp in prepared if imp.spec.view == "mention.sentence")
@@ -459,7 +466,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     encoders = None
     if todo:
         encoders = load_encoders(settings.clip, settings.text_encoder, device=device, max_len=settings.max_len,
-                                 region_grid=settings.grid, batch_size=batch_size, text_max_len=text_limit)
+                                 region_grid=settings.grid, batch_size=batch_size, text_max_len=text_limit,
+                                 jpeg_draft=settings.jpeg_draft)
         known = {"text": (encoders[0].dim, f"the text encoder {settings.text_name}"),
                  "image": (encoders[1].dim, f"the image encoder {settings.clip}")}
     else:
@@ -628,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                         "features), by=id|image (mention views: ids are mention ids or image names); e.g. "
                         "entity.desc=gt_feats_brief.h5,ids=qids_ordered.json")
     g.add_argument("--import_ids", default=None, help="id list (JSON) for every --import that names no ids=")
+    ap.add_argument("--jpeg_draft", type=parse_bool, default=True,
+                    help="decode large JPEGs at a reduced scale before the resize (several times faster; pixels "
+                         "differ slightly from a full decode): true (default) or false")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_workers", type=int, default=None,
                     help="image decoding worker processes (0: in the main process; default: CPU cores - 1 on a GPU, "
@@ -651,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clip is required (unless every view to write comes from --import)")
     settings = None if args.clip is None else FeatureSettings(
         clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len, region_grid=args.region_grid,
-        text_max_len=args.text_max_len, regions=regions)
+        text_max_len=args.text_max_len, regions=regions, jpeg_draft=args.jpeg_draft)
     device = resolve_device(args.device)  # fail early on a malformed device string
     if args.num_workers is None:
         cores = os.cpu_count() or 1
