@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The synthetic MEL demo, end to end on CPU in a few minutes:
 # tiny models -> synthetic dataset -> BLIP-2 captions -> feature cache -> train DIM (+ a text-only ablation)
-# -> full-KB evaluation -> results table and plots.
+# -> full-KB evaluation -> results table, plots and an error analysis (full vs text only).
 # Usage: bash scripts/demo.sh [OUT_DIR] [--plus]   (default outputs/demo; PYTHON=... picks the interpreter)
 #   --plus  also runs the "+" path offline: the real SmolLM2-135M (llama.cpp server on 127.0.0.1, installed by
 #           scripts/build_llama_server.sh) enriches the KB entities, and a DIM+ model is trained on the enriched
@@ -74,9 +74,12 @@ PYEOF
   RUNS+=("${OUT}/runs/plus")
 fi
 
-echo "== [7/7] untrained baseline (zero-shot start of the same model), results table and plots"
+echo "== [7/7] untrained baseline (zero-shot start of the same model), results table, plots, error analysis"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
   --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
 "${PY}" -m nel_model.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
 "${PY}" -m nel_model.plots "${RUNS[@]}" --out "${OUT}/plots"
-echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, runs ${OUT}/runs/"
+"${PY}" -m nel_model.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
+  > /dev/null
+echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, error analysis" \
+  "${OUT}/analysis.md (full vs text only), runs ${OUT}/runs/"

@@ -13,7 +13,9 @@
 #   --text-encoder N  optional separate text encoder for the text views
 #   --seed N          training seed
 #   --preset NAME     train with configs/NAME.yaml instead of the dataset's config; dim_paper = DIM as the paper
-#                     describes it (docs/DIVERGENCES.md), feature-step choices included
+#                     describes it (docs/DIVERGENCES.md), feature-step choices included: image regions are person
+#                     crops of a detector (--detector NAME_OR_PATH, default facebook/detr-resnet-50)
+#   --detector N      object detector for --regions detector (with --preset dim_paper)
 #   anything after -- is passed to `python -m nel_model.train`
 set -euo pipefail
 
@@ -22,7 +24,7 @@ run_pipeline() {
   local envvar; envvar="$(echo "${name}" | tr '[:lower:]' '[:upper:]')_DIR"
   local data="${!envvar:-}" work="outputs/${name}" plus=0 captions=0 seed=""
   local clip="openai/clip-vit-base-patch32" text_encoder="" blip2="Salesforce/blip2-opt-2.7b"
-  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model="" preset=""
+  local llm_base_url="${OPENAI_BASE_URL:-}" llm_model="" preset="" detector="facebook/detr-resnet-50"
   local -a train_extra=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,8 +39,9 @@ run_pipeline() {
       --llm-model) llm_model=$2; shift 2;;
       --seed) seed=$2; shift 2;;
       --preset) preset=$2; shift 2;;
+      --detector) detector=$2; shift 2;;
       --) shift; train_extra=("$@"); break;;
-      -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; return 0;;
+      -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; return 0;;
       *) echo "error: unknown flag $1 (see --help)" >&2; return 2;;
     esac
   done
@@ -56,6 +59,8 @@ run_pipeline() {
       echo "error: --preset ${preset}: ${config} not found" >&2
       return 2
     fi
+    # DIM's image regions: crops of the persons a segmentation model finds (PointRend in the original code)
+    [ "${preset}" = dim_paper ] && feature_flags+=(--regions detector --detector "${detector}" --region_labels person)
   fi
   local py="${PYTHON:-python}"
   local unified="${work}/unified" feats="${work}/features" runs="${work}/runs"

@@ -173,6 +173,23 @@ def test_wiki_launcher_runs_a_mimic_release_end_to_end(mimic_release, tmp_path):
     assert "| DIM | 1 | " in proc.stdout  # the results table
 
 
+def test_wiki_launcher_paper_preset_trains_dim_as_the_paper_describes(mimic_release, tmp_path):
+    from data_process.fixtures.tiny_models.detector import save_tiny_detector
+
+    detector = save_tiny_detector(tmp_path / "detector")
+    work = tmp_path / "work"
+    proc = _run_wiki_sh(mimic_release, work, "--preset", "dim_paper", "--detector", str(detector))
+    meta = json.loads((work / "features" / "meta.json").read_text())
+    assert meta["regions"]["mode"] == "detector" and meta["regions"]["labels"] == ["person"]
+    run = work / "runs" / "DIM_dim_paper_seed1"
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["model_config"]["entity_tower"] == "frozen" and conf["loss"] == "npair"
+    assert conf["negatives"] == "tfidf" and conf["tie_rule"] == "strict"
+    results = json.loads((run / "results.json").read_text())
+    assert results["label"] == "DIM (dim_paper)" and results["tie_rule"] == "strict"
+    assert "| DIM (dim_paper) | 1 | " in proc.stdout
+
+
 def test_wiki_launcher_plus_enriches_through_an_openai_compatible_server(mimic_release, tmp_path):
     from fake_openai_server import FakeOpenAIServer
 
