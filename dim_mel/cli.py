@@ -11,18 +11,23 @@ import sys
 
 # command -> (module, one-line summary), in the order data flows
 COMMANDS: dict[str, tuple[str, str]] = {
+    # ingest: a public release -> a unified dataset
     "prepare": ("data_process.ingest.prepare", "convert a public MEL release to the unified format"),
     "validate": ("data_process.ingest.validate", "validation report of a unified dataset folder"),
+    # augment: a unified dataset -> an enriched or captioned one
     "enrich": ("data_process.augment.enrich", "LLM entity enrichment: write the '+' dataset"),
     "caption": ("data_process.augment.caption", "BLIP-2 captions of mention images (or import captions)"),
+    # encode: a unified dataset -> a feature cache
     "features": ("data_process.encode.features", "encode a unified dataset into a feature cache"),
+    # model: train, evaluate, link
     "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
     "evaluate": ("nel_model.evaluate", "re-evaluate a saved run"),
     "predict": ("nel_model.predict", "link one mention (or a JSONL batch) with a trained run"),
+    # results: tables, plots, analysis of run folders
     "table": ("nel_model.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
     "plot": ("nel_model.plots", "training curves and Hits@k plots of run folders"),
+    "analyze": ("nel_model.analyze", "error analysis of a run's predictions (and a second run beside it)"),
     "ablations": ("nel_model.ablations", "run the standard ablations and write their table"),
-    "analyze": ("nel_model.analyze", "error analysis of a run's predictions (by name ambiguity, modality, ...)"),
 }
 
 
