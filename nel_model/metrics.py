@@ -149,13 +149,14 @@ def _compare_f32(q32: torch.Tensor, e32: torch.Tensor, rows: torch.Tensor, cols:
 
 
 def count_epilogue(scores: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of ``scores`` [c,E]: entities scoring below, above and equal to ``g`` [c,1] (``equal`` includes the
-    gold itself when its score is not NaN). Counting on a uint8 view in int32 is several times faster on CPU than
-    summing a bool tensor; on CUDA the function is compiled into one fused pass over the scores."""
+    """Per row of ``scores`` [c,E]: entities scoring below and above ``g`` [c,1], and whether the row is free of NaN
+    (then every other entity ties with the gold: equal = E - 1 - below - higher). Two comparison passes and one sum
+    instead of three comparison passes; counting on a uint8 view in int32 is several times faster on CPU than
+    summing a bool tensor. On CUDA the function is compiled into one fused pass over the scores."""
     below = (scores < g).view(torch.uint8).sum(1, dtype=torch.int32)
     higher = (scores > g).view(torch.uint8).sum(1, dtype=torch.int32)
-    equal = (scores == g).view(torch.uint8).sum(1, dtype=torch.int32)
-    return below, higher, equal
+    clean = ~torch.isnan(scores.sum(1, dtype=torch.float32) + g[:, 0].float())
+    return below, higher, clean
 
 
 _COMPILED: dict[str, object] = {}
@@ -213,8 +214,12 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
         scores = q @ ent.T                                                       # [c,E]
         g = scores.gather(1, g_rows[:, None])                                    # [c,1]
         if not low:
-            below, higher, equal = (t.long() for t in epilogue(scores, g))
-            equal = equal - (g[:, 0] == g[:, 0]).long()                          # not the gold itself
+            below, higher, clean = epilogue(scores, g)
+            below, higher = below.long(), higher.long()
+            equal = (E - 1) - below - higher                                    # rows without NaN
+            for i in (~clean).nonzero().flatten().tolist():                     # rare: count NaN rows exactly
+                row, gi = scores[i], g[i]
+                equal[i] = int((row == gi).sum()) - int(bool(gi == gi))
         else:
             diff = scores.float() - g.float()
             below = (diff < -width).view(torch.uint8).sum(1, dtype=torch.int32).long()
