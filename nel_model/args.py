@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: the first epoch compiles (a minute or more on a CPU; the last, "
+                        "smaller batch once more), later steps are faster; not yet measured on a GPU")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (host-memory mode)")
     g.add_argument("--pin_memory", type=parse_bool, default=True, help="pin host batches on CUDA")
     g.add_argument("--data_on_device", choices=["auto", "yes", "no"], default="auto",
