@@ -50,7 +50,8 @@ class ImagePreprocess:
 
     def pixels(self, img: Image.Image) -> np.ndarray:
         """PIL image -> resized, center-cropped uint8 array [crop_h, crop_w, 3]."""
-        img = img.convert("RGB")
+        if img.mode != "RGB":  # decode_image already gives RGB: no second full copy of the image
+            img = img.convert("RGB")
         w, h = img.size
         nw, nh = self._target(w, h)
         if (nw, nh) != (w, h):

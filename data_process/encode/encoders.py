@@ -58,7 +58,7 @@ class ProcessorPreprocess:
     processor: Any
 
     def __call__(self, img: Any) -> np.ndarray | dict[str, np.ndarray]:
-        out = self.processor(images=img.convert("RGB"), return_tensors="np")
+        out = self.processor(images=img if img.mode == "RGB" else img.convert("RGB"), return_tensors="np")
         arrays = {k: np.asarray(v)[0] for k, v in out.items()}
         arrays["pixel_values"] = arrays["pixel_values"].astype(np.float32, copy=False)
         return arrays["pixel_values"] if len(arrays) == 1 else arrays
