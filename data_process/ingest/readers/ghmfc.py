@@ -47,7 +47,7 @@ from data_process.ingest.readers.common import (
     load_json,
     type_name,
 )
-from data_process.ingest.readers.melbench import IMAGE_EXTS, QID_RE, parse_sample, read_annotation_file
+from data_process.ingest.readers.melbench import QID_RE, image_by_sample_id, parse_sample, read_annotation_file
 
 KB_NAMES = "qid2ne.json"
 ENTITY_TEXT_FILES = {"brief": "qid2abs.json", "long": "qid2abs_long.json"}
@@ -90,7 +90,8 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
         if not isinstance(listed, list) or not all(isinstance(q, str) for q in listed):
             raise DataError(order_path, "file", None, "must be a JSON list of QIDs")
         unknown = [q for q in listed if q not in names]
-        order = [q for q in dict.fromkeys(listed) if q in names] + [q for q in names if q not in set(listed)]
+        listed_set = set(listed)
+        order = [q for q in dict.fromkeys(listed) if q in names] + [q for q in names if q not in listed_set]
         notes["qids_ordered"] = {"listed": len(listed), "not_in_qid2ne": len(unknown),
                                  "examples": unknown[:EXAMPLES]}
     entities = []
@@ -118,6 +119,18 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
     return entities
 
 
+def _assign(out: dict[str, tuple[str, Any]], seen_in: dict[str, str], split: str, sid: str, listed_in: Path,
+            item: tuple[str, Any]) -> None:
+    """Put sample ``sid`` (``item`` = (file, sample)) in ``split``; a sample already in another split is kept there
+    and this listing becomes a dropped record (a :class:`DataError` naming ``listed_in``)."""
+    if sid in seen_in:
+        out[f"{sid}\0{split}"] = (split, DataError(listed_in, f"sample {sid!r}", "split",
+                                                   f"also in {seen_in[sid]} (kept there)"))
+        return
+    seen_in[sid] = split
+    out[sid] = (split, item)
+
+
 def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
              ) -> tuple[str, dict[str, tuple[str, Any]], dict[str, list[str]]]:
     """``(source description, {sample id: (split, sample)}, absent ids)``, from split files or ``splits.json``."""
@@ -132,12 +145,7 @@ def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
                 notes["dev_split"] = "dev.json absent: the dev split is empty"
                 continue
             for sid, sample in _json_object(path, "mapping sample ids to samples").items():
-                if sid in seen_in:
-                    out[f"{sid}\0{split}"] = (split, DataError(path, f"sample {sid!r}", "split",
-                                                               f"also in {seen_in[sid]} (kept there)"))
-                    continue
-                seen_in[sid] = split
-                out[sid] = (split, (str(path), sample))
+                _assign(out, seen_in, split, sid, path, (str(path), sample))
         rule = "from the release: " + ", ".join(f"{s} = {p.name}" for s, p in split_paths.items() if p)
         return rule, out, absent
     splits_path = _find(src, "splits.json")
@@ -162,15 +170,10 @@ def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
                                                                    f"{type_name(ids)}")
         missing = []
         for sid in map(str, ids):
-            if sid in seen_in:
-                out[f"{sid}\0{split}"] = (split, DataError(splits_path, f"sample {sid!r}", "split",
-                                                           f"also in {seen_in[sid]} (kept there)"))
-                continue
             if sid not in data:
                 missing.append(sid)
                 continue
-            seen_in[sid] = split
-            out[sid] = (split, (ann_display, data[sid]))
+            _assign(out, seen_in, split, sid, splits_path, (ann_display, data[sid]))
         absent[f"splits.json {split} ids without an annotation"] = missing
     absent["annotated samples in no split"] = [sid for sid in data if sid not in seen_in]
     notes["annotations"] = ann_display
@@ -196,12 +199,7 @@ def _image_of(sample: Any, sid: str, image_dir: Path | None, listing: set[str]) 
     img = sample.get("imgPath") if isinstance(sample, dict) else None
     if isinstance(img, str) and img.strip():
         return f"{MENTION_IMAGE_DIR}/{img.strip().split('/')[-1]}"
-    if image_dir is None:
-        return None
-    for ext in IMAGE_EXTS:
-        if sid + ext in listing:
-            return f"{MENTION_IMAGE_DIR}/{sid}{ext}"
-    return f"{MENTION_IMAGE_DIR}/{sid}.jpg"  # referenced, so validation counts it as missing
+    return image_by_sample_id(image_dir, listing, sid)
 
 
 def _candidates(src: Path, kb: set[str], notes: dict[str, Any]) -> dict[str, tuple[str, ...]] | None:

@@ -79,13 +79,15 @@ def read_annotation_file(src: str | Path) -> tuple[str, Any]:
     return str(src), load_json(src)
 
 
-def _find_image(image_dir: Path | None, listing: dict[str, str], sample_id: str) -> str | None:
+def image_by_sample_id(image_dir: Path | None, listing: set[str], sample_id: str) -> str | None:
+    """The mention image of a sample named by its id (``<id>.jpg``, ``.png``, ...; ``listing``: the file names in
+    ``image_dir``). A sample without a file still references ``<id>.jpg``, so validation counts it as missing;
+    ``None`` without an image folder."""
     if image_dir is None:
         return None
     for ext in IMAGE_EXTS:
-        name = listing.get(sample_id + ext)
-        if name is not None:
-            return f"{MENTION_IMAGE_DIR}/{name}"
+        if sample_id + ext in listing:
+            return f"{MENTION_IMAGE_DIR}/{sample_id}{ext}"
     return f"{MENTION_IMAGE_DIR}/{sample_id}.jpg"
 
 
@@ -135,7 +137,7 @@ def read_melbench(
     img_dir = Path(image_dir).resolve() if image_dir is not None else None
     if img_dir is not None and not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: image folder not found")
-    listing = {p.name: p.name for p in img_dir.iterdir()} if img_dir is not None else {}
+    listing = {p.name for p in img_dir.iterdir()} if img_dir is not None else set()
 
     policy = RecordPolicy(strict)
     names: dict[str, str] = {}
@@ -163,7 +165,7 @@ def read_melbench(
             gold_id=qid,
             split=assignment[sid],
             span=find_span(sentence, mention),
-            image=_find_image(img_dir, listing, sid),
+            image=image_by_sample_id(img_dir, listing, sid),
         )
         for sid, i, sentence, mention, qid in rows
     ]
