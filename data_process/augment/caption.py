@@ -36,7 +36,7 @@ from data_process.augment.captioners import DEFAULT_MODEL, DTYPES, Captioner, Ge
 from data_process.core.durable_io import JsonlCache, atomic_write_json
 from data_process.core.fingerprints import MISSING, ImageHasher, stable_hash
 from data_process.core.images import iter_decoded
-from data_process.core.placement import PLACEMENT_MODES, place_images
+from data_process.core.placement import PLACEMENT_MODES, place_record_images
 from data_process.core.settings import read_yaml_mapping
 from data_process.core.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
                                   save_dataset)
@@ -348,10 +348,7 @@ def _check_out_dir(data_dir: Path, out_dir: Path) -> None:
 def _write_output(ds: Dataset, out_dir: Path, mentions: list[Mention], images_mode: str,
                   summary: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    rels = [m.image for m in mentions if m.image] + [p for e in ds.entities for p in e.images]
-    mapping = place_images(out_dir, rels, images_mode, src_root=ds.root)
-    mentions = [replace(m, image=mapping[m.image]) if m.image else m for m in mentions]
-    entities = [replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e for e in ds.entities]
+    entities, mentions = place_record_images(out_dir, ds.entities, mentions, images_mode, src_root=ds.root)
     info = DatasetInfo(name=ds.info.name, source_format=ds.info.source_format, split_rule=ds.info.split_rule,
                        notes={**ds.info.notes, "captions": summary})
     save_dataset(out_dir, info, entities, mentions)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data_process.core.durable_io import JsonlCache, atomic_write_json
 from data_process.core.fingerprints import stable_hash
-from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_images
+from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_record_images, record_image_paths
 from data_process.core.settings import read_yaml_mapping
 from data_process.augment.llm_client import (
     RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
@@ -496,12 +496,9 @@ def write_output(ds, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, key
     entities = [dataclasses.replace(e, enrichment=enrich_of("entity", e.id, e.enrichment)) for e in ds.entities]
     mentions = [dataclasses.replace(m, enrichment=enrich_of("mention", m.id, m.enrichment)) for m in ds.mentions]
     opts.out.mkdir(parents=True, exist_ok=True)
-    paths = [p for e in entities for p in e.images] + [m.image for m in mentions if m.image]
-    mapping = place_images(opts.out, paths, opts.images, src_root=opts.data)
-    entities = [dataclasses.replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e
-                for e in entities]
-    mentions = [dataclasses.replace(m, image=mapping[m.image]) if m.image else m for m in mentions]
-    linked = sorted(dataset_links(opts.data, paths)) if opts.images != "rewrite" else []
+    linked = (sorted(dataset_links(opts.data, record_image_paths(entities, mentions)))
+              if opts.images != "rewrite" else [])
+    entities, mentions = place_record_images(opts.out, entities, mentions, opts.images, src_root=opts.data)
     prompt_cost = estimate_cost(llm.model, stats.prompt_tokens, stats.completion_tokens, opts.prices)
     enrichment_note = {
         "source": str(opts.data.resolve()), "model": llm.model,

@@ -9,7 +9,8 @@ the new folder's paths resolve, in one of three modes:
 * ``copy``: each *referenced* file is copied (a self-contained folder that survives moving the source).
 * ``rewrite``: nothing is made; each path is rewritten relative to the new folder, pointing at the source file.
 
-``links`` maps a folder *inside the new dataset* (``images`` or ``images/mention``) to the source folder it stands
+:func:`place_record_images` does it for unified records: it returns them with each image path as the new folder
+reaches it. ``links`` maps a folder *inside the new dataset* (``images`` or ``images/mention``) to the source folder it stands
 for: a release reader gives it; for a unified source dataset (``src_root``) it is the dataset's top-level image
 folders (:func:`dataset_links`). Absolute paths are kept; a path of a unified source that leaves its folder
 (``../x.jpg``) is always rewritten. An existing entry in
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from data_process.core.records import Entity, Mention
 
 PLACEMENT_MODES = ("symlink", "copy", "rewrite")
 
@@ -93,3 +97,21 @@ def place_images(out_root: str | Path, rel_paths: Iterable[str | None], mode: st
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, dest)
     return mapping
+
+
+def record_image_paths(entities: Iterable[Entity], mentions: Iterable[Mention]) -> list[str]:
+    """Every image path the records name: the mentions' images, then the entities'."""
+    return [m.image for m in mentions if m.image] + [p for e in entities for p in e.images]
+
+
+def place_record_images(out_root: str | Path, entities: Iterable[Entity], mentions: Iterable[Mention],
+                        mode: str = "symlink", *, src_root: str | Path | None = None,
+                        links: Mapping[str, str | Path] | None = None) -> tuple[list[Entity], list[Mention]]:
+    """:func:`place_images` for the image paths of ``entities`` and ``mentions``; returns the records with their
+    paths as ``out_root`` reaches them (the same records when no path changes)."""
+    entities, mentions = list(entities), list(mentions)
+    mapping = place_images(out_root, record_image_paths(entities, mentions), mode, src_root=src_root, links=links)
+    if all(old == new for old, new in mapping.items()):
+        return entities, mentions
+    return ([replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e for e in entities],
+            [replace(m, image=mapping[m.image]) if m.image else m for m in mentions])

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data_process.core.placement import PLACEMENT_MODES, place_images
+from data_process.core.placement import PLACEMENT_MODES, place_record_images
 from data_process.ingest.readers import READERS
 from data_process.ingest.readers.common import Converted, parse_ratios
 from data_process.core.records import ENTITIES_FILE, INFO_FILE, MENTIONS_FILE, DataError, save_dataset
@@ -47,19 +47,6 @@ class ConversionError(ValueError):
     def __init__(self, out: Path, report: ValidationReport):
         self.report = report
         super().__init__(f"{out}: conversion failed validation, nothing written: {report.error_summary()}")
-
-
-def _place_images(stage: Path, converted: Converted, mode: str) -> Converted:
-    rels = [m.image for m in converted.mentions if m.image] + [p for e in converted.entities for p in e.images]
-    mapping = place_images(stage, rels, mode, links=converted.image_links)
-    if all(old == new for old, new in mapping.items()):
-        return converted
-    return dataclasses.replace(
-        converted,
-        entities=[dataclasses.replace(e, images=tuple(mapping[p] for p in e.images)) if e.images else e
-                  for e in converted.entities],
-        mentions=[dataclasses.replace(m, image=mapping[m.image]) if m.image else m for m in converted.mentions],
-    )
 
 
 def _strip_images(converted: Converted) -> Converted:
@@ -173,7 +160,9 @@ def publish(
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if images != "none":
-            converted = _place_images(stage, converted, images)
+            entities, mentions = place_record_images(stage, converted.entities, converted.mentions, images,
+                                                     links=converted.image_links)
+            converted = dataclasses.replace(converted, entities=entities, mentions=mentions)
         save_dataset(stage, converted.info, converted.entities, converted.mentions)
         report = validate_dataset(stage, image_check=image_check, progress=progress)
         report.root = str(out)

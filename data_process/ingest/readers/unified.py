@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from data_process.core.placement import dataset_links
+from data_process.core.placement import dataset_links, record_image_paths
 from data_process.core.records import (ENTITIES_FILE, MENTIONS_FILE, DataError, entity_from_dict, iter_records,
                                        load_dataset, mention_from_dict, read_info)
 from data_process.ingest.readers.common import Converted, RecordPolicy
@@ -42,8 +42,8 @@ def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: 
             else:
                 mentions.append(m)
     policy.records = len(entities) + len(mentions) + len(policy.dropped)
-    paths = [m.image for m in mentions if m.image] + [p for e in entities for p in e.images]
-    links = {top: target.resolve() for top, target in dataset_links(src, paths).items()}
+    links = {top: target.resolve()
+             for top, target in dataset_links(src, record_image_paths(entities, mentions)).items()}
     if dataset_name:
         info = dataclasses.replace(info, name=dataset_name)
     return Converted(info=info, entities=entities, mentions=mentions, image_links=links, dropped=policy.dropped,
