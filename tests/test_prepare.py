@@ -11,6 +11,7 @@ import pytest
 from data_process.ingest import prepare as prep
 from data_process.ingest import validate as val
 from data_process.core.records import DataError, load_dataset
+from data_process.ingest.readers import READERS
 from tests.test_readers import MELBENCH, make_mimic, make_wikidiverse, write_image, write_json
 
 
@@ -106,6 +107,29 @@ def test_validation_errors_fail_the_conversion(tmp_path):
                               "gold_not_in_kb: 1 (e.g. mention 'm2': gold 'E2')")
     assert err.value.report.errors["gold_not_in_kb"] == 1
     assert siblings(tmp_path) == ["uni"]
+
+
+def test_unified_reader_drops_what_load_dataset_rejects(tmp_path):
+    """A mention naming an entity outside the KB: load_dataset stops at it, the unified reader drops and lists it,
+    both with the error naming the file, the mention and the field (gold first, then candidates)."""
+    src = tmp_path / "uni"
+    src.mkdir()
+    (src / "dataset.json").write_text(json.dumps({"name": "u", "source_format": "test"}))
+    (src / "entities.jsonl").write_text(json.dumps({"id": "E1", "name": "One"}) + "\n")
+    rows = [{"id": "m1", "sentence": "One", "mention": "One", "gold_id": "E1", "split": "train"},
+            {"id": "m2", "sentence": "One", "mention": "One", "gold_id": "E1", "split": "test",
+             "candidates": ["E1", "E7"]},
+            {"id": "m3", "sentence": "Two", "mention": "Two", "gold_id": "E2", "split": "dev", "candidates": ["E8"]}]
+    (src / "mentions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mentions = src / "mentions.jsonl"
+    with pytest.raises(DataError) as err:
+        load_dataset(src)
+    assert str(err.value) == f"{mentions}, id 'm2', field 'candidates': entity 'E7' is not in entities.jsonl"
+    conv = READERS["unified"](src, progress=False)
+    assert [m.id for m in conv.mentions] == ["m1"]
+    assert [str(d) for d in conv.dropped] == [
+        f"{mentions}, id 'm2', field 'candidates': entity 'E7' is not in entities.jsonl",
+        f"{mentions}, id 'm3', field 'gold_id': entity 'E2' is not in entities.jsonl"]
 
 
 def test_unified_reconversion_and_in_place_validation(tmp_path):

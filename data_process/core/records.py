@@ -337,14 +337,20 @@ def load_dataset(root: str | Path, *, check_gold: bool = True) -> Dataset:
     mentions = read_mentions(root / MENTIONS_FILE)
     if check_gold:
         ids = {e.id for e in entities}
-        path = root / MENTIONS_FILE
         for m in mentions:
-            if m.gold_id not in ids:
-                raise DataError(path, f"id {m.id!r}", "gold_id", f"entity {m.gold_id!r} is not in {ENTITIES_FILE}")
-            for c in m.candidates or ():
-                if c not in ids:
-                    raise DataError(path, f"id {m.id!r}", "candidates", f"entity {c!r} is not in {ENTITIES_FILE}")
+            err = missing_entity(m, ids, root / MENTIONS_FILE)
+            if err is not None:
+                raise err
     return Dataset(root=root, info=info, entities=entities, mentions=mentions)
+
+
+def missing_entity(m: Mention, kb: set[str], path: str | Path) -> DataError | None:
+    """The first entity ``m`` names (its gold, then its candidates) that is not in ``kb``, as the error naming the
+    file ``path``, the mention and the field; ``None`` when the KB has them all."""
+    for field_name, eid in (("gold_id", m.gold_id), *(("candidates", c) for c in m.candidates or ())):
+        if eid not in kb:
+            return DataError(path, f"id {m.id!r}", field_name, f"entity {eid!r} is not in {ENTITIES_FILE}")
+    return None
 
 
 def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity], mentions: Iterable[Mention]) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_process.core.placement import dataset_links, record_image_paths
 from data_process.core.records import (ENTITIES_FILE, MENTIONS_FILE, DataError, entity_from_dict, iter_records,
-                                       load_dataset, mention_from_dict, read_info)
+                                       load_dataset, mention_from_dict, missing_entity, read_info)
 from data_process.ingest.readers.common import Converted, RecordPolicy
 
 
@@ -33,12 +33,9 @@ def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: 
         kb = {e.id for e in entities}
         mentions = []
         for m in iter_records(src / MENTIONS_FILE, mention_from_dict, on_error):
-            missing = [(f, x) for f, x in [("gold_id", m.gold_id), *(("candidates", c) for c in m.candidates or ())]
-                       if x not in kb]
-            if missing:
-                field_name, entity = missing[0]
-                policy.drop(DataError(src / MENTIONS_FILE, f"id {m.id!r}", field_name,
-                                      f"entity {entity!r} is not in {ENTITIES_FILE}"))
+            err = missing_entity(m, kb, src / MENTIONS_FILE)
+            if err is not None:
+                policy.drop(err)
             else:
                 mentions.append(m)
     policy.records = len(entities) + len(mentions) + len(policy.dropped)
