@@ -127,10 +127,11 @@ def _gather_counts(counts: RankCounts, dist: D.DistInfo) -> RankCounts:
 
 
 def evaluate_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
-                    dist: D.DistInfo, settings: EvalSettings, top_k: int = 0) -> dict[str, dict[str, RankCounts]]:
+                    dist: D.DistInfo, settings: EvalSettings, top_k: int = 0,
+                    entity_emb: torch.Tensor | None = None) -> dict[str, dict[str, RankCounts]]:
     """``{protocol: {split: RankCounts}}`` (with ``top_k``: the full-KB counts carry each mention's best entities,
-    scored in the same pass); entity embeddings are computed once for all splits."""
-    emb = encode_entities(model, source, dist.device, settings)
+    scored in the same pass); entity embeddings (``entity_emb``, else computed here) serve all splits."""
+    emb = entity_emb if entity_emb is not None else encode_entities(model, source, dist.device, settings)
     out: dict[str, dict[str, RankCounts]] = {}
     for split in splits:
         for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb, top_k).items():
@@ -224,9 +225,8 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
     """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
     ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
     ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists too when the counts carry them (scored
-    in the same pass), else they are computed here in float32."""
-    if entity_emb is None:
-        entity_emb = encode_entities(model, source, device, settings)
+    in the same pass), else they are computed here in float32 (from ``entity_emb``, or entity embeddings encoded
+    here)."""
     folder = Path(run_dir) / PREDICTIONS_DIR
     written = []
     for split, full in counts["full_kb"].items():
@@ -234,6 +234,8 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
         if full.top_rows is not None and full.top_rows.shape[1] >= min(top_k, data.num_entities):
             scores, top = full.top_scores[:, :top_k], full.top_rows[:, :top_k]
         else:
+            if entity_emb is None:
+                entity_emb = encode_entities(model, source, device, settings)
             q = encode_mentions(model, source, rows, device, settings)
             scores, top = top_entities(q, entity_emb, top_k, settings.mention_chunk)
         lines = []

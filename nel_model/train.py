@@ -347,7 +347,7 @@ class Trainer:
             self.epoch += 1
             dev = self.evaluate(["dev"])
             dev_full = dev["full_kb"]["dev"]
-            score = dev[self.select[0]]["dev"][self.select[1]]
+            score = self._selected(dev)
             if a.hard_negatives:
                 self.hard_table = hard_negative_table(self.model, self.data, self.source, self.data.splits["train"],
                                                       a.hard_negative_pool, dist, self.eval_settings)
@@ -385,12 +385,16 @@ class Trainer:
                 return {"stopped_at_epoch": self.epoch}
         return self.finish()
 
+    def _selected(self, dev: dict[str, Any]) -> float:
+        """The dev value of the ``--select_by`` metric in an evaluation ``{protocol: {"dev": metrics}}``."""
+        return dev[self.select[0]]["dev"][self.select[1]]
+
     def _untrained_as_first_best(self) -> None:
         """The untrained model (the zero-shot start of the residual model) is the first candidate for "best", so
         a run whose training only hurts dev MRR still returns the zero-shot model rather than a worse one."""
         dev = self.evaluate(["dev"])
         dev_full = dev["full_kb"]["dev"]
-        self.best_score, self.best_epoch = dev[self.select[0]]["dev"][self.select[1]], 0
+        self.best_score, self.best_epoch = self._selected(dev), 0
         if self.dist.is_main:
             save_checkpoint(self._ckpt_dir() / "best.pt", {"model": self.model.state_dict(),
                                                            "model_config": asdict(self.cfg), "epoch": 0,
@@ -407,9 +411,9 @@ class Trainer:
                                    "epoch": 0, "dev": None})
         D.barrier(dist)
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings,
-                                 top_k=PREDICTION_TOP_K)
         emb = encode_entities(self.model, self.source, self.device, self.eval_settings)
+        counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings,
+                                 top_k=PREDICTION_TOP_K, entity_emb=emb)
         results = {"dataset": dataset_name(self.data), "label": a.label or self.out.name, "seed": a.seed,
                    "best_epoch": self.best_epoch, "epochs_run": self.epoch, "selection": ":".join(self.select),
                    **results_block(counts, self.data, self.eval_settings)}
