@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from data_process.core.settings import parse_bool, read_yaml_mapping
 from nel_model.metrics import CANDIDATE_RULES, TIE_RULES
+from nel_model.nel import SWITCH_CHOICES
 
 # Flags that switch views off (ablations). Each is a boolean "store_true".
 VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_global_image", "no_caption", "no_enrichment",
@@ -50,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("no_entity_image", "entity images"), ("no_entity_profile", "entity enrichment")]:
         g.add_argument(f"--{flag}", action="store_true", help=f"ablation: do not use {what}")
     g = p.add_argument_group("model choices where the DIM paper/code differs (docs/DIVERGENCES.md)")
-    g.add_argument("--sentence_fusion", choices=["attention", "add"], default="attention",
+    g.add_argument("--sentence_fusion", choices=SWITCH_CHOICES["sentence_fusion"], default="attention",
                    help="the mention attends over the sentence tokens, or their mean is added to it")
-    g.add_argument("--image_fusion", choices=["key", "add"], default="key",
+    g.add_argument("--image_fusion", choices=SWITCH_CHOICES["image_fusion"], default="key",
                    help="the whole mention image: an attention key beside the regions, or added to the query")
-    g.add_argument("--profile_pool", choices=["attention", "max"], default="attention",
+    g.add_argument("--profile_pool", choices=SWITCH_CHOICES["profile_pool"], default="attention",
                    help="profile rows (enrichment, caption): attended one by one, or max-pooled into one first")
     g.add_argument("--shared_attention", type=parse_bool, default=False,
                    help="one attention module for every view (DIM's code) instead of one per view")
-    g.add_argument("--entity_tower", choices=["trained", "frozen"], default="trained",
+    g.add_argument("--entity_tower", choices=SWITCH_CHOICES["entity_tower"], default="trained",
                    help="trained entity side (description + image + enrichment), or the frozen text feature")
-    g.add_argument("--init", choices=["default", "xavier"], default="default",
+    g.add_argument("--init", choices=SWITCH_CHOICES["init"], default="default",
                    help="initialisation of the linear layers (xavier: DIM's code)")
 
     g = p.add_argument_group("training")

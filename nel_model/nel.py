@@ -22,6 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The values of each switch where the model may differ from the DIM paper/code (docs/DIVERGENCES.md), ours first;
+# the training flags of the same names offer exactly these.
+SWITCH_CHOICES: dict[str, tuple[str, ...]] = {
+    "sentence_fusion": ("attention", "add"),
+    "image_fusion": ("key", "add"),
+    "profile_pool": ("attention", "max"),
+    "entity_tower": ("trained", "frozen"),
+    "init": ("default", "xavier"),
+}
+
+
 @dataclass
 class DIMConfig:
     text_dim: int
@@ -49,9 +60,7 @@ class DIMConfig:
     init: str = "default"                # "xavier": Xavier-uniform linear layers (DIM's code); torch's otherwise
 
     def __post_init__(self):
-        for name, allowed in (("sentence_fusion", ("attention", "add")), ("image_fusion", ("key", "add")),
-                              ("profile_pool", ("attention", "max")), ("entity_tower", ("trained", "frozen")),
-                              ("init", ("default", "xavier"))):
+        for name, allowed in SWITCH_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.entity_tower == "frozen" and self.output_size != self.text_dim:
