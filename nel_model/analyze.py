@@ -171,8 +171,7 @@ def load_runs(run_dirs: list[str | Path], split: str, protocol: str) -> list[Run
 
 def _metrics(counts: RankCounts, idx: list[int], rule: str) -> dict[str, float]:
     sel = torch.tensor(idx, dtype=torch.long)
-    sub = RankCounts(counts.higher[sel], counts.equal[sel], counts.unordered[sel], counts.found[sel])
-    return metrics_from_counts(sub, rule)
+    return metrics_from_counts(counts.map(lambda t: t[sel]), rule)
 
 
 def _ranks(counts: RankCounts, rule: str) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from nel_model.data import FeatureSource
 from nel_model.tfidf_negatives import TfidfNegatives
 
+
 def sample_random_negatives(rng: np.random.Generator, gold: np.ndarray, n: int, num_entities: int) -> np.ndarray:
     """``[len(gold), n]`` uniformly random entity rows, never the gold row (vectorised)."""
     if num_entities < 2:

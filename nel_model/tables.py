@@ -22,7 +22,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from data_process.core.durable_io import atomic_write_text
 from nel_model.metrics import TIE_RULES
 from nel_model.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable

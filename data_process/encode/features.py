@@ -431,7 +431,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     boxes_file = read_boxes_file(regions.boxes, ms) if regions.mode == "file" else None  # checked before any work
     boxes_sha = boxes_file.sha256 if boxes_file is not None else None
     m_paths = [ds.image_path(m.image) for m in ms]
-    e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
+    e_images = [e.images[0] if e.images else None for e in es]  # an entity's image view: its first image
+    e_paths = [ds.image_path(rel) for rel in e_images]
     with ImageHasher(store.root / HASHES_FILE) as hasher:
         m_shas, e_shas = hasher.hash_all(m_paths), hasher.hash_all(e_paths)
         max_len = settings.max_len if settings is not None else store.meta().get("max_len")
@@ -446,8 +447,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     if settings is not None:
         text_limit = settings.text_max_len or text_positions(settings.text_name)
         fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
-                            _image_inputs([e.images[0] if e.images else None for e in es], e_shas), text_limit,
-                            boxes_sha)
+                            _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
         todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
         summary["written"] = todo
@@ -478,7 +478,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         log.info("%s: importing %s", imp.spec.view, imp.spec.path)
         write_import(store, imp)
     if encoders is not None:
-        _encode_views(ds, store, settings, todo, fps, encoders, m_paths, m_shas, boxes_file, batch_size,
+        _encode_views(ds, store, settings, todo, fps, encoders, m_paths, m_shas, e_paths, boxes_file, batch_size,
                       num_workers, device, progress, detector_batch_size, summary)
     return summary
 
@@ -495,14 +495,13 @@ def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int,
 
 def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
                   encoders: tuple[TextEncoder, ImageEncoder], m_paths: list[Path | None], m_shas: list[str | None],
-                  boxes_file, batch_size: int, num_workers: int, device: str, progress: bool,
-                  detector_batch_size: int, summary: dict[str, Any]) -> None:
+                  e_paths: list[Path | None], boxes_file, batch_size: int, num_workers: int, device: str,
+                  progress: bool, detector_batch_size: int, summary: dict[str, Any]) -> None:
     """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time)."""
     text_enc, image_enc = encoders
     regions = settings.regions
     ms, es = ds.mentions, ds.entities
     m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
-    e_paths = [ds.image_path(e.images[0] if e.images else None) for e in es]
     provenance = store.meta()["regions"]
     dt, di, L, K = text_enc.dim, image_enc.dim, settings.max_len, len(PROFILE_ROWS)
     R = regions.max_regions if regions.crops else image_enc.n_regions
