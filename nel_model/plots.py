@@ -15,7 +15,6 @@ import io
 import sys
 from pathlib import Path
 
-
 import matplotlib
 
 matplotlib.use("Agg")
