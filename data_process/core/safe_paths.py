@@ -1,0 +1,96 @@
+"""The one path guard: every reader and every step that opens a file named by a dataset goes through it.
+
+A dataset names its images and side files by relative paths. Those names are data, and data can be hostile: an
+absolute path, ``../`` segments, a symlink inside the folder that points outside it, a FIFO or a device that blocks
+the first read forever, a NUL byte. :func:`resolve_inside` turns a name into a real path inside a root folder or
+raises :class:`UnsafePath` (a ``ValueError`` whose message says why); :func:`check_regular_file` tells whether a path
+is a regular file without opening it for reading (``stat``, never ``open``: opening a FIFO for reading blocks);
+:func:`open_regular_file` opens one, refusing anything else (``O_NONBLOCK`` so a FIFO swapped in after the check
+cannot block, then ``fstat`` of the descriptor actually opened).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+
+class UnsafePath(ValueError):
+    """A path a dataset names that the toolkit refuses to read; the message says why."""
+
+
+def _has_nul(name: str | os.PathLike) -> bool:
+    return "\x00" in os.fspath(name)
+
+
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether the real path of ``path`` (symlinks resolved) lies in the real path of ``root``."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def resolve_inside(root: str | Path, name: str | Path, *, allow_absolute: bool = False) -> Path:
+    """The real path of ``name`` taken relative to ``root``, which must stay inside ``root`` once every symlink is
+    resolved. ``allow_absolute``: an absolute ``name`` is accepted when it, too, lies inside ``root``."""
+    if _has_nul(name):
+        raise UnsafePath(f"{name!r}: the path contains a NUL byte")
+    p = Path(name)
+    if p.is_absolute() and not allow_absolute:
+        raise UnsafePath(f"{name}: absolute paths are not allowed (paths are relative to {root})")
+    full = p if p.is_absolute() else Path(root) / p
+    if not is_inside(full, root):
+        why = "a symlink that leads" if os.path.realpath(full) != os.path.abspath(full) else "it leads"
+        raise UnsafePath(f"{name}: {why} outside {root}")
+    return Path(os.path.realpath(full))
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """``None`` for an existing regular file (after symlinks), else the reason: ``"missing: file not found"`` or
+    ``"not a regular file: <kind>"`` (directory, FIFO, socket, device). Never opens the file."""
+    if _has_nul(path):
+        return "not a regular file: the path contains a NUL byte"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing: file not found"
+    except OSError as exc:
+        return f"unreadable: {type(exc).__name__}: {exc.strerror or exc}"
+    return None if stat.S_ISREG(st.st_mode) else f"not a regular file: {_kind(st.st_mode)}"
+
+
+def check_regular_file(path: str | Path) -> Path:
+    """``path`` when it is a regular file, else :class:`UnsafePath` (``FileNotFoundError`` when missing)."""
+    problem = regular_file_problem(path)
+    if problem is None:
+        return Path(path)
+    if problem.startswith("missing"):
+        raise FileNotFoundError(f"{path}: file not found")
+    raise UnsafePath(f"{path}: {problem}")
+
+
+def open_regular_file(path: str | Path, root: str | Path | None = None) -> BinaryIO:
+    """Open ``path`` for binary reading when it is a regular file (inside ``root``, when given); never blocks on a
+    FIFO or a device, never follows a symlink out of ``root``."""
+    if root is not None:
+        path = resolve_inside(root, path, allow_absolute=True)
+    check_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):       # swapped between the check and the open
+            raise UnsafePath(f"{path}: not a regular file: {_kind(st.st_mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
