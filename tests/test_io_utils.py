@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from data_process.core.durable_io import JsonlCache, atomic_write_text
+from data_process.core.records import DataError
 from data_process.core.settings import read_yaml_mapping
 
 
@@ -55,3 +56,17 @@ def test_read_yaml_mapping_errors_name_the_file(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_a_dataset_left_half_written_is_refused_and_a_whole_one_loads(tmp_path):
+    from data_process.core.records import (INCOMPLETE_MARKER, DatasetInfo, Entity, Mention, load_dataset,
+                                           save_dataset)
+    ents = [Entity(id="Q1", name="A")]
+    ments = [Mention(id="m1", sentence="A here", mention="A", gold_id="Q1", split="train")]
+    root = save_dataset(tmp_path / "ds", DatasetInfo(name="toy", source_format="unified"), ents, ments,
+                        extra_files={"report.json": "{}\n"})
+    assert not (root / INCOMPLETE_MARKER).exists() and (root / "report.json").read_text() == "{}\n"
+    assert [m.id for m in load_dataset(root).mentions] == ["m1"]
+    (root / INCOMPLETE_MARKER).write_text("")          # what a kill between the first and last file leaves
+    with pytest.raises(DataError, match=r"ds, folder: incomplete: the step writing it was interrupted"):
+        load_dataset(root)

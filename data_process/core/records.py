@@ -8,6 +8,11 @@ A unified dataset is one folder::
       mentions.jsonl    # one Mention per line
       images/...        # optional; image paths in records are relative to DATASET/
 
+The files are published as one set (:func:`save_dataset`): an ``.incomplete`` marker is written (and fsync'ed)
+before the first file and removed after the last, ``dataset.json`` included. :func:`load_dataset` refuses a folder
+whose marker is still there, so a step killed while writing never leaves a mix of two runs' files that passes for a
+dataset (hand edits of a finished folder stay allowed).
+
 Every later step (enrichment, captions, features, training) reads only this format.
 Loading validates every record; a bad record raises :class:`DataError` naming the file,
 the line (and record id when known) and the field.
@@ -20,12 +25,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from data_process.core.durable_io import atomic_write_text
+from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
 
 SPLITS = ("train", "dev", "test")
 ENTITIES_FILE = "entities.jsonl"
 MENTIONS_FILE = "mentions.jsonl"
 INFO_FILE = "dataset.json"
+INCOMPLETE_MARKER = ".incomplete"
 
 
 class DataError(ValueError):
@@ -289,12 +295,6 @@ def read_mentions(path: str | Path) -> list[Mention]:
     return list(iter_records(path, mention_from_dict))
 
 
-def write_jsonl(path: str | Path, records: Iterable[Entity | Mention]) -> None:
-    """Write records atomically: the file appears complete or not at all."""
-    lines = [json.dumps(record_to_dict(r), ensure_ascii=False) for r in records]
-    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
-
-
 @dataclass
 class Dataset:
     """A loaded unified dataset. ``root`` resolves relative image paths."""
@@ -326,13 +326,22 @@ def read_info(root: str | Path) -> DatasetInfo:
         raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
 
 
+def check_published(root: str | Path) -> None:
+    """A :class:`DataError` when the folder's set of files was not published whole (the ``.incomplete`` marker of
+    an interrupted write is still there)."""
+    if (Path(root) / INCOMPLETE_MARKER).exists():
+        raise DataError(root, "folder", None, "incomplete: the step writing it was interrupted (the "
+                        f"{INCOMPLETE_MARKER} marker is still there); rerun that step")
+
+
 def load_dataset(root: str | Path, *, check_gold: bool = True) -> Dataset:
-    """Load and validate a unified dataset folder.
+    """Load and validate a unified dataset folder (published whole: :func:`check_published`).
 
     With ``check_gold``, every mention's gold entity (and candidates) must be in the KB.
     """
     root = Path(root)
     info = read_info(root)
+    check_published(root)
     entities = read_entities(root / ENTITIES_FILE)
     mentions = read_mentions(root / MENTIONS_FILE)
     if check_gold:
@@ -353,11 +362,22 @@ def missing_entity(m: Mention, kb: set[str], path: str | Path) -> DataError | No
     return None
 
 
-def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity], mentions: Iterable[Mention]) -> Path:
-    """Write a unified dataset folder (each file atomically)."""
+def _jsonl_bytes(records: Iterable[Entity | Mention]) -> bytes:
+    return "".join(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity], mentions: Iterable[Mention],
+                 extra_files: dict[str, bytes | str] | None = None) -> Path:
+    """Write a unified dataset folder as one set: the records, ``extra_files`` (``{name: content}``, e.g. a step's
+    report) and ``dataset.json``, between the ``.incomplete`` marker's creation and removal (module docstring)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl(root / ENTITIES_FILE, entities)
-    write_jsonl(root / MENTIONS_FILE, mentions)
-    atomic_write_text(root / INFO_FILE, json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
+    files = {ENTITIES_FILE: _jsonl_bytes(entities), MENTIONS_FILE: _jsonl_bytes(mentions)}
+    for name, content in (extra_files or {}).items():
+        files[name] = content.encode("utf-8") if isinstance(content, str) else content
+    files[INFO_FILE] = (json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    atomic_write_text(root / INCOMPLETE_MARKER, "a step is writing this dataset; it is not complete\n")
+    for name, data in files.items():
+        atomic_write_bytes(root / name, data)
+    (root / INCOMPLETE_MARKER).unlink()
     return root
