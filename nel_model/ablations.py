@@ -7,7 +7,7 @@ Each (ablation, seed) is one ``python -m nel_model.train`` run in ``OUT/<ablatio
 the ablation's label; its output goes to ``OUT/logs/<ablation>_s<seed>.log``. Finished runs (results.json present)
 are reused, interrupted ones are resumed (``--resume``), so re-running the command continues where it stopped.
 An ablation whose views the feature cache lacks (no image, no caption row, no enrichment) is *not run*: it appears
-as a skipped row with the reason. The table is written to ``OUT/ablations.{md,csv,tex}`` (see ``nel_model.tables``).
+as a skipped row with the reason. The table is written to ``OUT/ablations.{md,csv,tex}`` (see ``nel_model.reporting.tables``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_process.core.entry import run_main
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
-from nel_model import tables as mt
-from nel_model.run_io import PROTOCOLS, RESULTS_FILE, RunError, load_run
+from nel_model.reporting import tables as mt
+from nel_model.runs import CHECKPOINTS_DIR, PROTOCOLS, RESULTS_FILE, RunError, load_run
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def train_command(ab: Ablation, seed: int, run_dir: Path, args: argparse.Namespa
     cmd += ["--features", str(args.features), "--output_dir", str(run_dir), "--seed", str(seed),
             "--label", ab.label, *ab.flags]
     forced = getattr(args, "force", False) and (run_dir / RESULTS_FILE).is_file()  # re-train, do not resume
-    if (run_dir / "checkpoints" / "last.pt").is_file() and not forced:
+    if (run_dir / CHECKPOINTS_DIR / "last.pt").is_file() and not forced:
         cmd.append("--resume")
     elif run_dir.exists() and any(run_dir.iterdir()):
         cmd.append("--overwrite")
@@ -165,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

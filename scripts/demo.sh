@@ -77,9 +77,9 @@ fi
 echo "== [7/7] untrained baseline (zero-shot start of the same model), results table, plots, error analysis"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
   --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
-"${PY}" -m nel_model.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
-"${PY}" -m nel_model.plots "${RUNS[@]}" --out "${OUT}/plots"
-"${PY}" -m nel_model.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
+"${PY}" -m nel_model.reporting.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
+"${PY}" -m nel_model.reporting.plots "${RUNS[@]}" --out "${OUT}/plots"
+"${PY}" -m nel_model.reporting.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
   > /dev/null
 echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, error analysis" \
   "${OUT}/analysis.md (full vs text only), runs ${OUT}/runs/"

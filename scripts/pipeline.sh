@@ -97,5 +97,5 @@ run_pipeline() {
   local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
   [ -n "${seed}" ] && t+=(--seed "${seed}")
   "${py}" -m nel_model.train "${t[@]}" "${train_extra[@]}"
-  "${py}" -m nel_model.tables "${run}"
+  "${py}" -m nel_model.reporting.tables "${run}"
 }

@@ -72,7 +72,7 @@ def test_full_model_beats_text_only(results):
 def test_analysis_shows_the_image_winning_on_shared_names(run_dirs, tmp_path):
     # The error analysis of the same runs: on mentions whose name 2+ KB entities share, the image must carry the
     # full model past the text-only one (every synthetic family has 2-5 members, so that is the whole test split).
-    from nel_model import analyze
+    from nel_model.reporting import analyze
 
     out = tmp_path / "full_vs_text"
     assert analyze.main(["--run", str(run_dirs["full"]), "--compare", str(run_dirs["text_only"]),

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from nel_model.hard_negatives import top_wrong
-from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
+from nel_model.training.hard_negatives import top_wrong
+from nel_model.evaluation.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
 
 
 def test_metrics_from_ranks_hand_case():
@@ -80,8 +80,8 @@ def test_top_wrong_excludes_gold_and_is_sorted():
 
 
 def test_top_k_comes_from_the_same_pass_and_matches_a_separate_top_k():
-    from nel_model.evaluate import top_entities
-    from nel_model.metrics import full_kb_counts
+    from nel_model.evaluation.evaluate import top_entities
+    from nel_model.evaluation.metrics import full_kb_counts
 
     g = torch.Generator().manual_seed(4)
     q = torch.nn.functional.normalize(torch.randn(23, 8, generator=g), dim=-1)
@@ -99,7 +99,7 @@ def test_top_k_comes_from_the_same_pass_and_matches_a_separate_top_k():
 def test_the_compiled_count_epilogue_equals_the_eager_one():
     """On CUDA the count epilogue is compiled into one fused pass; the compiled function (here on the CPU backend)
     must count exactly what the eager one does, NaN and ties included."""
-    from nel_model.metrics import count_epilogue
+    from nel_model.evaluation.metrics import count_epilogue
 
     compiled = torch.compile(count_epilogue, dynamic=True)
     g = torch.Generator().manual_seed(5)

@@ -1,4 +1,4 @@
-"""nel_model.predict on a small trained demo run: synthetic dataset -> tiny CLIP features -> 8 epochs -> predict.
+"""nel_model.inference.predict on a small trained demo run: synthetic dataset -> tiny CLIP features -> 8 epochs -> predict.
 
 The whole pipeline runs once per module (about 30 s on 2 CPU cores).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data_process.core.records import load_dataset
-from nel_model import predict as P
+from nel_model.inference import predict as P
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import torch
 
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.losses import npair_loss_sum
-from nel_model.metrics import (candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
+from nel_model.evaluation.metrics import (candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
                                metrics_from_ranks)
 from nel_model.nel import DIM, DIMConfig
-from nel_model.tfidf_negatives import TfidfNegatives, tokenize
+from nel_model.training.tfidf_negatives import TfidfNegatives, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 

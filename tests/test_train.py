@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.train import main as train_main
+from nel_model.training.loop import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "synthetic.yaml"
@@ -146,7 +146,7 @@ def test_config_file_yaml_booleans_and_choices(tmp_path):
 def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
     import torch
 
-    from nel_model import train as T
+    from nel_model.training import loop as T
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -163,8 +163,8 @@ def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_state)
-    # a checkpoint written on a 2-GPU machine, resumed on a machine with one GPU
-    T.restore_rng({**st, "cuda": ["A", "B"]}, torch.device("cuda", 0))
+    # the checkpoint holds the training GPU's state only, restored to the GPU that resumes
+    T.restore_rng({**st, "cuda": "A"}, torch.device("cuda", 0))
     assert calls == [("set", "A")]
     assert T.rng_states(torch.device("cuda", 0))["cuda"] == "S"
 
@@ -174,7 +174,7 @@ def test_tensorboard_logs_survive_a_stop(image_store, tmp_path):
 
     from nel_model import distributed as D
     from nel_model.args import parse_args
-    from nel_model.train import Trainer
+    from nel_model.training.loop import Trainer
 
     out = tmp_path / "tb_stop"
     argv = ["--config", str(CONFIG), "--features", str(image_store), "--output_dir", str(out), "--epochs", "3",

@@ -1,9 +1,9 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
+``python -m nel_model.evaluation.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
 configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
 the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
-per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
+per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.evaluation.metrics`` for
 the tie rules, the candidate rules and exact low-precision scoring). ``--tie_rule`` and ``--candidate_rule`` default to
 the run's own settings.
 """
@@ -11,7 +11,6 @@ the run's own settings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -22,23 +21,21 @@ import numpy as np
 import torch
 
 from data_process.core.devices import resolve_device
+from data_process.core.entry import run_main
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
+from nel_model.encoding import EncodeSettings, encode_entities, encode_mentions, load_run_model
+from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.nel import DIM, DIMConfig
-from nel_model.run_io import PREDICTIONS_DIR
+from nel_model.runs import CONFIG_FILE, PREDICTIONS_DIR
 
 
 @dataclass
-class EvalSettings:
-    mention_chunk: int = 512
-    entity_chunk: int = 8192
+class EvalSettings(EncodeSettings):
     score_dtype: torch.dtype = torch.float32  # low precision is exact too: near-ties are re-checked in float32
-    amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
-    tie_rule: str = "pessimistic"             # nel_model.metrics.TIE_RULES
-    candidate_rule: str = "dim"               # nel_model.metrics.CANDIDATE_RULES
+    tie_rule: str = "pessimistic"             # nel_model.evaluation.metrics.TIE_RULES
+    candidate_rule: str = "dim"               # nel_model.evaluation.metrics.CANDIDATE_RULES
 
 
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
@@ -49,55 +46,6 @@ def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype)
-
-
-def _module(model: torch.nn.Module) -> DIM:
-    m = getattr(model, "module", model)
-    return getattr(m, "_orig_mod", m)
-
-
-@torch.no_grad()
-def encode_entities(model: torch.nn.Module, source: FeatureSource, device: torch.device,
-                    settings: EvalSettings) -> torch.Tensor:
-    """All KB entities, L2-normalised ``[E, D]`` float32 on ``device`` (in chunks)."""
-    net = _module(model)
-    was = net.training
-    net.eval()
-    E = source.data.num_entities
-    parts = []
-    for s in range(0, E, settings.entity_chunk):
-        views = _to(source.entities(np.arange(s, min(E, s + settings.entity_chunk))), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_entities(views).float())
-    net.train(was)
-    return torch.cat(parts, 0)
-
-
-@torch.no_grad()
-def encode_mentions(model: torch.nn.Module, source: FeatureSource, rows: np.ndarray, device: torch.device,
-                    settings: EvalSettings) -> torch.Tensor:
-    net = _module(model)
-    was = net.training
-    net.eval()
-    parts = []
-    for s in range(0, len(rows), settings.mention_chunk):
-        views = _to(source.mentions(rows[s: s + settings.mention_chunk]), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_mentions(views).float())
-    net.train(was)
-    if not parts:
-        return torch.zeros(0, net.cfg.output_size, device=device)
-    return torch.cat(parts, 0)
-
-
-def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in views.items()}
 
 
 @torch.no_grad()
@@ -172,7 +120,7 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
                         device: torch.device, settings: EvalSettings, kind: str, k: int) -> dict[str, dict[str, float]]:
     """Metrics when an approximate faiss index retrieves the top ``k`` (a gold entity outside them is a miss),
     plus ``recall@20_vs_exact``: the overlap of the index's top 20 with exact search."""
-    from nel_model.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
+    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
 
     emb = encode_entities(model, source, device, settings).cpu()
     index = KBIndex(emb, IndexSettings(kind=kind))
@@ -196,7 +144,7 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
 def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
-    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.metrics.topk_by_row``)."""
+    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.evaluation.metrics.topk_by_row``)."""
     k = min(k, len(entities))
     ent = entities.float()
     parts = [topk_by_row(queries[s: s + chunk].float() @ ent.T, k) for s in range(0, len(queries), chunk)]
@@ -271,20 +219,14 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
-    path = run / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (did training finish an epoch?)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = DIMConfig(**{**ckpt["model_config"], "profile_rows": tuple(ckpt["model_config"]["profile_rows"]),
-                       "profile_use": tuple(ckpt["model_config"]["profile_use"])})
-    model = DIM(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+def main(argv: list[str] | None = None) -> int:
+    """``dim-mel evaluate``: print the metrics of a saved run (:func:`evaluate_run`)."""
+    evaluate_run(argv)
+    return 0
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m nel_model.evaluate", description="Re-evaluate a saved run.")
+def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="dim-mel evaluate", description="Re-evaluate a saved run.")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--split", choices=["dev", "test", "all"], default="test")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
@@ -303,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
     run = Path(a.run)
-    cfg_path = run / "config.json"
+    cfg_path = run / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not a run folder")
     conf = json.loads(cfg_path.read_text())
@@ -337,8 +279,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

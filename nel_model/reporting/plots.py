@@ -20,8 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from data_process.core.entry import run_main
 from data_process.core.durable_io import atomic_write_bytes
-from nel_model.run_io import HITS_KS, PROTOCOLS, Run, RunError, dev_mrr, expand_run_dirs, load_run
+from nel_model.runs import HITS_KS, PROTOCOLS, Run, RunError, dev_mrr, expand_run_dirs, load_run
 
 DPI = 100
 CURVES_SIZE = (12.0, 4.5)  # inches -> 1200 x 450 px
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,8 +1,8 @@
 """Link new mentions with a trained run: top-k KB entities with names, scores and ids.
 
-    python -m nel_model.predict --run runs/dim --sentence "Varkona flooded the valley." --mention "Varkona" \
+    python -m nel_model.inference.predict --run runs/dim --sentence "Varkona flooded the valley." --mention "Varkona" \
         [--image photo.png] [--caption TEXT] [--enrichment TEXT] [--top_k 10]
-    python -m nel_model.predict --run runs/dim --input queries.jsonl --output predictions.jsonl
+    python -m nel_model.inference.predict --run runs/dim --input queries.jsonl --output predictions.jsonl
 
 The mention is encoded with the *same encoders* as the run's feature cache (``meta.json``), then with the run's
 best checkpoint; entities are the run's cached ``entity_embeddings.npy`` / ``entity_ids.json`` (the best model's KB
@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_process.core.entry import run_main
 from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_text
-from nel_model.run_io import RunError, load_config
+from nel_model.runs import ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, RunError, load_config
 
 CHUNK = 64
 DESC_CHARS = 60  # description characters shown in the printed table
@@ -77,7 +78,7 @@ class Predictor:
                  features: str | Path | None = None, dataset: str | Path | None = None):
         from data_process.encode.feature_store import FeatureStore
         from data_process.core.records import load_dataset
-        from nel_model.evaluate import load_run_model
+        from nel_model.encoding import load_run_model
 
         run = Path(run_dir)
         if not run.is_dir():
@@ -86,7 +87,7 @@ class Predictor:
             self.config = load_config(run)
         except RunError as exc:
             raise PredictError(str(exc)) from None
-        for name in ("entity_embeddings.npy", "entity_ids.json"):
+        for name in (ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE):
             if not (run / name).is_file():
                 raise PredictError(f"{run / name}: not found (the run has not finished an evaluation yet)")
         self.run = run
@@ -95,8 +96,8 @@ class Predictor:
             self.model, _ = load_run_model(run, checkpoint, self.device)
         except FileNotFoundError as exc:
             raise PredictError(str(exc)) from None
-        self.entity_ids: list[str] = json.loads((run / "entity_ids.json").read_text(encoding="utf-8"))
-        emb = np.load(run / "entity_embeddings.npy")
+        self.entity_ids: list[str] = json.loads((run / ENTITY_IDS_FILE).read_text(encoding="utf-8"))
+        emb = np.load(run / ENTITY_EMBEDDINGS_FILE)
         if emb.ndim != 2 or emb.shape[0] != len(self.entity_ids):
             raise PredictError(f"{run / 'entity_embeddings.npy'}: shape {emb.shape} does not match "
                                f"{len(self.entity_ids)} ids in entity_ids.json")
@@ -197,7 +198,7 @@ class Predictor:
 
     def gold_rank(self, scores: torch.Tensor, gold_id: str) -> int | None:
         """1-based rank of ``gold_id`` over the whole KB with evaluation's pessimistic tie rule
-        (``1 + #{other entities scoring >= gold}``, see nel_model.metrics); None if the id is not in the KB."""
+        (``1 + #{other entities scoring >= gold}``, see nel_model.evaluation.metrics); None if the id is not in the KB."""
         try:
             g = self.entity_ids.index(gold_id)
         except ValueError:
@@ -266,7 +267,7 @@ def format_hits(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nel_model.predict",
+    p = argparse.ArgumentParser(prog="python -m nel_model.inference.predict",
                                 description="Link new mentions with a trained run (top-k KB entities).")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--sentence", help="the sentence containing the mention")
@@ -321,4 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nel_model.data import FeatureSource
-from nel_model.tfidf_negatives import TfidfNegatives
+from nel_model.training.tfidf_negatives import TfidfNegatives
 
 
 def sample_random_negatives(rng: np.random.Generator, gold: np.ndarray, n: int, num_entities: int) -> np.ndarray:
