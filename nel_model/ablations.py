@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
 from nel_model.reporting import tables as mt
 from nel_model.runs import CHECKPOINTS_DIR, PROTOCOLS, RESULTS_FILE, RunError, load_run
@@ -135,7 +136,8 @@ def run_ablations(args: argparse.Namespace, extra: list[str], log=print) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Run the standard ablations (same seeds) and write the ablation table. "
+    p = ToolkitParser(prog="dim-mel ablations",
+                      description="Run the standard ablations (same seeds) and write the ablation table. "
                                             "Flags after '--' go to nel_model.train unchanged.")
     p.add_argument("--config", help="train config YAML (e.g. configs/synthetic.yaml)")
     p.add_argument("--features", required=True, help="feature folder (data_process.encode.features)")
@@ -145,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb")
     p.add_argument("--split", default="test")
     mt.add_paper_argument(p)
-    p.add_argument("--force", action="store_true", help="re-train runs that already have results.json")
-    p.add_argument("--dry_run", action="store_true", help="print the train commands, run nothing")
+    add_bool(p, "force", False, "re-train runs that already have results.json")
+    add_bool(p, "dry_run", False, "print the train commands, run nothing")
     p.add_argument("--train_module", default="nel_model.train", help=argparse.SUPPRESS)
     return p
 

@@ -166,7 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other (continue the run, or start it again)")
     if not args.image:
-        both = sorted(f"--{f.replace('_', '-')}" for f in ("regions", "global_image") if f in given and getattr(args, f))
+        both = sorted(f"--{f.replace('_', '-')}" for f in ("regions", "global_image")
+                      if f in given and getattr(args, f))
         if both:
             parser.error(f"--no-image contradicts {' and '.join(both)} (the image views are off with --no-image)")
     try:

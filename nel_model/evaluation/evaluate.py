@@ -22,6 +22,7 @@ import torch
 
 from data_process.core.devices import resolve_device
 from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="dim-mel evaluate", description="Re-evaluate a saved run.")
+    p = ToolkitParser(prog="dim-mel evaluate", description="Re-evaluate a saved run.")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--split", choices=["dev", "test", "all"], default="test")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
@@ -237,12 +238,12 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tie_rule", choices=TIE_RULES, default=None, help="default: the run's --tie_rule")
     p.add_argument("--candidate_rule", choices=CANDIDATE_RULES, default=None,
                    help="default: the run's --candidate_rule")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_bool(p, "json", False, "print JSON instead of a table")
     p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
     p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
-    p.add_argument("--predictions", action="store_true",
-                   help="also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
+    add_bool(p, "predictions", False,
+             "also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
     run = Path(a.run)
     cfg_path = run / CONFIG_FILE

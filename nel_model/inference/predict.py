@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_text
 from nel_model.runs import ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, RunError, load_config
@@ -267,7 +268,7 @@ def format_hits(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nel_model.inference.predict",
+    p = ToolkitParser(prog="dim-mel predict",
                                 description="Link new mentions with a trained run (top-k KB entities).")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--sentence", help="the sentence containing the mention")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from data_process.core.records import DataError, Dataset, Mention, load_dataset
 from nel_model.evaluation.metrics import TIE_RULES, RankCounts, metrics_from_counts
@@ -351,7 +352,8 @@ def plot(a: Analysis, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Error analysis of a run's per-mention predictions (Markdown, JSON, PNG).")
+    p = ToolkitParser(prog="dim-mel analyze",
+                      description="Error analysis of a run's per-mention predictions (Markdown, JSON, PNG).")
     p.add_argument("--run", required=True, help="run folder (with predictions/<split>.jsonl)")
     p.add_argument("--compare", default=None, metavar="RUN2", help="a second run: both side by side, A vs B")
     p.add_argument("--split", default="test", choices=["dev", "test"])

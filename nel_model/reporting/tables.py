@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_text
 from nel_model.evaluation.metrics import TIE_RULES
 from nel_model.reporting.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
@@ -350,7 +351,7 @@ def add_paper_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Gather run folders into a results table (Markdown/CSV/LaTeX).")
+    p = ToolkitParser(prog="dim-mel table", description="Gather run folders into a results table (Markdown/CSV/LaTeX).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (with results.json), or folders holding run folders")
     p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb",

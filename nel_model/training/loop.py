@@ -41,9 +41,9 @@ from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
 from nel_model.training.tfidf_negatives import TfidfNegatives
-from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, ENV_FILE, METRICS_FILE,
-                            RESULTS_FILE, append_metrics, environment, load_checkpoint, save_checkpoint,
-                            truncate_metrics)
+from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, ENV_FILE,
+                            METRICS_FILE, RESULTS_FILE, append_metrics, environment, load_checkpoint,
+                            save_checkpoint, truncate_metrics)
 
 
 def seed_everything(seed: int) -> None:
@@ -166,6 +166,7 @@ class Trainer:
         on_device, feature_dtype = self._decide_on_device()
         self.source = FeatureSource(self.data, self.cfg.mention_views(), self.cfg.entity_views(), self.device,
                                     on_device=on_device, dtype=feature_dtype)
+        self._check_flag_effects()
         self.amp_dtype, use_scaler = amp_setup(args.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
@@ -193,6 +194,25 @@ class Trainer:
         self.stopped = False
         self.hard_table: np.ndarray | None = None
         self.tb = None
+
+    def _check_flag_effects(self) -> None:
+        """Flags that the data, the device or the model's sizes make ineffective: a warning naming each, or an
+        error where an explicit flag cannot hold (``--residual`` with an output size other than the text's)."""
+        a, given = self.args, set(getattr(self.args, "given", ()))
+        cfg = self.cfg
+        if a.residual and not cfg.is_residual:
+            why = (f"--output-size {cfg.output_size} differs from the text feature size {cfg.text_dim}: the raw "
+                   "features cannot be added to the outputs")
+            if "residual" in given:
+                raise ValueError(f"--residual contradicts {why}; drop --output-size or pass --no-residual")
+            print(f"warning: no residual (zero-shot) start: {why} (--no-residual says so explicitly)", file=sys.stderr)
+        device_only = {"num_workers": (a.num_workers > 0 and self.source.on_device,
+                                       "the features are kept on the device (--data-on-device)"),
+                       "pin_memory": (self.device.type != "cuda", "the device is not CUDA"),
+                       "amp": (a.amp != "auto" and self.device.type != "cuda", "mixed precision runs on CUDA only")}
+        for flag, (idle, why) in device_only.items():
+            if flag in given and idle:
+                print(f"warning: --{flag.replace('_', '-')} has no effect: {why}", file=sys.stderr)
 
     def _decide_on_device(self) -> tuple[bool, torch.dtype]:
         """Keep the features on the device (on a CPU: in RAM as tensors) when they fit: float32 when that fits in
