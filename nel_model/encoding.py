@@ -1,10 +1,11 @@
 """Encoding with a trained model: every KB entity and a set of mentions, from a feature cache, in chunks; and loading
 a run's model. The model layer's one way to turn cached features into embeddings (evaluation, training's hard
-negatives, inference and retrieval all call these)."""
+negatives, inference and retrieval all call these). Always in float32, without autocast, whatever the training's
+mixed precision: the embeddings that end-of-training evaluation ranks are the ones ``dim-mel evaluate`` and
+``predict`` rank (:data:`ENCODE_DTYPE`, recorded in results.json)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,13 @@ from nel_model.nel import DIM, DIMConfig
 from nel_model.runs import CHECKPOINTS_DIR
 
 
+ENCODE_DTYPE = "float32"
+
+
 @dataclass
 class EncodeSettings:
     mention_chunk: int = 512
     entity_chunk: int = 8192
-    amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype)
 
 
 def _module(model: torch.nn.Module) -> DIM:
@@ -46,8 +43,7 @@ def encode_entities(model: torch.nn.Module, source: FeatureSource, device: torch
     parts = []
     for s in range(0, E, settings.entity_chunk):
         views = _to(source.entities(np.arange(s, min(E, s + settings.entity_chunk))), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_entities(views).float())
+        parts.append(net.encode_entities(views).float())
     net.train(was)
     return torch.cat(parts, 0)
 
@@ -61,8 +57,7 @@ def encode_mentions(model: torch.nn.Module, source: FeatureSource, rows: np.ndar
     parts = []
     for s in range(0, len(rows), settings.mention_chunk):
         views = _to(source.mentions(rows[s: s + settings.mention_chunk]), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_mentions(views).float())
+        parts.append(net.encode_mentions(views).float())
     net.train(was)
     if not parts:
         return torch.zeros(0, net.cfg.output_size, device=device)

@@ -9,6 +9,7 @@ import torch
 
 from nel_model import distributed as D
 from nel_model import encoding as enc
+from nel_model.runs import RunError
 from nel_model.evaluation import evaluate as ev
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.training.batches import make_epoch_plan
@@ -74,7 +75,7 @@ def test_hard_negative_table_and_plan(trained_run):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a run folder"):
+    with pytest.raises(RunError, match="no config.json"):
         ev.evaluate_run(["--run", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="not a feature folder"):
         load_mel_data(tmp_path)

@@ -26,10 +26,10 @@ from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import EncodeSettings, encode_entities, encode_mentions, load_run_model
+from nel_model.encoding import ENCODE_DTYPE, EncodeSettings, encode_entities, encode_mentions, load_run_model
 from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.runs import CONFIG_FILE, PREDICTIONS_DIR
+from nel_model.runs import PREDICTIONS_DIR, load_config
 
 
 @dataclass
@@ -40,6 +40,16 @@ class EvalSettings(EncodeSettings):
 
 
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
+
+
+def settings_from_config(conf: dict[str, Any], device: torch.device, **override: Any) -> EvalSettings:
+    """The evaluation settings of a run from its flags (``vars(args)`` in training, ``config.json`` after it): the
+    one place both read them, so ``dim-mel evaluate`` measures as the end of training did. ``override``: the
+    command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule`` where given (None = the run's)."""
+    conf = {**conf, **{k: v for k, v in override.items() if v is not None}}
+    return EvalSettings(mention_chunk=conf["eval_batch_size"], entity_chunk=conf["entity_chunk"],
+                        score_dtype=score_dtype_for(conf["eval_dtype"], device), tie_rule=conf["tie_rule"],
+                        candidate_rule=conf["candidate_rule"])
 
 
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -105,8 +115,9 @@ def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, setti
     every tie rule (``tie_rules``), how they were measured, and the candidate lists' recall."""
     out: dict[str, Any] = {
         "tie_rule": settings.tie_rule, "candidate_rule": settings.candidate_rule if data.candidates is not None
-        else None, "score_dtype": str(settings.score_dtype).replace("torch.", ""),
+        else None, "encode_dtype": ENCODE_DTYPE, "score_dtype": str(settings.score_dtype).replace("torch.", ""),
         "exact_float32_ranks": True, "kb_entities": data.num_entities,
+        "chunks": {"mention": settings.mention_chunk, "entity": settings.entity_chunk},
         "protocols": metrics_of(counts, settings.tie_rule),
         "tie_rules": {rule: metrics_of(counts, rule) for rule in TIE_RULES},
     }
@@ -246,22 +257,17 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
              "also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
     run = Path(a.run)
-    cfg_path = run / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: not a run folder")
-    conf = json.loads(cfg_path.read_text())
+    conf = load_config(run)
     device = resolve_device(a.device)
     model, ckpt = load_run_model(run, a.checkpoint, device)
     data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
     source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-    settings = EvalSettings(mention_chunk=conf.get("eval_batch_size", 512), entity_chunk=conf.get("entity_chunk", 8192),
-                            score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device),
-                            tie_rule=a.tie_rule or conf.get("tie_rule", "pessimistic"),
-                            candidate_rule=a.candidate_rule or conf.get("candidate_rule", "dim"))
+    settings = settings_from_config(conf, device, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
+                                    candidate_rule=a.candidate_rule)
     splits = ["dev", "test"] if a.split == "all" else [a.split]
     counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
                              top_k=PREDICTION_TOP_K if a.predictions else 0)
-    results = metrics_of(counts, settings.tie_rule)
+    results = results_block(counts, data, settings)["protocols"]
     if a.predictions:
         for path in write_predictions(run, model, data, source, counts, settings, device,
                                       checkpoint={"name": a.checkpoint, "epoch": ckpt.get("epoch")}):

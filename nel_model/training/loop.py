@@ -29,14 +29,14 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
-from data_process.core.records import ENTITIES_FILE, read_entities
+from data_process.core.records import ENTITIES_FILE, read_entities, read_info
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
-from nel_model.training.batches import TrainBatches, make_epoch_plan, make_loader
+from nel_model.training.batches import TrainBatches, kept_mentions, make_epoch_plan, make_loader
 from nel_model.data import FeatureSource, available_memory, load_mel_data, to_device
 from nel_model.encoding import encode_entities
-from nel_model.evaluation.evaluate import (EvalSettings, evaluate_counts, evaluate_splits, results_block,
-                                PREDICTION_TOP_K, score_dtype_for, write_predictions)
+from nel_model.evaluation.evaluate import (PREDICTION_TOP_K, evaluate_counts, evaluate_splits, results_block,
+                                           settings_from_config, write_predictions)
 from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
@@ -123,13 +123,20 @@ def tfidf_table(data) -> TfidfNegatives:
 
 
 def dataset_name(data) -> str:
-    ds = data.meta.get("dataset")
-    if ds and (Path(ds) / "dataset.json").is_file():
-        try:
-            return json.loads((Path(ds) / "dataset.json").read_text())["name"]
-        except (ValueError, KeyError):
-            pass
-    return Path(ds).name if ds else Path(data.root).name
+    """The dataset's own name (its ``dataset.json``), whatever the working directory; its folder's name when the
+    folder has no ``dataset.json``."""
+    return read_info(Path(data.dataset).resolve()).name
+
+
+def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Optimizer steps of one epoch: the epoch plan's global batches (under DDP a last batch smaller than the
+    number of processes is dropped: :func:`kept_mentions`) grouped by ``grad_accum``."""
+    return math.ceil(math.ceil(kept_mentions(n_train, batch_size, world_size) / batch_size) / grad_accum)
+
+
+class NonFiniteLoss(FloatingPointError, ValueError):
+    """The training loss became NaN or infinite; the message names the epoch, the step and the checkpoint to go
+    back to."""
 
 
 class Trainer:
@@ -170,15 +177,11 @@ class Trainer:
         self.amp_dtype, use_scaler = amp_setup(args.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
-        n_train = len(self.data.splits["train"])
-        self.batches_per_epoch = math.ceil(n_train / args.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(self.data.splits["train"]), args.batch_size, args.grad_accum,
+                                               dist.world_size)
         total = max(1, args.epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(args.warmup_steps, total))
-        self.eval_settings = EvalSettings(mention_chunk=args.eval_batch_size, entity_chunk=args.entity_chunk,
-                                          score_dtype=score_dtype_for(args.eval_dtype, self.device),
-                                          amp_dtype=self.amp_dtype, tie_rule=args.tie_rule,
-                                          candidate_rule=args.candidate_rule)
+        self.eval_settings = settings_from_config(vars(args), self.device)
         self.train_model: torch.nn.Module = self.model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -309,6 +312,8 @@ class Trainer:
         self.train_model.train()
         n_batches = len(ds)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # the first optimizer step whose loss is not finite (-1: none), kept on the device: no sync per step
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         bar = tqdm(loader, total=n_batches, desc=f"epoch {self.epoch + 1}", disable=not dist.is_main,
                    leave=False, dynamic_ncols=True)
@@ -327,11 +332,22 @@ class Trainer:
                 loss = raw * (dist.world_size / batch["global_n"] / group_size)
                 self.scaler.scale(loss).backward()
             loss_sum += raw.detach().double()
+            bad = ~torch.isfinite(raw.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, self.global_step + 1), first_bad)
             if last_in_group:
                 self._step()
                 if a.stop_after_steps and self.global_step >= a.stop_after_steps:
                     os._exit(17)    # simulated crash (tests): no cleanup, no checkpoint
         total = D.all_reduce_sum(float(loss_sum), dist)
+        if not math.isfinite(total):
+            step = int(first_bad)
+            last = self._ckpt_dir() / "last.pt"
+            raise NonFiniteLoss(
+                f"{self.out}: the training loss is not finite at epoch {self.epoch + 1}, optimizer step "
+                f"{step if step > 0 else '?'} (loss {total}); nothing of this epoch was saved. "
+                + (f"{last} holds the last good epoch ({self.epoch}): lower --lr (or raise --max-grad-norm "
+                   "clipping) and continue with --resume --force" if self.epoch > 0 else
+                   "no epoch finished: lower --lr and start again with --overwrite"))
         return total / max(1, len(plan.order))
 
     def _no_sync(self):
@@ -404,8 +420,14 @@ class Trainer:
         return self.finish()
 
     def _selected(self, dev: dict[str, Any]) -> float:
-        """The dev value of the ``--select_by`` metric in an evaluation ``{protocol: {"dev": metrics}}``."""
-        return dev[self.select[0]]["dev"][self.select[1]]
+        """The dev value of the ``--select_by`` metric in an evaluation ``{protocol: {"dev": metrics}}``; minus
+        infinity when any dev mention's gold score is NaN (a diverged model is never "best")."""
+        m = dev[self.select[0]]["dev"]
+        if any(dev[p]["dev"].get("nan", 0) for p in dev):
+            print(f"warning: epoch {self.epoch}: NaN scores on dev; this checkpoint cannot be the best one",
+                  file=sys.stderr)
+            return -math.inf
+        return m[self.select[1]]
 
     def _untrained_as_first_best(self) -> None:
         """The untrained model (the zero-shot start of the residual model) is the first candidate for "best", so
