@@ -256,6 +256,21 @@ def test_repeated_keys_in_ghmfc_files(tmp_path):
     assert "12-0" not in {m.id for m in conv.mentions} and "Q4" not in {e.id for e in conv.entities}
 
 
+def test_a_field_given_twice_drops_its_record(tmp_path):
+    src = make_mimic(tmp_path / "rel")
+    text = (src / "WIKIMEL_test.json").read_text()
+    (src / "WIKIMEL_test.json").write_text(text.replace('"answer": "Q3"', '"answer": "Q3", "answer": "Q2"'))
+    conv = read_mimic(src, progress=False)
+    assert [str(d) for d in conv.dropped] == [f"{src / 'WIKIMEL_test.json'}, record 0 (id 't1'), field 'answer': "
+                                              "given 2 times in the record (JSON keeps only the last)"]
+    root = tmp_path / "uni"
+    save_dataset(root, DatasetInfo("u", "t"), [Entity("E1", "One")], [Mention("m1", "One", "One", "E1", "train")])
+    with (root / "entities.jsonl").open("a") as fh:
+        fh.write('{"id": "E2", "name": "Two", "name": "Deux"}\n')
+    with pytest.raises(DataError, match="line 2 \\(id 'E2'\\), field 'name': given 2 times in the record"):
+        load_dataset(root)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. a lone surrogate: the record is dropped naming file, record and field; the conversion goes on
 

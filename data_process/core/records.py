@@ -216,6 +216,43 @@ def _surrogate_in(text: str) -> str | None:
     return None
 
 
+class _RepeatedKeys(dict):
+    """A parsed JSON object whose text gave some keys more than once: ``repeated`` = {key: number of copies}."""
+
+    repeated: dict[str, int]
+
+
+def json_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` of every JSON input: a plain dict, which remembers keys its text repeated
+    (:func:`repeated_keys`) instead of silently keeping the last copy only."""
+    out: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for key, value in pairs:
+        if key in out:
+            counts[key] = counts.get(key, 1) + 1
+        out[key] = value
+    if not counts:
+        return out
+    obj = _RepeatedKeys(out)
+    obj.repeated = counts
+    return obj
+
+
+def repeated_keys(obj: Any) -> dict[str, int]:
+    """``{key: copies}`` for the keys a JSON object parsed with :func:`json_pairs` gave more than once."""
+    return dict(obj.repeated) if isinstance(obj, _RepeatedKeys) else {}
+
+
+def record_json_problem(obj: Any) -> tuple[str | None, str] | None:
+    """``(field, problem)`` for a raw JSON record that parsing let through: a field given twice, or a lone
+    surrogate (:func:`lone_surrogate`); ``None`` when it has neither."""
+    repeated = repeated_keys(obj)
+    if repeated:
+        key, copies = next(iter(repeated.items()))
+        return key, f"given {copies} times in the record (JSON keeps only the last)"
+    return lone_surrogate(obj)
+
+
 def lone_surrogate(obj: Any) -> tuple[str | None, str] | None:
     """``(field, problem)`` for the first string in a raw JSON record (keys included) that holds a lone surrogate
     (``"\\ud83d"``: legal JSON, but no Unicode text; it cannot be written as UTF-8), else ``None``. The field is
@@ -275,7 +312,7 @@ def iter_json_lines(path: str | Path, on_error: OnError | None = None) -> Iterat
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.rstrip("\r\n"))
+                obj = json.loads(line.rstrip("\r\n"), object_pairs_hook=json_pairs)
             except json.JSONDecodeError as exc:
                 _report(DataError(path, f"line {lineno}", None,
                                   f"invalid JSON ({exc.msg} at column {exc.colno})"), on_error)
@@ -305,7 +342,7 @@ def iter_records(path: str | Path, parse: Callable, on_error: OnError | None = N
             raise DataError(path, _where, field_name, problem)
 
         try:
-            bad = lone_surrogate(obj)
+            bad = record_json_problem(obj)
             if bad is not None:
                 fail(*bad)
             record = parse(obj, fail)

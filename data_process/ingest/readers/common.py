@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
-from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS, lone_surrogate
+from data_process.core.records import (DataError, DatasetInfo, Entity, Mention, SPLITS, json_pairs, record_json_problem,
+                                       repeated_keys)
 from data_process.core.placement import source_file
 from data_process.core.safe_paths import UnsafePath, open_regular_file
 
@@ -151,32 +152,12 @@ def find_span(sentence: str, mention: str) -> tuple[int, int] | None:
     return None if start < 0 else (start, start + len(mention))
 
 
-def check_text(obj: Any, fail: Fail) -> None:
-    """Fail on the first string of a raw record (keys included) holding a lone surrogate (``"\\ud83d"`` is legal
-    JSON but no Unicode text: it cannot be written as UTF-8); the field named is the record's top-level key."""
-    bad = lone_surrogate(obj)
+def check_record(obj: Any, fail: Fail) -> None:
+    """Fail on what JSON parsing lets through in a raw record: a field given twice (JSON keeps the last copy
+    silently) or a string holding a lone surrogate (:func:`records.lone_surrogate`)."""
+    bad = record_json_problem(obj)
     if bad is not None:
         fail(*bad)
-
-
-class _RepeatedKeys(dict):
-    """A parsed JSON object whose text gave some keys more than once: ``repeated`` = {key: number of copies}."""
-
-    repeated: dict[str, int]
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for key, value in pairs:
-        if key in out:
-            counts[key] = counts.get(key, 1) + 1
-        out[key] = value
-    if not counts:
-        return out
-    obj = _RepeatedKeys(out)
-    obj.repeated = counts
-    return obj
 
 
 def load_json(path: Path, text: str | None = None, policy: RecordPolicy | None = None) -> Any:
@@ -189,16 +170,17 @@ def load_json(path: Path, text: str | None = None, policy: RecordPolicy | None =
         if text is None:
             with open_regular_file(path) as fh:
                 text = fh.read().decode("utf-8")
-        data = json.loads(text, object_pairs_hook=_pairs)
+        data = json.loads(text, object_pairs_hook=json_pairs)
     except UnicodeDecodeError as exc:
         raise DataError(path, "file", None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataError(path, "file", None, f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except UnsafePath as exc:
         raise DataError(path, "file", None, str(exc).removeprefix(f"{path}: ")) from None
-    if isinstance(data, _RepeatedKeys):
+    repeated = repeated_keys(data)
+    if repeated:
         policy = policy or RecordPolicy(strict=True)
-        for key, copies in data.repeated.items():
+        for key, copies in repeated.items():
             err = DataError(path, f"key {key!r}", None, f"repeated key: {copies} copies in the file (JSON keeps "
                             "only the last); every copy dropped")
             for _ in range(copies):

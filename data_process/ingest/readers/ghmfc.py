@@ -46,7 +46,7 @@ from data_process.ingest.readers.common import (
     Converted,
     RecordPolicy,
     carve_dev,
-    check_text,
+    check_record,
     dev_from_train_rule,
     failer,
     find_span,
@@ -108,13 +108,13 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
             if not QID_RE.match(qid):
                 fail(None, "is not a Wikidata QID like 'Q42'")
             name = names[qid]
-            check_text({"qid": qid, "name": name}, fail)
+            check_record({"qid": qid, "name": name}, fail)
             if not isinstance(name, str) or not name.strip():
                 fail("name", f"must be a non-empty string, got {name!r}")
             text = texts.get(qid, "")
             if not isinstance(text, str):
                 failer(text_path, f"qid {qid!r}")("description", f"must be a string, got {type_name(text)}")
-            check_text({"description": text}, failer(text_path, f"qid {qid!r}"))
+            check_record({"description": text}, failer(text_path, f"qid {qid!r}"))
             return Entity(id=qid, name=name, description=text)
 
         entity = policy.attempt(parse)

@@ -33,7 +33,7 @@ from data_process.ingest.readers.common import (
     Converted,
     MENTION_IMAGE_DIR,
     RecordPolicy,
-    check_text,
+    check_record,
     failer,
     find_span,
     guard_images,
@@ -97,10 +97,10 @@ def image_by_sample_id(image_dir: Path | None, listing: set[str], sample_id: str
 def parse_sample(path: str, sid: str, sample: Any) -> list[tuple[str, str, str]]:
     """``[(sentence, mention, entity name, qid)]`` of one MELBench sample; :class:`DataError` when it is malformed."""
     fail = failer(path, f"sample {sid!r}")
-    check_text({"sample id": sid}, fail)
+    check_record({"sample id": sid}, fail)
     if not isinstance(sample, dict):
         fail(None, f"sample must be a JSON object, got {type_name(sample)}")
-    check_text(sample, fail)
+    check_record(sample, fail)
     if "id" in sample and sample["id"] is not None:
         if not isinstance(sample["id"], str):
             fail("id", f"must be a string, got {type_name(sample['id'])}")

@@ -46,7 +46,7 @@ from data_process.ingest.readers.common import (
     RecordPolicy,
     ENTITY_IMAGE_DIR,
     MENTION_IMAGE_DIR,
-    check_text,
+    check_record,
     failer,
     find_span,
     guard_images,
@@ -104,7 +104,7 @@ def _parse_entity(path: Path, index: int, obj: Any, qid2id: dict[str, int], seen
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"entity must be a JSON object, got {type_name(obj)}")
-    check_text(obj, fail)
+    check_record(obj, fail)
     qid = req_str(obj, "qid", fail)
     dense = require(obj, "id", fail)
     if isinstance(dense, bool) or not isinstance(dense, int):
@@ -215,7 +215,7 @@ def _parse_record(path: Path, index: int, obj: Any, split: str, kb: dict[str, in
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"record must be a JSON object, got {type_name(obj)}")
-    check_text(obj, fail)
+    check_record(obj, fail)
     rid = record_id(obj, "id", fail)
     sentence = require(obj, "sentence", fail)
     if not isinstance(sentence, str):

@@ -32,7 +32,7 @@ from data_process.ingest.readers.common import (
     Converted,
     RecordPolicy,
     MENTION_IMAGE_DIR,
-    check_text,
+    check_record,
     failer,
     find_span,
     guard_images,
@@ -77,7 +77,7 @@ def read_descriptions(path: Path, policy: RecordPolicy | None = None) -> dict[st
             if not isinstance(desc, str):
                 raise DataError(path, f"entity {key!r}", None, f"description must be a string, got {type_name(desc)}")
             fail = failer(path, f"entity {key!r}")
-            if policy.attempt(lambda: check_text({"entity": key, "description": desc}, fail) or True, count=False):
+            if policy.attempt(lambda: check_record({"entity": key, "description": desc}, fail) or True, count=False):
                 out[title_from_url(key)] = desc
         return out
     out = {}
@@ -103,7 +103,7 @@ def _item_mentions(item: Any, fail) -> tuple[str, str, list]:
     if not isinstance(item, list) or len(item) < 4:
         fail(None, f"item must be a list [sentence, image_url, topic, mentions], got {type_name(item)}"
              + (f" of length {len(item)}" if isinstance(item, list) else ""))
-    check_text(dict(zip(("sentence", "image_url", "topic", "mentions"), item[:4])), fail)
+    check_record(dict(zip(("sentence", "image_url", "topic", "mentions"), item[:4])), fail)
     sentence, image_url, _topic, mentions = item[:4]
     if not isinstance(sentence, str):
         fail("sentence", f"must be a string, got {type_name(sentence)}")
