@@ -26,3 +26,12 @@ def test_top_level_usage_lists_every_command(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in cli.COMMANDS)
+
+
+def test_candidates_help_exits_0(capsys, monkeypatch):
+    """``python -m data_process.ingest.candidates`` is no dim-mel command, but its --help must work too."""
+    from data_process.ingest.candidates import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
