@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_type_hints
 
+from data_process.augment.cache_records import record_error
 from data_process.augment.captioners import DEFAULT_MODEL, DTYPES, Captioner, GenerationSettings
 from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
@@ -162,6 +163,21 @@ class CaptionStats:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
+def cached_caption(cache: JsonlCache, key: str) -> dict[str, Any] | None:
+    """The cache record of ``key`` (None when absent); one of the wrong shape (``"text": 5``) is an error naming the
+    cache file and line (:mod:`data_process.augment.cache_records`)."""
+    rec = cache.get(key)
+    if rec is None:
+        return None
+    if rec.get("status") not in ("ok", "failed"):
+        raise record_error(cache, key, "status", f"must be ok or failed, got {rec.get('status')!r:.80}")
+    for name, required in (("text" if rec["status"] == "ok" else "reason", True), ("created", False)):
+        value = rec.get(name)
+        if not isinstance(value, str) and (required or value is not None):
+            raise record_error(cache, key, name, f"must be a string, got {value!r:.80}")
+    return rec
+
+
 def cache_key(image_sha256: str, captioner_id: str, prompt: str) -> str:
     return stable_hash({"image_sha256": image_sha256, "model": captioner_id, "prompt": prompt})
 
@@ -263,7 +279,7 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
                     continue
                 seen.add(job.key)
                 stats.jobs += 1
-                rec = cache.get(job.key)
+                rec = cached_caption(cache, job.key)
                 if rec is not None and (rec.get("status") == "ok" or not cfg.retry_failed):
                     stats.jobs_from_cache += 1
                     continue
@@ -336,7 +352,7 @@ def _mention_caption(jobs: list[Job], names: list[str], templates: dict[str, str
     reasons = []
     created = []
     for name, job in zip(names, jobs):
-        rec = cache.get(job.key)
+        rec = cached_caption(cache, job.key)
         if rec is None:
             reasons.append(f"{name}: not captioned")
         elif rec.get("status") != "ok":

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
+from data_process.augment.cache_records import is_str_list, record_error
 from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
@@ -55,7 +56,7 @@ from data_process.augment.llm_client import (
 from data_process.augment.llm_prompts import (
     ANSWER_SCHEMA, AnswerError, PromptTemplate, correction_message, enrichment_text, parse_answer,
 )
-from data_process.core.records import DataError, DatasetInfo, Entity, Mention, load_dataset, save_dataset
+from data_process.core.records import DatasetInfo, Entity, Mention, load_dataset, save_dataset
 
 log = logging.getLogger("data_process.augment.enrich")
 
@@ -157,14 +158,11 @@ STATUSES = ("ok", "invalid", "failed", "received")  # received: cached, not yet 
 
 def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
     """``(field, problem)`` when a cache record has not the shape this module writes, else None."""
-    def str_list(v: Any) -> bool:
-        return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
     if rec.get("status") not in STATUSES:
         return "status", f"must be one of {', '.join(STATUSES)}, got {rec.get('status')!r}"
-    if not str_list(rec.get("raw")):
+    if not is_str_list(rec.get("raw")):
         return "raw", f"must be a list of strings, got {rec.get('raw')!r:.80}"
-    if "errors" in rec and not str_list(rec["errors"]):
+    if "errors" in rec and not is_str_list(rec["errors"]):
         return "errors", f"must be a list of strings, got {rec['errors']!r:.80}"
     attempts = rec.get("attempts", 0)
     if not isinstance(attempts, int) or isinstance(attempts, bool):
@@ -183,31 +181,15 @@ def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _line_of(path: Path, key: str) -> int | None:
-    """The line of ``path`` that holds the last record of ``key`` (for an error message only)."""
-    found = None
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and obj.get("key") == key:
-                found = lineno
-    return found
-
-
 def cached(cache: JsonlCache, key: str) -> dict[str, Any] | None:
-    """The cache record of ``key`` (None when absent); a record of the wrong shape is a :class:`DataError` naming the
-    cache file and line: it holds a paid answer, so it is neither dropped nor asked again without the user."""
+    """The cache record of ``key`` (None when absent); one of the wrong shape is an error naming the cache file and
+    line (:mod:`data_process.augment.cache_records`)."""
     rec = cache.get(key)
     if rec is None:
         return None
     problem = _record_problem(rec)
     if problem is not None:
-        name, why = problem
-        raise DataError(cache.path, f"line {_line_of(cache.path, key)}", name,
-                        f"{why} (a cache record of the wrong shape; fix or delete that line and rerun)")
+        raise record_error(cache, key, *problem)
     return rec
 
 
