@@ -377,7 +377,7 @@ def test_killed_caption_run_leaves_no_decoding_worker(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "data_process.augment.caption", "--data", str(root), "--out",
                              str(out), "--model", str(model), "--device", "cpu", "--num-workers", "2",
-                             "--batch-size", "4", "--max-new-tokens", "4", "--quiet"],
+                             "--batch-size", "16", "--max-new-tokens", "4", "--quiet"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     workers: set[int] = set()
     try:
