@@ -392,7 +392,8 @@ class EnrichOptions:
 
 # Flags that are no settings (what to read and write, how to run this once); the others are config keys.
 NOT_SETTINGS = ("config", "help", "data", "out", "dry_run", "no_progress", "verbose")
-CONFIG_ONLY = {"prices": Setting(dict), "kinds": Setting(object), "expected_completion_tokens": Setting(int)}
+CONFIG_ONLY = {"prices": Setting(dict), "kinds": Setting(object, nullable=True),  # checked by parse_kinds
+               "expected_completion_tokens": Setting(int)}
 
 
 def config_schema() -> dict[str, Setting]:
