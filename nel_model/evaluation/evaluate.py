@@ -279,7 +279,7 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(results, indent=2))
     else:
         print(f"KB {data.num_entities} entities; tie rule {settings.tie_rule}; candidate rule "
-              f"{settings.candidate_rule if data.candidates is not None else '-'}; scores "
+              f"{settings.candidate_rule if data.candidates is not None else '-'}; encoded {ENCODE_DTYPE}; scores "
               f"{str(settings.score_dtype).replace('torch.', '')} (exact float32 ranks)")
         print(format_table(results))
     return results
