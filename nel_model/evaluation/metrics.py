@@ -11,13 +11,16 @@ side). A tie rule then turns the counts into metrics:
   ``1 + higher + unordered ... 1 + higher + unordered + equal``; MRR and Hits@k are the exact expectations.
 
 A NaN gold score is a miss under every rule (rank 0, reciprocal rank 0) and is counted: ``RankCounts.nan_gold`` per
-query, the ``"nan"`` entry of :func:`metrics_from_counts`. (DIM's code, like ``strict`` here before, ranks a NaN
-gold 1: every comparison with NaN is false, so nothing is "higher".)
+query, the ``"nan"`` entry of :func:`metrics_from_counts`. (DIM's code ranks a NaN gold 1: every comparison with
+NaN is false, so nothing counts as higher.)
 
-The gold's score comes from the same arithmetic as the others' (full KB: the same score matrix; candidate lists:
-one elementwise product-sum over a tensor holding the gold's row and the list's), so an exact duplicate of the gold
-(an identical embedding) ties with it, never above or below it through rounding. Each entity counts once per list:
-a repeated candidate is compared once (its first occurrence), and copies of the gold row never count against it.
+The gold's score comes from the same arithmetic as the others'. Candidate lists: one elementwise product-sum over
+a tensor holding the gold's row and the list's, so an exact duplicate of the gold (an identical embedding) ties
+with it, never above or below it through rounding. Full KB: the gold's column of the same matrix product (twin
+columns have come out identical on the CPUs measured, but that is the BLAS kernel's doing, not a promise; with a
+low-precision ``dtype`` every near-tie is re-scored by one product-sum, so twins do tie). Each entity counts once
+per list: a repeated candidate is compared once (its first occurrence), and copies of the gold row never count
+against it.
 ``found`` False means "gold not ranked" (candidate protocol with the ``in_list`` rule, gold absent from the list):
 a miss under every rule (reciprocal rank 0).
 
@@ -84,7 +87,8 @@ class RankCounts:
         return self.map(lambda t: t.to(device))
 
     def ranks(self, rule: str = "pessimistic") -> torch.Tensor:
-        """Ranks under ``rule`` (0 = not found); ``mean`` gives the expected rank (a float tensor)."""
+        """Ranks under ``rule`` (0 = a miss: gold not found, or its score NaN); ``mean`` gives the expected rank (a
+        float tensor)."""
         check_rule(rule)
         if rule == "pessimistic":
             r = 1 + self.higher + self.equal + self.unordered
