@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label", type=str, default=None, help="run label stored in config.json/results.json")
     add_bool(g, "resume", False, "continue from OUTPUT_DIR/checkpoints/last.pt")
     add_bool(g, "overwrite", False, "allow starting fresh in a non-empty run folder")
+    add_bool(g, "force", False, "with --resume: continue although flags other than the stopping ones differ from "
+             "the run's config.json")
     add_bool(g, "tensorboard", False, "write TensorBoard logs to OUTPUT_DIR/tb/")
 
     g = p.add_argument_group("model")

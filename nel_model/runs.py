@@ -262,6 +262,7 @@ class RankEntry:
     higher: int
     equal: int
     unordered: int
+    nan_gold: bool = False     # the gold's score was NaN: a miss under every tie rule
 
     @property
     def found(self) -> bool:
@@ -304,7 +305,10 @@ def _rank_entry(obj: Any, fail, prefix: str = "") -> RankEntry:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             fail(prefix + key, f"must be a non-negative integer, got {v!r}")
         vals.append(v)
-    return RankEntry(*vals)
+    nan_gold = obj.get("nan_gold", False)
+    if not isinstance(nan_gold, bool):
+        fail(prefix + "nan_gold", f"must be true or false, got {nan_gold!r}")
+    return RankEntry(*vals, nan_gold=nan_gold)
 
 
 def _mention_prediction(obj: Any, fail) -> MentionPrediction:

@@ -169,7 +169,7 @@ def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:
     """Per mention: the ranks under each tie rule and the counts they come from (JSON-ready)."""
     cols = {"rank": counts.ranks("pessimistic"), "rank_strict": counts.ranks("strict"),
             "rank_mean": counts.ranks("mean"), "higher": counts.higher, "equal": counts.equal,
-            "unordered": counts.unordered}
+            "unordered": counts.unordered, "nan_gold": counts.nan_gold}
     lists = {key: t.cpu().tolist() for key, t in cols.items()}
     return [dict(zip(lists, vals)) for vals in zip(*lists.values())]
 

@@ -142,8 +142,10 @@ def counts_of(preds: Predictions, protocol: str, order: list[str] | None = None)
             raise RunError(f"{preds.path}: mention {mid!r} has no '{protocol}' ranks (the dataset has no candidate "
                            "lists?)")
         entries.append(entry)
-    cols = list(zip(*[(e.higher, e.equal, e.unordered, e.found) for e in entries])) or [(), (), (), ()]
-    return RankCounts(*(torch.tensor(c, dtype=torch.long) for c in cols[:3]), torch.tensor(cols[3], dtype=torch.bool))
+    higher, equal, unordered, found, nan_gold = list(zip(*[(e.higher, e.equal, e.unordered, e.found, e.nan_gold)
+                                                            for e in entries])) or [()] * 5
+    return RankCounts(*(torch.tensor(c, dtype=torch.long) for c in (higher, equal, unordered)),
+                      torch.tensor(found, dtype=torch.bool), nan_gold=torch.tensor(nan_gold, dtype=torch.bool))
 
 
 def load_runs(run_dirs: list[str | Path], split: str, protocol: str) -> list[RunPredictions]:

@@ -42,7 +42,7 @@ from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
 from nel_model.training.tfidf_negatives import TfidfNegatives
 from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, ENV_FILE,
-                            METRICS_FILE, RESULTS_FILE, append_metrics, environment, load_checkpoint,
+                            METRICS_FILE, RESULTS_FILE, append_metrics, environment, load_checkpoint, load_config,
                             save_checkpoint, truncate_metrics)
 
 
@@ -132,6 +132,12 @@ def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: 
     """Optimizer steps of one epoch: the epoch plan's global batches (under DDP a last batch smaller than the
     number of processes is dropped: :func:`kept_mentions`) grouped by ``grad_accum``."""
     return math.ceil(math.ceil(kept_mentions(n_train, batch_size, world_size) / batch_size) / grad_accum)
+
+
+# Flags a resumed run may change (``--resume``): how far it runs and how fast, never what it computes.
+RESUME_MAY_CHANGE = frozenset({"epochs", "stop_after_epochs", "stop_after_steps", "resume", "overwrite", "force",
+                               "tensorboard", "threads", "num_workers", "pin_memory", "device", "data_on_device",
+                               "world_size", "compile", "config"})
 
 
 class NonFiniteLoss(FloatingPointError, ValueError):
@@ -234,13 +240,45 @@ class Trainer:
     def _ckpt_dir(self) -> Path:
         return self.out / CHECKPOINTS_DIR
 
+    def run_config(self) -> dict[str, Any]:
+        """What config.json records: every flag as resolved, the resolved paths and the model's configuration."""
+        a = self.args
+        conf = {k: v for k, v in vars(a).items() if k != "given"}
+        conf["features"] = str(Path(a.features).resolve())
+        conf["dataset_resolved"] = str(Path(self.data.dataset).resolve())
+        conf["label"] = a.label or self.out.name
+        conf["world_size"] = self.dist.world_size
+        conf["model_config"] = asdict(self.cfg)
+        conf["data_on_device"] = self.source.on_device
+        conf["selection"] = ":".join(self.select)
+        return conf
+
+    def check_resume_config(self, conf: dict[str, Any]) -> None:
+        """``--resume`` continues the run only with the run's own configuration (config.json): a difference in
+        anything but the stopping and performance flags (:data:`RESUME_MAY_CHANGE`; ``epochs`` may grow) is an
+        error naming the flags, unless ``--force``."""
+        old = load_config(self.out, required=False)
+        if not old or self.args.force:
+            return
+        conf = json.loads(json.dumps(conf))          # as config.json holds it (tuples are lists there)
+        differ = [k for k in sorted(set(old) | set(conf)) if k not in RESUME_MAY_CHANGE and old.get(k) != conf.get(k)]
+        if conf["epochs"] < old.get("epochs", 0):
+            differ.insert(0, "epochs")
+        if differ:
+            shown = ", ".join(f"--{k.replace('_', '-')} {conf.get(k)!r} (the run's: {old.get(k)!r})" for k in differ)
+            raise ValueError(f"{self.out / CONFIG_FILE}: --resume with a configuration other than the run's: {shown}; "
+                             "resume with the run's flags (only the stopping flags may change, and --epochs may "
+                             "grow), or pass --force to continue with the new ones (config.json then records them)")
+
     def start_records(self) -> None:
         a, dist = self.args, self.dist
         last = self._ckpt_dir() / "last.pt"
+        conf = self.run_config()
         if a.resume:
             if not last.is_file():
                 raise FileNotFoundError(f"{last}: --resume given but there is no checkpoint (no epoch of this "
                                         "run finished; start it again with --overwrite)")
+            self.check_resume_config(conf)
             self.load_state(load_checkpoint(last))
             if dist.is_main:
                 truncate_metrics(self.out, self.epoch)
@@ -252,14 +290,6 @@ class Trainer:
             for name in ("best.pt", "last.pt"):
                 (self._ckpt_dir() / name).unlink(missing_ok=True)
         if dist.is_main:
-            conf = dict(vars(a))
-            conf["features"] = str(Path(a.features).resolve())
-            conf["dataset_resolved"] = str(Path(a.dataset).resolve()) if a.dataset else self.data.meta.get("dataset")
-            conf["label"] = a.label or self.out.name
-            conf["world_size"] = dist.world_size
-            conf["model_config"] = asdict(self.cfg)
-            conf["data_on_device"] = self.source.on_device
-            conf["selection"] = ":".join(self.select)
             atomic_write_json(self.out / CONFIG_FILE, conf)
             env_name = ENV_FILE if not a.resume else f"env.resume{self.epoch}.json"
             atomic_write_json(self.out / env_name, environment(self.device, a.seed, dist.world_size))
