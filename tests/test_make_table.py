@@ -179,7 +179,7 @@ def test_published_rows_beside_ours_only_where_comparable(tmp_path, capsys):
 def _demo_like_run(path: Path) -> Path:
     """What scripts/demo.sh writes: the synthetic dataset, 240 KB entities, candidate lists of 10."""
     m = metrics(0.8, 0.7, 0.9, 0.95, 0.99, 1.0, n=340)
-    return write_run(path, "synthetic", "DIM (text+image+caption)", 0, m, candidates=m, kb_entities=240,
+    return write_run(path, "synthetic", "ours (text+image+caption)", 0, m, candidates=m, kb_entities=240,
                      tie_rule="pessimistic", score_dtype="float32",
                      candidate_recall={"dev": {"mean_list_length": 10.0}, "test": {"mean_list_length": 10.0}})
 
@@ -192,7 +192,7 @@ def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, c
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
         assert lines[2:5] == ["| Method | n | synthetic MRR |", "|:---|---:|---:|",
-                              "| DIM (text+image+caption) | 1 | 80.00 |"]
+                              "| ours (text+image+caption) | 1 | 80.00 |"]
         assert "published" not in lines[4] and len(lines) == 5 + 2 + 6
         assert lines[6] == ("- Published results not comparable with these runs (from "
                             f"{ROOT / 'configs' / 'published_results.csv'}):")
