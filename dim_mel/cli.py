@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
     "evaluate": ("nel_model.evaluation.evaluate", "re-evaluate a saved run"),
     "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
+    "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
     # results: tables, plots, analysis of run folders
     "table": ("nel_model.reporting.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
     "plot": ("nel_model.reporting.plots", "training curves and Hits@k plots of run folders"),

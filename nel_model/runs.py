@@ -39,6 +39,7 @@ CHECKPOINTS_DIR = "checkpoints"   # RUN/checkpoints/best.pt and last.pt
 ENTITY_EMBEDDINGS_FILE = "entity_embeddings.npy"   # the best checkpoint's entity embeddings, KB row order
 ENTITY_IDS_FILE = "entity_ids.json"                # the KB ids of those rows
 PREDICTIONS_DIR = "predictions"   # RUN/predictions/<split>.jsonl and <split>.meta.json
+RETRIEVAL_DIR = "retrieval"       # RUN/retrieval/<split>.jsonl: the same lines with the top K (dim-mel retrieve)
 PROTOCOLS = ("full_kb", "candidates")
 METRIC_KEYS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 HITS_KS = (1, 3, 5, 10, 20)
@@ -292,8 +293,8 @@ class Predictions:
     mentions: list[MentionPrediction]
 
 
-def predictions_path(run_dir: str | Path, split: str) -> Path:
-    return Path(run_dir) / PREDICTIONS_DIR / f"{split}.jsonl"
+def predictions_path(run_dir: str | Path, split: str, folder: str = PREDICTIONS_DIR) -> Path:
+    return Path(run_dir) / folder / f"{split}.jsonl"
 
 
 def _rank_entry(obj: Any, fail, prefix: str = "") -> RankEntry:
@@ -329,9 +330,13 @@ def _mention_prediction(obj: Any, fail) -> MentionPrediction:
         candidates=None if cands is None else _rank_entry(cands, fail, "candidates."))
 
 
-def load_predictions(run_dir: str | Path, split: str = "test") -> Predictions:
-    """Read and validate ``RUN/predictions/<split>.jsonl`` (and its ``.meta.json`` when present)."""
-    path = predictions_path(run_dir, split)
+def load_predictions(run_dir: str | Path, split: str = "test", folder: str = PREDICTIONS_DIR) -> Predictions:
+    """Read and validate ``RUN/predictions/<split>.jsonl`` (and its ``.meta.json`` when present); with
+    ``folder=RETRIEVAL_DIR`` the retrieved lists of ``dim-mel retrieve`` (the same format, K entities a line)."""
+    path = predictions_path(run_dir, split, folder)
+    if folder != PREDICTIONS_DIR and not path.is_file():
+        raise RunError(f"{path}: no retrieved lists for split '{split}' (write them with: dim-mel retrieve --run "
+                       f"{run_dir} --split {split})")
     if not path.is_file():
         raise RunError(f"{path}: no predictions for split '{split}' (written by nel_model.train at the end of "
                        f"training; for an older run: python -m nel_model.evaluation.evaluate --run {run_dir} --split {split} "

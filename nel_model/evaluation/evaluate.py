@@ -181,13 +181,13 @@ def _json_score(x: float) -> float | None:
 def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData, source: FeatureSource,
                       counts: dict[str, dict[str, RankCounts]], settings: EvalSettings, device: torch.device,
                       entity_emb: torch.Tensor | None = None, checkpoint: dict[str, Any] | None = None,
-                      top_k: int = PREDICTION_TOP_K) -> list[Path]:
+                      top_k: int = PREDICTION_TOP_K, folder_name: str = PREDICTIONS_DIR) -> list[Path]:
     """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
     ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
     ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists too when the counts carry them (scored
     in the same pass), else they are computed here in float32 (from ``entity_emb``, or entity embeddings encoded
-    here)."""
-    folder = Path(run_dir) / PREDICTIONS_DIR
+    here). ``folder_name`` ``retrieval``: the retrieved lists of ``dim-mel retrieve``."""
+    folder = Path(run_dir) / folder_name
     written = []
     for split, full in counts["full_kb"].items():
         rows = data.splits[split]
@@ -214,7 +214,8 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
             "protocols": sorted(p for p in counts if split in counts[p]),
             "rank_score_dtype": str(settings.score_dtype).replace("torch.", ""), "exact_float32_ranks": True,
             "candidate_rule": settings.candidate_rule if "candidates" in counts else None,
-            "top_k": int(top.shape[1]), "top_score_dtype": "float32", "top_ties": "KB row order"})
+            "top_k": int(top.shape[1]), "top_score_dtype": "float32", "top_ties": "KB row order",
+            "encode_dtype": ENCODE_DTYPE})
         written.append(path)
     return written
 
