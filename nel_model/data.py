@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
-from data_process.core.records import SPLITS, read_mentions
+from data_process.core.records import SPLITS, read_info, read_mentions
 
 # (side.view) -> batch key; masks get "<key>_mask".
 MENTION_VIEWS = ("mention", "sentence", "image", "regions", "profile")
@@ -70,6 +70,12 @@ class MELData:
     @property
     def num_entities(self) -> int:
         return len(self.entity_ids)
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's own name (its ``dataset.json``), whatever the working directory; its folder's name when
+        the folder has no ``dataset.json``."""
+        return read_info(Path(self.dataset).resolve()).name
 
     def view(self, side: str, view: str) -> tuple[np.ndarray, np.ndarray | None]:
         return self.arrays.get(side, view)

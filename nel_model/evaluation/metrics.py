@@ -271,34 +271,46 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
         g_rows = gold[s: s + chunk]
         rows = torch.arange(len(q), device=dev)
         scores = q @ ent.T                                                       # [c,E]
-        g = scores.gather(1, g_rows[:, None])                                    # [c,1]
         if not low:
-            below, higher, clean = epilogue(scores, g)
-            below, higher = below.long(), higher.long()
-            equal = (E - 1) - below - higher                                    # rows without NaN
-            nan_gold = torch.isnan(g[:, 0])
-            for i in (~clean).nonzero().flatten().tolist():                     # rare: count NaN rows exactly
-                row, gi = scores[i], g[i]
-                equal[i] = int((row == gi).sum()) - int(bool(gi == gi))
-        else:
-            diff = scores.float() - g.float()
-            below = (diff < -width).view(torch.uint8).sum(1, dtype=torch.int32).long()
-            higher = (diff > width).view(torch.uint8).sum(1, dtype=torch.int32).long()
-            near = ~((diff < -width) | (diff > width))                          # in the band, or NaN
-            near[rows, g_rows] = False
-            r, c = near.nonzero(as_tuple=True)
-            qc = q32[s: s + chunk]
-            gold_f32 = (qc * e32[g_rows]).sum(-1)
-            b2, h2, e2 = _compare_f32(qc, e32, r, c, gold_f32, len(q))
-            below, higher, equal = below + b2, higher + h2, e2
-            nan_gold = torch.isnan(gold_f32)
+            parts.append(score_counts(scores, g_rows, top_k, epilogue))
+            continue
+        g = scores.gather(1, g_rows[:, None])                                    # [c,1]
+        diff = scores.float() - g.float()
+        below = (diff < -width).view(torch.uint8).sum(1, dtype=torch.int32).long()
+        higher = (diff > width).view(torch.uint8).sum(1, dtype=torch.int32).long()
+        near = ~((diff < -width) | (diff > width))                              # in the band, or NaN
+        near[rows, g_rows] = False
+        r, c = near.nonzero(as_tuple=True)
+        qc = q32[s: s + chunk]
+        gold_f32 = (qc * e32[g_rows]).sum(-1)
+        b2, h2, e2 = _compare_f32(qc, e32, r, c, gold_f32, len(q))
+        below, higher, equal = below + b2, higher + h2, e2
+        nan_gold = torch.isnan(gold_f32)
         unordered = (E - 1) - below - higher - equal
-        top = (None, None)
-        if top_k:
-            top = topk_by_row(scores if not low else q32[s: s + chunk] @ e32.T, top_k)
+        top = topk_by_row(q32[s: s + chunk] @ e32.T, top_k) if top_k else (None, None)
         parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool), *top,
                                 nan_gold=nan_gold))
     return RankCounts.cat(parts) if parts else RankCounts.cat([]).to(dev)
+
+
+def score_counts(scores: torch.Tensor, gold_rows: torch.Tensor, top_k: int = 0,
+                 epilogue: Callable | None = None) -> RankCounts:
+    """:class:`RankCounts` of each row's gold column among all columns of a score matrix ``scores`` [c,E] (float32:
+    the full-KB protocol's chunk, or any other final scores such as a two-stage linker's); with ``top_k``, each
+    row's best columns from the same scores."""
+    E = scores.shape[1]
+    gold_rows = gold_rows.to(scores.device).long()
+    g = scores.gather(1, gold_rows[:, None])                                     # [c,1]
+    below, higher, clean = (epilogue or _epilogue(scores.device))(scores, g)
+    below, higher = below.long(), higher.long()
+    equal = (E - 1) - below - higher                                            # rows without NaN
+    for i in (~clean).nonzero().flatten().tolist():                             # rare: count NaN rows exactly
+        row, gi = scores[i], g[i]
+        equal[i] = int((row == gi).sum()) - int(bool(gi == gi))
+    unordered = (E - 1) - below - higher - equal
+    top = topk_by_row(scores, top_k) if top_k else (None, None)
+    return RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool), *top,
+                      nan_gold=torch.isnan(g[:, 0]))
 
 
 def full_kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, chunk: int = 512,
@@ -317,15 +329,22 @@ def candidate_counts(queries: torch.Tensor, entities: torch.Tensor, candidates: 
     candidate at its first occurrence); copies of the gold row are never counted against it. Scores in float32,
     the gold's and the candidates' by one elementwise product-sum, so an identical embedding gives an identical
     score wherever it stands."""
-    if rule not in CANDIDATE_RULES:
-        raise ValueError(f"unknown candidate rule {rule!r}; expected one of {', '.join(CANDIDATE_RULES)}")
     dev = queries.device
     cands = candidates.to(dev).long()
     gold = gold.to(dev).long()
-    valid = cands >= 0
     rows = torch.cat([gold[:, None], cands.clamp(min=0)], 1)                     # [N,1+C]: the gold, then the list
     prod = entities[rows].float()                                                # [N,1+C,D] (a fresh copy)
-    scores = prod.mul_(queries.float()[:, None, :]).sum(-1)                      # [N,1+C]
+    return list_counts(prod.mul_(queries.float()[:, None, :]).sum(-1), cands, gold, rule)
+
+
+def list_counts(scores: torch.Tensor, candidates: torch.Tensor, gold: torch.Tensor, rule: str = "dim") -> RankCounts:
+    """The candidate protocol's :class:`RankCounts` from scores ``[N,1+C]``: the gold's score first, then its list's
+    entries' (``candidates`` [N,C] entity rows, ``-1`` = padding); the rules of :func:`candidate_counts`."""
+    if rule not in CANDIDATE_RULES:
+        raise ValueError(f"unknown candidate rule {rule!r}; expected one of {', '.join(CANDIDATE_RULES)}")
+    cands = candidates.to(scores.device).long()
+    gold = gold.to(scores.device).long()
+    valid = cands >= 0
     g, scores = scores[:, :1], scores[:, 1:]
     is_gold = cands == gold[:, None]
     others = valid & ~is_gold & ~_repeats(cands)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
-from data_process.core.records import ENTITIES_FILE, read_entities, read_info
+from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
 from nel_model.training.batches import TrainBatches, kept_mentions, make_epoch_plan, make_loader
@@ -120,12 +120,6 @@ def tfidf_table(data) -> TfidfNegatives:
     if missing:
         raise ValueError(f"{data.dataset}/{ENTITIES_FILE}: entity {missing[0]!r} of the feature cache is missing")
     return TfidfNegatives.build([texts[eid] for eid in data.entity_ids])
-
-
-def dataset_name(data) -> str:
-    """The dataset's own name (its ``dataset.json``), whatever the working directory; its folder's name when the
-    folder has no ``dataset.json``."""
-    return read_info(Path(data.dataset).resolve()).name
 
 
 def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: int) -> int:
@@ -484,7 +478,7 @@ class Trainer:
         emb = encode_entities(self.model, self.source, self.device, self.eval_settings)
         counts = evaluate_counts(self.model, self.data, self.source, ["dev", "test"], dist, self.eval_settings,
                                  top_k=PREDICTION_TOP_K, entity_emb=emb)
-        results = {"dataset": dataset_name(self.data), "label": a.label or self.out.name, "seed": a.seed,
+        results = {"dataset": self.data.dataset_name, "label": a.label or self.out.name, "seed": a.seed,
                    "best_epoch": self.best_epoch, "epochs_run": self.epoch, "selection": ":".join(self.select),
                    **results_block(counts, self.data, self.eval_settings)}
         if dist.is_main:
