@@ -159,8 +159,14 @@ class FeatureSource:
     def __init__(self, data: MELData, mention_views: Iterable[str], entity_views: Iterable[str],
                  device: torch.device | None = None, on_device: bool = False, dtype: torch.dtype = torch.float16):
         self.data = data
-        self.mention_views = tuple(v for v in mention_views if v in data.mention_views)
-        self.entity_views = tuple(v for v in entity_views if v in data.entity_views)
+        self.mention_views, self.entity_views = tuple(mention_views), tuple(entity_views)
+        for side, views, have in (("mention", self.mention_views, data.mention_views),
+                                  ("entity", self.entity_views, data.entity_views)):
+            missing = [v for v in views if v not in have]
+            if missing:
+                raise ValueError(f"{data.root}: the feature cache has no {side} view {missing[0]!r}, which the model "
+                                 f"uses (views here: {', '.join(have) or 'none'}); encode it with the feature step, "
+                                 "or pass the features the run was trained on")
         self.on_device = on_device
         self.device = device
         self._tensors: dict[str, torch.Tensor] = {}

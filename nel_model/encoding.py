@@ -15,7 +15,7 @@ import torch
 
 from nel_model.data import FeatureSource
 from nel_model.nel import DIM, DIMConfig
-from nel_model.runs import CHECKPOINTS_DIR
+from nel_model.runs import CHECKPOINTS_DIR, load_checkpoint
 
 
 ENCODE_DTYPE = "float32"
@@ -69,10 +69,7 @@ def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
-    path = Path(run) / CHECKPOINTS_DIR / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (did training finish an epoch?)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(Path(run) / CHECKPOINTS_DIR / f"{checkpoint}.pt")
     cfg = DIMConfig(**{**ckpt["model_config"], "profile_rows": tuple(ckpt["model_config"]["profile_rows"]),
                        "profile_use": tuple(ckpt["model_config"]["profile_use"])})
     model = DIM(cfg)

@@ -426,10 +426,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file; a truncated or corrupt one is a :class:`RunError` naming it."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{path}: checkpoint not found (did training finish an epoch?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, ValueError, OSError, ImportError, AttributeError) as exc:
+        raise RunError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); truncated or "
+                       "corrupt: train again, or --resume from the other checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - pickle raises many types for a damaged file
+        raise RunError(f"{path}: unreadable checkpoint ({type(exc).__name__}); truncated or corrupt") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise RunError(f"{path}: not a checkpoint of this toolkit (no model state and configuration)")
+    return ckpt
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

@@ -191,3 +191,51 @@ def test_predictions_reader_names_file_line_and_field(tmp_path):
     (tmp_path / "predictions" / "test.meta.json").write_text('{"n": 3}')
     with pytest.raises(RunError, match="field 'n' says 3 mentions but .* has 1 lines"):
         load_predictions(tmp_path, "test")
+
+
+def test_model_side_faults_are_one_error_line(trained_run, tmp_path, capsys, monkeypatch):
+    """A truncated checkpoint, a cache without a view the model uses, a CUDA device the machine lacks and a full disk
+    while training: each one line naming what failed, exit status 2, no traceback (docs/RELIABILITY.md)."""
+    import errno
+    import shutil
+
+    from data_process.core.entry import run_main
+
+    feat, out = trained_run
+
+    def fails(main, argv):
+        with pytest.raises(SystemExit) as ex:
+            run_main(main, argv)
+        err = capsys.readouterr().err
+        assert ex.value.code == 2 and "Traceback" not in err
+        return err.splitlines()[0]
+
+    cut = tmp_path / "cut_run"
+    shutil.copytree(out, cut)
+    best = cut / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    assert fails(ev.main, ["--run", str(cut)]).startswith(f"error: {best}: unreadable checkpoint")
+
+    thin = tmp_path / "thin_feat"
+    shutil.copytree(feat, thin)
+    meta = json.loads((thin / "meta.json").read_text())
+    for name in [k for k in meta["views"] if k == "mention.regions"]:
+        del meta["views"][name]
+    (thin / "meta.json").write_text(json.dumps(meta))
+    for f in thin.glob("mention.regions*"):
+        f.unlink()
+    line = fails(ev.main, ["--run", str(out), "--features", str(thin)])
+    assert line.startswith(f"error: {thin}: the feature cache has no mention view 'regions', which the model uses")
+
+    assert fails(ev.main, ["--run", str(out), "--device", "cuda:7"]) == \
+        "error: --device cuda:7: CUDA is not available on this machine (use --device cpu or auto)"
+
+    from nel_model.training import loop
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loop, "atomic_write_json", full_disk)
+    line = fails(loop.command, ["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(feat),
+                                "--output-dir", str(tmp_path / "full"), "--epochs", "1"])
+    assert line.startswith(f"error: {tmp_path / 'full' / 'config.json'}: no space left on device")

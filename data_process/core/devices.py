@@ -18,10 +18,16 @@ def resolve_device(spec: str | torch.device | None = "auto", local_rank: int = 0
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
         if spec == "cuda":
             return torch.device("cuda", local_rank)
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cpu_threads(num_workers: int) -> int:
