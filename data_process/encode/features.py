@@ -332,14 +332,24 @@ def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: 
             for name, (s, x) in inputs.items()}
 
 
-def _write_text_view(store: FeatureStore, job: _Job, n: int, batch_size: int,
-                     encode: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]) -> None:
-    w = store.writer(job.side, job.view, n, job.row_shape, job.mask_shape, job.fingerprint)
+def length_order(texts: Sequence[Sequence[str | None]]) -> np.ndarray:
+    """Rows by the total length of their texts (stable): batches of similar length pad little, and one long
+    noisy text pads only its own batch."""
+    return np.argsort([sum(len(t) for t in row if t) for row in texts], kind="stable")
+
+
+def _write_text_view(store: FeatureStore, job: _Job, texts: Sequence[Sequence[str | None]], batch_size: int,
+                     encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """Encode a text view in batches of rows sorted by length (:func:`length_order`), each written at its own row;
+    resumable by positions in that order. ``texts[i]``: the texts of row ``i``; ``encode(rows)``: their features."""
+    n = len(texts)
+    order = length_order(texts)
+    w = store.writer(job.side, job.view, n, job.row_shape, job.mask_shape, job.fingerprint, order=order)
     if w.start_row:
         log.info("%s: resuming at row %d of %d", job.name, w.start_row, n)
     for start in tqdm(range(w.start_row, n, batch_size), desc=job.name, unit="batch", leave=False):
         end = min(n, start + batch_size)
-        data, mask = encode(start, end)
+        data, mask = encode(order[start:end])
         w.write(start, data, mask)
     w.commit(job.info)
 
@@ -439,7 +449,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         prepared = [prepare_import(spec, ms if spec.side == "mention" else es,
                                    m_ids if spec.side == "mention" else e_ids, max_len, hasher) for spec in imports]
     fresh = [imp for imp in prepared if force or not store.has(imp.spec.side, imp.spec.view.split(".")[1],
-                                                                 fingerprint=imp.fingerprint)]
+                                                                 fingerprint=imp.fingerprint, verify=True)]
     summary: dict[str, Any] = {"written": [], "skipped": [imp.spec.view for imp in prepared if imp not in fresh],
                                "imported": [imp.spec.view for imp in fresh], "images": {}}
     base_meta: dict[str, Any] = {"dataset": str(data)}
@@ -449,7 +459,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
                             _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
-        todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
+        todo = [name for name, fp in fps.items()
+                if force or not store.has(*name.split("."), fingerprint=fp, verify=True)]
         summary["written"] = todo
         summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
         base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
@@ -517,31 +528,35 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     if "mention.regions" in jobs:
         jobs["mention.regions"].info["regions"] = provenance
 
-    def pooled(texts: list[str]) -> Callable[[int, int], tuple[np.ndarray, None]]:
-        return lambda a, b: (text_enc.encode_pooled(texts[a:b]), None)
+    def pooled(texts: list[str]) -> Callable[[np.ndarray], tuple[np.ndarray, None]]:
+        return lambda rows: (text_enc.encode_pooled([texts[i] for i in rows]), None)
 
-    def sentence(a: int, b: int):
-        f = text_enc.encode([m.sentence for m in ms[a:b]])
+    def sentence(rows: np.ndarray):
+        f = text_enc.encode([ms[i].sentence for i in rows])
         return f.tokens, f.mask
 
-    def m_profile(a: int, b: int):
-        flat, mask = _pooled_or_zero([t for m in ms[a:b] for t in profile_texts(m)], text_enc)
-        return flat.reshape(b - a, K, dt), mask.reshape(b - a, K)
+    def m_profile(rows: np.ndarray):
+        flat, mask = _pooled_or_zero([t for i in rows for t in m_profiles[i]], text_enc)
+        return flat.reshape(len(rows), K, dt), mask.reshape(len(rows), K)
 
-    def e_profile(a: int, b: int):
-        return _pooled_or_zero([entity_profile_text(e) for e in es[a:b]], text_enc)
+    def e_profile(rows: np.ndarray):
+        return _pooled_or_zero([e_profiles[i] for i in rows], text_enc)
 
-    text_views = {
-        "mention.mention": (len(ms), pooled([m.mention for m in ms])),
-        "mention.sentence": (len(ms), sentence),
-        "mention.profile": (len(ms), m_profile),
-        "entity.desc": (len(es), pooled([e.text() for e in es])),
-        "entity.profile": (len(es), e_profile),
+    mentions, sentences = [m.mention for m in ms], [m.sentence for m in ms]
+    descs = [e.text() for e in es]
+    m_profiles = [profile_texts(m) for m in ms]
+    e_profiles = [entity_profile_text(e) for e in es]
+    text_views = {  # view: (the texts of each row, their encoder)
+        "mention.mention": ([[t] for t in mentions], pooled(mentions)),
+        "mention.sentence": ([[t] for t in sentences], sentence),
+        "mention.profile": (m_profiles, m_profile),
+        "entity.desc": ([[t] for t in descs], pooled(descs)),
+        "entity.profile": ([[t] for t in e_profiles], e_profile),
     }
     with tqdm(total=len(todo), desc="views", unit="view", disable=not progress) as bar:
-        for name, (n, fn) in text_views.items():
+        for name, (texts, fn) in text_views.items():
             if name in jobs:
-                _write_text_view(store, jobs[name], n, batch_size, fn)
+                _write_text_view(store, jobs[name], texts, batch_size, fn)
                 bar.update(1)
         m_jobs = [jobs[n] for n in ("mention.image", "mention.regions") if n in jobs]
         if m_jobs:
