@@ -4,7 +4,6 @@ aspect-ratio bombs, every expected failure as one ``error:`` line; and the lengt
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -21,22 +20,9 @@ from data_process.core.fingerprints import UNREADABLE, ImageHasher
 from data_process.core.images import ImagePreprocess, decode_image
 from data_process.core.records import load_dataset, save_dataset
 from data_process.encode.encoders import TextEncoder
-from data_process.encode.feature_store import CacheError, FeatureStore, ViewWriter
-from data_process.encode.features import FeatureSettings, build_features
-from data_process.fixtures.synthetic import SyntheticConfig, generate
-from data_process.fixtures.tiny_models.clip import save_tiny_clip
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    data = generate(root / "data", SyntheticConfig(entities=12, mentions=40, seed=3, image_size=32), progress=False)
-    clip = save_tiny_clip(root / "clip", seed=0, image_size=32)
-    return data, clip
-
-
-def _settings(clip) -> FeatureSettings:
-    return FeatureSettings(clip=str(clip), max_len=12, region_grid=2)
+from data_process.encode.feature_store import CacheError, FeatureStore
+from data_process.encode.features import build_features
+from tests.test_features import _arrays, _settings, assets, kill_after_first_write, spy_resume  # noqa: F401
 
 
 def _build(data, out, clip, **kw):
@@ -50,10 +36,6 @@ def built(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("built") / "f"
     _build(data, out, clip)
     return out
-
-
-def _arrays(out: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.load(p) for p in sorted(out.glob("*.npy"))}
 
 
 def _same_as_built(out: Path, built: Path) -> None:
@@ -122,39 +104,12 @@ def test_non_finite_features_are_refused_at_commit_naming_view_and_row(assets, t
     assert not (tmp_path / "f" / "mention.mention.npy").exists()
 
 
-def _kill_after_first_write(monkeypatch, victim: str):
-    real_write = ViewWriter.write
-    calls = {"n": 0}
-
-    def dying_write(self, start, rows, mask=None):
-        if self.name == victim:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt("simulated kill")
-        return real_write(self, start, rows, mask)
-
-    monkeypatch.setattr(ViewWriter, "write", dying_write)
-    return real_write
-
-
-def _spy_resume(monkeypatch, real_write, victim: str) -> list[int]:
-    starts: list[int] = []
-
-    def spy(self, start, rows, mask=None):
-        if self.name == victim:
-            starts.append(start)
-        return real_write(self, start, rows, mask)
-
-    monkeypatch.setattr(ViewWriter, "write", spy)
-    return starts
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip", "bad_progress_json"])
 def test_a_damaged_partial_view_restarts_instead_of_resuming(built, assets, tmp_path, monkeypatch, damage):
     data, clip = assets
     out = tmp_path / "f"
     victim = "mention.sentence"
-    real_write = _kill_after_first_write(monkeypatch, victim)
+    real_write = kill_after_first_write(monkeypatch, victim)
     with pytest.raises(KeyboardInterrupt):
         _build(data, out, clip)
     partial = out / f"{victim}.npy.partial"
@@ -162,15 +117,14 @@ def test_a_damaged_partial_view_restarts_instead_of_resuming(built, assets, tmp_
         with open(partial, "r+b") as fh:
             fh.truncate(partial.stat().st_size // 2)
     elif damage == "flip":
-        done = FeatureStore(out)
         order = features.length_order([[m.sentence] for m in load_dataset(data).mentions])
         arr = np.load(partial, mmap_mode="r+")
         arr[order[0]] = 0  # a row marked done, zeroed: the size is right, the checksum is not
         arr.flush()
-        del arr, done
+        del arr
     else:
         (out / f"{victim}.progress.json").write_text('{"rows_done": 16, "finger')
-    starts = _spy_resume(monkeypatch, real_write, victim)
+    starts = spy_resume(monkeypatch, real_write, victim)
     summary = _build(data, out, clip)
     assert starts[0] == 0 and victim in summary["written"]
     _same_as_built(out, built)
@@ -179,10 +133,10 @@ def test_a_damaged_partial_view_restarts_instead_of_resuming(built, assets, tmp_
 def test_an_intact_partial_view_still_resumes(built, assets, tmp_path, monkeypatch):
     data, clip = assets
     out = tmp_path / "f"
-    real_write = _kill_after_first_write(monkeypatch, "mention.profile")
+    real_write = kill_after_first_write(monkeypatch, "mention.profile")
     with pytest.raises(KeyboardInterrupt):
         _build(data, out, clip)
-    starts = _spy_resume(monkeypatch, real_write, "mention.profile")
+    starts = spy_resume(monkeypatch, real_write, "mention.profile")
     _build(data, out, clip)
     assert starts[0] == 16
     _same_as_built(out, built)

@@ -43,8 +43,9 @@ class ImageHasher:
 
     ``sha256(path)`` returns the hex digest, :data:`MISSING` when the file does not exist, or :data:`UNREADABLE`
     for what is not a regular file (a FIFO, a device, a directory, a path with a NUL byte: never opened, so never
-    a hang); an unreadable directory entry raises ``OSError``. New hashes are kept in memory and, with ``cache_path``, appended to that
-    file by :meth:`flush` (called by :meth:`hash_all` and on close), one fsync for many hashes.
+    a hang); an unreadable directory entry raises ``OSError``. New hashes are kept in memory and, with
+    ``cache_path``, appended to that file by :meth:`flush` (called by :meth:`hash_all` and on close), one fsync for
+    many hashes.
     """
 
     def __init__(self, cache_path: str | Path | None = None):

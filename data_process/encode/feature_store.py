@@ -26,10 +26,14 @@ entity     image         [Di]           first entity image (mask: image present)
 entity     profile       [Dt]           LLM enrichment of the entity (mask: present)
 =========  ============  =============  ==================================================
 
-A view is written through :class:`ViewWriter` in row chunks into ``<name>.npy.partial``; after each
-chunk the number of finished rows is saved atomically, so a killed run resumes at the first
-unfinished chunk. ``commit`` renames the finished file into place. A view whose fingerprint (encoder
-+ inputs) matches ``meta.json`` is skipped on re-runs.
+A view is written through :class:`ViewWriter` in row chunks into ``<name>.npy.partial`` (blocks preallocated: a
+full disk is an ``OSError`` at creation, not a SIGBUS later); after each chunk the number of finished rows and a
+checksum of them are saved atomically, so a killed run resumes at the first unfinished chunk, and a ``.partial``
+truncated or altered since starts again. ``commit`` refuses NaN / inf values (naming view and row), renames the
+finished files into place and records each file's size and SHA-256 in ``meta.json`` (``views[name]["files"]``).
+A view whose fingerprint (encoder + inputs) matches ``meta.json`` is skipped on re-runs when its files verify
+(:meth:`FeatureStore.verify`: sizes and content hash); :meth:`FeatureStore.load` always checks the sizes (a
+truncated file is a :class:`CacheError` naming it) and, with ``mmap=False``, that every value is finite.
 """
 
 from __future__ import annotations

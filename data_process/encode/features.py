@@ -20,11 +20,14 @@ instead of encoding them (:mod:`data_process.encode.precomputed`; without ``--cl
 
 Each view's fingerprint is ``stable_hash(encoder id, settings, the exact inputs)`` (an image input is its path and
 content hash, ``data_process.core.fingerprints``); a re-run skips views whose fingerprint matches ``meta.json`` (no model is even loaded when nothing changed) and re-encodes only the changed
-ones (e.g. ``mention.profile`` after captions were added). A killed run resumes inside the view it was writing.
+ones (e.g. ``mention.profile`` after captions were added); a view whose files are truncated or altered since (size
+and content hash in ``meta.json``) is encoded again. A killed run resumes inside the view it was writing. Text
+views are batched over the whole view sorted by length (:func:`length_order`; rows are written in row order).
 
-Images are decoded in DataLoader worker processes. A missing or unreadable image never stops the run: it is
-counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first ids),
-and gets a zero feature with mask False.
+Images are decoded in DataLoader worker processes. An image name that leads outside the dataset folder (absolute,
+``../``, a symlink out) is refused, a FIFO or device is never opened. A missing or unreadable image never stops the
+run: it is counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first
+ids, with the reason), and gets a zero feature with mask False.
 
 For linking new mentions outside the cache (``nel_model/predict.py``) use :func:`load_encoders_from_meta` and
 :func:`encode_mention_views`.
@@ -525,7 +528,8 @@ def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int,
 
 def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
                   encoders: tuple[TextEncoder, ImageEncoder], m_images: tuple[list[Path | None], dict[int, str]],
-                  m_shas: list[str | None], e_images: tuple[list[Path | None], dict[int, str]], boxes_file, batch_size: int, num_workers: int, device: str,
+                  m_shas: list[str | None], e_images: tuple[list[Path | None], dict[int, str]], boxes_file,
+                  batch_size: int, num_workers: int, device: str,
                   progress: bool, detector_batch_size: int, summary: dict[str, Any]) -> None:
     """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time).
     ``m_images`` / ``e_images``: the image paths of each side and the rows whose name was refused (why)."""
