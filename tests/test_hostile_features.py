@@ -70,7 +70,7 @@ def test_truncated_committed_view_is_an_error_on_open_and_reencoded_on_rerun(bui
     _same_as_built(out, built)
 
 
-def test_flipped_bytes_are_caught_by_the_content_hash_and_nan_named_by_row(built, assets, tmp_path):
+def test_flipped_bytes_are_caught_by_the_content_hash_and_nan_named_by_row(built, assets, tmp_path, monkeypatch):
     data, clip = assets
     out = tmp_path / "f"
     shutil.copytree(built, out)
@@ -81,8 +81,11 @@ def test_flipped_bytes_are_caught_by_the_content_hash_and_nan_named_by_row(built
     del arr
     assert "altered" in store.verify("entity.desc")
     eid = store.ids("entity")[5]
-    with pytest.raises(CacheError, match=rf"entity\.desc\.npy, row 5 \(id {eid}\): NaN or infinite"):
-        store.load("entity", "desc", mmap=False)
+    for mmap in (False, True):  # a small view is checked on a memory-mapped open too
+        with pytest.raises(CacheError, match=rf"entity\.desc\.npy, row 5 \(id {eid}\): NaN or infinite"):
+            store.load("entity", "desc", mmap=mmap)
+    monkeypatch.setattr(fs, "NAN_CHECK_BYTES", 0)  # a large one is not read on a memory-mapped open
+    assert store.load("entity", "desc", mmap=True).data.shape[0] == len(store.ids("entity"))
     summary = _build(data, out, clip)
     assert summary["written"] == ["entity.desc"]
     _same_as_built(out, built)

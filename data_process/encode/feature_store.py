@@ -56,6 +56,7 @@ from data_process.core.safe_paths import open_regular_file
 
 log = logging.getLogger(__name__)
 CHECKSUM_MOD = 1 << 64
+NAN_CHECK_BYTES = 64 << 20  # FeatureStore.load checks every value of a memory-mapped view up to this size
 
 SIDES = ("mention", "entity")
 PROFILE_ROWS = ("enrichment", "caption")  # rows of mention.profile, in cache order (meta.json records them too)
@@ -378,8 +379,10 @@ class FeatureStore:
 
     def load(self, side: str, view: str, mmap: bool = True) -> View:
         """Open a committed view. Its file sizes are always checked (:meth:`size_problem`: a truncated file is a
-        :class:`CacheError` naming it); ``mmap=False`` reads the data whole, and then every value is checked to be
-        finite too (a memory-mapped open does not read the data: :meth:`verify` does, the feature step runs it)."""
+        :class:`CacheError` naming it). Every value is checked to be finite (a :class:`CacheError` naming view and
+        row) when the data is read whole (``mmap=False``) or is at most :data:`NAN_CHECK_BYTES`; a larger
+        memory-mapped view is not read on open (its content hash, checked by every rerun of the feature step,
+        vouches for the values checked at commit)."""
         name = _name(side, view)
         path = self.root / f"{name}.npy"
         if not path.exists():
@@ -389,7 +392,7 @@ class FeatureStore:
             raise CacheError(f"{problem} (rerun the feature step: it encodes the view again)")
         mode = "r" if mmap else None
         data = np.load(path, mmap_mode=mode)
-        if not mmap:
+        if not mmap or data.nbytes <= NAN_CHECK_BYTES:
             bad = first_nonfinite_row(data)
             if bad is not None:
                 raise CacheError(f"{path}, row {bad}{self.row_id(name, bad)}: NaN or infinite values in view "
