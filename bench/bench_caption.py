@@ -43,7 +43,7 @@ from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
 from data_process.fixtures.tiny_models.blip2 import build_tiny_tokenizer
-from nel_model.run_records import cpu_model
+from nel_model.runs import cpu_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -4,11 +4,11 @@ Every case times our code path and a naive reference side by side, in the same p
 and reports the speed-up as a ratio of the two measurements:
 
 * ``eval``: full-KB ranking of N mentions against E entities (d = 512) with
-  :func:`nel_model.metrics.full_kb_ranks` (chunked matmul + rank on the device) and chunked ``torch.topk`` (the
+  :func:`nel_model.evaluation.metrics.full_kb_ranks` (chunked matmul + rank on the device) and chunked ``torch.topk`` (the
   predictions path), their achieved TFLOP/s (2·N·E·d / time) against two matrix-product ceilings measured in the
   same run (a large square product and the same ``[chunk, d] x [d, E]`` shape alone, same dtype); the entity
-  embedding step (:func:`nel_model.evaluate.encode_entities`, ``DIM.encode_entities`` in chunks); the faiss
-  index (:class:`nel_model.faiss_index.KBIndex`, ivf and hnsw) query time and recall@20 against exact search.
+  embedding step (:func:`nel_model.encoding.encode_entities`, ``DIM.encode_entities`` in chunks); the faiss
+  index (:class:`nel_model.evaluation.faiss_index.KBIndex`, ivf and hnsw) query time and recall@20 against exact search.
   Naive references: a per-mention Python loop in fp32 (``scores = E @ q; rank = (scores > gold).sum()``) timed on
   a subset of the mentions and extrapolated linearly (the JSON says so), and a per-entity Dataset + default collate
   fp32 KB encode.
@@ -49,7 +49,7 @@ import torch
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from data_process.fixtures.synthetic_features import write_synthetic
 from data_process.core.devices import resolve_device
-from nel_model.run_records import cpu_model
+from nel_model.runs import cpu_model
 
 # Sizes per scale. Feature dims are the full ones at every scale (text/image 512, 32 sentence tokens, 9 regions).
 SCALES: dict[str, dict[str, Any]] = {
@@ -232,8 +232,9 @@ def matmul_tflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
 
 def eval_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[str, Any]:
     from nel_model.data import FeatureSource, load_mel_data
-    from nel_model.evaluate import EvalSettings, encode_entities
-    from nel_model.metrics import full_kb_counts, full_kb_ranks
+    from nel_model.encoding import encode_entities
+    from nel_model.evaluation.evaluate import EvalSettings
+    from nel_model.evaluation.metrics import full_kb_counts, full_kb_ranks
     from nel_model.nel import DIM, DIMConfig
 
     cuda = device.type == "cuda"
@@ -286,16 +287,15 @@ def eval_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[
         data = load_mel_data(feat)
         cfg = DIMConfig(text_dim=DIM_T, image_dim=DIM_I)
         model = DIM(cfg).to(device)
-        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         on_dev = cuda and FeatureSource(data, cfg.mention_views(), cfg.entity_views()).nbytes() < 0.5 * torch.cuda.mem_get_info(device)[0]
         src = FeatureSource(data, (), cfg.entity_views(), device, on_device=on_dev)
-        settings = EvalSettings(amp_dtype=amp)
+        settings = EvalSettings()      # evaluation encodes in float32, without autocast (nel_model.encoding)
         enc = bench(lambda: encode_entities(model, src, device, settings), device, reps)
         nsub = min(E, sc["naive_encode_max"])
         nenc = bench(lambda: naive_encode_kb(model, data, cfg.entity_views(), device, np.arange(nsub)), device, 1)
         naive_enc = nenc["median_s"] * E / nsub
         row["encode_entities"] = {"ours_s": enc["median_s"], "entities_per_s": E / enc["median_s"],
-                                  "features_on_device": on_dev, "amp": str(amp),
+                                  "features_on_device": on_dev, "encode_dtype": "float32",
                                   "naive_s": naive_enc, "naive_measured_entities": nsub,
                                   "naive_extrapolated": nsub < E, "speedup": naive_enc / enc["median_s"]}
         del src, data, model
@@ -309,7 +309,7 @@ def eval_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[
 
 def faiss_case(q: torch.Tensor, ent: torch.Tensor, sc: dict[str, Any], reps: int) -> dict[str, Any]:
     """KBIndex ivf/hnsw on the CPU (what a CPU user would run): build time, query time, recall@20 vs exact."""
-    from nel_model.faiss_index import IndexSettings, KBIndex, recall_vs_exact
+    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, recall_vs_exact
 
     E = len(ent)
     nq = min(len(q), sc["faiss_n"])
@@ -340,11 +340,11 @@ def faiss_case(q: torch.Tensor, ent: torch.Tensor, sc: dict[str, Any], reps: int
 def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[str, Any]:
     from nel_model import distributed as D
     from nel_model.args import parse_args
-    from nel_model.batches import make_epoch_plan
-    from nel_model.evaluate import encode_entities
+    from nel_model.training.batches import make_epoch_plan
+    from nel_model.encoding import encode_entities
     from nel_model.losses import triplet_loss_sum
     from nel_model.nel import DIM, config_from_args
-    from nel_model.train import Trainer, make_optimizer
+    from nel_model.training.loop import Trainer, make_optimizer
 
     n_train, E, batch, reps = sc["train_mentions"], sc["train_kb"], sc["batch"], sc["repeats"]
     log(f"train: writing a {n_train}-mention / {E}-entity feature cache")
@@ -438,7 +438,7 @@ def step_phases(trainer, rows: np.ndarray, device: torch.device) -> dict[str, fl
     """Milliseconds a step spends gathering the batch, in the forward pass, the loss, the backward pass and the
     optimizer step (clipping, AdamW, scheduler), each bracketed by a device synchronisation; ``overhead`` is
     everything but forward and backward."""
-    from nel_model.batches import TrainBatches, make_epoch_plan, make_loader
+    from nel_model.training.batches import TrainBatches, make_epoch_plan, make_loader
     from nel_model.data import to_device
     from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 

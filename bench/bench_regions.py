@@ -45,7 +45,7 @@ from data_process.core.images import iter_decoded
 from data_process.encode.detector import DetectionSettings, Detector, detect_all
 from data_process.encode.encoders import ImageEncoder
 from data_process.encode.regions import CropStats, PrepareCrops, encode_crop_batch, select_boxes
-from nel_model.run_records import cpu_model
+from nel_model.runs import cpu_model
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> list[Path]:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nel_model.run_records import cpu_model
+from nel_model.runs import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 COLS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
@@ -150,7 +150,7 @@ def _norm(x) -> torch.Tensor:
 
 def protocol_metrics(q: torch.Tensor, ent: torch.Tensor, data, rows: np.ndarray) -> dict[str, Any]:
     """Test metrics of query vectors under both protocols and tie rules (the same functions training uses)."""
-    from nel_model.metrics import candidate_counts, full_kb_counts, metrics_from_counts
+    from nel_model.evaluation.metrics import candidate_counts, full_kb_counts, metrics_from_counts
 
     gold = torch.from_numpy(data.gold[rows])
     full = full_kb_counts(q, ent, gold, chunk=512)
@@ -167,8 +167,8 @@ def zero_shot(feats: Path, config: Path, context_max_len: int) -> dict[str, Any]
     from nel_model import distributed as D
     from nel_model.args import parse_args
     from nel_model.data import FeatureSource, load_mel_data
-    from nel_model.evaluate import EvalSettings, split_counts
-    from nel_model.metrics import full_kb_counts
+    from nel_model.evaluation.evaluate import EvalSettings, split_counts
+    from nel_model.evaluation.metrics import full_kb_counts
     from nel_model.nel import DIM, config_from_args
 
     data = load_mel_data(feats)

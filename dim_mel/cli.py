@@ -21,12 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("data_process.encode.features", "encode a unified dataset into a feature cache"),
     # model: train, evaluate, link
     "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
-    "evaluate": ("nel_model.evaluate", "re-evaluate a saved run"),
-    "predict": ("nel_model.predict", "link one mention (or a JSONL batch) with a trained run"),
+    "evaluate": ("nel_model.evaluation.evaluate", "re-evaluate a saved run"),
+    "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
+    "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
     # results: tables, plots, analysis of run folders
-    "table": ("nel_model.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
-    "plot": ("nel_model.plots", "training curves and Hits@k plots of run folders"),
-    "analyze": ("nel_model.analyze", "error analysis of a run's predictions (and a second run beside it)"),
+    "table": ("nel_model.reporting.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
+    "plot": ("nel_model.reporting.plots", "training curves and Hits@k plots of run folders"),
+    "analyze": ("nel_model.reporting.analyze", "error analysis of a run's predictions (and a second run beside it)"),
     "ablations": ("nel_model.ablations", "run the standard ablations and write their table"),
 }
 

@@ -7,7 +7,7 @@ Each (ablation, seed) is one ``python -m nel_model.train`` run in ``OUT/<ablatio
 the ablation's label; its output goes to ``OUT/logs/<ablation>_s<seed>.log``. Finished runs (results.json present)
 are reused, interrupted ones are resumed (``--resume``), so re-running the command continues where it stopped.
 An ablation whose views the feature cache lacks (no image, no caption row, no enrichment) is *not run*: it appears
-as a skipped row with the reason. The table is written to ``OUT/ablations.{md,csv,tex}`` (see ``nel_model.tables``).
+as a skipped row with the reason. The table is written to ``OUT/ablations.{md,csv,tex}`` (see ``nel_model.reporting.tables``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
-from nel_model import tables as mt
-from nel_model.run_io import PROTOCOLS, RESULTS_FILE, RunError, load_run
+from nel_model.reporting import tables as mt
+from nel_model.runs import CHECKPOINTS_DIR, PROTOCOLS, RESULTS_FILE, RunError, load_run
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def train_command(ab: Ablation, seed: int, run_dir: Path, args: argparse.Namespa
     cmd += ["--features", str(args.features), "--output_dir", str(run_dir), "--seed", str(seed),
             "--label", ab.label, *ab.flags]
     forced = getattr(args, "force", False) and (run_dir / RESULTS_FILE).is_file()  # re-train, do not resume
-    if (run_dir / "checkpoints" / "last.pt").is_file() and not forced:
+    if (run_dir / CHECKPOINTS_DIR / "last.pt").is_file() and not forced:
         cmd.append("--resume")
     elif run_dir.exists() and any(run_dir.iterdir()):
         cmd.append("--overwrite")
@@ -134,7 +136,8 @@ def run_ablations(args: argparse.Namespace, extra: list[str], log=print) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Run the standard ablations (same seeds) and write the ablation table. "
+    p = ToolkitParser(prog="dim-mel ablations",
+                      description="Run the standard ablations (same seeds) and write the ablation table. "
                                             "Flags after '--' go to nel_model.train unchanged.")
     p.add_argument("--config", help="train config YAML (e.g. configs/synthetic.yaml)")
     p.add_argument("--features", required=True, help="feature folder (data_process.encode.features)")
@@ -144,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb")
     p.add_argument("--split", default="test")
     mt.add_paper_argument(p)
-    p.add_argument("--force", action="store_true", help="re-train runs that already have results.json")
-    p.add_argument("--dry_run", action="store_true", help="print the train commands, run nothing")
+    add_bool(p, "force", False, "re-train runs that already have results.json")
+    add_bool(p, "dry_run", False, "print the train commands, run nothing")
     p.add_argument("--train_module", default="nel_model.train", help=argparse.SUPPRESS)
     return p
 
@@ -165,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

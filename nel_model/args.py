@@ -1,27 +1,46 @@
-"""Command-line flags of ``nel_model.train`` (and the settings ``nel_model.evaluate`` reloads).
+"""Command-line flags of ``nel_model.train`` (and the settings ``nel_model.evaluation.evaluate`` reloads).
 
-Precedence: argparse defaults < ``--config FILE.yaml`` < explicit CLI flags. The config file is parsed first,
-its keys (flag names without dashes, e.g. ``batch_size: 64``) become parser defaults, then the command line is
-parsed again. Unknown keys in a config file are an error naming the file and key.
+Precedence: argparse defaults < ``--config FILE.yaml`` < explicit flags. A config file's keys are the flag names with
+underscores (``batch_size: 64``, ``residual: false``); it may start from another file (``base: base.yaml``). The
+file is checked by :func:`data_process.core.settings.load_settings`: an unknown key, a wrong type or a value outside
+the choices is an error naming the file and the key. Flags are spelled with dashes (``--batch-size``; the
+underscore spelling works too) and every boolean has both forms (``--residual`` / ``--no-residual``), so every
+config value can be overridden on the command line.
+
+:func:`parse_args` also checks how the flags go together: a flag that has no effect under the chosen settings (a
+triplet margin with InfoNCE) is a warning naming it; contradictory flags are an error.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 from typing import Any, Sequence
 
-from data_process.core.settings import parse_bool, read_yaml_mapping
-from nel_model.metrics import CANDIDATE_RULES, TIE_RULES
+from data_process.core.settings import ToolkitParser, add_bool, load_settings, settings_from_parser
+from nel_model.evaluation.metrics import CANDIDATE_RULES, TIE_RULES
 from nel_model.nel import SWITCH_CHOICES
 
-# Flags that switch views off (ablations). Each is a boolean "store_true".
-VIEW_FLAGS = ("no_sentence", "no_image", "no_regions", "no_global_image", "no_caption", "no_enrichment",
-              "no_entity_image", "no_entity_profile")
+# The views a run may switch off (ablations): each a boolean flag, on by default (--no-image etc.).
+VIEW_FLAGS: dict[str, str] = {
+    "sentence": "sentence tokens", "image": "the mention image (regions and global)",
+    "regions": "image regions (with --no-regions the global image is kept)",
+    "global_image": "the whole mention image (with --no-global-image the regions are kept)",
+    "caption": "the caption profile row", "enrichment": "the LLM enrichment profile row",
+    "entity_image": "entity images", "entity_profile": "entity enrichment",
+}
+# Flags that only matter under one setting: flag -> (setting flag, values under which it has an effect).
+EFFECTIVE_ONLY: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "margin": ("loss", ("triplet",)),
+    "temperature": ("loss", ("infonce",)),
+    "npair_l2": ("loss", ("npair",)),
+    "hard_negative_pool": ("hard_negatives", (True,)),
+    "hard_negative_ratio": ("hard_negatives", (True,)),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nel_model.train",
+    p = ToolkitParser(prog="dim-mel train",
                                 description="Train and evaluate the DIM multimodal entity linker on a feature cache.")
     g = p.add_argument_group("paths")
     g.add_argument("--config", type=str, default=None, help="YAML file of flag defaults (CLI flags override it)")
@@ -30,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unified dataset folder (gold ids, splits, candidates); default: meta.json 'dataset'")
     g.add_argument("--output_dir", type=str, default=None, help="run folder (see docs/CONTRACTS.md)")
     g.add_argument("--label", type=str, default=None, help="run label stored in config.json/results.json")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
-    g.add_argument("--overwrite", action="store_true", help="allow starting fresh in a non-empty run folder")
-    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to OUTPUT_DIR/tb/")
+    add_bool(g, "resume", False, "continue from OUTPUT_DIR/checkpoints/last.pt")
+    add_bool(g, "overwrite", False, "allow starting fresh in a non-empty run folder")
+    add_bool(g, "force", False, "with --resume: continue although flags other than the stopping ones differ from "
+             "the run's config.json")
+    add_bool(g, "tensorboard", False, "write TensorBoard logs to OUTPUT_DIR/tb/")
 
     g = p.add_argument_group("model")
     g.add_argument("--hidden_size", type=int, default=512)
@@ -42,14 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_heads", type=int, default=8)
     g.add_argument("--num_layers", type=int, default=2)
     g.add_argument("--dropout", type=float, default=0.4)
-    g.add_argument("--no_residual", action="store_true",
-                   help="do not add the raw mention/description features to the outputs (no zero-shot start)")
-    for flag, what in [("no_sentence", "sentence tokens"), ("no_image", "mention image (regions and global)"),
-                       ("no_regions", "image regions (keep the global image)"),
-                       ("no_global_image", "the whole mention image (keep the regions)"),
-                       ("no_caption", "the caption profile row"), ("no_enrichment", "the LLM enrichment profile row"),
-                       ("no_entity_image", "entity images"), ("no_entity_profile", "entity enrichment")]:
-        g.add_argument(f"--{flag}", action="store_true", help=f"ablation: do not use {what}")
+    add_bool(g, "residual", True, "add the raw mention/description features to the outputs (the zero-shot start; "
+             "needs output_size = the text feature size)")
+    for flag, what in VIEW_FLAGS.items():
+        add_bool(g, flag, True, f"use {what} (--no-{flag.replace('_', '-')}: an ablation)")
     g = p.add_argument_group("model choices where the DIM paper/code differs (docs/DIVERGENCES.md)")
     g.add_argument("--sentence_fusion", choices=SWITCH_CHOICES["sentence_fusion"], default="attention",
                    help="the mention attends over the sentence tokens, or their mean is added to it")
@@ -57,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole mention image: an attention key beside the regions, or added to the query")
     g.add_argument("--profile_pool", choices=SWITCH_CHOICES["profile_pool"], default="attention",
                    help="profile rows (enrichment, caption): attended one by one, or max-pooled into one first")
-    g.add_argument("--shared_attention", type=parse_bool, default=False,
-                   help="one attention module for every view (DIM's code) instead of one per view")
+    add_bool(g, "shared_attention", False, "one attention module for every view (DIM's code) instead of one per view")
     g.add_argument("--entity_tower", choices=SWITCH_CHOICES["entity_tower"], default="trained",
                    help="trained entity side (description + image + enrichment), or the frozen text feature")
     g.add_argument("--init", choices=SWITCH_CHOICES["init"], default="default",
@@ -81,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_negatives", type=int, default=1, help="sampled KB negatives per mention")
     g.add_argument("--negatives", choices=["random", "tfidf"], default="random",
                    help="random KB entities, or DIM's TF-IDF sampling (entities sharing a salient description word)")
-    g.add_argument("--hard_negatives", action="store_true",
-                   help="draw negatives from each mention's top-ranked wrong entities of the previous epoch")
+    add_bool(g, "hard_negatives", False, "draw negatives from each mention's top-ranked wrong entities of the previous "
+             "epoch")
     g.add_argument("--hard_negative_pool", type=int, default=20, help="top-k wrong entities kept per mention")
     g.add_argument("--hard_negative_ratio", type=float, default=0.5,
                    help="probability that a negative is hard (when --hard_negatives and a ranking exists)")
@@ -92,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dev metric that picks the best checkpoint, PROTOCOL:METRIC (DIM: candidates:hits@1); "
                         "a candidates metric falls back to full_kb:mrr, with a warning, when there are no lists")
     g.add_argument("--seed", type=int, default=114514)
-    g.add_argument("--deterministic", type=parse_bool, default=True, help="deterministic algorithms where possible")
+    add_bool(g, "deterministic", True, "deterministic algorithms where possible")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="debug: exit abruptly (no cleanup) once the optimizer step count reaches N (tests a crash)")
     g.add_argument("--stop_after_epochs", type=int, default=0,
@@ -103,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16 + GradScaler)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: the first epoch compiles (a minute or more on a CPU; the last, "
+    add_bool(g, "compile", False,
+             "torch.compile the model: the first epoch compiles (a minute or more on a CPU; the last, "
                         "smaller batch once more), later steps are faster; not yet measured on a GPU")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (host-memory mode)")
-    g.add_argument("--pin_memory", type=parse_bool, default=True, help="pin host batches on CUDA")
+    add_bool(g, "pin_memory", True, "pin host batches on CUDA")
     g.add_argument("--data_on_device", choices=["auto", "yes", "no"], default="auto",
                    help="keep all features on the device (GPU memory, or RAM on a CPU) when they fit (auto), "
                         "always, or never (read batches from the memory-mapped cache)")
@@ -126,43 +142,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    path = Path(path)
-    raw = read_yaml_mapping(path)
-    known = {a.dest for a in parser._actions}
-    for key in raw:
-        if key not in known or key == "config":
-            raise ValueError(f"{path}: unknown key {key!r} (keys are flag names, e.g. batch_size)")
-    # argparse never checks defaults against ``choices``, and YAML 1.1 reads off/no/yes/on as booleans:
-    # ``amp: off`` would arrive as False (and silently mean fp16), ``data_on_device: no`` as False (= auto).
-    for action in parser._actions:
-        if action.choices is None or action.dest not in raw:
-            continue
-        value = raw[action.dest]
-        if isinstance(value, bool):
-            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
-            value = next((c for c in action.choices if str(c).lower() in spellings), value)
-        if value not in action.choices:
-            raise ValueError(f"{path}: {action.dest}: invalid value {raw[action.dest]!r} "
-                             f"(choose from {', '.join(map(str, action.choices))})")
-        raw[action.dest] = value
-    return raw
+def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The flag destinations the command line sets explicitly (argparse leaves a pre-set attribute alone when the
+    flag is absent, so a sentinel tells given from default)."""
+    sentinel = object()
+    ns = argparse.Namespace(**{a.dest: sentinel for a in parser._actions if a.dest != argparse.SUPPRESS})
+    ns, _ = parser.parse_known_args(argv, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not sentinel}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The training flags (config file, then the command line) checked together (module docstring)."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
+    from_config: dict[str, Any] = {}
     if first.config:
-        parser.set_defaults(**load_config_file(first.config, parser))
+        from_config = load_settings(first.config, settings_from_parser(parser))
+        parser.set_defaults(**from_config)
     args = parser.parse_args(argv)
+    given = set(from_config) | given_dests(parser, argv)
     if args.batch_size < 1 or args.grad_accum < 1 or args.epochs < 0:
         parser.error("batch_size and grad_accum must be >= 1, epochs >= 0")
     if args.hidden_size % args.num_heads:
         parser.error(f"hidden_size {args.hidden_size} is not divisible by num_heads {args.num_heads}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other (continue the run, or start it again)")
+    if not args.image:
+        both = sorted(f"--{f.replace('_', '-')}" for f in ("regions", "global_image")
+                      if f in given and getattr(args, f))
+        if both:
+            parser.error(f"--no-image contradicts {' and '.join(both)} (the image views are off with --no-image)")
     try:
         parse_select_by(args.select_by)
     except ValueError as exc:
         parser.error(str(exc))
+    for flag, (setting, effective) in EFFECTIVE_ONLY.items():
+        value = getattr(args, setting)
+        if flag in given and value not in effective:
+            under = (f"without --{setting.replace('_', '-')}" if isinstance(value, bool)
+                     else f"with --{setting.replace('_', '-')} {value}")
+            print(f"warning: --{flag.replace('_', '-')} has no effect {under}", file=sys.stderr)
+    args.given = sorted(given)
     return args
 
 

@@ -2,7 +2,7 @@
 whole-batch gathering of views (host memory or the GPU).
 
 Everything in the hot loop is whole-batch numpy/torch fancy indexing: rows of a batch are gathered at once (no
-per-sample Python work, no per-sample collate). Epoch plans and training batches are in ``nel_model.batches``.
+per-sample Python work, no per-sample collate). Epoch plans and training batches are in ``nel_model.training.batches``.
 """
 
 from __future__ import annotations

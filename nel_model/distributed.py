@@ -76,14 +76,6 @@ def gather_rows(local: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, 0).to(local.device)
 
 
-def broadcast_object(obj, info: DistInfo):
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_sum(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value

@@ -112,20 +112,20 @@ def config_from_args(args, data) -> DIMConfig:
     """Build a :class:`DIMConfig` from parsed flags and a :class:`nel_model.data.MELData` (views present)."""
     mv, ev = set(data.mention_views), set(data.entity_views)
     rows = tuple(data.profile_rows)
-    off = {"enrichment": args.no_enrichment, "caption": args.no_caption}
-    use = tuple(not off.get(r, False) for r in rows)
+    on = {"enrichment": args.enrichment, "caption": args.caption}
+    use = tuple(on.get(r, True) for r in rows)
     has_img_dim = data.image_dim > 0
     return DIMConfig(
         text_dim=data.text_dim, image_dim=data.image_dim, hidden_size=args.hidden_size,
         output_size=args.output_size or data.text_dim,
         ff_size=args.ff_size, num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout,
-        residual=not args.no_residual,
-        use_sentence=not args.no_sentence and "sentence" in mv,
-        use_image=not args.no_image and not args.no_global_image and "image" in mv and has_img_dim,
-        use_regions=not args.no_image and not args.no_regions and "regions" in mv and has_img_dim,
+        residual=args.residual,
+        use_sentence=args.sentence and "sentence" in mv,
+        use_image=args.image and args.global_image and "image" in mv and has_img_dim,
+        use_regions=args.image and args.regions and "regions" in mv and has_img_dim,
         profile_rows=rows, profile_use=use if "profile" in mv else tuple(False for _ in rows),
-        use_entity_image=not args.no_entity_image and "image" in ev and has_img_dim,
-        use_entity_profile=not args.no_entity_profile and "profile" in ev,
+        use_entity_image=args.entity_image and "image" in ev and has_img_dim,
+        use_entity_profile=args.entity_profile and "profile" in ev,
         sentence_fusion=args.sentence_fusion, image_fusion=args.image_fusion, profile_pool=args.profile_pool,
         shared_attention=args.shared_attention, entity_tower=args.entity_tower, init=args.init,
     )
@@ -212,10 +212,6 @@ class DIM(nn.Module):
                 if lin is not None:
                     nn.init.zeros_(lin.weight)
                     nn.init.zeros_(lin.bias)
-
-    @property
-    def num_mention_views(self) -> int:
-        return len(self.cfg.attended_views)
 
     def _attn(self, view: str) -> nn.MultiheadAttention:
         return self.shared_attn if self.shared_attn is not None else getattr(self, f"{view}_attn")

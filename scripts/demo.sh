@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The synthetic MEL demo, end to end on CPU in a few minutes:
-# tiny models -> synthetic dataset -> BLIP-2 captions -> feature cache -> train DIM (+ a text-only ablation)
+# tiny models -> synthetic dataset -> BLIP-2 captions -> feature cache -> train our model (+ a text-only ablation)
 # -> full-KB evaluation -> results table, plots and an error analysis (full vs text only).
 # Usage: bash scripts/demo.sh [OUT_DIR] [--plus]   (default outputs/demo; PYTHON=... picks the interpreter)
 #   --plus  also runs the "+" path offline: the real SmolLM2-135M (llama.cpp server on 127.0.0.1, installed by
-#           scripts/build_llama_server.sh) enriches the KB entities, and a DIM+ model is trained on the enriched
+#           scripts/build_llama_server.sh) enriches the KB entities, and our model is trained on the enriched
 #           features (about 10 more minutes on 2 CPU cores: a 135M model answers ~1 entity per second)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,9 +37,9 @@ echo "== [3/7] BLIP-2 captions for mention images -> ${OUT}/data_cap"
 echo "== [4/7] feature cache -> ${OUT}/features"
 "${PY}" -m data_process.encode.features --data "${OUT}/data_cap" --out "${OUT}/features" --clip "${OUT}/models/clip"
 
-echo "== [5/7] train DIM (text + image + captions) -> ${OUT}/runs/full"
+echo "== [5/7] train our model (text + image + captions) -> ${OUT}/runs/full"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
-  --output_dir "${OUT}/runs/full" --label "DIM (text+image+caption)" --seed "${SEED}" --overwrite
+  --output_dir "${OUT}/runs/full" --label "ours (text+image+caption)" --seed "${SEED}" --overwrite
 
 echo "== [6/7] ablation: text only -> ${OUT}/runs/text_only"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
@@ -70,16 +70,16 @@ PYEOF
   kill "${SERVER}" 2>/dev/null || true
   "${PY}" -m data_process.encode.features --data "${OUT}/data_plus" --out "${OUT}/features_plus" --clip "${OUT}/models/clip"
   "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features_plus" \
-    --output_dir "${OUT}/runs/plus" --label "DIM+ (+ LLM entity enrichment)" --seed "${SEED}" --overwrite
+    --output_dir "${OUT}/runs/plus" --label "ours+ (+ LLM entity enrichment)" --seed "${SEED}" --overwrite
   RUNS+=("${OUT}/runs/plus")
 fi
 
 echo "== [7/7] untrained baseline (zero-shot start of the same model), results table, plots, error analysis"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
   --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
-"${PY}" -m nel_model.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
-"${PY}" -m nel_model.plots "${RUNS[@]}" --out "${OUT}/plots"
-"${PY}" -m nel_model.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
+"${PY}" -m nel_model.reporting.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
+"${PY}" -m nel_model.reporting.plots "${RUNS[@]}" --out "${OUT}/plots"
+"${PY}" -m nel_model.reporting.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
   > /dev/null
 echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, error analysis" \
   "${OUT}/analysis.md (full vs text only), runs ${OUT}/runs/"

@@ -89,7 +89,9 @@ run_pipeline() {
   [ -n "${text_encoder}" ] && enc+=(--text_encoder "${text_encoder}")
   "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" "${enc[@]}"
 
-  local label="DIM"; [ "${plus}" = 1 ] && label="DIM+"
+  # our default model is "ours"; a --preset (the DIM paper's model) is "DIM (PRESET)"; "+": LLM-enriched data
+  local label="ours"; [ -n "${preset}" ] && label="DIM"
+  [ "${plus}" = 1 ] && label="${label}+"
   [ -n "${preset}" ] && label="${label} (${preset})"
   local run="${runs}/${label// /_}_seed${seed:-default}"
   run="${run//[()]/}"
@@ -97,5 +99,5 @@ run_pipeline() {
   local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
   [ -n "${seed}" ] && t+=(--seed "${seed}")
   "${py}" -m nel_model.train "${t[@]}" "${train_extra[@]}"
-  "${py}" -m nel_model.tables "${run}"
+  "${py}" -m nel_model.reporting.tables "${run}"
 }

@@ -6,7 +6,8 @@ Every request is recorded (``requests``) with its arrival time and body.
 
 Actions: ``ok`` (valid JSON answer), ``text`` (this exact content), ``malformed`` (not JSON), ``status``
 (an HTTP error with headers, e.g. 429 + Retry-After), ``hang`` (wait ``seconds`` before answering, past the
-client's timeout), ``close`` (close the connection without any response).
+client's timeout), ``close`` (close the connection without any response), ``body`` (HTTP 200 with this exact body,
+e.g. not JSON: a broken proxy), ``value`` (HTTP 200 whose message content is this JSON value, e.g. a number).
 
 Standalone (benchmarks, manual runs)::
 
@@ -29,8 +30,9 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Action:
-    kind: str = "ok"  # ok | text | malformed | status | hang | close
+    kind: str = "ok"  # ok | text | malformed | status | hang | close | body | value
     text: str | None = None
+    value: Any = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -58,6 +60,14 @@ class Action:
     @staticmethod
     def close() -> "Action":
         return Action("close")
+
+    @staticmethod
+    def body(text: str) -> "Action":
+        return Action("body", text=text)
+
+    @staticmethod
+    def content_value(value: Any) -> "Action":
+        return Action("value", value=value)
 
 
 @dataclass(frozen=True)
@@ -208,18 +218,23 @@ class FakeOpenAIServer:
                                                            "type": "fake_error", "code": None}})
             self._send(h, action.status, payload.encode(), action.headers)
             return
+        if action.kind == "body":
+            self._send(h, 200, (action.text or "").encode(), {})
+            return
         if action.kind == "hang":
             self._stopping.wait(action.seconds)
-        if action.kind in ("text", "malformed"):
+        if action.kind == "value":
+            content = action.value
+        elif action.kind in ("text", "malformed"):
             content = action.text or ""
         else:
             content = default_answer(body)
         self._send_json(h, 200, self._completion(body, content, index))
 
     @staticmethod
-    def _completion(body: dict[str, Any], content: str, index: int) -> dict[str, Any]:
+    def _completion(body: dict[str, Any], content: Any, index: int) -> dict[str, Any]:
         prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
-        pt, ct = max(1, prompt_chars // 4), max(1, len(content) // 4)
+        pt, ct = max(1, prompt_chars // 4), max(1, len(json.dumps(content)) // 4)
         return {
             "id": f"chatcmpl-fake-{index}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake-model"),

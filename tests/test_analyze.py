@@ -1,4 +1,4 @@
-"""nel_model/analyze.py on a hand-built run folder: a tiny unified dataset and predictions written by hand, with
+"""nel_model/reporting/analyze.py on a hand-built run folder: a tiny unified dataset and predictions written by hand, with
 every bucket, metric and confusion computed by hand below."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
-from nel_model import analyze
-from nel_model.run_io import RunError
+from nel_model.reporting import analyze
+from nel_model.runs import RunError
 
 PROV = {"provenance": {"model": "hand"}}
 
@@ -154,6 +154,6 @@ def test_errors_name_the_file(hand, tmp_path, capsys):
 def test_dim_mel_lists_the_command():
     from dim_mel.cli import COMMANDS
 
-    assert COMMANDS["analyze"][0] == "nel_model.analyze"
+    assert COMMANDS["analyze"][0] == "nel_model.reporting.analyze"
     with pytest.raises(RunError):
         analyze.load_runs([Path("/nonexistent/run")], "test", "full_kb")

@@ -13,7 +13,9 @@ from PIL import Image
 from data_process.augment.caption import (CaptionConfig, caption_dataset, combine_texts, import_captions, load_config_file,
                                   main, read_caption_file)
 from data_process.augment.captioners import Blip2Captioner, Captioner, GenerationSettings
+from data_process.core.entry import run_main
 from data_process.core.records import DataError, DatasetInfo, Entity, Mention, load_dataset, save_dataset
+from data_process.core.settings import ConfigError
 from data_process.fixtures.tiny_models.blip2 import save_tiny_blip2
 
 PROMPT = "Question: who or what in this image is {mention}? Answer:"
@@ -282,14 +284,17 @@ def test_cli_run_and_import(tmp_path, tiny_path, capsys):
 
     caps = tmp_path / "caps.json"
     caps.write_text('{"m1": 3}')
-    assert main(["import", "--data", str(data), "--captions", str(caps), "--out", str(tmp_path / "o2")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {caps}, key 'm1', field 'caption': must be a string, got int"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, ["import", "--data", str(data), "--captions", str(caps), "--out", str(tmp_path / "o2")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (f"error: {caps}, key 'm1', field 'caption': must be a string, "
+                                                       "got int")
 
 
 def test_config_file_unknown_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("modle: x\n")
-    with pytest.raises(DataError, match=r"c.yaml, key 'modle', field 'modle': is not a caption setting"):
+    with pytest.raises(ConfigError, match=r"c.yaml: modle: unknown key; did you mean 'model'"):
         load_config_file(p)
     with pytest.raises(ValueError, match="nothing to do"):
         CaptionConfig(prompt="", plain_caption=False)

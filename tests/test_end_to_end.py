@@ -72,7 +72,7 @@ def test_full_model_beats_text_only(results):
 def test_analysis_shows_the_image_winning_on_shared_names(run_dirs, tmp_path):
     # The error analysis of the same runs: on mentions whose name 2+ KB entities share, the image must carry the
     # full model past the text-only one (every synthetic family has 2-5 members, so that is the whole test split).
-    from nel_model import analyze
+    from nel_model.reporting import analyze
 
     out = tmp_path / "full_vs_text"
     assert analyze.main(["--run", str(run_dirs["full"]), "--compare", str(run_dirs["text_only"]),
@@ -166,11 +166,11 @@ def test_wiki_launcher_runs_a_mimic_release_end_to_end(mimic_release, tmp_path):
     proc = _run_wiki_sh(mimic_release, work)
     validation = json.loads((work / "unified" / "validation.json").read_text())
     assert validation["ok"] and validation["entities"] == 24 and validation["dataset"] == "WikiMEL"
-    results = json.loads((work / "runs" / "DIM_seed1" / "results.json").read_text())
-    assert results["dataset"] == "WikiMEL" and results["label"] == "DIM" and results["seed"] == 1
+    results = json.loads((work / "runs" / "ours_seed1" / "results.json").read_text())
+    assert results["dataset"] == "WikiMEL" and results["label"] == "ours" and results["seed"] == 1
     assert results["protocols"]["full_kb"]["test"]["n"] == sum(
         1 for line in (work / "unified" / "mentions.jsonl").read_text().splitlines() if '"split": "test"' in line)
-    assert "| DIM | 1 | " in proc.stdout  # the results table
+    assert "| ours | 1 | " in proc.stdout  # the results table: our default model is labelled as ours
 
 
 def test_wiki_launcher_paper_preset_trains_dim_as_the_paper_describes(mimic_release, tmp_path):
@@ -207,5 +207,5 @@ def test_wiki_launcher_plus_enriches_through_an_openai_compatible_server(mimic_r
     assert all(e.enrichment and e.enrichment["provenance"]["model"] == "fake-model" for e in plus.entities)
     meta = json.loads((work / "features" / "meta.json").read_text())
     assert "entity.profile" in meta["views"] and "mention.profile" in meta["views"]
-    results = json.loads((work / "runs" / "DIM+_seed1" / "results.json").read_text())
-    assert results["label"] == "DIM+" and results["dataset"] == plus.info.name
+    results = json.loads((work / "runs" / "ours+_seed1" / "results.json").read_text())
+    assert results["label"] == "ours+" and results["dataset"] == plus.info.name

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from nel_model import distributed as D
-from nel_model import evaluate as ev
+from nel_model import encoding as enc
+from nel_model.runs import RunError
+from nel_model.evaluation import evaluate as ev
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.batches import make_epoch_plan
-from nel_model.hard_negatives import hard_negative_table
+from nel_model.training.batches import make_epoch_plan
+from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.data import FeatureSource, load_mel_data
-from nel_model.train import main as train_main
+from nel_model.training.loop import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,18 +32,21 @@ def trained_run(tmp_path_factory):
 
 def test_cli_reevaluation_matches_results_json(trained_run, capsys):
     feat, out = trained_run
-    saved = json.loads((out / "results.json").read_text())["protocols"]
-    res = ev.main(["--run", str(out), "--split", "all"])
-    for proto in ("full_kb", "candidates"):
-        for split in ("dev", "test"):
-            assert res[proto][split] == pytest.approx(saved[proto][split])
+    saved = json.loads((out / "results.json").read_text())
+    res = ev.evaluate_run(["--run", str(out), "--split", "all"])
+    assert res == saved["protocols"]                     # the same numbers, not close ones: one code path
     table = capsys.readouterr().out
-    assert "full_kb" in table and "candidates" in table and "hits@10" in table
+    assert f"scores {saved['score_dtype']}" in table and f"encoded {saved['encode_dtype']}" in table
+    for proto in ("full_kb", "candidates"):
+        row = next(line for line in table.splitlines() if line.split()[:2] == [proto, "test"])
+        assert row.split()[2:4] == [f"{100 * saved['protocols'][proto]['test'][m]:.2f}" for m in ("mrr", "hits@1")]
+    strict = ev.evaluate_run(["--run", str(out), "--split", "test", "--tie-rule", "strict"])
+    assert strict["full_kb"]["test"] == saved["tie_rules"]["strict"]["full_kb"]["test"]
 
 
 def test_host_and_device_resident_sources_and_chunks_agree(trained_run):
     feat, out = trained_run
-    model, _ = ev.load_run_model(out, "best", torch.device("cpu"))
+    model, _ = enc.load_run_model(out, "best", torch.device("cpu"))
     data = load_mel_data(feat)
     dist = D.DistInfo()
     host = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
@@ -56,7 +61,7 @@ def test_host_and_device_resident_sources_and_chunks_agree(trained_run):
 
 def test_hard_negative_table_and_plan(trained_run):
     feat, out = trained_run
-    model, _ = ev.load_run_model(out, "best", torch.device("cpu"))
+    model, _ = enc.load_run_model(out, "best", torch.device("cpu"))
     data = load_mel_data(feat)
     src = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
     train = data.splits["train"]
@@ -73,14 +78,14 @@ def test_hard_negative_table_and_plan(trained_run):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a run folder"):
-        ev.main(["--run", str(tmp_path)])
+    with pytest.raises(RunError, match="no config.json"):
+        ev.evaluate_run(["--run", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="not a feature folder"):
         load_mel_data(tmp_path)
 
 
 def test_dataloader_workers_gather_the_same_batches(trained_run):
-    from nel_model.batches import TrainBatches, make_loader
+    from nel_model.training.batches import TrainBatches, make_loader
 
     feat, _ = trained_run
     data = load_mel_data(feat)
@@ -101,7 +106,7 @@ def test_dataloader_workers_gather_the_same_batches(trained_run):
 
 def test_faiss_index_evaluation_matches_exact_on_a_small_kb(trained_run, capsys):
     _, out = trained_run
-    res = ev.main(["--run", str(out), "--split", "test", "--faiss", "hnsw", "--faiss_k", "40"])
+    res = ev.evaluate_run(["--run", str(out), "--split", "test", "--faiss", "hnsw", "--faiss_k", "40"])
     approx, exact = res["faiss_hnsw"]["test"], res["full_kb"]["test"]
     assert approx["recall@20_vs_exact"] == pytest.approx(1.0)
     for key in ("mrr", "hits@1", "hits@5", "hits@20", "n"):
@@ -114,12 +119,12 @@ def test_faiss_index_evaluation_matches_exact_on_a_small_kb(trained_run, capsys)
 
 
 def test_predictions_agree_with_an_independent_float64_ranking(trained_run):
-    from nel_model.metrics import metrics_from_ranks
-    from nel_model.run_io import load_predictions
+    from nel_model.evaluation.metrics import metrics_from_ranks
+    from nel_model.runs import load_predictions
 
     feat, out = trained_run
     cpu = torch.device("cpu")
-    model, ckpt = ev.load_run_model(out, "best", cpu)
+    model, ckpt = enc.load_run_model(out, "best", cpu)
     data = load_mel_data(feat)
     src = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
     results = json.loads((out / "results.json").read_text())
@@ -129,8 +134,8 @@ def test_predictions_agree_with_an_independent_float64_ranking(trained_run):
         assert preds.meta["n"] == len(rows) == len(preds.mentions)
         assert preds.meta["checkpoint"] == {"name": "best", "epoch": ckpt["epoch"]}
         assert preds.meta["kb_entities"] == data.num_entities and preds.meta["top_k"] == 10
-        q = ev.encode_mentions(model, src, rows, cpu, ev.EvalSettings()).double()
-        scores = q @ ev.encode_entities(model, src, cpu, ev.EvalSettings()).double().T
+        q = enc.encode_mentions(model, src, rows, cpu, ev.EvalSettings()).double()
+        scores = q @ enc.encode_entities(model, src, cpu, ev.EvalSettings()).double().T
         for i, p in enumerate(preds.mentions):
             s, gold, cands = scores[i].tolist(), int(data.gold[rows[i]]), data.candidates[rows[i]]
             assert (p.mention_id, p.gold) == (data.mention_ids[rows[i]], data.entity_ids[gold])
@@ -140,8 +145,9 @@ def test_predictions_agree_with_an_independent_float64_ranking(trained_run):
             assert [v for _, v in p.top] == pytest.approx([s[r] for r in best], abs=1e-5)
             others = [c for c in cands.tolist() if c >= 0 and c != gold]
             assert p.candidates.rank == 1 + sum(s[c] >= s[gold] for c in others)    # DIM's rule: gold always ranked
-        assert metrics_from_ranks([p.full_kb.rank for p in preds.mentions]) == pytest.approx(
-            results["protocols"]["full_kb"][split])
+        saved = dict(results["protocols"]["full_kb"][split])
+        assert saved.pop("nan") == 0
+        assert metrics_from_ranks([p.full_kb.rank for p in preds.mentions]) == pytest.approx(saved)
 
 
 def test_evaluate_predictions_flag_rewrites_the_same_files(trained_run, tmp_path):
@@ -153,7 +159,7 @@ def test_evaluate_predictions_flag_rewrites_the_same_files(trained_run, tmp_path
     before = {p.name: p.read_bytes() for p in (run / "predictions").iterdir()}
     assert sorted(before) == ["dev.jsonl", "dev.meta.json", "test.jsonl", "test.meta.json"]
     shutil.rmtree(run / "predictions")
-    ev.main(["--run", str(run), "--split", "all", "--predictions"])
+    ev.evaluate_run(["--run", str(run), "--split", "all", "--predictions"])
     assert {p.name: p.read_bytes() for p in (run / "predictions").iterdir()} == before
 
 
@@ -167,7 +173,7 @@ def test_top_entities_orders_ties_by_kb_row_and_nan_last():
 
 
 def test_predictions_reader_names_file_line_and_field(tmp_path):
-    from nel_model.run_io import RunError, load_predictions
+    from nel_model.runs import RunError, load_predictions
 
     with pytest.raises(RunError, match=r"predictions/test.jsonl: no predictions for split 'test' .*--predictions\)$"):
         load_predictions(tmp_path, "test")

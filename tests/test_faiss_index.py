@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nel_model.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
+from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
 
 
 def _unit(x):

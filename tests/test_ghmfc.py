@@ -13,6 +13,7 @@ import pytest
 from data_process.core.records import DataError, load_dataset
 from data_process.ingest import prepare as prep
 from data_process.ingest.readers import read_ghmfc, read_melbench, read_mimic
+from tests.test_prepare import first_line, run_cli
 from tests.test_readers import MELBENCH, make_mimic, write_image, write_json
 
 SHARED = Path(os.environ.get("MEL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -124,13 +125,14 @@ def test_conversion_lists_dropped_records_and_respects_max_invalid(tmp_path, cap
     data["9"]["mentions"] = ["Alice", "Bob"]
     src = write_json(tmp_path / "m.json", data)
     # default --max-invalid 1% of 40 records = 0: refused, nothing written
-    assert prep.main(["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "a"), "--quiet"]) == 1
+    assert run_cli(prep.main, ["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "a"),
+                               "--quiet"]) == 2
     assert "2 of 40 records are invalid, more than --max-invalid 1% allows (0)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     # --strict: the first bad record is the error
-    assert prep.main(["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "a"), "--quiet",
-                      "--strict"]) == 1
-    assert capsys.readouterr().err == (f"error: {src}, sample '7', field 'answer': item 0 must be a Wikidata QID "
+    assert run_cli(prep.main, ["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "a"), "--quiet",
+                               "--strict"]) == 2
+    assert first_line(capsys.readouterr().err) == (f"error: {src}, sample '7', field 'answer': item 0 must be a Wikidata QID "
                                        "like 'Q42', got 'X'\n")
     # allowed: converted, and both dropped samples are listed in the report
     for allow in ("5%", "2"):
@@ -144,8 +146,8 @@ def test_conversion_lists_dropped_records_and_respects_max_invalid(tmp_path, cap
                                      "reason": "has 1 item(s) but 'mentions' has 2"}
         assert len(load_dataset(out).mentions) == 38
         assert "dropped records: 2 of 40 read" in (out / "validation.txt").read_text()
-    assert prep.main(["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "b"), "--quiet",
-                      "--max-invalid", "lots"]) == 1
+    assert run_cli(prep.main, ["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "b"), "--quiet",
+                               "--max-invalid", "lots"]) == 2
     assert "--max-invalid must be a count (e.g. 25) or a share" in capsys.readouterr().err
 
 
@@ -210,6 +212,6 @@ def test_candidate_retriever_nearest_names_and_release_file(tmp_path):
     assert candidates_main(["--src", str(root), "--k", "2"]) == 0
     lists = json.loads((root / "search_top100.json").read_text())
     assert lists == {"Alice": ["Q1", "Q3"], "Avon": ["Q4", "Q2"], "Bob": ["Q2", "Q4"]}
-    assert candidates_main(["--src", str(root)]) == 1                      # never overwritten silently
+    assert run_cli(candidates_main, ["--src", str(root)]) == 2                     # never overwritten silently
     conv = read_ghmfc(root, progress=False)
     assert {m.id: m.candidates for m in conv.mentions}["30-0"] == ("Q4", "Q2")

@@ -1,4 +1,4 @@
-"""nel_model/tables.py (scripts/make_table.py) and nel_model/run_io.py on fixture run folders (no training)."""
+"""nel_model/reporting/tables.py (dim-mel table) and nel_model/runs.py on fixture run folders (no training)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from nel_model.run_io import RunError, expand_run_dirs, load_metrics, load_results, load_run
+from nel_model.runs import RunError, expand_run_dirs, load_metrics, load_results, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "make_table.py"
+TABLE = ["-m", "nel_model.reporting.tables"]
 
 
-from nel_model import tables as mt  # noqa: E402
+from nel_model.reporting import tables as mt  # noqa: E402
 
 
 def metrics(mrr, h1, h3, h5, h10, h20, n=100):
@@ -179,7 +179,7 @@ def test_published_rows_beside_ours_only_where_comparable(tmp_path, capsys):
 def _demo_like_run(path: Path) -> Path:
     """What scripts/demo.sh writes: the synthetic dataset, 240 KB entities, candidate lists of 10."""
     m = metrics(0.8, 0.7, 0.9, 0.95, 0.99, 1.0, n=340)
-    return write_run(path, "synthetic", "DIM (text+image+caption)", 0, m, candidates=m, kb_entities=240,
+    return write_run(path, "synthetic", "ours (text+image+caption)", 0, m, candidates=m, kb_entities=240,
                      tie_rule="pessimistic", score_dtype="float32",
                      candidate_recall={"dev": {"mean_list_length": 10.0}, "test": {"mean_list_length": 10.0}})
 
@@ -187,12 +187,12 @@ def _demo_like_run(path: Path) -> Path:
 def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, capsys):
     _demo_like_run(tmp_path / "full")
     for protocol in ("full_kb", "candidates"):
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "full"), "--paper", "--protocol",
+        proc = subprocess.run([sys.executable, *TABLE, str(tmp_path / "full"), "--paper", "--protocol",
                                protocol, "--metrics", "mrr"], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
         assert lines[2:5] == ["| Method | n | synthetic MRR |", "|:---|---:|---:|",
-                              "| DIM (text+image+caption) | 1 | 80.00 |"]
+                              "| ours (text+image+caption) | 1 | 80.00 |"]
         assert "published" not in lines[4] and len(lines) == 5 + 2 + 6
         assert lines[6] == ("- Published results not comparable with these runs (from "
                             f"{ROOT / 'configs' / 'published_results.csv'}):")
@@ -253,7 +253,7 @@ def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys
 
 
 def test_shipped_published_results_file_holds_the_gathered_rows():
-    from nel_model.published import PUBLISHED_FILE, read_published
+    from nel_model.reporting.published import PUBLISHED_FILE, read_published
 
     rows = read_published(PUBLISHED_FILE)
     assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv" and len(rows) == 7 * 3 * 4
@@ -315,7 +315,7 @@ def test_errors(tmp_path, capsys):
 
 
 def test_published_file_errors_name_file_line_and_column(tmp_path):
-    from nel_model.published import read_published
+    from nel_model.reporting.published import read_published
 
     paper = tmp_path / "p.csv"
     cases = [
@@ -356,7 +356,7 @@ def test_torn_metrics_line_and_unfinished_runs_skipped(runs, tmp_path):
 
 
 def test_cli_as_script(runs):
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(runs / "text_s1"), "--metrics", "mrr"],
+    proc = subprocess.run([sys.executable, *TABLE, str(runs / "text_s1"), "--metrics", "mrr"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "| text only | 1 | 50.00 |"

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from nel_model.hard_negatives import top_wrong
-from nel_model.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
+from nel_model.training.hard_negatives import top_wrong
+from nel_model.evaluation.metrics import candidate_ranks, full_kb_ranks, metrics_from_ranks
 
 
 def test_metrics_from_ranks_hand_case():
@@ -35,21 +35,24 @@ def test_full_kb_ranks_hand_cases_and_ties():
         assert full_kb_ranks(q, ent, gold, chunk=chunk).tolist() == [1, 2, 4, 2]
 
 
-def test_full_kb_rank_nan_is_worst():
+def test_full_kb_rank_nan_gold_is_a_miss_and_a_nan_other_is_worst():
     q = torch.eye(2)
     ent = torch.tensor([[float("nan"), 0.5], [0.2, 0.1], [0.1, float("nan")]])   # E=3, scores(i,j)=ent[j,i]
-    # query 0: gold 0 has NaN score -> worst (3); query 1: gold 1 scores 0.1, entity 0 0.5 higher, entity 2 NaN
-    assert full_kb_ranks(q, ent, torch.tensor([0, 1])).tolist() == [3, 3]
+    # query 0: gold 0 has NaN score -> a miss (0); query 1: gold 1 scores 0.1, entity 0 0.5 higher, entity 2 NaN
+    assert full_kb_ranks(q, ent, torch.tensor([0, 1])).tolist() == [0, 3]
 
 
 def test_full_kb_ranks_match_bruteforce_random():
+    # integer-valued features: every score is exact whatever the chunking or the matrix kernel, ties included
     g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=-1)
-    e = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    q = torch.randint(-3, 4, (37, 8), generator=g).float()
+    e = torch.randint(-3, 4, (50, 8), generator=g).float()
     gold = torch.randint(0, 50, (37,), generator=g)
-    s = q @ e.T
+    s = q.double() @ e.double().T
     expect = [int((s[i] >= s[i, gold[i]]).sum()) for i in range(37)]
-    assert full_kb_ranks(q, e, gold, chunk=5).tolist() == expect
+    assert expect != [int((s[i] > s[i, gold[i]]).sum()) + 1 for i in range(37)]      # the case has ties
+    for chunk in (5, 512):
+        assert full_kb_ranks(q, e, gold, chunk=chunk).tolist() == expect
 
 
 def test_candidate_ranks_padding_missing_gold_and_duplicates():
@@ -80,26 +83,54 @@ def test_top_wrong_excludes_gold_and_is_sorted():
 
 
 def test_top_k_comes_from_the_same_pass_and_matches_a_separate_top_k():
-    from nel_model.evaluate import top_entities
-    from nel_model.metrics import full_kb_counts
+    """The same chunking gives the same floats; another chunking (another matrix-product shape, whose kernel may
+    round differently on another CPU) gives scores within float32 rounding, and the same entities wherever the
+    gap between neighbours is wider than that rounding."""
+    from nel_model.evaluation.evaluate import top_entities
+    from nel_model.evaluation.metrics import full_kb_counts
 
     g = torch.Generator().manual_seed(4)
     q = torch.nn.functional.normalize(torch.randn(23, 8, generator=g), dim=-1)
     e = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
-    e[7] = e[3]                                              # an exact tie: ordered by KB row
     gold = torch.randint(0, 40, (23,), generator=g)
     c = full_kb_counts(q, e, gold, chunk=5, top_k=6)
-    scores, rows = top_entities(q, e, 6, chunk=9)
-    assert torch.equal(c.top_rows, rows) and torch.equal(c.top_scores, scores)
+    same_scores, same_rows = top_entities(q, e, 6, chunk=5)
+    assert torch.equal(c.top_rows, same_rows) and torch.equal(c.top_scores, same_scores)
     low = full_kb_counts(q, e, gold, chunk=5, dtype=torch.bfloat16, top_k=6)
-    assert torch.equal(low.top_rows, rows) and torch.equal(low.ranks(), c.ranks())
+    assert torch.equal(low.top_rows, same_rows) and torch.equal(low.top_scores, same_scores)
+    assert torch.equal(low.ranks(), c.ranks())
+    tol = 1e-5                                               # far above float32 rounding of unit-vector products
+    scores, rows = top_entities(q, e, 6, chunk=9)
+    assert torch.allclose(scores, c.top_scores, rtol=0, atol=tol)
+    exact = (q.double() @ e.double().T).sort(1, descending=True).values[:, :7]
+    clear = (exact[:, :-1] - exact[:, 1:]) > tol             # position j is clearly apart from position j + 1
+    sure = torch.ones_like(clear[:, :6])                     # position j is sure if apart from both neighbours
+    sure[:, 1:] = clear[:, :5] & clear[:, 1:6]
+    sure[:, 0] = clear[:, 0]
+    assert sure.float().mean() > 0.9                         # the comparison has substance
+    assert torch.equal(rows[sure], c.top_rows[sure])
     assert full_kb_counts(q, e, gold).top_rows is None
+
+
+def test_top_k_orders_exactly_equal_scores_by_kb_row():
+    from nel_model.evaluation.metrics import full_kb_counts
+
+    # integer-valued features: exact scores whatever the kernel, so the twins 3 and 7 (and 9) tie exactly
+    g = torch.Generator().manual_seed(4)
+    e = torch.randint(-2, 3, (12, 4), generator=g).float()
+    e[7] = e[3]
+    e[9] = e[3]
+    q = e[3:4] + torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])   # query 0 is entity 3 itself
+    c = full_kb_counts(q, e, torch.tensor([3, 3]), chunk=1, top_k=12)
+    for i in range(2):
+        s = (q[i].double() @ e.double().T).tolist()
+        assert c.top_rows[i].tolist() == sorted(range(12), key=lambda j: (-s[j], j))
 
 
 def test_the_compiled_count_epilogue_equals_the_eager_one():
     """On CUDA the count epilogue is compiled into one fused pass; the compiled function (here on the CPU backend)
     must count exactly what the eager one does, NaN and ties included."""
-    from nel_model.metrics import count_epilogue
+    from nel_model.evaluation.metrics import count_epilogue
 
     compiled = torch.compile(count_epilogue, dynamic=True)
     g = torch.Generator().manual_seed(5)

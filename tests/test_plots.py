@@ -1,4 +1,4 @@
-"""nel_model/plots.py (scripts/plot_run.py) on fixture run folders: PNGs written with the expected pixel size."""
+"""nel_model/reporting/plots.py (dim-mel plot) on fixture run folders: PNGs written with the expected pixel size."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nel_model.run_io import RunError
+from nel_model.runs import RunError
 
-from nel_model import plots as pr  # noqa: E402
+from nel_model.reporting import plots as pr  # noqa: E402
 
 
 def write_run(path: Path, label: str, seed: int, scale: float, epochs: int = 5) -> Path:

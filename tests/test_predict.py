@@ -1,4 +1,4 @@
-"""nel_model.predict on a small trained demo run: synthetic dataset -> tiny CLIP features -> 8 epochs -> predict.
+"""nel_model.inference.predict on a small trained demo run: synthetic dataset -> tiny CLIP features -> 8 epochs -> predict.
 
 The whole pipeline runs once per module (about 30 s on 2 CPU cores).
 """
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from data_process.core.records import load_dataset
-from nel_model import predict as P
+from nel_model.inference import predict as P
+from nel_model.runs import load_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,10 +102,40 @@ def test_batch_mode(demo, tmp_path):
         assert set(r["predictions"][0]) == {"rank", "entity_id", "name", "score", "description"}
     gold = next(h for h in recs[0]["predictions"] if h["entity_id"] == ms[0].gold_id) \
         if any(h["entity_id"] == ms[0].gold_id for h in recs[0]["predictions"]) else None
-    assert isinstance(recs[0]["gold_rank"], int) and 1 <= recs[0]["gold_rank"] <= 24
+    ranked = {p.mention_id: p.full_kb.rank for p in load_predictions(demo["run"], "test").mentions}
+    assert recs[0]["gold_rank"] == ranked[ms[0].id]          # the same input as the dataset mention: its rank
     if gold is not None:
         assert gold["rank"] == recs[0]["gold_rank"]
     assert "gold_rank" not in recs[1]
+
+
+def test_predict_ranks_and_top_lists_are_the_runs_predictions(demo):
+    pred: P.Predictor = demo["predictor"]
+    ds = load_dataset(demo["data"])
+    written = {p.mention_id: p for p in load_predictions(demo["run"], "test").mentions}
+    sample = ds.split("test")[:20]
+    queries = [P.Query(sentence=m.sentence, mention=m.mention, image=ds.image_path(m.image), id=m.id,
+                       gold_id=m.gold_id) for m in sample]
+    results = pred.predict(queries, top_k=5)
+    assert [r["gold_rank"] for r in results] == [written[m.id].full_kb.rank for m in sample]
+    assert [[h["entity_id"] for h in r["predictions"]] for r in results] == \
+        [[eid for eid, _ in written[m.id].top[:5]] for m in sample]
+    assert len({r["gold_rank"] for r in results}) > 1          # not one rank for everything
+
+
+def test_predict_last_checkpoint_encodes_the_kb_with_that_checkpoint(demo):
+    from nel_model.data import FeatureSource, load_mel_data
+    from nel_model.encoding import EncodeSettings, encode_entities, load_run_model
+
+    last = P.Predictor(demo["run"], checkpoint="last")
+    model, ckpt = load_run_model(demo["run"], "last", torch.device("cpu"))
+    data = load_mel_data(last.features)
+    own = encode_entities(model, FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views()),
+                          torch.device("cpu"), EncodeSettings())
+    assert torch.equal(last.entity_emb, own)
+    best_epoch = json.loads((demo["run"] / "results.json").read_text())["best_epoch"]
+    if best_epoch != ckpt["epoch"]:
+        assert not torch.equal(last.entity_emb, demo["predictor"].entity_emb)
 
 
 def test_errors(demo, tmp_path, capsys):

@@ -10,9 +10,21 @@ import pytest
 
 from data_process.ingest import prepare as prep
 from data_process.ingest import validate as val
+from data_process.core.entry import run_main
 from data_process.core.records import DataError, load_dataset
 from data_process.ingest.readers import READERS
 from tests.test_readers import MELBENCH, make_mimic, make_wikidiverse, write_image, write_json
+
+
+def run_cli(main, argv: list[str]) -> int:
+    """A command's exit status, run as ``python -m`` runs it (``core.entry.run_main``)."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, argv)
+    return exc.value.code
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0] + "\n"
 
 
 def siblings(folder: Path) -> list[str]:
@@ -81,12 +93,14 @@ def test_failed_conversion_writes_nothing_and_keeps_previous(tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", {"s1": {"sentence": "a", "mentions": ["a"], "entities": ["A"],
                                                     "answer": ["Q1", "Q2"]}})
     capsys.readouterr()
-    assert prep.main(["--format", "melbench", "--src", str(bad), "--out", str(out), "--quiet", "--strict"]) == 1
-    err = capsys.readouterr().err
+    assert run_cli(prep.main, ["--format", "melbench", "--src", str(bad), "--out", str(out), "--quiet",
+                               "--strict"]) == 2
+    err = first_line(capsys.readouterr().err)
     assert err == f"error: {bad}, sample 's1', field 'answer': has 2 item(s) but 'mentions' has 1\n"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # without --strict the bad sample is dropped: 1 of 1 records is more than the default 1%
-    assert prep.main(["--format", "melbench", "--src", str(bad), "--out", str(tmp_path / "new"), "--quiet"]) == 1
+    assert run_cli(prep.main, ["--format", "melbench", "--src", str(bad), "--out", str(tmp_path / "new"),
+                               "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: 1 of 1 records are invalid, more than --max-invalid 1% "
                                               "allows (0); nothing written. First: ")
     assert not (tmp_path / "new").exists()
@@ -147,7 +161,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
     other = tmp_path / "home"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="holds no unified dataset; refusing to replace it"):
+    with pytest.raises(FileExistsError, match=r"holds entries prepare did not write \(notes.txt\); refusing to replace it"):
         prep.prepare("melbench", src, other, echo=False, progress=False)
     assert (other / "notes.txt").read_text() == "keep me"
 
@@ -185,7 +199,7 @@ def test_validate_cli_counts_every_problem(tmp_path, capsys):
     assert rep["examples"]["duplicate_mention_ids"] == [
         f"{root / 'mentions.jsonl'}, line 2 (id 'm1'), field 'id': duplicate id, first seen on line 1"]
     assert "dataset probe" in capsys.readouterr().out
-    assert val.main([str(tmp_path / "absent")]) == 2
+    assert run_cli(val.main, [str(tmp_path / "absent")]) == 2
 
 
 def test_report_rule_lists_are_disjoint():

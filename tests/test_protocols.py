@@ -15,10 +15,10 @@ import torch
 
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.losses import npair_loss_sum
-from nel_model.metrics import (candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
+from nel_model.evaluation.metrics import (candidate_counts, candidate_recall, full_kb_counts, metrics_from_counts,
                                metrics_from_ranks)
 from nel_model.nel import DIM, DIMConfig
-from nel_model.tfidf_negatives import TfidfNegatives, tokenize
+from nel_model.training.tfidf_negatives import TfidfNegatives, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,24 +37,25 @@ def test_tie_rules_full_kb_hand_case():
         [0.4, 0.7, 0.4, 0.9],     # gold 2: two higher, one tie
         [0.1, 0.7, 0.2, 0.6],     # gold 3: one higher
     ])
-    # entity 4 scores NaN for every query (0 * NaN = NaN); query 4 is NaN, so its gold (entity 0) scores NaN
+    # entity 4 scores NaN for every query (0 * NaN = NaN); query 4 is NaN, so its gold (entity 0) scores NaN:
+    # a miss under every rule (DIM's code would rank it 1), counted in "nan"
     ent = torch.cat([ent, torch.full((1, 4), nan)])
     q = torch.cat([q, torch.full((1, 4), nan)])
     gold = torch.tensor([0, 1, 2, 3, 0])
     c = full_kb_counts(q, ent, gold, chunk=2)
     assert c.higher.tolist() == [0, 0, 2, 1, 0] and c.equal.tolist() == [0, 2, 1, 0, 0]
-    assert c.unordered.tolist() == [1, 1, 1, 1, 4]
-    assert c.ranks("pessimistic").tolist() == [2, 4, 5, 3, 5]     # NaN and ties count against the gold
-    assert c.ranks("strict").tolist() == [1, 1, 3, 2, 1]          # DIM: 1 + strictly higher (NaN gold = rank 1)
-    assert c.ranks("mean").tolist() == [2, 3, 4.5, 3, 5]
+    assert c.unordered.tolist() == [1, 1, 1, 1, 4] and c.nan_gold.tolist() == [False] * 4 + [True]
+    assert c.ranks("pessimistic").tolist() == [2, 4, 5, 3, 0]     # NaN and ties count against the gold
+    assert c.ranks("strict").tolist() == [1, 1, 3, 2, 0]          # DIM: 1 + strictly higher
+    assert c.ranks("mean").tolist() == [2, 3, 4.5, 3, 0]
     strict = metrics_from_counts(c, "strict")
-    assert strict["mrr"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 2 + 1) / 5)
-    assert strict["hits@1"] == pytest.approx(3 / 5)
+    assert strict["mrr"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 2 + 0) / 5)
+    assert strict["hits@1"] == pytest.approx(2 / 5) and strict["nan"] == 1
     # mean: gold 1 is rank 2, 3 or 4 with equal chance; gold 2 rank 4 or 5
     mean = metrics_from_counts(c, "mean")
-    assert mean["mrr"] == pytest.approx((1 / 2 + (1 / 2 + 1 / 3 + 1 / 4) / 3 + (1 / 4 + 1 / 5) / 2 + 1 / 3 + 1 / 5) / 5)
-    assert mean["hits@1"] == 0 and mean["hits@3"] == pytest.approx((1 + 2 / 3 + 1) / 5)
-    assert metrics_from_counts(c, "pessimistic") == metrics_from_ranks([2, 4, 5, 3, 5])
+    assert mean["mrr"] == pytest.approx((1 / 2 + (1 / 2 + 1 / 3 + 1 / 4) / 3 + (1 / 4 + 1 / 5) / 2 + 1 / 3 + 0) / 5)
+    assert mean["hits@1"] == 0 and mean["hits@3"] == pytest.approx((1 + 2 / 3 + 1) / 5) and mean["nan"] == 1
+    assert metrics_from_counts(c, "pessimistic") == {**metrics_from_ranks([2, 4, 5, 3, 0]), "nan": 1}
 
 
 def test_mean_rule_equals_averaging_over_tie_orders():
@@ -115,6 +116,12 @@ def test_low_precision_scoring_gives_exact_float32_ranks_on_near_ties(dtype):
             v = ent[gold[i]] + 1e-3 * torch.randn(d, generator=g)
             v = v - (q[i] @ v - q[i] @ ent[gold[i]] - delta) * q[i]        # now q.v = q.e_gold + delta
             ent[k] = v
+    # no score lies within float32 rounding (~1e-6 here) of its gold's, so float32 ranks are the same whatever the
+    # kernel (matrix product or product-sum, any chunk, any CPU) and can be compared exactly
+    s64 = q.double() @ ent.double().T
+    gap = (s64 - s64.gather(1, gold[:, None])).abs()
+    gap[torch.arange(n), gold] = float("inf")
+    assert gap.min() > 5e-6
     ref = full_kb_counts(q.double(), ent.double(), gold, dtype=torch.float64)
     ref32 = full_kb_counts(q, ent, gold, chunk=7)
     low_only = (q.to(dtype) @ ent.to(dtype).T).float()

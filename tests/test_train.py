@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.train import main as train_main
+from nel_model.training.loop import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "synthetic.yaml"
@@ -65,7 +65,7 @@ def test_run_folder_contents(image_store, tmp_path):
     assert saved["label"] == "demo" and saved["dataset"] == "synthetic" and saved["seed"] == 114514
     assert set(saved["protocols"]["full_kb"]) == {"dev", "test"}
     assert set(saved["protocols"]["full_kb"]["test"]) == {"mrr", "hits@1", "hits@3", "hits@5", "hits@10",
-                                                          "hits@20", "n"}
+                                                          "hits@20", "n", "nan"}
     assert saved["protocols"] == json.loads(json.dumps(res["protocols"]))
     emb = np.load(out / "entity_embeddings.npy")
     assert emb.shape == (48, 32) and emb.dtype == np.float16
@@ -106,7 +106,7 @@ def test_crash_mid_epoch_then_resume(image_store, tmp_path):
 
 
 def test_sigkill_during_training_then_resume(image_store, tmp_path):
-    flags = ("--epochs", 8, "--batch_size", 16)
+    flags = ("--epochs", 40, "--batch_size", 16)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(image_store, out, *flags), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -114,12 +114,103 @@ def test_sigkill_during_training_then_resume(image_store, tmp_path):
     deadline = time.time() + 240
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: the test would resume a finished run"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    done = len(dev_lines(out))
+    assert not (out / "results.json").exists() and 1 <= done < 40      # killed in the middle of the run
     resumed = run(image_store, out, *flags, "--resume")
     ref = run(image_store, tmp_path / "ref", *flags)
     assert resumed["protocols"] == ref["protocols"]
     assert dev_lines(out) == dev_lines(tmp_path / "ref")
+
+
+def test_resume_refuses_other_flags_names_them_and_force_goes_through(image_store, tmp_path):
+    out = tmp_path / "r"
+    assert run(image_store, out, "--epochs", 3, "--stop_after_epochs", 1) == {"stopped_at_epoch": 1}
+    with pytest.raises(ValueError) as err:
+        run(image_store, out, "--epochs", 3, "--resume", "--lr", 0.1, "--seed", 7)
+    msg = str(err.value)
+    assert msg.startswith(f"{out / 'config.json'}: --resume with a configuration other than the run's: ")
+    assert "--lr 0.1 (the run's: 0.002)" in msg and "--seed 7 (the run's: 114514)" in msg and "--epochs 3" not in msg
+    with pytest.raises(ValueError, match="--epochs 2 \\(the run's: 3\\)"):
+        run(image_store, out, "--epochs", 2, "--resume")                   # epochs may grow, not shrink
+    assert run(image_store, out, "--epochs", 4, "--resume", "--stop_after_epochs", 2) == {"stopped_at_epoch": 2}
+    res = run(image_store, out, "--epochs", 4, "--resume", "--lr", 0.001, "--force")
+    assert res["epochs_run"] == 4
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001     # config.json records what was used
+
+
+def test_a_corrupt_middle_line_of_metrics_is_an_error_not_a_silent_cut(image_store, tmp_path):
+    out = tmp_path / "m"
+    run(image_store, out, "--epochs", 4, "--stop_after_epochs", 3)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    from nel_model.runs import RunError
+    with pytest.raises(RunError, match=r"metrics.jsonl, line 2: invalid JSON"):
+        run(image_store, out, "--epochs", 4, "--resume")
+    assert (out / "metrics.jsonl").read_text().splitlines()[2] == lines[2]     # the later epochs are kept
+
+
+def test_a_nan_loss_stops_training_naming_epoch_and_step_and_resume_continues(image_store, tmp_path, monkeypatch):
+    from nel_model.training import loop as T
+
+    real, calls = T.batch_loss_sum, []
+
+    def nan_in_epoch_two(*a, **k):          # 8 optimizer steps per epoch here; the 12th loss is NaN
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == 12 else out
+
+    ref = run(image_store, tmp_path / "ref", "--epochs", 3)
+    out = tmp_path / "nan"
+    monkeypatch.setattr(T, "batch_loss_sum", nan_in_epoch_two)
+    with pytest.raises(T.NonFiniteLoss) as err:
+        run(image_store, out, "--epochs", 3)
+    assert "the training loss is not finite at epoch 2, optimizer step 12" in str(err.value)
+    assert "holds the last good epoch (1)" in str(err.value)
+    assert [e for e, *_ in dev_lines(out)] == [1]
+    monkeypatch.setattr(T, "batch_loss_sum", real)
+    resumed = run(image_store, out, "--epochs", 3, "--resume")
+    assert resumed["protocols"] == ref["protocols"]
+
+
+def test_a_dev_evaluation_with_nan_scores_is_never_the_best(image_store, tmp_path, monkeypatch):
+    from nel_model.training import loop as T
+
+    real = T.Trainer.evaluate
+
+    def nan_after_epoch_one(self, splits):
+        res = real(self, splits)
+        if self.epoch >= 2:     # the "diverged" epochs score a perfect H@1 but have NaN gold scores
+            for proto in res:
+                res[proto]["dev"] = {**res[proto]["dev"], "mrr": 1.0, "hits@1": 1.0, "nan": 3}
+        return res
+
+    monkeypatch.setattr(T.Trainer, "evaluate", nan_after_epoch_one)
+    res = run(image_store, tmp_path / "n", "--epochs", 3)
+    assert res["best_epoch"] <= 1
+
+
+def test_the_dataset_name_comes_from_the_dataset_not_the_working_directory(tmp_path, monkeypatch):
+    write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=12, mentions_per_split=(16, 8, 8), seed=2)
+    meta = json.loads((tmp_path / "feat" / "meta.json").read_text())
+    (tmp_path / "feat" / "meta.json").write_text(json.dumps({**meta, "dataset": "moved-away"}))
+    monkeypatch.chdir(tmp_path / "feat")
+    res = run(tmp_path / "feat", tmp_path / "run", "--epochs", 0, "--dataset", "../ds")
+    assert res["dataset"] == json.loads((tmp_path / "ds" / "dataset.json").read_text())["name"] == "synthetic"
+
+
+def test_the_schedule_counts_the_batches_the_epoch_plan_keeps():
+    from nel_model.training.batches import make_epoch_plan
+    from nel_model.training.loop import steps_per_epoch
+
+    gold = np.zeros(65, dtype=np.int64)
+    for world, accum in ((1, 1), (4, 1), (4, 3), (2, 2)):
+        plan = make_epoch_plan(0, 0, np.arange(65), gold, 10, 8, 1, min_batch=world)
+        assert steps_per_epoch(65, 8, accum, world) == -(-plan.num_batches // accum)
+    assert steps_per_epoch(65, 8, 1, 4) == 8 and steps_per_epoch(65, 8, 1, 1) == 9
 
 
 def test_early_stopping_with_patience(image_store, tmp_path):
@@ -146,7 +237,7 @@ def test_config_file_yaml_booleans_and_choices(tmp_path):
 def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
     import torch
 
-    from nel_model import train as T
+    from nel_model.training import loop as T
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -163,8 +254,8 @@ def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_state)
-    # a checkpoint written on a 2-GPU machine, resumed on a machine with one GPU
-    T.restore_rng({**st, "cuda": ["A", "B"]}, torch.device("cuda", 0))
+    # the checkpoint holds the training GPU's state only, restored to the GPU that resumes
+    T.restore_rng({**st, "cuda": "A"}, torch.device("cuda", 0))
     assert calls == [("set", "A")]
     assert T.rng_states(torch.device("cuda", 0))["cuda"] == "S"
 
@@ -174,7 +265,7 @@ def test_tensorboard_logs_survive_a_stop(image_store, tmp_path):
 
     from nel_model import distributed as D
     from nel_model.args import parse_args
-    from nel_model.train import Trainer
+    from nel_model.training.loop import Trainer
 
     out = tmp_path / "tb_stop"
     argv = ["--config", str(CONFIG), "--features", str(image_store), "--output_dir", str(out), "--epochs", "3",

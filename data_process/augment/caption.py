@@ -27,17 +27,21 @@ import argparse
 import json
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args, get_type_hints
 
+from data_process.augment.cache_records import record_error
 from data_process.augment.captioners import DEFAULT_MODEL, DTYPES, Captioner, GenerationSettings
-from data_process.core.durable_io import JsonlCache, atomic_write_json
+from data_process.core.durable_io import JsonlCache
+from data_process.core.entry import run_main
 from data_process.core.fingerprints import MISSING, ImageHasher, stable_hash
 from data_process.core.images import iter_decoded
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
-from data_process.core.settings import read_yaml_mapping
+from data_process.core.safe_paths import UnsafePath, regular_file_problem, resolve_inside
+from data_process.core.settings import Setting, load_settings
 from data_process.core.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
                                   save_dataset)
 
@@ -94,15 +98,26 @@ class CaptionConfig:
         return out
 
 
+CHOICES = {"dtype": DTYPES, "images": PLACEMENT_MODES}
+
+
+def config_schema() -> dict[str, Setting]:
+    """The keys of a caption config: :class:`CaptionConfig`'s fields, with their types and choices."""
+    hints = get_type_hints(CaptionConfig)
+    schema = {}
+    for f in fields(CaptionConfig):
+        hint = hints[f.name]
+        kinds = [t for t in get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        choices = CHOICES.get(f.name)
+        schema[f.name] = Setting(kinds[0], tuple(choices) if choices else None,
+                                 nullable=type(None) in get_args(hint))
+    return schema
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config of :class:`CaptionConfig` keys; unknown keys are an error naming the file."""
-    path = Path(path)
-    raw = read_yaml_mapping(path)
-    known = {f.name for f in fields(CaptionConfig)}
-    for key in raw:
-        if key not in known:
-            raise DataError(path, f"key {key!r}", key, f"is not a caption setting (known: {', '.join(sorted(known))})")
-    return raw
+    """Read a YAML config of :class:`CaptionConfig` keys: an unknown key, a wrong type or a bad choice is a
+    :class:`~data_process.core.settings.ConfigError` naming the file and the key."""
+    return load_settings(path, config_schema())
 
 
 def render_prompt(template: str, mention: Mention) -> str:
@@ -146,6 +161,21 @@ class CaptionStats:
     model_seconds: float = 0.0
     elapsed_seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def cached_caption(cache: JsonlCache, key: str) -> dict[str, Any] | None:
+    """The cache record of ``key`` (None when absent); one of the wrong shape (``"text": 5``) is an error naming the
+    cache file and line (:mod:`data_process.augment.cache_records`)."""
+    rec = cache.get(key)
+    if rec is None:
+        return None
+    if rec.get("status") not in ("ok", "failed"):
+        raise record_error(cache, key, "status", f"must be ok or failed, got {rec.get('status')!r:.80}")
+    for name, required in (("text" if rec["status"] == "ok" else "reason", True), ("created", False)):
+        value = rec.get(name)
+        if not isinstance(value, str) and (required or value is not None):
+            raise record_error(cache, key, name, f"must be a string, got {value!r:.80}")
+    return rec
 
 
 def cache_key(image_sha256: str, captioner_id: str, prompt: str) -> str:
@@ -217,8 +247,9 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
     # 1. Hash images, plan jobs; mentions whose image is missing fail here.
     from tqdm import tqdm
 
-    sha_of_path: dict[Path, str | None] = {}
-    missing: dict[str, str] = {}
+    sha_of_image: dict[str, str | None] = {}  # image name in the records -> content hash (None: failed)
+    path_of_sha: dict[str, Path] = {}
+    failed_image: dict[str, str] = {}  # image name -> why it is not captioned
     plan: dict[str, list[Job]] = {}  # mention id -> its jobs, in task order
     with JsonlCache(cache_path) as cache, ImageHasher(cache_path.parent / HASHES_FILE) as hasher:
         for m in tqdm(ds.mentions, desc="hashing images", unit="mention", disable=not progress, dynamic_ncols=True):
@@ -226,24 +257,21 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
                 stats.no_image += 1
                 continue
             stats.with_image += 1
-            path = ds.image_path(m.image)
-            if path not in sha_of_path:
-                try:
-                    sha = hasher.sha256(path)
-                    sha_of_path[path] = None if sha == MISSING else sha
-                except OSError as exc:
-                    sha_of_path[path] = None
-                    missing[str(path)] = f"unreadable: {exc}"
-            sha = sha_of_path[path]
+            if m.image not in sha_of_image:
+                sha, path, reason = _hash_image(ds.root, m.image, hasher)
+                sha_of_image[m.image] = sha
+                if sha is None:
+                    failed_image[m.image] = reason
+                else:
+                    path_of_sha.setdefault(sha, path)
+            sha = sha_of_image[m.image]
             if sha is None:
-                missing.setdefault(str(path), "missing: file not found")
                 continue
             plan[m.id] = [Job(cache_key(sha, captioner.id, render_prompt(t, m)), sha, render_prompt(t, m))
                           for _, t in tasks]
 
         # 2. Unique uncached jobs grouped by image.
         jobs_by_image: dict[str, list[Job]] = {}
-        path_of_sha: dict[str, Path] = {}
         seen: set[str] = set()
         for m_jobs in plan.values():
             for job in m_jobs:
@@ -251,14 +279,11 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
                     continue
                 seen.add(job.key)
                 stats.jobs += 1
-                rec = cache.get(job.key)
+                rec = cached_caption(cache, job.key)
                 if rec is not None and (rec.get("status") == "ok" or not cfg.retry_failed):
                     stats.jobs_from_cache += 1
                     continue
                 jobs_by_image.setdefault(job.image_sha256, []).append(job)
-        for path, sha in sha_of_path.items():
-            if sha is not None:
-                path_of_sha.setdefault(sha, path)
 
         # 3. Decode in workers, caption in batches, cache every answer as it comes.
         _run_jobs(jobs_by_image, path_of_sha, captioner, cache, cfg, stats, progress)
@@ -271,7 +296,7 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
             if m.image is not None:
                 m_jobs = plan.get(m.id)
                 if m_jobs is None:
-                    reason = missing.get(str(ds.image_path(m.image)), "missing: file not found")
+                    reason = failed_image[m.image]
                     stats.failures.append({"mention_id": m.id, "image": m.image, "reason": reason})
                 else:
                     caption, reason = _mention_caption(m_jobs, [n for n, _ in tasks], template_of, cache, captioner)
@@ -294,14 +319,31 @@ def caption_dataset(data_dir: str | Path, out_dir: str | Path, captioner: Captio
         "cache": str(cache_path),
         "created": _now(),
     }
-    _write_output(ds, out_dir, new_mentions, cfg.images, summary)
     stats.elapsed_seconds = time.perf_counter() - started
     report = {**summary, **{k: v for k, v in asdict(stats).items() if k != "failures"},
               "device": str(getattr(captioner, "device", "")), "dtype": str(getattr(captioner, "dtype", "")),
               "images_per_second": (stats.images_decoded / stats.model_seconds) if stats.model_seconds else None,
               "failures": stats.failures}
-    atomic_write_json(out_dir / REPORT_FILE, report)
+    _write_output(ds, out_dir, new_mentions, cfg.images, summary, report)
     return stats
+
+
+def _hash_image(root: Path, name: str, hasher: ImageHasher) -> tuple[str | None, Path | None, str | None]:
+    """``(sha256, real path, None)`` for a mention image that is a regular file inside the dataset folder, else
+    ``(None, None, reason)``: an absolute or ``../`` path, a symlink leading out, a NUL byte, a FIFO or a device
+    (checked without opening it) is a failed image, never a read outside the folder or a hang."""
+    try:
+        path = resolve_inside(root, name)
+    except UnsafePath as exc:
+        return None, None, f"unsafe path: {exc}"
+    problem = regular_file_problem(path)
+    if problem is not None:
+        return None, None, problem
+    try:
+        sha = hasher.sha256(path)
+    except OSError as exc:
+        return None, None, f"unreadable: {exc}"
+    return (None, None, "missing: file not found") if sha == MISSING else (sha, path, None)
 
 
 def _mention_caption(jobs: list[Job], names: list[str], templates: dict[str, str], cache: JsonlCache,
@@ -310,7 +352,7 @@ def _mention_caption(jobs: list[Job], names: list[str], templates: dict[str, str
     reasons = []
     created = []
     for name, job in zip(names, jobs):
-        rec = cache.get(job.key)
+        rec = cached_caption(cache, job.key)
         if rec is None:
             reasons.append(f"{name}: not captioned")
         elif rec.get("status") != "ok":
@@ -346,12 +388,15 @@ def _check_out_dir(data_dir: Path, out_dir: Path) -> None:
 
 
 def _write_output(ds: Dataset, out_dir: Path, mentions: list[Mention], images_mode: str,
-                  summary: dict[str, Any]) -> None:
+                  summary: dict[str, Any], report: dict[str, Any]) -> None:
+    """The captioned dataset and its report, published as one set (``save_dataset``): a run killed while writing
+    leaves a folder ``load_dataset`` refuses, never one run's records beside another run's report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     entities, mentions = place_record_images(out_dir, ds.entities, mentions, images_mode, src_root=ds.root)
     info = DatasetInfo(name=ds.info.name, source_format=ds.info.source_format, split_rule=ds.info.split_rule,
                        notes={**ds.info.notes, "captions": summary})
-    save_dataset(out_dir, info, entities, mentions)
+    save_dataset(out_dir, info, entities, mentions,
+                 extra_files={REPORT_FILE: json.dumps(report, indent=2, ensure_ascii=False) + "\n"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,9 +545,8 @@ def import_captions(data_dir: str | Path, captions_file: str | Path, out_dir: st
         new_mentions.append(replace(m, caption={"text": e.text.strip(), "provenance": prov}))
     summary = {"mode": "import", "source": str(data_dir), "captions_file": str(captions_file),
                "model": source_model, "prompt": prompt, "images": images, "created": created}
-    _write_output(ds, out_dir, new_mentions, images, summary)
     report = {**summary, **counts}
-    atomic_write_json(out_dir / REPORT_FILE, report)
+    _write_output(ds, out_dir, new_mentions, images, summary, report)
     return report
 
 
@@ -563,32 +607,29 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command (bad input, a bad setting, a full or read-only disk raise; :func:`run_main` makes them one
+    ``error:`` line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "import":
-            a = _import_parser().parse_args(argv[1:])
-            report = import_captions(a.data, a.captions, a.out, source_model=a.source_model, prompt=a.prompt,
-                                     images=a.images)
-            print(json.dumps({k: report[k] for k in ("mentions", "captioned", "by_id", "by_image",
-                                                     "without_caption")}))
-            return 0
-        if argv and argv[0] == "run":
-            argv = argv[1:]
-        a = _run_parser().parse_args(argv)
-        cfg = config_from_args(a)
-        import torch
+    if argv and argv[0] == "import":
+        a = _import_parser().parse_args(argv[1:])
+        report = import_captions(a.data, a.captions, a.out, source_model=a.source_model, prompt=a.prompt,
+                                 images=a.images)
+        print(json.dumps({k: report[k] for k in ("mentions", "captioned", "by_id", "by_image", "without_caption")}))
+        return 0
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    a = _run_parser().parse_args(argv)
+    cfg = config_from_args(a)
+    import torch
 
-        from data_process.augment.captioners import Blip2Captioner
-        from data_process.core.devices import cpu_threads
+    from data_process.augment.captioners import Blip2Captioner
+    from data_process.core.devices import cpu_threads
 
-        torch.set_num_threads(a.threads if a.threads > 0 else cpu_threads(cfg.num_workers))
+    torch.set_num_threads(a.threads if a.threads > 0 else cpu_threads(cfg.num_workers))
 
-        captioner = Blip2Captioner(cfg.model, device=cfg.device, dtype=cfg.dtype,
-                                   settings=GenerationSettings(cfg.num_beams, cfg.max_new_tokens))
-        stats = caption_dataset(a.data, a.out, captioner, cfg, progress=not a.quiet)
-    except (DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    captioner = Blip2Captioner(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                               settings=GenerationSettings(cfg.num_beams, cfg.max_new_tokens))
+    stats = caption_dataset(a.data, a.out, captioner, cfg, progress=not a.quiet)
     print(json.dumps({k: getattr(stats, k) for k in ("mentions", "captioned", "failed", "no_image", "jobs_run",
                                                      "jobs_from_cache", "jobs_failed")}))
     print(f"wrote {Path(a.out)} (report: {Path(a.out) / REPORT_FILE})", file=sys.stderr)
@@ -596,4 +637,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -8,8 +8,9 @@ structured JSON answer ``{"description", "type", "attributes"}``. Each answer is
 is retried (the model is shown its answer and the error) a bounded number of times, then recorded as
 failed with every raw text kept.
 
-Durability: every answer is appended to a :class:`~data_process.core.durable_io.JsonlCache` (fsync'ed) *before*
-it is parsed or used, keyed by ``stable_hash({"model", "template_version", "input"})``. A re-run skips
+Durability: every answer is appended to a :class:`~data_process.core.durable_io.JsonlCache` (fsync'ed, status
+``received``) *before* it is parsed, then again with its verdict; a rerun parses a ``received`` answer without asking
+again. Any parser failure (even a ``RecursionError`` on deeply nested brackets) makes the answer invalid. Answers are keyed by ``stable_hash({"model", "template_version", "input"})``. A re-run skips
 cached items, so a crash loses at most the requests in flight and paid work is never repeated; items
 recorded as failed are asked again only with ``--retry-failed``. Request errors (HTTP 4xx other than
 auth/model errors, or transport errors that outlived the retries) are not answers: nothing is cached for
@@ -19,7 +20,10 @@ The output folder is a unified dataset (``data_process/core/records.py``) whose 
 ``enrichment = {"text", "description", "type", "attributes", "provenance"}``; failed items carry none.
 Images are placed with ``data_process.core.placement`` (``--images symlink`` by default: the source folder's
 top-level image folders are linked, so every image path in the records stays as it was; or ``copy``, ``rewrite``). ``enrichment_report.json`` in the output
-folder holds the counts and failures.
+folder holds the counts and failures; it is published with the records as one set (``save_dataset``), so a run killed
+while writing leaves a folder that ``load_dataset`` refuses, never one run's records with another's report.
+A cache record of the wrong shape (``"answer": 5``) is an error naming the cache file and line: a paid answer is
+never silently dropped or asked again.
 """
 
 from __future__ import annotations
@@ -28,19 +32,24 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
-from data_process.core.durable_io import JsonlCache, atomic_write_json
+from data_process.augment.cache_records import is_str_list, record_error
+from data_process.core.durable_io import JsonlCache
+from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
 from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_record_images, record_image_paths
-from data_process.core.settings import read_yaml_mapping
+from data_process.core.settings import ConfigError, Setting, load_settings, settings_from_parser
 from data_process.augment.llm_client import (
     RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
 )
@@ -105,6 +114,7 @@ class RunStats:
     failed: int = 0           # recorded as failed in this run (invalid after every answer retry)
     errors: int = 0           # request errors this run: no answer, nothing cached, asked again next run
     requests: int = 0         # answers received this run (paid)
+    invalid_answers: int = 0  # answers (this run or received earlier) that did not parse or validate
     transport_retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -143,6 +153,46 @@ class CacheWriter:
             await asyncio.to_thread(self.cache.put, key, record)
 
 
+STATUSES = ("ok", "invalid", "failed", "received")  # received: cached, not yet parsed (the run stopped there)
+
+
+def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(field, problem)`` when a cache record has not the shape this module writes, else None."""
+    if rec.get("status") not in STATUSES:
+        return "status", f"must be one of {', '.join(STATUSES)}, got {rec.get('status')!r}"
+    if not is_str_list(rec.get("raw")):
+        return "raw", f"must be a list of strings, got {rec.get('raw')!r:.80}"
+    if "errors" in rec and not is_str_list(rec["errors"]):
+        return "errors", f"must be a list of strings, got {rec['errors']!r:.80}"
+    attempts = rec.get("attempts", 0)
+    if not isinstance(attempts, int) or isinstance(attempts, bool):
+        return "attempts", f"must be an integer, got {attempts!r:.80}"
+    usage = rec.get("usage", {})
+    if not isinstance(usage, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values()):
+        return "usage", f"must be a mapping of token counts, got {usage!r:.80}"
+    if rec["status"] == "ok":
+        answer = rec.get("answer")
+        if not (isinstance(answer, dict) and isinstance(answer.get("description"), str)
+                and isinstance(answer.get("type"), str) and isinstance(answer.get("attributes"), dict)):
+            return "answer", f"must be an object with description, type and attributes, got {answer!r:.80}"
+        for name in ("model", "template", "template_version", "created"):
+            if not isinstance(rec.get(name), str):
+                return name, f"must be a string, got {rec.get(name)!r:.80}"
+    return None
+
+
+def cached(cache: JsonlCache, key: str) -> dict[str, Any] | None:
+    """The cache record of ``key`` (None when absent); one of the wrong shape is an error naming the cache file and
+    line (:mod:`data_process.augment.cache_records`)."""
+    rec = cache.get(key)
+    if rec is None:
+        return None
+    problem = _record_problem(rec)
+    if problem is not None:
+        raise record_error(cache, key, *problem)
+    return rec
+
+
 def _is_finished(rec: Mapping[str, Any] | None, retry_failed: bool) -> bool:
     if rec is None:
         return False
@@ -155,41 +205,50 @@ async def _answer_item(item: WorkItem, client: LLMClient, cache: CacheWriter, *,
 
     Returns the final status ("ok" | "failed"). Raises LLMRequestError when a request got no answer.
     """
-    rec = cache.cache.get(item.key)
+    rec = cached(cache.cache, item.key)
     raws: list[str] = []
     errors: list[str] = []
     used = 0
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    if rec is not None:  # resume an unfinished item ("invalid") or retry a failed one
-        raws, errors = list(rec.get("raw", [])), list(rec.get("errors", []))
-        usage = dict(rec.get("usage", usage))
-        used = int(rec.get("attempts", 0)) if rec.get("status") == "invalid" else 0
-    while True:
-        messages = list(item.messages)
-        if used > 0 and raws and errors:  # show the model its invalid answer and why
-            messages += [{"role": "assistant", "content": raws[-1]}, correction_message(errors[-1])]
-        result = await client.complete(messages)
-        used += 1
-        stats.requests += 1
-        stats.prompt_tokens += result.prompt_tokens
-        stats.completion_tokens += result.completion_tokens
-        usage["prompt_tokens"] += result.prompt_tokens
-        usage["completion_tokens"] += result.completion_tokens
-        raws.append(result.text)
-        base = {"kind": item.kind, "item_id": item.item_id, "model": model, "template": item.template.name,
+    unparsed = False  # the last of ``raws`` was received (and cached) but never parsed
+    if rec is not None:  # resume an unfinished item ("invalid", "received") or retry a failed one
+        raws, errors = list(rec["raw"]), list(rec.get("errors", []))
+        usage = {**usage, **rec.get("usage", {})}
+        used = rec.get("attempts", 0) if rec["status"] in ("invalid", "received") else 0
+        unparsed = rec["status"] == "received" and bool(raws)
+
+    def record(status: str, **extra: Any) -> dict[str, Any]:
+        return {"kind": item.kind, "item_id": item.item_id, "model": model, "template": item.template.name,
                 "template_version": item.template.version, "input": item.inputs, "raw": raws,
-                "attempts": used, "usage": usage, "created": _now()}
+                "attempts": used, "usage": usage, "created": _now(), "status": status, "errors": errors, **extra}
+
+    while True:
+        if not unparsed:
+            messages = list(item.messages)
+            if used > 0 and raws and errors:  # show the model its invalid answer and why
+                messages += [{"role": "assistant", "content": raws[-1]}, correction_message(errors[-1])]
+            result = await client.complete(messages)
+            used += 1
+            stats.requests += 1
+            stats.prompt_tokens += result.prompt_tokens
+            stats.completion_tokens += result.completion_tokens
+            usage["prompt_tokens"] += result.prompt_tokens
+            usage["completion_tokens"] += result.completion_tokens
+            raws.append(result.text)
+            await cache.put(item.key, record("received"))  # paid for: on disk before the parser sees it
+        unparsed = False
         try:
-            answer = parse_answer(result.text, item.template.instructions)
-        except AnswerError as exc:
-            errors.append(str(exc))
+            answer = parse_answer(raws[-1], item.template.instructions)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the answer is invalid, not a crash
+            stats.invalid_answers += 1
+            errors.append(str(exc) if isinstance(exc, AnswerError) else f"unparseable answer ({type(exc).__name__}: "
+                                                                          f"{str(exc)[:200]})")
             status = "failed" if used >= max_answers else "invalid"
-            await cache.put(item.key, {**base, "status": status, "errors": errors})
+            await cache.put(item.key, record(status))
             if status == "failed":
                 return status
             continue
-        # Cached as received first; validated answer stored alongside (parse is deterministic).
-        await cache.put(item.key, {**base, "status": "ok", "errors": errors, "answer": answer})
+        await cache.put(item.key, record("ok", answer=answer))  # the validated answer beside the raw one
         return "ok"
 
 
@@ -200,7 +259,7 @@ async def run_items(items: Sequence[WorkItem], client: LLMClient, cache: JsonlCa
     stats = RunStats(total=len(items))
     pending: list[WorkItem] = []
     for it in items:
-        rec = cache.get(it.key)
+        rec = cached(cache, it.key)
         if rec is not None and rec.get("status") == "ok":
             stats.cached += 1
         elif rec is not None and rec.get("status") == "failed" and not retry_failed:
@@ -251,12 +310,20 @@ async def run_items(items: Sequence[WorkItem], client: LLMClient, cache: JsonlCa
         async with asyncio.TaskGroup() as tg:
             for _ in range(max(1, min(concurrency, len(pending)))):
                 tg.create_task(worker())
-    except* LLMFatalError as eg:
-        raise eg.exceptions[0] from None
+    except BaseExceptionGroup as eg:  # a fatal request error, a full disk ...: the first one, LLMFatalError first
+        errors = _leaf_errors(eg)
+        raise next((e for e in errors if isinstance(e, LLMFatalError)), errors[0]) from None
     finally:
         bar.close()
         stats.transport_retries = client.retries
     return stats
+
+
+def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +390,44 @@ class EnrichOptions:
     max_consecutive_errors: int
 
 
+# Flags that are no settings (what to read and write, how to run this once); the others are config keys.
+NOT_SETTINGS = ("config", "help", "data", "out", "dry_run", "no_progress", "verbose")
+CONFIG_ONLY = {"prices": Setting(dict), "kinds": Setting(object, nullable=True),  # checked by parse_kinds
+               "expected_completion_tokens": Setting(int)}
+
+
+def config_schema() -> dict[str, Setting]:
+    """The keys of an enrichment config: the flags (underscored) plus the config-only ones."""
+    return {**settings_from_parser(build_parser(), skip=NOT_SETTINGS), **CONFIG_ONLY}
+
+
+def parse_kinds(value: Any) -> tuple[str, ...]:
+    """``kinds`` as a list or a comma string of ``entities``/``mentions``; ValueError saying what is allowed."""
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, list) or not all(isinstance(k, str) for k in parts):
+        raise ValueError(f"expected a list or a comma string of {', '.join(KINDS)}, got {value!r}")
+    kinds = tuple(k.strip() for k in parts if k.strip())
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"expected some of {', '.join(KINDS)}, got {value!r}")
+    return kinds
+
+
 def load_config(path: Path | None) -> dict[str, Any]:
+    """The config file (default ``configs/enrich.yaml``) checked against :func:`config_schema`."""
     path = path or DEFAULT_CONFIG
-    try:
-        cfg = read_yaml_mapping(path)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if "api_key" in cfg:
-        raise SystemExit(f"error: {path}: do not put the API key in a config file; use OPENAI_API_KEY or --api-key")
+    cfg = load_settings(path, config_schema())
+    if cfg.get("api_key") is not None:
+        raise ConfigError(path, "api_key", "do not put the API key in a config file; use OPENAI_API_KEY or --api-key")
+    if "kinds" in cfg:
+        try:
+            cfg["kinds"] = parse_kinds(cfg["kinds"])
+        except ValueError as exc:
+            raise ConfigError(path, "kinds", str(exc)) from None
+    for name, price in (cfg.get("prices") or {}).items():
+        if not (isinstance(price, dict) and set(price) == {"prompt", "completion"} and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in price.values())):
+            raise ConfigError(path, f"prices.{name}", f"expected {{prompt: N, completion: N}} (USD per 1M tokens), "
+                                                      f"got {price!r}")
     return cfg
 
 
@@ -362,11 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entity-template", type=Path)
     p.add_argument("--images", choices=PLACEMENT_MODES)
     p.add_argument("--limit", type=int, help="only the first N entities and first N mentions")
-    p.add_argument("--retry-failed", action="store_true", help="ask again for items recorded as failed")
+    p.add_argument("--retry-failed", action="store_true", default=None,
+                   help="ask again for items recorded as failed")
     p.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="N",
                    help="print the first N prompts (default 3) and the run's size and cost; no API calls")
-    p.add_argument("--max-consecutive-errors", type=int, default=50,
-                   help="stop when this many requests in a row get no answer")
+    p.add_argument("--max-consecutive-errors", type=int,
+                   help="stop when this many requests in a row get no answer (default 50)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -384,25 +482,24 @@ def resolve(args: argparse.Namespace) -> tuple[EnrichOptions, LLMConfig]:
         v = getattr(args, name, None)
         return v if v is not None else cfg.get(name, default)
 
-    kinds_raw = args.kinds.split(",") if args.kinds else cfg.get("kinds", list(KINDS))
-    kinds = tuple(k.strip() for k in kinds_raw if k.strip())
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise SystemExit(f"error: --kinds must be a comma list of {', '.join(KINDS)}, got {kinds_raw}")
-    concurrency = int(pick("concurrency", 16))
+    try:
+        kinds = parse_kinds(args.kinds) if args.kinds is not None else cfg.get("kinds", KINDS)
+    except ValueError as exc:
+        raise ValueError(f"--kinds: {exc}") from None
+    concurrency = pick("concurrency", 16)
     if not 1 <= concurrency <= 256:
-        raise SystemExit(f"error: --concurrency must be in 1..256, got {concurrency}")
+        raise ValueError(f"--concurrency must be in 1..256, got {concurrency}")
     model = pick("model")
     if not model:
-        raise SystemExit("error: no model: give --model or set 'model' in the config")
+        raise ValueError("no model: give --model or set 'model' in the config")
     base_url = pick("base_url")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key and not base_url and args.dry_run is None:
-        raise SystemExit("error: the OpenAI API needs a key: set OPENAI_API_KEY or give --api-key "
+        raise ValueError("the OpenAI API needs a key: set OPENAI_API_KEY or give --api-key "
                          "(local servers: give --base-url)")
     out = args.out
     if args.data.resolve() == out.resolve():
-        raise SystemExit("error: --out must differ from --data")
+        raise ValueError("--out must differ from --data")
     llm = LLMConfig(
         model=model, base_url=base_url, api_key=api_key,
         temperature=float(pick("temperature", 0.0)), max_tokens=int(pick("max_tokens", 256)),
@@ -415,13 +512,15 @@ def resolve(args: argparse.Namespace) -> tuple[EnrichOptions, LLMConfig]:
     for name in ("mention_template", "entity_template"):
         v = getattr(args, name)
         templates[name] = v if v is not None else _resolve_cfg_path(cfg.get(name, f"configs/prompts/{name[:-9]}_v1.txt"))
+    cache = pick("cache")
     opts = EnrichOptions(
-        data=args.data, out=out, cache=args.cache or out / CACHE_FILE, kinds=kinds,
+        data=args.data, out=out, cache=Path(cache) if cache else out / CACHE_FILE, kinds=kinds,
         mention_template=templates["mention_template"], entity_template=templates["entity_template"],
         concurrency=concurrency, answer_retries=max(0, int(pick("answer_retries", 2))),
-        retry_failed=args.retry_failed, limit=args.limit, images=pick("images", "symlink"),
+        retry_failed=bool(pick("retry_failed", False)), limit=pick("limit"), images=pick("images", "symlink"),
         prices=cfg.get("prices") or {}, expected_completion_tokens=int(pick("expected_completion_tokens", 80)),
-        dry_run=args.dry_run, progress=not args.no_progress, max_consecutive_errors=args.max_consecutive_errors,
+        dry_run=args.dry_run, progress=not args.no_progress,
+        max_consecutive_errors=pick("max_consecutive_errors", 50),
     )
     return opts, llm
 
@@ -446,7 +545,7 @@ def collect_items(ds, opts: EnrichOptions, model: str) -> tuple[list[WorkItem], 
 
 
 def dry_run(items: Sequence[WorkItem], cache: JsonlCache | None, opts: EnrichOptions, llm: LLMConfig) -> None:
-    pending = [it for it in items if not _is_finished(cache.get(it.key) if cache else None, opts.retry_failed)]
+    pending = [it for it in items if not _is_finished(cached(cache, it.key) if cache else None, opts.retry_failed)]
     n = opts.dry_run or 0
     for i, it in enumerate(pending[:n], 1):
         print(f"===== prompt {i}/{min(n, len(pending))}: {it.kind} {it.item_id} "
@@ -478,7 +577,7 @@ def write_output(ds, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, key
             return current
         c = counts.setdefault(kind, {"total": 0, "ok": 0, "failed": 0, "missing": 0})
         c["total"] += 1
-        rec = cache.get(keys[(kind, rid)])
+        rec = cached(cache, keys[(kind, rid)])
         if rec is not None and rec.get("status") == "ok":
             c["ok"] += 1
             return build_enrichment(rec)
@@ -508,7 +607,6 @@ def write_output(ds, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, key
     name = ds.info.name if ds.info.name.endswith("+") else ds.info.name + "+"
     info = DatasetInfo(name=name, source_format=ds.info.source_format, split_rule=ds.info.split_rule,
                        notes={**ds.info.notes, "enrichment": enrichment_note})
-    save_dataset(opts.out, info, entities, mentions)
     report = {
         "created": _now(), "data": str(opts.data), "out": str(opts.out), "cache": str(opts.cache),
         "llm": llm.public(), "counts": counts, "run": stats.as_dict(),
@@ -516,7 +614,10 @@ def write_output(ds, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, key
         all(c["missing"] == 0 for c in counts.values()),
         "failures": failures,
     }
-    atomic_write_json(opts.out / REPORT_FILE, report)
+    # One set: a run killed while writing leaves a folder load_dataset refuses, never this report beside the records
+    # of another run.
+    save_dataset(opts.out, info, entities, mentions,
+                 extra_files={REPORT_FILE: json.dumps(report, indent=2, ensure_ascii=False) + "\n"})
     return report
 
 
@@ -539,6 +640,32 @@ async def _run_async(items, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCac
                                max_consecutive_errors=opts.max_consecutive_errors, progress=opts.progress)
 
 
+class read_only_cache:  # noqa: N801 - a context manager used like a function
+    """The cache at ``path`` (None when there is none) read from a private copy: opening a :class:`JsonlCache`
+    repairs a torn tail, and a dry run must leave every file as it is."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._cache: JsonlCache | None = None
+
+    def __enter__(self) -> JsonlCache | None:
+        if not self.path.exists():
+            return None
+        self._tmp = tempfile.TemporaryDirectory(prefix="enrich-dry-run-")
+        copy = Path(self._tmp.name) / self.path.name
+        shutil.copyfile(self.path, copy)
+        self._cache = JsonlCache(copy)
+        self._cache.path = self.path  # errors name the real file (its lines are the copy's lines)
+        return self._cache
+
+    def __exit__(self, *exc) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -555,12 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "mentions" in opts.kinds:
         templates["mention"] = PromptTemplate.load(opts.mention_template)
     if opts.dry_run is not None:
-        cache = JsonlCache(opts.cache) if opts.cache.exists() else None
-        try:
+        with read_only_cache(opts.cache) as cache:
             dry_run(items, cache, opts, llm)
-        finally:
-            if cache:
-                cache.close()
         return EXIT_OK
     with JsonlCache(opts.cache) as cache:
         try:
@@ -578,4 +701,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

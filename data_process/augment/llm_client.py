@@ -7,6 +7,8 @@ only ``POST {base_url}/chat/completions`` is used.
   is counted and its delay controlled): 429, 408, 409, 5xx, timeouts and connection errors are retried with
   exponential backoff and jitter, up to ``max_retries`` times. A ``Retry-After`` header (seconds or an HTTP
   date) or ``retry-after-ms`` header is honoured: the next attempt waits at least that long.
+* An HTTP 200 whose body is not a chat completion (not JSON, non-string content: a broken proxy or server) is
+  retried the same way, then raises :class:`LLMRequestError`.
 * 401/403/404 raise :class:`LLMFatalError` (a misconfigured key, model or base URL: retrying cannot help).
   Other 4xx raise :class:`LLMRequestError` with ``retryable=False``.
 * Requests-per-minute and tokens-per-minute limits are token buckets (:class:`RateLimiter`).
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 RESPONSE_FORMATS = ("json_object", "json_object_schema", "json_schema", "none")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# What reading an HTTP 200 body that is not a chat completion raises (not JSON, ``choices`` not a list, content not
+# a string, ...): retried like a transport error, then a request error for that item; never the end of the run.
+MALFORMED_RESPONSE = (ValueError, TypeError, AttributeError, KeyError, IndexError, openai.APIResponseValidationError)
 FATAL_STATUS = frozenset({401, 403, 404})
 
 
@@ -277,6 +282,7 @@ class LLMClient:
             retry_after: float | None = None
             try:
                 resp = await self._client.chat.completions.create(**kwargs)
+                return self._result(resp, attempt, est)
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 body = self._redact(_body_text(exc))  # some servers echo the key they were sent
@@ -292,8 +298,8 @@ class LLMClient:
                 status, reason = None, f"timeout after {cfg.timeout_s:g}s"
             except openai.APIConnectionError as exc:
                 status, reason = None, f"connection error ({_cause(exc)})"
-            else:
-                return self._result(resp, attempt, est)
+            except MALFORMED_RESPONSE as exc:  # an HTTP 200 whose body is not a chat completion
+                status, reason = None, f"malformed response ({type(exc).__name__}: {str(exc)[:200]})"
             if attempt > cfg.max_retries:
                 raise LLMRequestError(f"gave up after {attempt} attempts; last: {reason}", status=status,
                                       retryable=True, attempts=attempt)
@@ -314,6 +320,8 @@ class LLMClient:
             raise LLMRequestError("the server answered with no choices", retryable=False, attempts=attempt)
         choice = choices[0]
         text = (choice.message.content if choice.message else None) or ""
+        if not isinstance(text, str):
+            raise TypeError(f"the message content is a {type(text).__name__}, not a string")
         usage = getattr(resp, "usage", None)
         pt = int(getattr(usage, "prompt_tokens", 0) or 0)
         ct = int(getattr(usage, "completion_tokens", 0) or 0)

@@ -10,6 +10,11 @@ dataclass, so it runs there too.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -173,11 +178,27 @@ def _as_list(items):
     return items
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_with_parent(parent_pid: int, _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker is killed when the process that started it dies (``kill -9``).
+
+    DataLoader's own watchdog is not enough: a worker whose results are large (PIL images for the captioner go
+    through the result pipe by value; the feature step's tensors go through shared memory) blocks writing to that
+    pipe, whose read end its sibling workers keep open, and then waits forever at exit for that write. Linux:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; the parent may already be gone when this runs, so that is checked after."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def iter_decoded(paths: Sequence[str | Path | None], batch_size: int, num_workers: int,
                  prepare: Callable | None = None, extras: Sequence[Any] | None = None
                  ) -> Iterator[list[tuple[int, Any, str | None]]]:
     """Batches (lists) of ``(index into paths, image | None, reason | None)``, decoded in ``num_workers`` processes
-    (0: in this process), in order.
+    (0: in this process), in order. A worker dies with the process that started it (:func:`_exit_with_parent`).
 
     ``prepare`` (picklable) runs in the worker after decoding: a backend's exact resize or CLIP preprocessing there
     shrinks what crosses the process boundary and leaves the main process free for the model. With ``extras`` (one
@@ -185,5 +206,6 @@ def iter_decoded(paths: Sequence[str | Path | None], batch_size: int, num_worker
     from torch.utils.data import DataLoader  # noqa: PLC0415 - only the decoding steps need torch here
 
     loader = DataLoader(_DecodeFiles(paths, prepare, extras), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_as_list, shuffle=False, prefetch_factor=4 if num_workers > 0 else None)
+                        collate_fn=_as_list, shuffle=False, prefetch_factor=4 if num_workers > 0 else None,
+                        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()) if num_workers else None)
     yield from loader

@@ -15,6 +15,9 @@ for: a release reader gives it; for a unified source dataset (``src_root``) it i
 folders (:func:`dataset_links`). Absolute paths are kept; a path of a unified source that leaves its folder
 (``../x.jpg``) is always rewritten. An existing entry in
 the new folder is never removed: a link to the same source is kept, anything else is an error naming it.
+``copy`` and ``rewrite`` read each file through :func:`source_file`: a file whose real path leaves its linked source
+folder (a symlink pointing out) is refused with :class:`~data_process.core.safe_paths.UnsafePath` (the release
+readers leave such images out before, and list them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from data_process.core.records import Entity, Mention
+from data_process.core.safe_paths import resolve_inside
 
 PLACEMENT_MODES = ("symlink", "copy", "rewrite")
 
@@ -36,11 +40,24 @@ def dataset_links(src_root: str | Path, rel_paths: Iterable[str]) -> dict[str, P
     return {top: Path(src_root) / top for top in sorted(tops) if (Path(src_root) / top).exists()}
 
 
-def _link_of(rel: str, links: Mapping[str, Path]) -> tuple[str, Path] | None:
+def source_file(folder: str | Path, rest: str, *, folder_links: bool = True) -> Path:
+    """The real path of the file ``rest`` (a relative path) names under the source folder ``folder``, or
+    :class:`UnsafePath` when, symlinks resolved, it leaves ``folder`` (which may itself be a link). With
+    ``folder_links`` a folder link directly inside ``folder`` is a source folder of its own (a unified dataset's
+    ``images/mention -> /abs/source``, as prepare makes it): the file must stay inside that link's target."""
+    root = Path(folder)
+    head, sep, tail = rest.partition("/")
+    if folder_links and sep and head not in ("", ".", "..") and (root / head).is_symlink() and (root / head).is_dir():
+        root, rest = root / head, tail
+    return resolve_inside(root, rest)
+
+
+def _link_of(rel: str, links: Mapping[str, Path]) -> tuple[str, str] | None:
+    """``(linked folder, the rest of rel)`` for the longest linked folder ``rel`` lies under."""
     for folder in sorted(links, key=len, reverse=True):
         prefix = folder.rstrip("/") + "/"
         if rel.startswith(prefix):
-            return folder, Path(links[folder]) / rel[len(prefix):]
+            return folder, rel[len(prefix):]
     return None
 
 
@@ -82,9 +99,9 @@ def place_images(out_root: str | Path, rel_paths: Iterable[str | None], mode: st
             leaves = src_root is not None and Path(rel).parts[0] == ".."
             mapping[rel] = os.path.relpath(Path(src_root).resolve() / rel, out_abs) if leaves else rel
             continue
-        folder, source = hit
+        folder, rest = hit
         if mode == "rewrite":
-            mapping[rel] = os.path.relpath(source.resolve(), out_abs)
+            mapping[rel] = os.path.relpath(source_file(links[folder], rest), out_abs)
         elif mode == "symlink":
             mapping[rel] = rel
             if folder not in linked:
@@ -92,6 +109,7 @@ def place_images(out_root: str | Path, rel_paths: Iterable[str | None], mode: st
                 _make_link(out_root / folder, links[folder])
         else:
             mapping[rel] = rel
+            source = source_file(links[folder], rest)     # UnsafePath when a symlink leads out of the folder
             if source.is_file():
                 dest = out_root / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)

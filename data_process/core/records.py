@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
+from data_process.core.safe_paths import check_regular_file
 
 SPLITS = ("train", "dev", "test")
 ENTITIES_FILE = "entities.jsonl"
@@ -208,6 +209,74 @@ def mention_from_dict(obj: Any, fail) -> Mention:
     )
 
 
+def _surrogate_in(text: str) -> str | None:
+    for ch in text:
+        if "\ud800" <= ch <= "\udfff":
+            return ch
+    return None
+
+
+class _RepeatedKeys(dict):
+    """A parsed JSON object whose text gave some keys more than once: ``repeated`` = {key: number of copies}."""
+
+    repeated: dict[str, int]
+
+
+def json_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` of every JSON input: a plain dict, which remembers keys its text repeated
+    (:func:`repeated_keys`) instead of silently keeping the last copy only."""
+    out: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for key, value in pairs:
+        if key in out:
+            counts[key] = counts.get(key, 1) + 1
+        out[key] = value
+    if not counts:
+        return out
+    obj = _RepeatedKeys(out)
+    obj.repeated = counts
+    return obj
+
+
+def repeated_keys(obj: Any) -> dict[str, int]:
+    """``{key: copies}`` for the keys a JSON object parsed with :func:`json_pairs` gave more than once."""
+    return dict(obj.repeated) if isinstance(obj, _RepeatedKeys) else {}
+
+
+def record_json_problem(obj: Any) -> tuple[str | None, str] | None:
+    """``(field, problem)`` for a raw JSON record that parsing let through: a field given twice, or a lone
+    surrogate (:func:`lone_surrogate`); ``None`` when it has neither."""
+    repeated = repeated_keys(obj)
+    if repeated:
+        key, copies = next(iter(repeated.items()))
+        return key, f"given {copies} times in the record (JSON keeps only the last)"
+    return lone_surrogate(obj)
+
+
+def lone_surrogate(obj: Any) -> tuple[str | None, str] | None:
+    """``(field, problem)`` for the first string in a raw JSON record (keys included) that holds a lone surrogate
+    (``"\\ud83d"``: legal JSON, but no Unicode text; it cannot be written as UTF-8), else ``None``. The field is
+    the record's top-level key (``None`` for the record itself)."""
+
+    def find(value: Any) -> str | None:
+        if isinstance(value, str):
+            return _surrogate_in(value)
+        if isinstance(value, dict):
+            return next((c for k, v in value.items() for c in (find(k), find(v)) if c), None)
+        if isinstance(value, (list, tuple)):
+            return next((c for v in value if (c := find(v))), None)
+        return None
+
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else [(None, obj)]
+    for key, value in items:
+        ch = find(key) if isinstance(key, str) else None
+        name = None if ch else (str(key) if key is not None else None)
+        ch = ch or find(value)
+        if ch:
+            return name, f"holds a lone surrogate {ch!r} (not Unicode text; cannot be written as UTF-8)"
+    return None
+
+
 def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
     """JSON-ready dict; tuples become lists, ``None`` optional fields are dropped."""
     out = {}
@@ -231,9 +300,7 @@ def iter_json_lines(path: str | Path, on_error: OnError | None = None) -> Iterat
     """``(line number, parsed value)`` for each non-blank line.
 
     Invalid JSON or a non-UTF-8 line raises :class:`DataError`, or, with ``on_error``, is passed to it and skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+    path = check_regular_file(Path(path))   # a missing file, a folder, a FIFO: a clear error, never a hang
     with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its file and line
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -245,7 +312,7 @@ def iter_json_lines(path: str | Path, on_error: OnError | None = None) -> Iterat
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.rstrip("\r\n"))
+                obj = json.loads(line.rstrip("\r\n"), object_pairs_hook=json_pairs)
             except json.JSONDecodeError as exc:
                 _report(DataError(path, f"line {lineno}", None,
                                   f"invalid JSON ({exc.msg} at column {exc.colno})"), on_error)
@@ -275,6 +342,9 @@ def iter_records(path: str | Path, parse: Callable, on_error: OnError | None = N
             raise DataError(path, _where, field_name, problem)
 
         try:
+            bad = record_json_problem(obj)
+            if bad is not None:
+                fail(*bad)
             record = parse(obj, fail)
         except DataError as err:
             _report(err, on_error)
@@ -317,8 +387,9 @@ def read_info(root: str | Path) -> DatasetInfo:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder not found")
     info_path = root / INFO_FILE
-    if not info_path.is_file():
+    if not info_path.exists():
         return DatasetInfo(name=root.name, source_format="unknown")
+    check_regular_file(info_path)
     try:
         raw = json.loads(info_path.read_text(encoding="utf-8"))
         return DatasetInfo(**raw)
@@ -362,22 +433,39 @@ def missing_entity(m: Mention, kb: set[str], path: str | Path) -> DataError | No
     return None
 
 
+def utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (no Unicode text) is written as its ``\\udXXX`` escape instead of
+    failing, which in JSON is the same value (loading refuses it, naming the record)."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def _jsonl_bytes(records: Iterable[Entity | Mention]) -> bytes:
-    return "".join(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    return utf8_bytes("".join(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
 def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity], mentions: Iterable[Mention],
-                 extra_files: dict[str, bytes | str] | None = None) -> Path:
+                 extra_files: dict[str, bytes | str] | None = None, *, complete: bool = True) -> Path:
     """Write a unified dataset folder as one set: the records, ``extra_files`` (``{name: content}``, e.g. a step's
-    report) and ``dataset.json``, between the ``.incomplete`` marker's creation and removal (module docstring)."""
+    report) and ``dataset.json``, between the ``.incomplete`` marker's creation and removal (module docstring).
+
+    ``complete=False`` leaves the marker: the step checks the folder and then adds its last files with
+    :func:`complete_dataset` (``prepare`` validates the written files and adds the report)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     files = {ENTITIES_FILE: _jsonl_bytes(entities), MENTIONS_FILE: _jsonl_bytes(mentions)}
-    for name, content in (extra_files or {}).items():
-        files[name] = content.encode("utf-8") if isinstance(content, str) else content
-    files[INFO_FILE] = (json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    files[INFO_FILE] = utf8_bytes(json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(root / INCOMPLETE_MARKER, "a step is writing this dataset; it is not complete\n")
     for name, data in files.items():
         atomic_write_bytes(root / name, data)
+    if complete:
+        complete_dataset(root, extra_files)
+    return root
+
+
+def complete_dataset(root: str | Path, extra_files: dict[str, bytes | str] | None = None) -> Path:
+    """Write ``extra_files`` into a folder :func:`save_dataset` left incomplete, then remove the marker."""
+    root = Path(root)
+    for name, content in (extra_files or {}).items():
+        atomic_write_bytes(root / name, utf8_bytes(content) if isinstance(content, str) else content)
     (root / INCOMPLETE_MARKER).unlink()
     return root

@@ -29,7 +29,7 @@ Images are decoded in DataLoader worker processes. An image name that leads outs
 run: it is counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first
 ids, with the reason), and gets a zero feature with mask False.
 
-For linking new mentions outside the cache (``nel_model/predict.py``) use :func:`load_encoders_from_meta` and
+For linking new mentions outside the cache (``nel_model/inference/predict.py``) use :func:`load_encoders_from_meta` and
 :func:`encode_mention_views`.
 """
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from data_process.core.durable_io import atomic_write_text
-from data_process.core.records import DataError
+from data_process.core.entry import run_main
 from data_process.ingest.readers.ghmfc import read_ghmfc
 
 OUT_FILE = "search_top100.json"
@@ -66,20 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=100, help="candidates per mention string")
     ap.add_argument("--force", action="store_true", help="replace an existing search_top100.json")
     a = ap.parse_args(argv)
-    try:
-        out = (a.src / "input_data" if (a.src / "input_data" / "qid2ne.json").is_file() else a.src) / OUT_FILE
-        if out.exists() and not a.force:
-            raise FileExistsError(f"{out}: exists; pass --force to replace it")
-        conv = read_ghmfc(a.src, annotations=a.annotations, progress=False)
-        lists = search_top([m.mention for m in conv.mentions], [e.id for e in conv.entities],
-                           [e.name for e in conv.entities], a.k)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    out = (a.src / "input_data" if (a.src / "input_data" / "qid2ne.json").is_file() else a.src) / OUT_FILE
+    if out.exists() and not a.force:
+        raise FileExistsError(f"{out}: exists; pass --force to replace it")
+    conv = read_ghmfc(a.src, annotations=a.annotations, progress=False)
+    lists = search_top([m.mention for m in conv.mentions], [e.id for e in conv.entities],
+                       [e.name for e in conv.entities], a.k)
     atomic_write_text(out, json.dumps(lists, ensure_ascii=False) + "\n")
     print(f"{out}: {len(lists)} mention strings x {a.k} candidates")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

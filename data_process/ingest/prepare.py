@@ -3,15 +3,21 @@
     python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified} \\
         --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 70,10,20] \\
         [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}] \\
-        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}]
+        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P]
 
 Steps: the format's reader builds the records (``data_process.ingest.readers``), dropping bad records and listing
 them (``--strict``: the first bad record is an error; more dropped records than ``--max-invalid``, default 1% of the
 records read, fail the conversion); they are written with ``records.save_dataset`` into a temporary folder beside
 ``--out``; image folders are attached; the folder is validated (``data_process.ingest.validate``). With any validation error (or any reader error) the temporary folder is
 removed and ``--out`` is left as it was (absent, or the previous dataset). Otherwise ``validation.json`` and
-``validation.txt`` (which list every dropped record: file, record, field, reason; and ids the release lists
-without a record) are added and the folder replaces ``--out`` by rename.
+``validation.txt`` (which list every dropped record: file, record, field, reason; ids the release lists
+without a record; image references refused) join the set and the folder replaces ``--out`` by rename. The staged
+folder carries the ``.incomplete`` marker from its first file to its report (``records.save_dataset``), so a run
+killed mid-way leaves nothing that ``load_dataset`` or ``validate`` accepts.
+
+``--out`` is replaced only when it is absent, empty, or holds nothing but what ``prepare`` writes
+(:data:`OWN_ENTRIES`: the dataset files, the report, ``images``); a folder holding anything else (a project folder
+with a ``dataset.json`` beside other files) is refused, and nothing in it is touched.
 
 Images (``--images``, see ``data_process.core.placement``): ``symlink`` (default) makes folder symlinks inside the
 dataset (``images/mention``, ``images/kb``) pointing to the *absolute* source image folders, so record paths stay
@@ -26,19 +32,25 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+from data_process.core.entry import run_main
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
+from data_process.core.records import (ENTITIES_FILE, INCOMPLETE_MARKER, INFO_FILE, MENTIONS_FILE, complete_dataset,
+                                       save_dataset)
 from data_process.ingest.readers import READERS
 from data_process.ingest.readers.common import Converted, parse_ratios
-from data_process.core.records import ENTITIES_FILE, INFO_FILE, MENTIONS_FILE, DataError, save_dataset
-from data_process.ingest.validate import IMAGE_CHECKS, ValidationReport, format_report, validate_dataset, write_report
+from data_process.ingest.validate import (IMAGE_CHECKS, REPORT_JSON, REPORT_TXT, ValidationReport, format_report,
+                                          report_files, validate_dataset, write_report)
 
 IMAGE_MODES = (*PLACEMENT_MODES, "none")
 DEFAULT_MAX_INVALID = "1%"
 FORMATS = tuple(READERS)
+DEFAULT_SPLITS = "70,10,20"
+# what prepare writes into --out: a folder holding anything else is never replaced
+OWN_ENTRIES = frozenset({INFO_FILE, ENTITIES_FILE, MENTIONS_FILE, REPORT_JSON, REPORT_TXT, "images",
+                         INCOMPLETE_MARKER})
 
 
 class ConversionError(ValueError):
@@ -93,13 +105,16 @@ def check_invalid(converted: Converted, max_invalid: str | int | float) -> None:
 
 
 def _check_replaceable(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything prepare did not write (:data:`OWN_ENTRIES`)."""
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
         raise FileExistsError(f"{out}: exists and is not a dataset folder; refusing to replace it")
-    names = {p.name for p in out.iterdir()}
-    if names and not names & {INFO_FILE, ENTITIES_FILE, MENTIONS_FILE}:
-        raise FileExistsError(f"{out}: exists, is not empty and holds no unified dataset; refusing to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out}: holds entries prepare did not write ({shown}); refusing to replace it "
+                              "(choose a new or empty --out, or one holding only a dataset prepare wrote)")
 
 
 def _open_permissions(stage: Path) -> None:
@@ -163,17 +178,20 @@ def publish(
             entities, mentions = place_record_images(stage, converted.entities, converted.mentions, images,
                                                      links=converted.image_links)
             converted = dataclasses.replace(converted, entities=entities, mentions=mentions)
-        save_dataset(stage, converted.info, converted.entities, converted.mentions)
-        report = validate_dataset(stage, image_check=image_check, progress=progress)
+        save_dataset(stage, converted.info, converted.entities, converted.mentions, complete=False)
+        report = validate_dataset(stage, image_check=image_check, progress=progress, allow_incomplete=True)
         report.root = str(out)
         report.records_read = converted.records_read
         report.dropped = [d.to_json() for d in converted.dropped]
         report.absent_ids = converted.absent_ids
+        for refused in converted.refused_images:
+            report.add("refused_images", str(refused))
+        report.refused_images = [r.to_json() for r in converted.refused_images]
         if not report.ok:
             if echo:
                 print(format_report(report), end="")
             raise ConversionError(out, report)
-        write_report(report, stage)
+        complete_dataset(stage, report_files(report))
         _open_permissions(stage)
         _swap_in(stage, out)
     except BaseException:
@@ -190,8 +208,8 @@ def prepare(
     out: str | Path,
     *,
     dataset_name: str | None = None,
-    split_seed: int = 0,
-    splits: str = "70,10,20",
+    split_seed: int | None = None,
+    splits: str | None = None,
     image_dir: str | Path | None = None,
     images: str = "symlink",
     check_images: bool | str = True,
@@ -201,17 +219,30 @@ def prepare(
     max_invalid: str | int | float = DEFAULT_MAX_INVALID,
     annotations: str | Path | None = None,
     entity_text: str = "brief",
+    dev_from_train: float | None = None,
 ) -> tuple[Path, ValidationReport]:
-    """Read ``src`` in format ``fmt`` and publish it to ``out`` (see the module docstring)."""
+    """Read ``src`` in format ``fmt`` and publish it to ``out`` (see the module docstring).
+
+    ``splits`` and ``split_seed`` (``None``: not given) are for a format that makes its splits: ``--splits`` for
+    MELBench, ``--split-seed`` for MELBench and for GHMFC with ``dev_from_train``; giving one to a format whose
+    release fixes the splits is an error."""
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if splits is not None and fmt != "melbench":
+        raise ValueError(f"--splits is only for --format melbench: a {fmt} release fixes its splits"
+                         + (" (--dev-from-train P makes a dev split of a GHMFC release without one)"
+                            if fmt == "ghmfc" else ""))
+    if dev_from_train is not None and fmt != "ghmfc":
+        raise ValueError(f"--dev-from-train is only for --format ghmfc, not {fmt}")
+    if split_seed is not None and fmt != "melbench" and dev_from_train is None:
+        raise ValueError(f"--split-seed is only for --format melbench (and ghmfc with --dev-from-train): a {fmt} "
+                         "release fixes its splits")
     if image_dir is not None and fmt not in ("melbench", "ghmfc"):
         raise ValueError("--image-dir is only for --format melbench and ghmfc (other releases carry their image "
                          "folders)")
     if (annotations is not None or entity_text != "brief") and fmt != "ghmfc":
         raise ValueError("--annotations and --entity-text are only for --format ghmfc")
-    _check_replaceable(Path(out))
-    if fmt == "unified" and Path(src).resolve() == Path(out).resolve():
+    if fmt == "unified" and Path(src).resolve() == Path(out).resolve():   # in place: only the report is written
         report = validate_dataset(src, image_check={True: "verify", False: "none"}.get(check_images, check_images),
                                   progress=progress)
         if echo:
@@ -220,12 +251,15 @@ def prepare(
             raise ConversionError(Path(out), report)
         write_report(report, out)
         return Path(out), report
+    _check_replaceable(Path(out))
     common = {"dataset_name": dataset_name, "progress": progress, "strict": strict}
+    seed = split_seed or 0
     if fmt == "melbench":
-        converted = READERS[fmt](src, seed=split_seed, splits=parse_ratios(splits), image_dir=image_dir, **common)
+        converted = READERS[fmt](src, seed=seed, splits=parse_ratios(splits or DEFAULT_SPLITS), image_dir=image_dir,
+                                 **common)
     elif fmt == "ghmfc":
         converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
-                                 **common)
+                                 dev_from_train=dev_from_train, seed=seed, **common)
     else:
         converted = READERS[fmt](src, **common)
     return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress,
@@ -238,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", required=True, type=Path, help="release folder or annotation file (.json/.zip)")
     ap.add_argument("--out", required=True, type=Path, help="unified dataset folder to write")
     ap.add_argument("--dataset-name", default=None, help="name recorded in dataset.json")
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the by-sample split (MELBench)")
-    ap.add_argument("--splits", default="70,10,20", help="train,dev,test ratios of the by-sample split (MELBench)")
+    ap.add_argument("--split-seed", type=int, default=None,
+                    help="seed of the by-sample split (MELBench; GHMFC with --dev-from-train); default 0")
+    ap.add_argument("--splits", default=None,
+                    help=f"train,dev,test ratios of the by-sample split (MELBench only; default {DEFAULT_SPLITS})")
+    ap.add_argument("--dev-from-train", type=float, default=None, metavar="P",
+                    help="GHMFC release without dev.json: make the dev split of a fraction P (0 < P < 1) of the "
+                         "train samples, by a seeded hash of the sample ids (recorded in dataset.json)")
     ap.add_argument("--image-dir", type=Path, default=None,
                     help="MELBench, GHMFC: folder of mention images (named by sample id, or imgPath)")
     ap.add_argument("--annotations", type=Path, default=None,
@@ -250,24 +289,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop at the first bad record (default: drop bad records, list them, go on)")
     ap.add_argument("--max-invalid", default=DEFAULT_MAX_INVALID,
                     help="fail when more records than this are dropped: a count (25) or a share of the records "
-                         f"read (default {DEFAULT_MAX_INVALID})")
+                         f"read (default {DEFAULT_MAX_INVALID.replace('%', '%%')})")
     ap.add_argument("--images", choices=IMAGE_MODES, default="symlink",
                     help="symlink (default), copy or rewrite the release's image folders, or none (text only)")
     ap.add_argument("--image-check", choices=IMAGE_CHECKS, default="verify",
                     help="verify images with PIL (default), only check they exist, or skip")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    try:
+    if args.splits is not None:
         parse_ratios(args.splits)
-        prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
-                splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
-                progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,
-                annotations=args.annotations, entity_text=args.entity_text)
-    except (DataError, ConversionError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
+            splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
+            progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,
+            annotations=args.annotations, entity_text=args.entity_text, dev_from_train=args.dev_from_train)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -12,23 +12,25 @@ Counts entities, mentions per split, and problems. Each problem is either an **e
   ``dataset.json``.
 * warnings (counted, reported, the dataset is still written): missing mention/entity images, unreadable
   mention/entity images (PIL cannot open or verify them), empty sentences, mention strings not found in their
-  sentence, empty splits, a missing ``dataset.json``.
+  sentence, empty splits, a missing ``dataset.json``, and (from a conversion) image references the reader refused
+  (``refused_images``: a symlink out of the release's image folder, an absolute or ``..`` path).
 
-The report is written as ``DIR/validation.json`` and ``DIR/validation.txt`` (atomically) and printed.
+The report is written as ``DIR/validation.json`` and ``DIR/validation.txt`` (atomically) and printed. A folder
+whose writing was interrupted (``.incomplete`` marker, ``records.check_published``) is refused, not reported on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from data_process.core.durable_io import atomic_write_json, atomic_write_text
+from data_process.core.durable_io import atomic_write_bytes
+from data_process.core.entry import run_main
 from data_process.core.records import (
     ENTITIES_FILE,
     INFO_FILE,
@@ -38,9 +40,11 @@ from data_process.core.records import (
     DatasetInfo,
     Entity,
     Mention,
+    check_published,
     entity_from_dict,
     iter_records,
     mention_from_dict,
+    utf8_bytes,
 )
 
 REPORT_JSON = "validation.json"
@@ -66,6 +70,7 @@ WARNING_KINDS = (
     "mention_not_in_sentence",
     "empty_splits",
     "missing_dataset_info",
+    "refused_images",
 )
 
 
@@ -91,6 +96,7 @@ class ValidationReport:
     records_read: int | None = None
     dropped: list[dict[str, Any]] = field(default_factory=list)       # {"file", "record", "field", "reason"}
     absent_ids: dict[str, list[str]] = field(default_factory=dict)     # ids a release lists without a record
+    refused_images: list[dict[str, Any]] = field(default_factory=list)  # image references a reader left out
 
     @property
     def ok(self) -> bool:
@@ -220,11 +226,17 @@ def validate_records(
     return rep
 
 
-def validate_dataset(root: str | Path, *, image_check: str = "verify", progress: bool = True) -> ValidationReport:
-    """Validate a unified dataset folder, counting every problem instead of stopping at the first."""
+def validate_dataset(root: str | Path, *, image_check: str = "verify", progress: bool = True,
+                     allow_incomplete: bool = False) -> ValidationReport:
+    """Validate a unified dataset folder, counting every problem instead of stopping at the first.
+
+    A folder still marked incomplete is a :class:`DataError` (``allow_incomplete``: the step writing it checks its
+    own staged files)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder not found")
+    if not allow_incomplete:
+        check_published(root)
     rep = ValidationReport(dataset=root.name, root=str(root))
     info_path = root / INFO_FILE
     if info_path.is_file():
@@ -262,6 +274,9 @@ def format_report(rep: ValidationReport) -> str:
                      f"{REPORT_JSON})")
         for d in rep.dropped[:MAX_EXAMPLES]:
             lines.append(f"    dropped: {DataError(d['file'], d['record'], d['field'], d['reason'])}")
+    if rep.refused_images:
+        lines.append(f"  refused images: {len(rep.refused_images)} image references left out (all listed in "
+                     f"{REPORT_JSON})")
     for name, ids in rep.absent_ids.items():
         lines.append(f"  {name}: {len(ids)} ids without a record (listed in {REPORT_JSON})"
                      + (f", e.g. {', '.join(ids[:MAX_EXAMPLES])}" if ids else ""))
@@ -271,13 +286,18 @@ def format_report(rep: ValidationReport) -> str:
         for kind in nonzero:
             for ex in rep.examples.get(kind, []):
                 lines.append(f"    {kind}: {ex}")
-    return "\n".join(lines) + "\n"
+    return utf8_bytes("\n".join(lines) + "\n").decode("utf-8")   # printable: a lone surrogate shows as \\udXXX
+
+
+def report_files(rep: ValidationReport) -> dict[str, str]:
+    """``{file name: text}`` of the report (``records.save_dataset``'s ``extra_files``)."""
+    return {REPORT_JSON: json.dumps(rep.to_dict(), indent=2, ensure_ascii=False) + "\n", REPORT_TXT: format_report(rep)}
 
 
 def write_report(rep: ValidationReport, folder: str | Path) -> tuple[Path, Path]:
     folder = Path(folder)
-    atomic_write_json(folder / REPORT_JSON, rep.to_dict())
-    atomic_write_text(folder / REPORT_TXT, format_report(rep))
+    for name, text in report_files(rep).items():
+        atomic_write_bytes(folder / name, utf8_bytes(text))
     return folder / REPORT_JSON, folder / REPORT_TXT
 
 
@@ -289,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not write validation.json/.txt")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    try:
-        rep = validate_dataset(args.dir, image_check=args.images, progress=not args.quiet)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rep = validate_dataset(args.dir, image_check=args.images, progress=not args.quiet)
     if not args.no_write:
         write_report(rep, args.dir)
     print(format_report(rep), end="")
@@ -301,4 +317,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

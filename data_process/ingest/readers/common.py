@@ -1,4 +1,5 @@
-"""Shared pieces of the release readers: the reader result, field checks, spans and seeded splits.
+"""Shared pieces of the release readers: the reader result, field checks, JSON loading, the image guard, spans and
+seeded splits.
 
 Every reader returns a :class:`Converted`: the unified records plus ``image_links``, a map from a folder
 *inside the output dataset* (e.g. ``images/mention``) to the *source* folder whose files it stands for.
@@ -8,14 +9,19 @@ which are relative to the dataset folder, resolve without copying gigabytes of i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
-from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS
+from data_process.core.records import (DataError, DatasetInfo, Entity, Mention, SPLITS, json_pairs, record_json_problem,
+                                       repeated_keys)
+from data_process.core.placement import source_file
+from data_process.core.safe_paths import UnsafePath, open_regular_file
 
 MENTION_IMAGE_DIR = "images/mention"
 ENTITY_IMAGE_DIR = "images/kb"
@@ -77,6 +83,7 @@ class Converted:
     dropped: list[Dropped] = field(default_factory=list)
     records_read: int = 0
     absent_ids: dict[str, list[str]] = field(default_factory=dict)
+    refused_images: list[Dropped] = field(default_factory=list)   # image references left out (guard_images)
 
 
 Fail = Callable[[str | None, str], NoReturn]
@@ -145,18 +152,97 @@ def find_span(sentence: str, mention: str) -> tuple[int, int] | None:
     return None if start < 0 else (start, start + len(mention))
 
 
-def load_json(path: Path, text: str | None = None) -> Any:
-    """Parse a JSON file (or ``text`` read from it), naming the file in errors."""
+def check_record(obj: Any, fail: Fail) -> None:
+    """Fail on what JSON parsing lets through in a raw record: a field given twice (JSON keeps the last copy
+    silently) or a string holding a lone surrogate (:func:`records.lone_surrogate`)."""
+    bad = record_json_problem(obj)
+    if bad is not None:
+        fail(*bad)
+
+
+def load_json(path: Path, text: str | None = None, policy: RecordPolicy | None = None) -> Any:
+    """Parse a JSON file (or ``text`` read from it), naming the file in errors; only a regular file is read.
+
+    A top-level object that repeats a key (JSON would keep the last copy silently) loses that key: every copy is
+    dropped and listed in ``policy`` (one dropped record per copy), or, without a policy or when strict, it is a
+    :class:`DataError`."""
     try:
         if text is None:
-            text = Path(path).read_text(encoding="utf-8")
-        return json.loads(text)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
+            with open_regular_file(path) as fh:
+                text = fh.read().decode("utf-8")
+        data = json.loads(text, object_pairs_hook=json_pairs)
     except UnicodeDecodeError as exc:
         raise DataError(path, "file", None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataError(path, "file", None, f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnsafePath as exc:
+        raise DataError(path, "file", None, str(exc).removeprefix(f"{path}: ")) from None
+    repeated = repeated_keys(data)
+    if repeated:
+        policy = policy or RecordPolicy(strict=True)
+        for key, copies in repeated.items():
+            err = DataError(path, f"key {key!r}", None, f"repeated key: {copies} copies in the file (JSON keeps "
+                            "only the last); every copy dropped")
+            for _ in range(copies):
+                policy.records += 1
+                policy.drop(err)
+            del data[key]
+        data = dict(data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The image guard: an image a record names must lie, symlinks resolved, inside the image folder it is named in
+
+
+def image_problem(rel: str, links: dict[str, Path], *, folder_links: bool = False) -> str | None:
+    """Why the image path ``rel`` (as a record names it, relative to the dataset) must not be read, or ``None``.
+
+    Any path must be relative and free of ``..``; under a linked folder (``images/mention`` -> the release's image
+    folder) the file's real path must stay inside that folder (which may be a link; ``folder_links``: see
+    :func:`data_process.core.placement.source_file`, for a unified source)."""
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if "\x00" in rel or PurePosixPath(rel).is_absolute() or ".." in parts or (len(rel) > 1 and rel[1] == ":"):
+        return f"{rel}: absolute, or leaves the dataset folder (image paths are relative, without '..')"
+    for folder in sorted(links, key=len, reverse=True):
+        prefix = folder.rstrip("/") + "/"
+        if rel.startswith(prefix):
+            try:
+                source_file(links[folder], rel[len(prefix):], folder_links=folder_links)
+            except UnsafePath as exc:
+                return str(exc)
+            return None
+    return None
+
+
+def guard_images(conv: Converted, *, folder_links: bool = False) -> Converted:
+    """``conv`` with every image reference :func:`image_problem` refuses taken out (the record is kept, without
+    that image, as a record whose image is missing) and listed in ``refused_images`` (file = the image path)."""
+    links = {k.rstrip("/"): Path(os.path.realpath(v)) for k, v in conv.image_links.items()}
+    refused: list[Dropped] = []
+
+    def kept(paths: Sequence[str], owner: str, field_name: str) -> tuple[str, ...]:
+        out = []
+        for rel in paths:
+            problem = image_problem(rel, links, folder_links=folder_links)
+            if problem is None:
+                out.append(rel)
+            else:
+                refused.append(Dropped(rel, owner, field_name, f"image refused: {problem}"))
+        return tuple(out)
+
+    entities = []
+    for e in conv.entities:
+        images = kept(e.images, f"entity {e.id!r}", "images")
+        entities.append(e if images == e.images else dataclasses.replace(e, images=images))
+    mentions = []
+    for m in conv.mentions:
+        ok = not m.image or kept((m.image,), f"mention {m.id!r}", "image")
+        mentions.append(m if ok else dataclasses.replace(m, image=None))
+    if not refused:
+        return conv
+    return dataclasses.replace(conv, entities=entities, mentions=mentions,
+                               refused_images=conv.refused_images + refused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +270,32 @@ def split_rule_text(seed: int, ratios: Sequence[float]) -> str:
     )
 
 
+def hash_order(sample_ids: Sequence[str], seed: int) -> list[str]:
+    """The distinct ids ordered by ``sha256('<seed>:' + id)`` hex digest (then by id): the order of every split
+    rule; independent of input order and of Python's ``random``."""
+    return sorted(set(sample_ids), key=lambda s: (hashlib.sha256(f"{seed}:{s}".encode("utf-8")).hexdigest(), s))
+
+
+def dev_from_train_rule(seed: int, share: float) -> str:
+    return (f"dev carved from train, seed {seed}: train samples ordered by sha256('{seed}:' + sample_id) hex "
+            f"digest; the first round(n*{share:g}) are dev, the rest stay train; all mentions of a sample share its "
+            "split")
+
+
+def carve_dev(train_ids: Sequence[str], seed: int, share: float) -> set[str]:
+    """The train sample ids that become dev (see :func:`dev_from_train_rule`); ``0 < share < 1``."""
+    if not 0 < share < 1:
+        raise ValueError(f"--dev-from-train must be a fraction between 0 and 1 (e.g. 0.1), got {share!r}")
+    ids = hash_order(train_ids, seed)
+    return set(ids[:math.floor(len(ids) * share + 0.5)])
+
+
 def split_samples(sample_ids: Sequence[str], seed: int, ratios: Sequence[float]) -> dict[str, str]:
     """Assign each sample id to train/dev/test, deterministically for ``seed`` (see :func:`split_rule_text`).
 
     Independent of input order and of Python's ``random`` module: the order is a hash of seed and id.
     """
-    ids = sorted(set(sample_ids), key=lambda s: (hashlib.sha256(f"{seed}:{s}".encode("utf-8")).hexdigest(), s))
+    ids = hash_order(sample_ids, seed)
     total = float(sum(ratios))
     n = len(ids)
     n_train = math.floor(n * ratios[0] / total + 0.5)

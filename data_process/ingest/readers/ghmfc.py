@@ -26,6 +26,9 @@ Rules:
   and counted; a mention whose string has no list gets none (counted; a miss under the candidate protocol).
 * Bad records (a malformed sample, a gold QID missing from the KB, a bad KB entry, a sample listed in two splits)
   are dropped and listed, or raise with ``strict``.
+* A release without ``dev.json`` (or without dev ids in ``splits.json``) has an empty dev split; ``dev_from_train``
+  (``prepare --dev-from-train P``) makes one of a fraction P of the train samples by the seeded hash rule of
+  :func:`common.carve_dev` (recorded in ``split_rule``); a release with a dev split refuses it.
 * ``neg.json`` (TF-IDF negative tables) is checked and noted, not imported: training's ``--negatives tfidf`` builds
   the same kind of table from the KB's descriptions.
 """
@@ -42,8 +45,12 @@ from data_process.ingest.readers.common import (
     MENTION_IMAGE_DIR,
     Converted,
     RecordPolicy,
+    carve_dev,
+    check_record,
+    dev_from_train_rule,
     failer,
     find_span,
+    guard_images,
     load_json,
     type_name,
 )
@@ -60,13 +67,13 @@ EXAMPLES = 20
 
 def _find(src: Path, name: str) -> Path | None:
     for folder in (src, src / "input_data"):
-        if (folder / name).is_file():
+        if (folder / name).exists():         # a folder so named: load_json says so
             return folder / name
     return None
 
 
-def _json_object(path: Path, what: str) -> dict:
-    data = load_json(path)
+def _json_object(path: Path, what: str, policy: RecordPolicy | None = None) -> dict:
+    data = load_json(path, policy=policy)
     if not isinstance(data, dict):
         raise DataError(path, "file", None, f"must be a JSON object {what}, got {type_name(data)}")
     return data
@@ -76,12 +83,12 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
     names_path = _find(src, KB_NAMES)
     if names_path is None:
         raise FileNotFoundError(f"{src}: no {KB_NAMES} (nor input_data/{KB_NAMES}): not a GHMFC/DIM release")
-    names = _json_object(names_path, "{qid: name}")
+    names = _json_object(names_path, "{qid: name}", policy)
     text_name = ENTITY_TEXT_FILES[entity_text]
     text_path = _find(src, text_name)
     if text_path is None and entity_text == "long":
         raise FileNotFoundError(f"{src}: --entity-text long needs {text_name}, which the release lacks")
-    texts = _json_object(text_path, "{qid: description}") if text_path else {}
+    texts = _json_object(text_path, "{qid: description}", policy) if text_path else {}
     notes["entity_text"] = f"{text_name} ({entity_text})" if text_path else f"none ({text_name} missing)"
     order_path = _find(src, "qids_ordered.json")
     order = list(names)
@@ -101,11 +108,13 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
             if not QID_RE.match(qid):
                 fail(None, "is not a Wikidata QID like 'Q42'")
             name = names[qid]
+            check_record({"qid": qid, "name": name}, fail)
             if not isinstance(name, str) or not name.strip():
                 fail("name", f"must be a non-empty string, got {name!r}")
             text = texts.get(qid, "")
             if not isinstance(text, str):
                 failer(text_path, f"qid {qid!r}")("description", f"must be a string, got {type_name(text)}")
+            check_record({"description": text}, failer(text_path, f"qid {qid!r}"))
             return Entity(id=qid, name=name, description=text)
 
         entity = policy.attempt(parse)
@@ -114,7 +123,7 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
     notes["entities_without_description"] = sum(1 for e in entities if not e.description)
     n2q_path = _find(src, "ne2qid.json")
     if n2q_path is not None:
-        n2q = _json_object(n2q_path, "{name: qid}")
+        n2q = _json_object(n2q_path, "{name: qid}", RecordPolicy())   # only counted: repeated names not listed
         notes["ne2qid_disagreements"] = sum(1 for name, qid in n2q.items() if names.get(qid) != name)
     return entities
 
@@ -131,7 +140,7 @@ def _assign(out: dict[str, tuple[str, Any]], seen_in: dict[str, str], split: str
     out[sid] = (split, item)
 
 
-def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
+def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any], policy: RecordPolicy
              ) -> tuple[str, dict[str, tuple[str, Any]], dict[str, list[str]]]:
     """``(source description, {sample id: (split, sample)}, absent ids)``, from split files or ``splits.json``."""
     split_paths = {s: _find(src, name) for s, name in SPLIT_NAMES.items()}
@@ -144,7 +153,7 @@ def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
             if path is None:
                 notes["dev_split"] = "dev.json absent: the dev split is empty"
                 continue
-            for sid, sample in _json_object(path, "mapping sample ids to samples").items():
+            for sid, sample in _json_object(path, "mapping sample ids to samples", policy).items():
                 _assign(out, seen_in, split, sid, path, (str(path), sample))
         rule = "from the release: " + ", ".join(f"{s} = {p.name}" for s, p in split_paths.items() if p)
         return rule, out, absent
@@ -152,12 +161,12 @@ def _samples(src: Path, annotations: str | Path | None, notes: dict[str, Any]
     if splits_path is None:
         raise FileNotFoundError(f"{src}: neither train.json + test.json nor splits.json (with MELBench "
                                 "annotations): not a GHMFC/DIM release")
-    splits = _json_object(splits_path, '{"train": [ids], "dev": [ids], "test": [ids]}')
+    splits = _json_object(splits_path, '{"train": [ids], "dev": [ids], "test": [ids]}')   # repeated: an error
     for key in splits:
         if key not in SPLITS:
             raise DataError(splits_path, f"key {key!r}", None, f"is not a split ({', '.join(SPLITS)})")
     ann_src = annotations if annotations is not None else _annotation_file(src)
-    ann_display, data = read_annotation_file(ann_src)
+    ann_display, data = read_annotation_file(ann_src, policy)
     if not isinstance(data, dict):
         raise DataError(ann_display, "file", None, f"must be a JSON object mapping sample ids to samples, got "
                                                    f"{type_name(data)}")
@@ -220,9 +229,24 @@ def _candidates(src: Path, kb: set[str], notes: dict[str, Any]) -> dict[str, tup
     return out
 
 
+def _carve_dev(samples: dict[str, tuple[str, Any]], seed: int, share: float, src: Path, notes: dict[str, Any]
+               ) -> str:
+    """Move a seeded fraction ``share`` of the train samples to dev (the release has none); returns the rule."""
+    listed = [sid for sid, (split, item) in samples.items() if split == "dev" and not isinstance(item, DataError)]
+    if listed:
+        raise ValueError(f"--dev-from-train: {src} has a dev split ({len(listed)} samples); the flag is for releases "
+                         "without one")
+    train = [sid for sid, (split, item) in samples.items() if split == "train" and not isinstance(item, DataError)]
+    dev = carve_dev(train, seed, share)
+    for sid in dev:
+        samples[sid] = ("dev", samples[sid][1])
+    notes["dev_split"] = f"carved from train: {len(dev)} of {len(train)} train samples (--dev-from-train {share:g})"
+    return dev_from_train_rule(seed, share)
+
+
 def read_ghmfc(src: str | Path, *, dataset_name: str | None = None, annotations: str | Path | None = None,
                image_dir: str | Path | None = None, entity_text: str = "brief", progress: bool = True,
-               strict: bool = False) -> Converted:
+               strict: bool = False, dev_from_train: float | None = None, seed: int = 0) -> Converted:
     """Read a GHMFC/DIM release folder into unified records (see the module docstring)."""
     src = Path(src)
     if not src.is_dir():
@@ -233,7 +257,9 @@ def read_ghmfc(src: str | Path, *, dataset_name: str | None = None, annotations:
     notes: dict[str, Any] = {"source": str(src.resolve())}
     entities = _read_kb(src, entity_text, policy, notes)
     kb = {e.id for e in entities}
-    rule, samples, absent = _samples(src, annotations, notes)
+    rule, samples, absent = _samples(src, annotations, notes, policy)
+    if dev_from_train is not None:
+        rule = f"{rule}; {_carve_dev(samples, seed, dev_from_train, src, notes)}"
     cands = _candidates(src, kb, notes)
     if image_dir is not None:
         img_dir = Path(image_dir).resolve()
@@ -282,5 +308,5 @@ def read_ghmfc(src: str | Path, *, dataset_name: str | None = None, annotations:
                   "mention_image_dir": str(img_dir) if img_dir else None})
     info = DatasetInfo(name=dataset_name or src.resolve().name, source_format="ghmfc", split_rule=rule, notes=notes)
     links = {MENTION_IMAGE_DIR: img_dir} if img_dir is not None else {}
-    return Converted(info=info, entities=entities, mentions=mentions, image_links=links, dropped=policy.dropped,
-                     records_read=policy.records, absent_ids=absent)
+    return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
+                                  dropped=policy.dropped, records_read=policy.records, absent_ids=absent))

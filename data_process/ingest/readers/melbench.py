@@ -33,8 +33,10 @@ from data_process.ingest.readers.common import (
     Converted,
     MENTION_IMAGE_DIR,
     RecordPolicy,
+    check_record,
     failer,
     find_span,
+    guard_images,
     load_json,
     parse_ratios,
     split_rule_text,
@@ -49,10 +51,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".JPG", ".JPEG",
 FIELDS = ("sentence", "mentions", "entities", "answer")
 
 
-def read_annotation_file(src: str | Path) -> tuple[str, Any]:
+def read_annotation_file(src: str | Path, policy: RecordPolicy | None = None) -> tuple[str, Any]:
     """Load the annotation JSON from a ``.json`` file, a ``.zip`` holding one ``.json``, or a folder holding one.
 
-    Returns ``(display path for errors, parsed JSON)``.
+    Returns ``(display path for errors, parsed JSON)``; repeated sample ids are dropped into ``policy``
+    (:func:`common.load_json`).
     """
     src = Path(src)
     if src.is_dir():
@@ -75,8 +78,8 @@ def read_annotation_file(src: str | Path) -> tuple[str, Any]:
                 text = zf.read(members[0]).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(display, "file", None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        return display, load_json(Path(display), text)
-    return str(src), load_json(src)
+        return display, load_json(Path(display), text, policy)
+    return str(src), load_json(src, policy=policy)
 
 
 def image_by_sample_id(image_dir: Path | None, listing: set[str], sample_id: str) -> str | None:
@@ -94,8 +97,10 @@ def image_by_sample_id(image_dir: Path | None, listing: set[str], sample_id: str
 def parse_sample(path: str, sid: str, sample: Any) -> list[tuple[str, str, str]]:
     """``[(sentence, mention, entity name, qid)]`` of one MELBench sample; :class:`DataError` when it is malformed."""
     fail = failer(path, f"sample {sid!r}")
+    check_record({"sample id": sid}, fail)
     if not isinstance(sample, dict):
         fail(None, f"sample must be a JSON object, got {type_name(sample)}")
+    check_record(sample, fail)
     if "id" in sample and sample["id"] is not None:
         if not isinstance(sample["id"], str):
             fail("id", f"must be a string, got {type_name(sample['id'])}")
@@ -131,7 +136,8 @@ def read_melbench(
 ) -> Converted:
     """Read MELBench raw annotations into unified records (see the module docstring for the rules)."""
     ratios = parse_ratios(splits)
-    path, data = read_annotation_file(src)
+    policy = RecordPolicy(strict)
+    path, data = read_annotation_file(src, policy)
     if not isinstance(data, dict):
         raise DataError(path, "file", None, f"must be a JSON object mapping sample ids to samples, got {type_name(data)}")
     img_dir = Path(image_dir).resolve() if image_dir is not None else None
@@ -139,7 +145,6 @@ def read_melbench(
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     listing = {p.name for p in img_dir.iterdir()} if img_dir is not None else set()
 
-    policy = RecordPolicy(strict)
     names: dict[str, str] = {}
     renamed: set[str] = set()
     rows: list[tuple[str, int, str, str, str]] = []  # sample id, index, sentence, mention, qid
@@ -177,7 +182,7 @@ def read_melbench(
         notes={
             "source": path,
             "samples": len(data),
-            "samples_dropped": len(policy.dropped),
+            "samples_dropped": len(policy.dropped),   # repeated sample ids included (every copy)
             "mention_ids": "<sample id>-<index of the mention in the sample>",
             "entity_text": "name only (MELBench has no descriptions); name = first 'entities' string for the QID",
             "qids_with_several_names": len(renamed),
@@ -186,5 +191,5 @@ def read_melbench(
         },
     )
     links = {MENTION_IMAGE_DIR: img_dir} if img_dir is not None else {}
-    return Converted(info=info, entities=entities_out, mentions=mentions_out, image_links=links,
-                     dropped=policy.dropped, records_read=policy.records)
+    return guard_images(Converted(info=info, entities=entities_out, mentions=mentions_out, image_links=links,
+                                  dropped=policy.dropped, records_read=policy.records))

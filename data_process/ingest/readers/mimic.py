@@ -46,8 +46,10 @@ from data_process.ingest.readers.common import (
     RecordPolicy,
     ENTITY_IMAGE_DIR,
     MENTION_IMAGE_DIR,
+    check_record,
     failer,
     find_span,
+    guard_images,
     load_json,
     record_id,
     req_str,
@@ -72,7 +74,7 @@ def mimic_image_name(img_path: str) -> str:
 
 def find_split_files(src: Path) -> dict[str, Path]:
     """``{split: path}`` for ``<NAME>_train.json`` / ``_dev.json`` (``_val``, ``_valid``) / ``_test.json``."""
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix == ".json")
+    files = sorted(p for p in src.iterdir() if p.suffix == ".json")   # a folder named so: load_json says so
     out: dict[str, Path] = {}
     for split, suffixes in SPLIT_SUFFIXES.items():
         pattern = re.compile(r".*_(%s)\.json$" % "|".join(suffixes), re.IGNORECASE)
@@ -102,6 +104,7 @@ def _parse_entity(path: Path, index: int, obj: Any, qid2id: dict[str, int], seen
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"entity must be a JSON object, got {type_name(obj)}")
+    check_record(obj, fail)
     qid = req_str(obj, "qid", fail)
     dense = require(obj, "id", fail)
     if isinstance(dense, bool) or not isinstance(dense, int):
@@ -149,7 +152,7 @@ def read_kb(src: Path, progress: bool = True, policy: RecordPolicy | None = None
     """Read ``kb_entity.json``; return the entities (id = QID) and ``{qid: dense id}``."""
     policy = policy or RecordPolicy(strict=True)
     path = src / KB_FILE
-    data = load_json(path)
+    data = load_json(path, policy=policy)
     if not isinstance(data, list):
         raise DataError(path, "file", None, f"must be a JSON list of entities, got {type_name(data)}")
     entities: list[Entity] = []
@@ -171,9 +174,9 @@ def check_qid2id(src: Path, kb_qid2id: dict[str, int], policy: RecordPolicy | No
     return whether it was present. The KB's own ids are used either way."""
     policy = policy or RecordPolicy(strict=True)
     path = src / QID2ID_FILE
-    if not path.is_file():
+    if not path.exists():
         return False
-    data = load_json(path)
+    data = load_json(path, policy=policy)
     if not isinstance(data, dict):
         raise DataError(path, "file", None, f"must be a JSON object {{qid: id}}, got {type_name(data)}")
     for qid, dense in data.items():
@@ -212,6 +215,7 @@ def _parse_record(path: Path, index: int, obj: Any, split: str, kb: dict[str, in
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"record must be a JSON object, got {type_name(obj)}")
+    check_record(obj, fail)
     rid = record_id(obj, "id", fail)
     sentence = require(obj, "sentence", fail)
     if not isinstance(sentence, str):
@@ -342,5 +346,5 @@ def read_mimic(
         links[MENTION_IMAGE_DIR] = mention_dir
     if kb_dir is not None:
         links[ENTITY_IMAGE_DIR] = kb_dir
-    return Converted(info=info, entities=entities, mentions=mentions, image_links=links, dropped=policy.dropped,
-                     records_read=policy.records)
+    return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
+                                  dropped=policy.dropped, records_read=policy.records))

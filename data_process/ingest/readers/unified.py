@@ -3,7 +3,9 @@ record checks of ``data_process.core.records`` and re-validated; image paths kee
 the output folder to the source folder's top-level image folders.
 
 A malformed line, a duplicate id, or a mention whose gold entity (or a candidate) is not in the KB is dropped and
-listed; ``strict`` keeps the first malformed line an error and leaves gold and candidate checks to validation."""
+listed; ``strict`` keeps the first malformed line an error and leaves gold and candidate checks to validation.
+An image path that is absolute, holds ``..`` or leads (through a symlink) out of the source's image folder is left
+out of its record and listed (``common.guard_images``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from data_process.core.placement import dataset_links, record_image_paths
 from data_process.core.records import (ENTITIES_FILE, MENTIONS_FILE, DataError, entity_from_dict, iter_records,
                                        load_dataset, mention_from_dict, missing_entity, read_info)
-from data_process.ingest.readers.common import Converted, RecordPolicy
+from data_process.ingest.readers.common import Converted, RecordPolicy, guard_images
 
 
 def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: bool = True,
@@ -43,5 +45,5 @@ def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: 
              for top, target in dataset_links(src, record_image_paths(entities, mentions)).items()}
     if dataset_name:
         info = dataclasses.replace(info, name=dataset_name)
-    return Converted(info=info, entities=entities, mentions=mentions, image_links=links, dropped=policy.dropped,
-                     records_read=policy.records)
+    return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
+                                  dropped=policy.dropped, records_read=policy.records), folder_links=True)

@@ -32,12 +32,15 @@ from data_process.ingest.readers.common import (
     Converted,
     RecordPolicy,
     MENTION_IMAGE_DIR,
+    check_record,
     failer,
     find_span,
+    guard_images,
     load_json,
     type_name,
 )
 from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS
+from data_process.core.safe_paths import open_regular_file
 
 SPLIT_FILES = {"train": ("train.json",), "dev": ("valid.json", "dev.json", "val.json"), "test": ("test.json",)}
 IMAGE_DIRS = ("images", "wikinews_images", "wikinews_imgs")
@@ -53,7 +56,7 @@ def title_from_url(url: str) -> str:
 def _split_files(src: Path) -> dict[str, Path]:
     out = {}
     for split, names in SPLIT_FILES.items():
-        found = [src / n for n in names if (src / n).is_file()]
+        found = [src / n for n in names if (src / n).exists()]   # a folder so named: load_json says so
         if len(found) != 1:
             raise FileNotFoundError(
                 f"{src}: expected exactly one {split} file ({' or '.join(names)}), found {len(found)}"
@@ -62,20 +65,23 @@ def _split_files(src: Path) -> dict[str, Path]:
     return out
 
 
-def read_descriptions(path: Path) -> dict[str, str]:
+def read_descriptions(path: Path, policy: RecordPolicy | None = None) -> dict[str, str]:
     """``{title: description}`` from an ``entity2desc`` file (``@@@@`` lines, or a JSON object)."""
+    policy = policy or RecordPolicy(strict=True)
     if path.suffix == ".json":
-        data = load_json(path)
+        data = load_json(path, policy=policy)
         if not isinstance(data, dict):
             raise DataError(path, "file", None, f"must be a JSON object {{entity: description}}, got {type_name(data)}")
         out = {}
         for key, desc in data.items():
             if not isinstance(desc, str):
                 raise DataError(path, f"entity {key!r}", None, f"description must be a string, got {type_name(desc)}")
-            out[title_from_url(key)] = desc
+            fail = failer(path, f"entity {key!r}")
+            if policy.attempt(lambda: check_record({"entity": key, "description": desc}, fail) or True, count=False):
+                out[title_from_url(key)] = desc
         return out
     out = {}
-    with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its line
+    with open_regular_file(path) as fh:  # decoded per line, so a bad byte is reported with its line
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
@@ -97,6 +103,7 @@ def _item_mentions(item: Any, fail) -> tuple[str, str, list]:
     if not isinstance(item, list) or len(item) < 4:
         fail(None, f"item must be a list [sentence, image_url, topic, mentions], got {type_name(item)}"
              + (f" of length {len(item)}" if isinstance(item, list) else ""))
+    check_record(dict(zip(("sentence", "image_url", "topic", "mentions"), item[:4])), fail)
     sentence, image_url, _topic, mentions = item[:4]
     if not isinstance(sentence, str):
         fail("sentence", f"must be a string, got {type_name(sentence)}")
@@ -150,19 +157,19 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: release folder not found (expected train.json, valid.json, test.json)")
     files = _split_files(src)
-    desc_files = sorted(p for p in src.iterdir() if p.is_file() and p.name.startswith("entity2desc"))
+    desc_files = sorted(p for p in src.iterdir() if p.name.startswith("entity2desc"))
     if len(desc_files) > 1:
         raise FileNotFoundError(f"{src}: several entity2desc files ({', '.join(p.name for p in desc_files)})")
-    descriptions = read_descriptions(desc_files[0]) if desc_files else {}
+    policy = RecordPolicy(strict)
+    descriptions = read_descriptions(desc_files[0], policy) if desc_files else {}
     image_dir = next(((src / d).resolve() for d in IMAGE_DIRS if (src / d).is_dir()), None)
 
-    policy = RecordPolicy(strict)
     stats = {"skipped_nil": 0, "spans_repaired": 0}
     gold: dict[str, None] = {}
     mentions_out: list[Mention] = []
     for split in SPLITS:
         path = files[split]
-        data = load_json(path)
+        data = load_json(path, policy=policy)
         if not isinstance(data, list):
             raise DataError(path, "file", None, f"must be a JSON list of items, got {type_name(data)}")
         for index, item in enumerate(tqdm(data, desc=f"{split} items", disable=not progress, unit="item")):
@@ -183,11 +190,11 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
             "image_dir": str(image_dir) if image_dir else None,
         },
     )
-    return Converted(
+    return guard_images(Converted(
         info=info,
         entities=entities,
         mentions=mentions_out,
         image_links={MENTION_IMAGE_DIR: image_dir} if image_dir else {},
         dropped=policy.dropped,
         records_read=policy.records,
-    )
+    ))

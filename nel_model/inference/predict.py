@@ -1,12 +1,14 @@
 """Link new mentions with a trained run: top-k KB entities with names, scores and ids.
 
-    python -m nel_model.predict --run runs/dim --sentence "Varkona flooded the valley." --mention "Varkona" \
+    python -m nel_model.inference.predict --run runs/dim --sentence "Varkona flooded the valley." --mention "Varkona" \
         [--image photo.png] [--caption TEXT] [--enrichment TEXT] [--top_k 10]
-    python -m nel_model.predict --run runs/dim --input queries.jsonl --output predictions.jsonl
+    python -m nel_model.inference.predict --run runs/dim --input queries.jsonl --output predictions.jsonl
 
 The mention is encoded with the *same encoders* as the run's feature cache (``meta.json``), then with the run's
-best checkpoint; entities are the run's cached ``entity_embeddings.npy`` / ``entity_ids.json`` (the best model's KB
-embeddings), so nothing is re-encoded on the KB side. Scores are cosine similarities in [-1, 1].
+checkpoint (``--checkpoint best|last``); the KB entities are encoded from the feature cache by the same checkpoint,
+in float32, exactly as evaluation encodes them (``nel_model.encoding``), and ranked with evaluation's own functions
+(``nel_model.evaluation``: the top lists of ``predictions/<split>.jsonl``, the pessimistic tie rule). Scores are
+cosine similarities in [-1, 1].
 
 Batch input: one JSON object per line, ``{"id"?, "sentence", "mention", "image"?, "caption"?, "enrichment"?,
 "gold_id"?}``; a relative ``image`` path is resolved against the input file's folder. Output lines:
@@ -29,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_text
-from nel_model.run_io import RunError, load_config
+from nel_model.runs import RunError, load_config
 
 CHUNK = 64
 DESC_CHARS = 60  # description characters shown in the printed table
@@ -75,9 +79,11 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", checkpoint: str = "best",
                  features: str | Path | None = None, dataset: str | Path | None = None):
-        from data_process.encode.feature_store import FeatureStore
         from data_process.core.records import load_dataset
-        from nel_model.evaluate import load_run_model
+        from data_process.encode.feature_store import FeatureStore
+        from nel_model.data import FeatureSource, load_mel_data
+        from nel_model.encoding import encode_entities, load_run_model
+        from nel_model.evaluation.evaluate import settings_from_config
 
         run = Path(run_dir)
         if not run.is_dir():
@@ -86,26 +92,16 @@ class Predictor:
             self.config = load_config(run)
         except RunError as exc:
             raise PredictError(str(exc)) from None
-        for name in ("entity_embeddings.npy", "entity_ids.json"):
-            if not (run / name).is_file():
-                raise PredictError(f"{run / name}: not found (the run has not finished an evaluation yet)")
         self.run = run
         self.device = resolve_device(device)
         try:
             self.model, _ = load_run_model(run, checkpoint, self.device)
         except FileNotFoundError as exc:
             raise PredictError(str(exc)) from None
-        self.entity_ids: list[str] = json.loads((run / "entity_ids.json").read_text(encoding="utf-8"))
-        emb = np.load(run / "entity_embeddings.npy")
-        if emb.ndim != 2 or emb.shape[0] != len(self.entity_ids):
-            raise PredictError(f"{run / 'entity_embeddings.npy'}: shape {emb.shape} does not match "
-                               f"{len(self.entity_ids)} ids in entity_ids.json")
-        self.entity_emb = torch.from_numpy(emb.astype(np.float32)).to(self.device)
-
         feat = Path(features) if features else _resolve_data_path(self.config, "features", run)
         if feat is None or not (feat / "meta.json").is_file():
             raise PredictError(f"{feat if feat else run / 'config.json'}: feature folder with meta.json not found "
-                               "(needed for the encoders; pass --features)")
+                               "(needed for the encoders and the KB features; pass --features)")
         self.features = feat
         self.meta = FeatureStore(feat).meta()
         ds = Path(dataset) if dataset else (_resolve_data_path(self.config, "dataset", run)
@@ -113,6 +109,11 @@ class Predictor:
         if ds is None or not ds.is_dir():
             raise PredictError(f"{ds if ds else run / 'config.json'}: dataset folder not found "
                                "(needed for entity names; pass --dataset)")
+        data = load_mel_data(feat, ds)
+        self.settings = settings_from_config(self.config, self.device)
+        source = FeatureSource(data, self.model.cfg.mention_views(), self.model.cfg.entity_views())
+        self.entity_ids: list[str] = list(data.entity_ids)
+        self.entity_emb = encode_entities(self.model, source, self.device, self.settings)
         entities = load_dataset(ds, check_gold=False).entities
         self.names = {e.id: e.name for e in entities}
         self.descriptions = {e.id: e.description for e in entities}
@@ -179,30 +180,32 @@ class Predictor:
                 img, why = decode_image(q.image)
                 if img is None:
                     raise PredictError(f"{q.image}: cannot read the image ({why})")
+        from nel_model.evaluation.evaluate import top_entities
+        from nel_model.evaluation.metrics import full_kb_counts
+
         k = max(1, min(top_k, len(self.entity_ids)))
+        row_of = {eid: i for i, eid in enumerate(self.entity_ids)}
         out = []
         for s in range(0, len(queries), CHUNK):
             chunk = queries[s:s + CHUNK]
-            scores = self.encode(chunk) @ self.entity_emb.T          # [B, E]
-            top = torch.topk(scores, k, dim=1)
+            q_emb = self.encode(chunk)
+            scores, rows = top_entities(q_emb, self.entity_emb, k, self.settings.mention_chunk)
+            ranked = [i for i, q in enumerate(chunk) if q.gold_id is not None and q.gold_id in row_of]
+            ranks = {}
+            if ranked:
+                gold = torch.tensor([row_of[chunk[i].gold_id] for i in ranked])
+                counts = full_kb_counts(q_emb[ranked], self.entity_emb, gold, self.settings.mention_chunk,
+                                        self.settings.score_dtype)
+                ranks = dict(zip(ranked, counts.ranks("pessimistic").tolist()))
             for i, q in enumerate(chunk):
                 hits = [Hit(rank=r + 1, entity_id=self.entity_ids[j], name=self.names.get(self.entity_ids[j], ""),
                             score=round(float(v), 6), description=self.descriptions.get(self.entity_ids[j], ""))
-                        for r, (v, j) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist()))]
+                        for r, (v, j) in enumerate(zip(scores[i].tolist(), rows[i].tolist()))]
                 rec: dict[str, Any] = {"id": q.id, "mention": q.mention, "predictions": [h.__dict__ for h in hits]}
-                if q.gold_id is not None:
-                    rec["gold_rank"] = self.gold_rank(scores[i], q.gold_id)
+                if q.gold_id is not None:      # the pessimistic full-KB rank; None: the id is not in the KB
+                    rec["gold_rank"] = ranks.get(i)
                 out.append(rec)
         return out
-
-    def gold_rank(self, scores: torch.Tensor, gold_id: str) -> int | None:
-        """1-based rank of ``gold_id`` over the whole KB with evaluation's pessimistic tie rule
-        (``1 + #{other entities scoring >= gold}``, see nel_model.metrics); None if the id is not in the KB."""
-        try:
-            g = self.entity_ids.index(gold_id)
-        except ValueError:
-            return None
-        return int((scores >= scores[g]).sum().item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def format_hits(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nel_model.predict",
+    p = ToolkitParser(prog="dim-mel predict",
                                 description="Link new mentions with a trained run (top-k KB entities).")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--sentence", help="the sentence containing the mention")
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="batch mode: JSON Lines of predictions (default: stdout)")
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="checkpoint for the mention side (entity embeddings are always the best model's)")
+                   help="checkpoint that encodes the mentions and the KB entities")
     p.add_argument("--features", help="override the feature folder recorded in config.json")
     p.add_argument("--dataset", help="override the dataset folder recorded in config.json")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -321,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

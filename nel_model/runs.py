@@ -1,25 +1,45 @@
-"""Read run folders written by ``nel_model.train`` (see docs/CONTRACTS.md, "Run folders").
+"""The run folder, written by training and read by evaluation, inference and reporting (docs/CONTRACTS.md, "Run
+folders"): its file names, its readers and its writers, in one place.
 
-Every reader fails with a :class:`RunError` whose message starts with the offending path, e.g.
-``runs/x: not a run folder (no results.json)``.  Nothing here writes to a run folder.
+Readers fail with a :class:`RunError` whose message starts with the offending path, e.g.
+``runs/x: not a run folder (no results.json)``.
+
+Writers: checkpoints are serialised to memory and written with :func:`atomic_write_bytes`, so a kill during a save
+leaves the previous checkpoint intact. ``metrics.jsonl`` is append-only (fsync per line); on resume it is cut back to
+the epochs covered by the checkpoint (an epoch logged just before a crash is recomputed identically); a corrupt line
+before the last one is an error, never a silent cut.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import platform
+import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
+from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
 from data_process.core.records import DataError, iter_json_lines
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ENV_FILE = "env.json"
+CHECKPOINTS_DIR = "checkpoints"   # RUN/checkpoints/best.pt and last.pt
+ENTITY_EMBEDDINGS_FILE = "entity_embeddings.npy"   # the best checkpoint's entity embeddings, KB row order
+ENTITY_IDS_FILE = "entity_ids.json"                # the KB ids of those rows
 PREDICTIONS_DIR = "predictions"   # RUN/predictions/<split>.jsonl and <split>.meta.json
+RETRIEVAL_DIR = "retrieval"       # RUN/retrieval/<split>.jsonl: the same lines with the top K (dim-mel retrieve)
 PROTOCOLS = ("full_kb", "candidates")
 METRIC_KEYS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 HITS_KS = (1, 3, 5, 10, 20)
@@ -228,7 +248,7 @@ def dev_mrr(record: dict[str, Any], protocol: str = "full_kb") -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-mention predictions (RUN/predictions/<split>.jsonl, written by nel_model.evaluate.write_predictions)
+# Per-mention predictions (RUN/predictions/<split>.jsonl, written by nel_model.evaluation.evaluate.write_predictions)
 
 RANK_FIELDS = ("rank", "higher", "equal", "unordered")
 
@@ -237,12 +257,13 @@ RANK_FIELDS = ("rank", "higher", "equal", "unordered")
 class RankEntry:
     """How one mention's gold entity ranked under one protocol: the pessimistic ``rank`` (0 = not ranked: gold
     outside its candidate list under the ``in_list`` rule) and the counts every tie rule is computed from
-    (``nel_model.metrics.RankCounts``)."""
+    (``nel_model.evaluation.metrics.RankCounts``)."""
 
     rank: int
     higher: int
     equal: int
     unordered: int
+    nan_gold: bool = False     # the gold's score was NaN: a miss under every tie rule
 
     @property
     def found(self) -> bool:
@@ -272,8 +293,8 @@ class Predictions:
     mentions: list[MentionPrediction]
 
 
-def predictions_path(run_dir: str | Path, split: str) -> Path:
-    return Path(run_dir) / PREDICTIONS_DIR / f"{split}.jsonl"
+def predictions_path(run_dir: str | Path, split: str, folder: str = PREDICTIONS_DIR) -> Path:
+    return Path(run_dir) / folder / f"{split}.jsonl"
 
 
 def _rank_entry(obj: Any, fail, prefix: str = "") -> RankEntry:
@@ -285,7 +306,10 @@ def _rank_entry(obj: Any, fail, prefix: str = "") -> RankEntry:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             fail(prefix + key, f"must be a non-negative integer, got {v!r}")
         vals.append(v)
-    return RankEntry(*vals)
+    nan_gold = obj.get("nan_gold", False)
+    if not isinstance(nan_gold, bool):
+        fail(prefix + "nan_gold", f"must be true or false, got {nan_gold!r}")
+    return RankEntry(*vals, nan_gold=nan_gold)
 
 
 def _mention_prediction(obj: Any, fail) -> MentionPrediction:
@@ -306,12 +330,16 @@ def _mention_prediction(obj: Any, fail) -> MentionPrediction:
         candidates=None if cands is None else _rank_entry(cands, fail, "candidates."))
 
 
-def load_predictions(run_dir: str | Path, split: str = "test") -> Predictions:
-    """Read and validate ``RUN/predictions/<split>.jsonl`` (and its ``.meta.json`` when present)."""
-    path = predictions_path(run_dir, split)
+def load_predictions(run_dir: str | Path, split: str = "test", folder: str = PREDICTIONS_DIR) -> Predictions:
+    """Read and validate ``RUN/predictions/<split>.jsonl`` (and its ``.meta.json`` when present); with
+    ``folder=RETRIEVAL_DIR`` the retrieved lists of ``dim-mel retrieve`` (the same format, K entities a line)."""
+    path = predictions_path(run_dir, split, folder)
+    if folder != PREDICTIONS_DIR and not path.is_file():
+        raise RunError(f"{path}: no retrieved lists for split '{split}' (write them with: dim-mel retrieve --run "
+                       f"{run_dir} --split {split})")
     if not path.is_file():
         raise RunError(f"{path}: no predictions for split '{split}' (written by nel_model.train at the end of "
-                       f"training; for an older run: python -m nel_model.evaluate --run {run_dir} --split {split} "
+                       f"training; for an older run: python -m nel_model.evaluation.evaluate --run {run_dir} --split {split} "
                        "--predictions)")
     mentions: list[MentionPrediction] = []
     seen: dict[str, int] = {}
@@ -339,3 +367,80 @@ def load_predictions(run_dir: str | Path, split: str = "test") -> Predictions:
     if "n" in meta and meta["n"] != len(mentions):
         raise RunError(f"{meta_path}: field 'n' says {meta['n']} mentions but {path} has {len(mentions)} lines")
     return Predictions(path=path, split=split, meta=meta, mentions=mentions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: environment records, checkpoints, metrics.jsonl
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions(names=("torch", "numpy", "transformers", "faiss-cpu", "tqdm", "pyyaml")) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), for run records and benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(device: torch.device, seed: int, world_size: int) -> dict[str, Any]:
+    dev = {"type": device.type, "name": "cpu", "cpu": cpu_model()}
+    if device.type == "cuda":
+        dev["name"] = torch.cuda.get_device_name(device)
+        dev["cuda"] = torch.version.cuda
+    return {"git": git_commit(), "versions": package_versions(), "device": dev, "world_size": world_size,
+            "seed": seed, "command": [sys.executable, *sys.argv], "host": socket.gethostname(),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_threads": torch.get_num_threads()}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:
+    """Keep only the ``metrics.jsonl`` lines of epochs ``<= last_epoch`` (atomic rewrite). A corrupt line before
+    the last is a :class:`RunError` (not a crash artefact: cutting there would delete the later epochs)."""
+    kept = [r for r in load_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
+    atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))

@@ -7,7 +7,7 @@ Rows are methods/ablations (``results.json`` "label"), columns are datasets x me
 (dataset, label) are different seeds of one method: their cell is ``mean ± std`` with the *sample* standard
 deviation (n-1 in the denominator); a single run shows the mean alone. Values are percentages with 2 decimals.
 Rows and dataset columns keep the order in which they first appear among the given runs; published rows (``--paper``,
-see ``nel_model.published``) come first, and only where they were measured like ours; the others are listed below
+see ``nel_model.reporting.published``) come first, and only where they were measured like ours; the others are listed below
 the table with the reason. Every output names the protocol, split, tie rule and score dtype of our rows. A folder
 that holds run folders (e.g. ``runs/ablations``) stands for all of them. See docs/RESULTS.md.
 """
@@ -22,10 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_text
-from nel_model.metrics import TIE_RULES
-from nel_model.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
-from nel_model.run_io import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run
+from nel_model.evaluation.metrics import TIE_RULES
+from nel_model.reporting.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
+from nel_model.runs import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run
 
 METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5", "hits@10": "H@10",
                 "hits@20": "H@20"}
@@ -174,7 +176,7 @@ def published_rows(path: str | Path, datasets: list[str], settings: dict[str, Ou
 def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test", metrics: list[str] | None = None,
                 paper: str | Path | None = None, skipped: list[tuple[str, str]] = (), warn=None,
                 order: list[str] | None = None, tie_rule: str | None = None) -> Table:
-    """The whole table. ``paper``: a published-results CSV (``nel_model.published``). ``skipped`` = [(label,
+    """The whole table. ``paper``: a published-results CSV (``nel_model.reporting.published``). ``skipped`` = [(label,
     reason)] rows shown as skipped (e.g. ablations the features lack). ``order``: method labels in the wanted row
     order (published rows stay first; unlisted rows keep their place after the listed ones). ``tie_rule``: report
     our runs under this rule (default: each run's own)."""
@@ -349,7 +351,7 @@ def add_paper_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Gather run folders into a results table (Markdown/CSV/LaTeX).")
+    p = ToolkitParser(prog="dim-mel table", description="Gather run folders into a results table (Markdown/CSV/LaTeX).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (with results.json), or folders holding run folders")
     p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb",
@@ -387,4 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,6 +1,6 @@
 """Optional approximate KB index (faiss-cpu) for CPU users with large knowledge bases.
 
-Exact full-KB ranking (``nel_model.metrics.full_kb_ranks``) is the reference protocol. On a CPU with a
+Exact full-KB ranking (``nel_model.evaluation.metrics.full_kb_ranks``) is the reference protocol. On a CPU with a
 100k+ entity KB, an IVF or HNSW index answers top-k queries much faster at a small loss of recall;
 :func:`recall_vs_exact` measures that loss so it can be reported beside the metrics.
 

@@ -1,9 +1,9 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``python -m nel_model.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
+``python -m nel_model.evaluation.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
 configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
 the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
-per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.metrics`` for
+per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.evaluation.metrics`` for
 the tie rules, the candidate rules and exact low-precision scoring). ``--tie_rule`` and ``--candidate_rule`` default to
 the run's own settings.
 """
@@ -11,7 +11,6 @@ the run's own settings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -22,26 +21,35 @@ import numpy as np
 import torch
 
 from data_process.core.devices import resolve_device
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
+from nel_model.encoding import ENCODE_DTYPE, EncodeSettings, encode_entities, encode_mentions, load_run_model
+from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.nel import DIM, DIMConfig
-from nel_model.run_io import PREDICTIONS_DIR
+from nel_model.runs import PREDICTIONS_DIR, load_config
 
 
 @dataclass
-class EvalSettings:
-    mention_chunk: int = 512
-    entity_chunk: int = 8192
+class EvalSettings(EncodeSettings):
     score_dtype: torch.dtype = torch.float32  # low precision is exact too: near-ties are re-checked in float32
-    amp_dtype: torch.dtype | None = None      # autocast dtype for encoding (CUDA)
-    tie_rule: str = "pessimistic"             # nel_model.metrics.TIE_RULES
-    candidate_rule: str = "dim"               # nel_model.metrics.CANDIDATE_RULES
+    tie_rule: str = "pessimistic"             # nel_model.evaluation.metrics.TIE_RULES
+    candidate_rule: str = "dim"               # nel_model.evaluation.metrics.CANDIDATE_RULES
 
 
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
+
+
+def settings_from_config(conf: dict[str, Any], device: torch.device, **override: Any) -> EvalSettings:
+    """The evaluation settings of a run from its flags (``vars(args)`` in training, ``config.json`` after it): the
+    one place both read them, so ``dim-mel evaluate`` measures as the end of training did. ``override``: the
+    command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule`` where given (None = the run's)."""
+    conf = {**conf, **{k: v for k, v in override.items() if v is not None}}
+    return EvalSettings(mention_chunk=conf["eval_batch_size"], entity_chunk=conf["entity_chunk"],
+                        score_dtype=score_dtype_for(conf["eval_dtype"], device), tie_rule=conf["tie_rule"],
+                        candidate_rule=conf["candidate_rule"])
 
 
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -49,55 +57,6 @@ def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype)
-
-
-def _module(model: torch.nn.Module) -> DIM:
-    m = getattr(model, "module", model)
-    return getattr(m, "_orig_mod", m)
-
-
-@torch.no_grad()
-def encode_entities(model: torch.nn.Module, source: FeatureSource, device: torch.device,
-                    settings: EvalSettings) -> torch.Tensor:
-    """All KB entities, L2-normalised ``[E, D]`` float32 on ``device`` (in chunks)."""
-    net = _module(model)
-    was = net.training
-    net.eval()
-    E = source.data.num_entities
-    parts = []
-    for s in range(0, E, settings.entity_chunk):
-        views = _to(source.entities(np.arange(s, min(E, s + settings.entity_chunk))), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_entities(views).float())
-    net.train(was)
-    return torch.cat(parts, 0)
-
-
-@torch.no_grad()
-def encode_mentions(model: torch.nn.Module, source: FeatureSource, rows: np.ndarray, device: torch.device,
-                    settings: EvalSettings) -> torch.Tensor:
-    net = _module(model)
-    was = net.training
-    net.eval()
-    parts = []
-    for s in range(0, len(rows), settings.mention_chunk):
-        views = _to(source.mentions(rows[s: s + settings.mention_chunk]), device)
-        with _autocast(device, settings.amp_dtype):
-            parts.append(net.encode_mentions(views).float())
-    net.train(was)
-    if not parts:
-        return torch.zeros(0, net.cfg.output_size, device=device)
-    return torch.cat(parts, 0)
-
-
-def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in views.items()}
 
 
 @torch.no_grad()
@@ -156,8 +115,9 @@ def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, setti
     every tie rule (``tie_rules``), how they were measured, and the candidate lists' recall."""
     out: dict[str, Any] = {
         "tie_rule": settings.tie_rule, "candidate_rule": settings.candidate_rule if data.candidates is not None
-        else None, "score_dtype": str(settings.score_dtype).replace("torch.", ""),
+        else None, "encode_dtype": ENCODE_DTYPE, "score_dtype": str(settings.score_dtype).replace("torch.", ""),
         "exact_float32_ranks": True, "kb_entities": data.num_entities,
+        "chunks": {"mention": settings.mention_chunk, "entity": settings.entity_chunk},
         "protocols": metrics_of(counts, settings.tie_rule),
         "tie_rules": {rule: metrics_of(counts, rule) for rule in TIE_RULES},
     }
@@ -172,7 +132,7 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
                         device: torch.device, settings: EvalSettings, kind: str, k: int) -> dict[str, dict[str, float]]:
     """Metrics when an approximate faiss index retrieves the top ``k`` (a gold entity outside them is a miss),
     plus ``recall@20_vs_exact``: the overlap of the index's top 20 with exact search."""
-    from nel_model.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
+    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
 
     emb = encode_entities(model, source, device, settings).cpu()
     index = KBIndex(emb, IndexSettings(kind=kind))
@@ -196,7 +156,7 @@ def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSo
 def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
-    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.metrics.topk_by_row``)."""
+    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.evaluation.metrics.topk_by_row``)."""
     k = min(k, len(entities))
     ent = entities.float()
     parts = [topk_by_row(queries[s: s + chunk].float() @ ent.T, k) for s in range(0, len(queries), chunk)]
@@ -209,7 +169,7 @@ def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:
     """Per mention: the ranks under each tie rule and the counts they come from (JSON-ready)."""
     cols = {"rank": counts.ranks("pessimistic"), "rank_strict": counts.ranks("strict"),
             "rank_mean": counts.ranks("mean"), "higher": counts.higher, "equal": counts.equal,
-            "unordered": counts.unordered}
+            "unordered": counts.unordered, "nan_gold": counts.nan_gold}
     lists = {key: t.cpu().tolist() for key, t in cols.items()}
     return [dict(zip(lists, vals)) for vals in zip(*lists.values())]
 
@@ -221,13 +181,13 @@ def _json_score(x: float) -> float | None:
 def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData, source: FeatureSource,
                       counts: dict[str, dict[str, RankCounts]], settings: EvalSettings, device: torch.device,
                       entity_emb: torch.Tensor | None = None, checkpoint: dict[str, Any] | None = None,
-                      top_k: int = PREDICTION_TOP_K) -> list[Path]:
+                      top_k: int = PREDICTION_TOP_K, folder_name: str = PREDICTIONS_DIR) -> list[Path]:
     """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
     ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
     ``counts`` (as returned by :func:`evaluate_counts`); the top-``k`` lists too when the counts carry them (scored
     in the same pass), else they are computed here in float32 (from ``entity_emb``, or entity embeddings encoded
-    here)."""
-    folder = Path(run_dir) / PREDICTIONS_DIR
+    here). ``folder_name`` ``retrieval``: the retrieved lists of ``dim-mel retrieve``."""
+    folder = Path(run_dir) / folder_name
     written = []
     for split, full in counts["full_kb"].items():
         rows = data.splits[split]
@@ -254,7 +214,8 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
             "protocols": sorted(p for p in counts if split in counts[p]),
             "rank_score_dtype": str(settings.score_dtype).replace("torch.", ""), "exact_float32_ranks": True,
             "candidate_rule": settings.candidate_rule if "candidates" in counts else None,
-            "top_k": int(top.shape[1]), "top_score_dtype": "float32", "top_ties": "KB row order"})
+            "top_k": int(top.shape[1]), "top_score_dtype": "float32", "top_ties": "KB row order",
+            "encode_dtype": ENCODE_DTYPE})
         written.append(path)
     return written
 
@@ -271,20 +232,14 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
-    path = run / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (did training finish an epoch?)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = DIMConfig(**{**ckpt["model_config"], "profile_rows": tuple(ckpt["model_config"]["profile_rows"]),
-                       "profile_use": tuple(ckpt["model_config"]["profile_use"])})
-    model = DIM(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+def main(argv: list[str] | None = None) -> int:
+    """``dim-mel evaluate``: print the metrics of a saved run (:func:`evaluate_run`)."""
+    evaluate_run(argv)
+    return 0
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m nel_model.evaluate", description="Re-evaluate a saved run.")
+def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
+    p = ToolkitParser(prog="dim-mel evaluate", description="Re-evaluate a saved run.")
     p.add_argument("--run", required=True, help="run folder written by nel_model.train")
     p.add_argument("--split", choices=["dev", "test", "all"], default="test")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
@@ -295,30 +250,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tie_rule", choices=TIE_RULES, default=None, help="default: the run's --tie_rule")
     p.add_argument("--candidate_rule", choices=CANDIDATE_RULES, default=None,
                    help="default: the run's --candidate_rule")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_bool(p, "json", False, "print JSON instead of a table")
     p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
     p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
-    p.add_argument("--predictions", action="store_true",
-                   help="also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
+    add_bool(p, "predictions", False,
+             "also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
     run = Path(a.run)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: not a run folder")
-    conf = json.loads(cfg_path.read_text())
+    conf = load_config(run)
     device = resolve_device(a.device)
     model, ckpt = load_run_model(run, a.checkpoint, device)
     data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
     source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-    settings = EvalSettings(mention_chunk=conf.get("eval_batch_size", 512), entity_chunk=conf.get("entity_chunk", 8192),
-                            score_dtype=score_dtype_for(a.eval_dtype or conf.get("eval_dtype", "auto"), device),
-                            tie_rule=a.tie_rule or conf.get("tie_rule", "pessimistic"),
-                            candidate_rule=a.candidate_rule or conf.get("candidate_rule", "dim"))
+    settings = settings_from_config(conf, device, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
+                                    candidate_rule=a.candidate_rule)
     splits = ["dev", "test"] if a.split == "all" else [a.split]
     counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
                              top_k=PREDICTION_TOP_K if a.predictions else 0)
-    results = metrics_of(counts, settings.tie_rule)
+    results = results_block(counts, data, settings)["protocols"]
     if a.predictions:
         for path in write_predictions(run, model, data, source, counts, settings, device,
                                       checkpoint={"name": a.checkpoint, "epoch": ckpt.get("epoch")}):
@@ -330,15 +280,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(results, indent=2))
     else:
         print(f"KB {data.num_entities} entities; tie rule {settings.tie_rule}; candidate rule "
-              f"{settings.candidate_rule if data.candidates is not None else '-'}; scores "
+              f"{settings.candidate_rule if data.candidates is not None else '-'}; encoded {ENCODE_DTYPE}; scores "
               f"{str(settings.score_dtype).replace('torch.', '')} (exact float32 ranks)")
         print(format_table(results))
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nel_model.run_io import METRIC_KEYS, RunError
+from nel_model.runs import METRIC_KEYS, RunError
 
-PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "configs" / "published_results.csv"
+PUBLISHED_FILE = Path(__file__).resolve().parents[2] / "configs" / "published_results.csv"
 COLUMNS = ("method", "venue", "dataset", "protocol", "kb_entities", "split", "metric", "value", "source")
 _PROTOCOL = re.compile(r"^(full_kb|candidates_([1-9][0-9]*))$")
 _ALIASES = {"richpedia": "richpediamel"}

@@ -1,5 +1,5 @@
 """Hard-negative mining for training (``--hard_negatives``): each training mention's top-ranked wrong entities
-under the current model, recomputed after every epoch and sampled by ``nel_model.batches.make_epoch_plan``."""
+under the current model, recomputed after every epoch and sampled by ``nel_model.training.batches.make_epoch_plan``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData
-from nel_model.evaluate import EvalSettings, encode_entities, encode_mentions
+from nel_model.encoding import EncodeSettings, encode_entities, encode_mentions
 
 
 def top_wrong(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor, k: int, chunk: int = 512,
@@ -29,7 +29,7 @@ def top_wrong(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Tensor,
 
 @torch.no_grad()
 def hard_negative_table(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray, k: int,
-                        dist: D.DistInfo, settings: EvalSettings) -> np.ndarray:
+                        dist: D.DistInfo, settings: EncodeSettings) -> np.ndarray:
     """``[M, k]`` (indexed by mention row, ``-1`` elsewhere): each of ``rows``' top-``k`` wrong entities."""
     emb = encode_entities(model, source, dist.device, settings)
     local = rows[D.shard(len(rows), dist)]

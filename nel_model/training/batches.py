@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nel_model.data import FeatureSource
-from nel_model.tfidf_negatives import TfidfNegatives
+from nel_model.training.tfidf_negatives import TfidfNegatives
 
 
 def sample_random_negatives(rng: np.random.Generator, gold: np.ndarray, n: int, num_entities: int) -> np.ndarray:
@@ -44,6 +44,13 @@ class EpochPlan:
         return slice(b * self.batch_size, min((b + 1) * self.batch_size, len(self.order)))
 
 
+def kept_mentions(n_train: int, batch_size: int, min_batch: int = 1) -> int:
+    """How many training mentions an epoch plan keeps: all, unless the last global batch is smaller than
+    ``min_batch`` (the number of DDP processes): then that batch is dropped so every process has a mention."""
+    tail = n_train % batch_size
+    return n_train - tail if tail and tail < min_batch else n_train
+
+
 def make_epoch_plan(seed: int, epoch: int, train_rows: np.ndarray, gold_all: np.ndarray, num_entities: int,
                     batch_size: int, num_negatives: int, hard_table: np.ndarray | None = None,
                     hard_ratio: float = 0.5, min_batch: int = 1, tfidf: TfidfNegatives | None = None) -> EpochPlan:
@@ -56,9 +63,7 @@ def make_epoch_plan(seed: int, epoch: int, train_rows: np.ndarray, gold_all: np.
     """
     rng = np.random.default_rng([int(seed), int(epoch)])
     order = train_rows[rng.permutation(len(train_rows))]
-    tail = len(order) % batch_size
-    if tail and tail < min_batch:
-        order = order[: len(order) - tail]
+    order = order[: kept_mentions(len(order), batch_size, min_batch)]
     gold = gold_all[order]
     if tfidf is not None:
         negs = tfidf.sample(rng, gold, num_negatives)

@@ -1,9 +1,9 @@
 """Error analysis of a trained run from its per-mention predictions (``RUN/predictions/<split>.jsonl``).
 
-    python -m nel_model.analyze --run RUN [--compare RUN2] [--split test] [--protocol full_kb]
+    python -m nel_model.reporting.analyze --run RUN [--compare RUN2] [--split test] [--protocol full_kb]
         [--tie_rule RULE] [--dataset DIR] [--top_confusions 15] [--out PREFIX]
 
-Metrics (MRR, Hits@k; ``nel_model.metrics`` under the chosen tie rule) broken down by
+Metrics (MRR, Hits@k; ``nel_model.evaluation.metrics`` under the chosen tie rule) broken down by
 
 * **name sharing**: how many KB entities have the mention's surface string as their ``name`` (both compared after
   whitespace normalisation and Unicode case folding: ``" ".join(s.split()).casefold()``): 0, 1, 2–5, 6+, and 2+;
@@ -35,11 +35,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from data_process.core.records import DataError, Dataset, Mention, load_dataset
-from nel_model.metrics import TIE_RULES, RankCounts, metrics_from_counts
-from nel_model.plots import DPI, run_name, save_figure
-from nel_model.run_io import PROTOCOLS, Predictions, Run, RunError, load_predictions, load_run
+from nel_model.evaluation.metrics import TIE_RULES, RankCounts, metrics_from_counts
+from nel_model.reporting.plots import DPI, run_name, save_figure
+from nel_model.runs import PROTOCOLS, Predictions, Run, RunError, load_predictions, load_run
 
 SHOWN_METRICS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10")
 METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5", "hits@10": "H@10"}
@@ -140,8 +142,10 @@ def counts_of(preds: Predictions, protocol: str, order: list[str] | None = None)
             raise RunError(f"{preds.path}: mention {mid!r} has no '{protocol}' ranks (the dataset has no candidate "
                            "lists?)")
         entries.append(entry)
-    cols = list(zip(*[(e.higher, e.equal, e.unordered, e.found) for e in entries])) or [(), (), (), ()]
-    return RankCounts(*(torch.tensor(c, dtype=torch.long) for c in cols[:3]), torch.tensor(cols[3], dtype=torch.bool))
+    higher, equal, unordered, found, nan_gold = list(zip(*[(e.higher, e.equal, e.unordered, e.found, e.nan_gold)
+                                                            for e in entries])) or [()] * 5
+    return RankCounts(*(torch.tensor(c, dtype=torch.long) for c in (higher, equal, unordered)),
+                      torch.tensor(found, dtype=torch.bool), nan_gold=torch.tensor(nan_gold, dtype=torch.bool))
 
 
 def load_runs(run_dirs: list[str | Path], split: str, protocol: str) -> list[RunPredictions]:
@@ -350,7 +354,8 @@ def plot(a: Analysis, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Error analysis of a run's per-mention predictions (Markdown, JSON, PNG).")
+    p = ToolkitParser(prog="dim-mel analyze",
+                      description="Error analysis of a run's per-mention predictions (Markdown, JSON, PNG).")
     p.add_argument("--run", required=True, help="run folder (with predictions/<split>.jsonl)")
     p.add_argument("--compare", default=None, metavar="RUN2", help="a second run: both side by side, A vs B")
     p.add_argument("--split", default="test", choices=["dev", "test"])
@@ -400,4 +405,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

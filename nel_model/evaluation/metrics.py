@@ -6,12 +6,21 @@ side). A tie rule then turns the counts into metrics:
 
 * ``pessimistic`` (the default): rank = 1 + higher + equal + unordered; every tie and every NaN counts against the
   gold, so a degenerate model that scores everything alike gets the worst rank, never the best.
-* ``strict`` (DIM's and GHMFC's code): rank = 1 + higher; ties and NaNs count for the gold (a NaN gold score is
-  rank 1, as in that code).
+* ``strict`` (DIM's and GHMFC's code): rank = 1 + higher; ties and other entities' NaNs count for the gold.
 * ``mean``: the expectation under random tie-breaking: the gold's rank is uniform over
   ``1 + higher + unordered ... 1 + higher + unordered + equal``; MRR and Hits@k are the exact expectations.
 
-The gold's score comes from the same score matrix as the others, so it never ties with itself through rounding.
+A NaN gold score is a miss under every rule (rank 0, reciprocal rank 0) and is counted: ``RankCounts.nan_gold`` per
+query, the ``"nan"`` entry of :func:`metrics_from_counts`. (DIM's code ranks a NaN gold 1: every comparison with
+NaN is false, so nothing counts as higher.)
+
+The gold's score comes from the same arithmetic as the others'. Candidate lists: one elementwise product-sum over
+a tensor holding the gold's row and the list's, so an exact duplicate of the gold (an identical embedding) ties
+with it, never above or below it through rounding. Full KB: the gold's column of the same matrix product (twin
+columns have come out identical on the CPUs measured, but that is the BLAS kernel's doing, not a promise; with a
+low-precision ``dtype`` every near-tie is re-scored by one product-sum, so twins do tie). Each entity counts once
+per list: a repeated candidate is compared once (its first occurrence), and copies of the gold row never count
+against it.
 ``found`` False means "gold not ranked" (candidate protocol with the ``in_list`` rule, gold absent from the list):
 a miss under every rule (reciprocal rank 0).
 
@@ -22,7 +31,9 @@ and every entity whose low-precision score lies within the rounding band of the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,8 +45,9 @@ RECHECK_PAIRS = 1 << 20     # float32 re-check pairs per step (bounds the gather
 
 @dataclass
 class RankCounts:
-    """Per query (all [N] long, ``found`` bool): how the other listed entities compare with the gold's score; and,
-    when asked for, each query's top entities from the same scores (``top_scores`` [N,k] float32, ``top_rows``)."""
+    """Per query (all [N] long, ``found`` and ``nan_gold`` bool): how the other listed entities compare with the
+    gold's score, and whether the gold's score is NaN (``nan_gold``; all False when not given); and, when asked
+    for, each query's top entities from the same scores (``top_scores`` [N,k] float32, ``top_rows``)."""
 
     higher: torch.Tensor
     equal: torch.Tensor
@@ -43,11 +55,21 @@ class RankCounts:
     found: torch.Tensor
     top_scores: torch.Tensor | None = None
     top_rows: torch.Tensor | None = None
+    nan_gold: torch.Tensor | None = None
 
-    FIELDS = ("higher", "equal", "unordered", "found", "top_scores", "top_rows")
+    FIELDS = ("higher", "equal", "unordered", "found", "top_scores", "top_rows", "nan_gold")
+
+    def __post_init__(self) -> None:
+        if self.nan_gold is None:
+            self.nan_gold = torch.zeros_like(self.found, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.higher)
+
+    @property
+    def ranked(self) -> torch.Tensor:
+        """Queries whose gold is ranked: found, with a score that is not NaN (the others are misses)."""
+        return self.found & ~self.nan_gold
 
     @staticmethod
     def cat(parts: list["RankCounts"]) -> "RankCounts":
@@ -65,7 +87,8 @@ class RankCounts:
         return self.map(lambda t: t.to(device))
 
     def ranks(self, rule: str = "pessimistic") -> torch.Tensor:
-        """Ranks under ``rule`` (0 = not found); ``mean`` gives the expected rank (a float tensor)."""
+        """Ranks under ``rule`` (0 = a miss: gold not found, or its score NaN); ``mean`` gives the expected rank (a
+        float tensor)."""
         check_rule(rule)
         if rule == "pessimistic":
             r = 1 + self.higher + self.equal + self.unordered
@@ -73,7 +96,7 @@ class RankCounts:
             r = 1 + self.higher
         else:
             r = 1 + self.higher + self.unordered + self.equal.double() / 2
-        return torch.where(self.found, r, torch.zeros_like(r))
+        return torch.where(self.ranked, r, torch.zeros_like(r))
 
 
 def check_rule(rule: str) -> None:
@@ -105,8 +128,15 @@ def metrics_from_ranks(ranks: torch.Tensor | list[int], ks: tuple[int, ...] = HI
 
 def metrics_from_counts(counts: RankCounts, rule: str = "pessimistic",
                         ks: tuple[int, ...] = HITS_AT) -> dict[str, float]:
-    """Metrics of ``counts`` under a tie rule (``mean``: exact expectations under random tie-breaking)."""
+    """Metrics of ``counts`` under a tie rule (``mean``: exact expectations under random tie-breaking): those of
+    :func:`metrics_from_ranks` and ``"nan"``, the number of queries whose gold score is NaN (each a miss)."""
     check_rule(rule)
+    out = _rule_metrics(counts, rule, ks)
+    out["nan"] = int(counts.nan_gold.sum())
+    return out
+
+
+def _rule_metrics(counts: RankCounts, rule: str, ks: tuple[int, ...]) -> dict[str, float]:
     if rule != "mean":
         return metrics_from_ranks(counts.ranks(rule), ks)
     n = len(counts)
@@ -114,7 +144,7 @@ def metrics_from_counts(counts: RankCounts, rule: str = "pessimistic",
         return _empty_metrics(ks)
     first = (1 + counts.higher + counts.unordered).double().cpu()          # best rank the gold can get
     t = counts.equal.double().cpu()                                       # the gold's rank is first .. first + t
-    found = counts.found.cpu()
+    found = counts.ranked.cpu()
     # E[1/rank] = (H(first + t) - H(first - 1)) / (t + 1), with the harmonic number H(x) = digamma(x + 1) + gamma
     rr = (torch.special.digamma(first + t + 1) - torch.special.digamma(first)) / (t + 1)
     out: dict[str, float] = {"mrr": float(torch.where(found, rr, torch.zeros_like(rr)).mean())}
@@ -159,20 +189,49 @@ def count_epilogue(scores: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor,
     return below, higher, clean
 
 
-_COMPILED: dict[str, object] = {}
+class _CompiledOrEager:
+    """A compiled function that falls back, with one warning, to its eager original for good the first time the
+    compiled one raises. ``torch.compile`` compiles lazily, so a missing backend (no Triton, no C compiler) shows
+    only at a call: every call is covered, the first included."""
 
-
-def _epilogue(device: torch.device):
-    """:func:`count_epilogue`, compiled (one Triton kernel reading the scores once) on CUDA when torch.compile is
-    available; eager elsewhere or when compiling fails."""
-    if device.type != "cuda":
-        return count_epilogue
-    if "cuda" not in _COMPILED:
+    def __init__(self, eager: Callable):
+        self.eager = eager
+        self.compiled: Callable | None = None
         try:
-            _COMPILED["cuda"] = torch.compile(count_epilogue, dynamic=True)
-        except Exception:  # noqa: BLE001 - no compiler backend: the eager function is the same function
-            _COMPILED["cuda"] = count_epilogue
-    return _COMPILED["cuda"]
+            self.compiled = torch.compile(eager, dynamic=True)
+        except Exception as exc:  # noqa: BLE001 - no compiler at all: the eager function is the same function
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        self.compiled = None
+        warnings.warn(f"torch.compile of {self.eager.__name__} failed ({type(exc).__name__}: {exc}); "
+                      "counting with the eager function (same counts, slower)", RuntimeWarning, stacklevel=3)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager function is the same function
+                self._give_up(exc)
+        return self.eager(*args)
+
+
+def compiles_epilogue(device_type: str) -> bool:
+    """Whether the count epilogue is compiled on this kind of device (CUDA: one fused pass over the scores)."""
+    return device_type == "cuda"
+
+
+_COMPILED: dict[str, _CompiledOrEager] = {}
+
+
+def _epilogue(device: torch.device) -> Callable:
+    """:func:`count_epilogue`, compiled (one Triton kernel reading the scores once) where
+    :func:`compiles_epilogue`; eager elsewhere, and from the first failure of the compiled function on."""
+    if not compiles_epilogue(device.type):
+        return count_epilogue
+    if device.type not in _COMPILED:
+        _COMPILED[device.type] = _CompiledOrEager(count_epilogue)
+    return _COMPILED[device.type]
 
 
 def topk_by_row(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +276,7 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
             below, higher, clean = epilogue(scores, g)
             below, higher = below.long(), higher.long()
             equal = (E - 1) - below - higher                                    # rows without NaN
+            nan_gold = torch.isnan(g[:, 0])
             for i in (~clean).nonzero().flatten().tolist():                     # rare: count NaN rows exactly
                 row, gi = scores[i], g[i]
                 equal[i] = int((row == gi).sum()) - int(bool(gi == gi))
@@ -231,11 +291,13 @@ def full_kb_counts(queries: torch.Tensor, entities: torch.Tensor, gold: torch.Te
             gold_f32 = (qc * e32[g_rows]).sum(-1)
             b2, h2, e2 = _compare_f32(qc, e32, r, c, gold_f32, len(q))
             below, higher, equal = below + b2, higher + h2, e2
+            nan_gold = torch.isnan(gold_f32)
         unordered = (E - 1) - below - higher - equal
         top = (None, None)
         if top_k:
             top = topk_by_row(scores if not low else q32[s: s + chunk] @ e32.T, top_k)
-        parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool), *top))
+        parts.append(RankCounts(higher, equal, unordered, torch.ones_like(higher, dtype=torch.bool), *top,
+                                nan_gold=nan_gold))
     return RankCounts.cat(parts) if parts else RankCounts.cat([]).to(dev)
 
 
@@ -251,26 +313,36 @@ def candidate_counts(queries: torch.Tensor, entities: torch.Tensor, candidates: 
 
     ``dim`` (DIM's and GHMFC's rule): the gold is scored and ranked against the list's other entries whether or
     not the list contains it. ``in_list``: a gold absent from its list is not ranked (``found`` False, a miss).
-    A mention without a list (all padding) is a miss under both rules. Copies of the gold row in a list are never
-    counted against it. Scores in float32."""
+    A mention without a list (all padding) is a miss under both rules. Each entity counts once per list (a repeated
+    candidate at its first occurrence); copies of the gold row are never counted against it. Scores in float32,
+    the gold's and the candidates' by one elementwise product-sum, so an identical embedding gives an identical
+    score wherever it stands."""
     if rule not in CANDIDATE_RULES:
         raise ValueError(f"unknown candidate rule {rule!r}; expected one of {', '.join(CANDIDATE_RULES)}")
     dev = queries.device
     cands = candidates.to(dev).long()
     gold = gold.to(dev).long()
-    q = queries.float()
     valid = cands >= 0
-    ce = entities[cands.clamp(min=0)].float()                                    # [N,C,D]
-    scores = torch.einsum("nd,ncd->nc", q, ce)
-    g = (q * entities[gold].float()).sum(-1, keepdim=True)                       # [N,1]
+    rows = torch.cat([gold[:, None], cands.clamp(min=0)], 1)                     # [N,1+C]: the gold, then the list
+    prod = entities[rows].float()                                                # [N,1+C,D] (a fresh copy)
+    scores = prod.mul_(queries.float()[:, None, :]).sum(-1)                      # [N,1+C]
+    g, scores = scores[:, :1], scores[:, 1:]
     is_gold = cands == gold[:, None]
-    others = valid & ~is_gold
+    others = valid & ~is_gold & ~_repeats(cands)
     higher = (others & (scores > g)).sum(1)
     equal = (others & (scores == g)).sum(1)
     below = (others & (scores < g)).sum(1)
     unordered = others.sum(1) - higher - equal - below
     found = valid.any(1) if rule == "dim" else (valid & is_gold).any(1)   # no list at all: a miss
-    return RankCounts(higher, equal, unordered, found)
+    return RankCounts(higher, equal, unordered, found, nan_gold=torch.isnan(g[:, 0]))
+
+
+def _repeats(cands: torch.Tensor) -> torch.Tensor:
+    """[N,C] bool: the entry repeats an entity already listed earlier in its row."""
+    ordered, pos = cands.sort(dim=1, stable=True)               # equal entities stay in list order
+    rep = torch.zeros_like(cands, dtype=torch.bool)
+    rep[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return torch.zeros_like(rep).scatter_(1, pos, rep)
 
 
 def candidate_ranks(queries: torch.Tensor, entities: torch.Tensor, candidates: torch.Tensor,

@@ -20,8 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_bytes
-from nel_model.run_io import HITS_KS, PROTOCOLS, Run, RunError, dev_mrr, expand_run_dirs, load_run
+from nel_model.runs import HITS_KS, PROTOCOLS, Run, RunError, dev_mrr, expand_run_dirs, load_run
 
 DPI = 100
 CURVES_SIZE = (12.0, 4.5)  # inches -> 1200 x 450 px
@@ -120,7 +122,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, protoco
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Plot training curves and Hits@k of run folders (PNG).")
+    p = ToolkitParser(prog="dim-mel plot", description="Plot training curves and Hits@k of run folders (PNG).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/plots for one run)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="full_kb")
@@ -138,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,0 +1,106 @@
+"""Retrieval as a stage: every mention's K best KB entities, the first stage of a two-stage linker.
+
+    dim-mel retrieve --run RUN [--split all|train|dev|test] [--top-k 20] [--checkpoint best]
+
+writes ``RUN/retrieval/<split>.jsonl`` (one line per mention, in feature-cache order: the gold's full-KB ranks and
+counts, as in ``predictions/``, and ``top``: the K best entities with their float32 scores, best first, equal scores
+in KB row order) with ``<split>.meta.json``, and ``RUN/retrieval/report.json`` with the lists' recall@1/5/10/K per
+split. Nothing here ranks on its own: the lists come from the run's evaluation pass (``nel_model.evaluation``: the
+same encoded embeddings, the same arithmetic, the same top-K as ``predictions/``), exact over the whole KB. The
+retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking). A re-ranker
+(``nel_model.rerank``) trains on the train split's lists and is evaluated on dev and test.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_process.core.devices import resolve_device
+from data_process.core.durable_io import atomic_write_json
+from data_process.core.entry import run_main
+from data_process.core.settings import ToolkitParser
+from nel_model import distributed as D
+from nel_model.data import FeatureSource, MELData, load_mel_data
+from nel_model.encoding import ENCODE_DTYPE, encode_entities, load_run_model
+from nel_model.evaluation.evaluate import evaluate_counts, settings_from_config, write_predictions
+from nel_model.evaluation.metrics import RankCounts
+from nel_model.runs import RETRIEVAL_DIR, load_config
+
+MAX_TOP_K = 100
+RECALL_AT = (1, 5, 10)
+REPORT_FILE = "report.json"
+SPLIT_CHOICES = {"all": ("train", "dev", "test"), "train": ("train",), "dev": ("dev",), "test": ("test",)}
+
+
+def list_recall(counts: RankCounts, gold: torch.Tensor, k: int) -> dict[str, float]:
+    """Share of mentions whose gold entity is among the first 1, 5, 10 and ``k`` entries of its retrieved list."""
+    top = counts.top_rows
+    hit = top == gold.reshape(-1, 1).to(top.device)
+    n = len(top)
+    out = {f"recall@{j}": float(hit[:, :j].any(1).double().mean()) if n else 0.0
+           for j in sorted({*RECALL_AT, k}) if j <= k}
+    out["n"] = n
+    return out
+
+
+def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: str = "best",
+             device: str = "auto") -> dict[str, Any]:
+    """Write the retrieved lists of ``splits`` into ``RUN/retrieval/`` and return the report."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"--top-k must be in 1..{MAX_TOP_K}, got {top_k}")
+    run = Path(run)
+    conf = load_config(run)
+    dev = resolve_device(device)
+    model, ckpt = load_run_model(run, checkpoint, dev)
+    data: MELData = load_mel_data(conf["features"], conf.get("dataset_resolved"))
+    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    settings = settings_from_config(conf, dev)
+    emb = encode_entities(model, source, dev, settings)
+    wanted = [s for s in splits if len(data.splits[s])]
+    counts = evaluate_counts(model, data, source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
+                             entity_emb=emb)
+    recall = {s: list_recall(c, torch.from_numpy(data.gold[data.splits[s]]), top_k)
+              for s, c in counts["full_kb"].items()}
+    retriever = {"run": str(run.resolve()), "label": conf.get("label"), "checkpoint": checkpoint,
+                 "epoch": ckpt.get("epoch")}
+    write_predictions(run, model, data, source, counts, settings, dev, emb, checkpoint=retriever, top_k=top_k,
+                      folder_name=RETRIEVAL_DIR)
+    report = {"top_k": top_k, "retriever": retriever, "kb_entities": data.num_entities, "encode_dtype": ENCODE_DTYPE,
+              "score_dtype": str(settings.score_dtype).replace("torch.", ""), "top_ties": "KB row order",
+              "splits": recall, "skipped_empty_splits": [s for s in splits if s not in wanted]}
+    atomic_write_json(run / RETRIEVAL_DIR / REPORT_FILE, report)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    k = report["top_k"]
+    cols = [c for c in (f"recall@{j}" for j in sorted({*RECALL_AT, k}) if j <= k)]
+    lines = [f"retrieved top {k} of {report['kb_entities']} entities (exact, scores {report['score_dtype']})",
+             f"{'split':<7}" + "".join(f"{c:>11}" for c in cols) + f"{'n':>8}"]
+    for split, m in report["splits"].items():
+        lines.append(f"{split:<7}" + "".join(f"{100 * m[c]:11.2f}" for c in cols) + f"{m['n']:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ToolkitParser(prog="dim-mel retrieve", description="Retrieve every mention's K best KB entities with a run "
+                      "(the first stage of a two-stage linker): RUN/retrieval/<split>.jsonl and a recall report.")
+    p.add_argument("--run", required=True, help="run folder written by dim-mel train (trained or --epochs 0)")
+    p.add_argument("--split", choices=list(SPLIT_CHOICES), default="all",
+                   help="all = train, dev and test (a re-ranker trains on train)")
+    p.add_argument("--top_k", type=int, default=20, help=f"entities per mention (1..{MAX_TOP_K})")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    report = retrieve(a.run, SPLIT_CHOICES[a.split], a.top_k, a.checkpoint, a.device)
+    print(format_report(report))
+    print(f"wrote {Path(a.run) / RETRIEVAL_DIR}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

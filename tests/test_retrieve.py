@@ -1,0 +1,52 @@
+"""dim-mel retrieve: the first stage of a two-stage linker, from the run's own evaluation pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_process.fixtures.synthetic_features import write_synthetic
+from nel_model.inference import retrieve as R
+from nel_model.runs import RETRIEVAL_DIR, RunError, load_predictions
+from nel_model.training.loop import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("retrieve")
+    write_synthetic(d / "ds", d / "feat", num_entities=40, mentions_per_split=(96, 32, 32), seed=4)
+    train_main(["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(d / "feat"),
+                "--output-dir", str(d / "run"), "--epochs", "3"])
+    return d / "run"
+
+
+def test_retrieved_lists_are_the_evaluation_pass_and_recall_is_counted_from_them(run, capsys):
+    assert R.main(["--run", str(run), "--top-k", "15"]) == 0
+    report = json.loads((run / RETRIEVAL_DIR / "report.json").read_text())
+    assert report["top_k"] == 15 and report["kb_entities"] == 40 and set(report["splits"]) == {"train", "dev", "test"}
+    for split, n in (("train", 96), ("dev", 32), ("test", 32)):
+        lists = load_predictions(run, split, RETRIEVAL_DIR)
+        assert len(lists.mentions) == n and all(len(m.top) == 15 for m in lists.mentions)
+        scores = [[s for _, s in m.top] for m in lists.mentions]
+        assert all(s == sorted(s, reverse=True) for s in scores)
+        rec = report["splits"][split]
+        for k in (1, 5, 10, 15):
+            assert rec[f"recall@{k}"] == sum(m.gold in [e for e, _ in m.top[:k]] for m in lists.mentions) / n
+        assert rec["recall@1"] <= rec["recall@5"] <= rec["recall@15"]
+    # the first 10 of each test list are the run's own predictions (the same pass, the same arithmetic)
+    preds = {m.mention_id: m for m in load_predictions(run, "test").mentions}
+    for m in load_predictions(run, "test", RETRIEVAL_DIR).mentions:
+        assert [e for e, _ in m.top[:10]] == [e for e, _ in preds[m.mention_id].top]
+        assert m.full_kb == preds[m.mention_id].full_kb
+    assert "recall@15" in capsys.readouterr().out
+
+
+def test_retrieve_errors(run, tmp_path):
+    with pytest.raises(ValueError, match="--top-k must be in 1..100, got 101"):
+        R.retrieve(run, ("test",), 101)
+    with pytest.raises(RunError, match="no retrieved lists for split 'dev'"):
+        load_predictions(tmp_path, "dev", RETRIEVAL_DIR)
