@@ -183,10 +183,8 @@ def test_an_image_edited_in_place_with_the_same_size_is_reencoded(assets, tmp_pa
     np.testing.assert_array_equal(before[others], after[others])
 
 
-@pytest.mark.parametrize("victim", ["mention.sentence", "mention.regions"])
-def test_resume_after_kill_gives_identical_arrays(built, assets, tmp_path, monkeypatch, victim):
-    data, clip = assets
-    out = tmp_path / "f"
+def kill_after_first_write(monkeypatch, victim: str):
+    """ViewWriter.write raising KeyboardInterrupt at the second write of view ``victim`` (a kill mid-view)."""
     real_write = ViewWriter.write
     calls = {"n": 0}
 
@@ -198,19 +196,32 @@ def test_resume_after_kill_gives_identical_arrays(built, assets, tmp_path, monke
         return real_write(self, start, rows, mask)
 
     monkeypatch.setattr(ViewWriter, "write", dying_write)
+    return real_write  # the real ViewWriter.write, for spy_resume
+
+
+def spy_resume(monkeypatch, real_write, victim: str) -> list[int]:
+    """Record the first position of each write of ``victim`` (the resumed run)."""
+    starts: list[int] = []
+
+    def spy(self, start, rows, mask=None):
+        if self.name == victim:
+            starts.append(start)
+        return real_write(self, start, rows, mask)
+
+    monkeypatch.setattr(ViewWriter, "write", spy)
+    return starts
+
+
+@pytest.mark.parametrize("victim", ["mention.sentence", "mention.regions"])
+def test_resume_after_kill_gives_identical_arrays(built, assets, tmp_path, monkeypatch, victim):
+    data, clip = assets
+    out = tmp_path / "f"
+    real_write = kill_after_first_write(monkeypatch, victim)
     with pytest.raises(KeyboardInterrupt):
         build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
     prog = json.loads((out / f"{victim}.progress.json").read_text())
     assert prog["rows_done"] == 16
-    monkeypatch.setattr(ViewWriter, "write", real_write)
-    resumed_rows = []
-
-    def spy_write(self, start, rows, mask=None):
-        if self.name == victim:
-            resumed_rows.append(start)
-        return real_write(self, start, rows, mask)
-
-    monkeypatch.setattr(ViewWriter, "write", spy_write)
+    resumed_rows = spy_resume(monkeypatch, real_write, victim)
     summary = build_features(data, out, _settings(clip), batch_size=16, num_workers=0, device="cpu")
     assert resumed_rows[0] == 16  # resumed mid-view, not from row 0
     assert victim in summary["written"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from data_process.core.durable_io import JsonlCache
+from data_process.core.safe_paths import open_regular_file, regular_file_problem
 
 MISSING = "missing"
 UNREADABLE = "unreadable"
@@ -31,7 +32,7 @@ def stable_hash(obj: Any) -> str:
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    with open_regular_file(path) as fh:  # never blocks on a FIFO or a device
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -40,9 +41,11 @@ def file_sha256(path: str | Path) -> str:
 class ImageHasher:
     """Content hashes of image files, cached by (absolute path, size, mtime).
 
-    ``sha256(path)`` returns the hex digest, or :data:`MISSING` when the file does not exist (an unreadable
-    directory entry raises ``OSError``). New hashes are kept in memory and, with ``cache_path``, appended to that
-    file by :meth:`flush` (called by :meth:`hash_all` and on close), one fsync for many hashes.
+    ``sha256(path)`` returns the hex digest, :data:`MISSING` when the file does not exist, or :data:`UNREADABLE`
+    for what is not a regular file (a FIFO, a device, a directory, a path with a NUL byte: never opened, so never
+    a hang); an unreadable directory entry raises ``OSError``. New hashes are kept in memory and, with
+    ``cache_path``, appended to that file by :meth:`flush` (called by :meth:`hash_all` and on close), one fsync for
+    many hashes.
     """
 
     def __init__(self, cache_path: str | Path | None = None):
@@ -57,6 +60,9 @@ class ImageHasher:
         return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
     def sha256(self, path: str | Path) -> str:
+        problem = regular_file_problem(path)
+        if problem is not None:
+            return MISSING if problem.startswith("missing") else UNREADABLE
         path = Path(path)
         try:
             st = path.stat()
@@ -77,7 +83,7 @@ class ImageHasher:
         for p in paths:
             try:
                 out.append(None if p is None else self.sha256(p))
-            except OSError:
+            except (OSError, ValueError):  # ValueError: swapped for a non-regular file after the check (UnsafePath)
                 out.append(UNREADABLE)
         self.flush()
         return out

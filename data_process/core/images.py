@@ -22,8 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from data_process.core.safe_paths import open_regular_file, regular_file_problem
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_RESIZE_AREA = 16  # ImagePreprocess resizes a whole image up to this many crops' area (aspect ratios to 16:1)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,28 @@ class ImagePreprocess:
         """The smallest decode size :func:`decode_image` may ask a JPEG for: the resize target."""
         return self._target(*size)
 
+    def crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """The part of a ``w`` x ``h`` source that the centre crop of the resized image shows, in source pixels."""
+        nw, nh = self._target(w, h)
+        left, top = (nw - self.crop_w) // 2, (nh - self.crop_h) // 2
+        sx, sy = w / nw, h / nh
+        return left * sx, top * sy, (left + self.crop_w) * sx, (top + self.crop_h) * sy
+
     def pixels(self, img: Image.Image) -> np.ndarray:
-        """PIL image -> resized, center-cropped uint8 array [crop_h, crop_w, 3]."""
+        """PIL image -> resized, center-cropped uint8 array [crop_h, crop_w, 3].
+
+        The resized image is at most :data:`MAX_RESIZE_AREA` crops large: beyond that (an aspect ratio past 16:1,
+        e.g. a 16000 x 1 "aspect-ratio bomb" whose long side would be resized to 3.6 million pixels) only the
+        centre span the crop shows is resized (PIL's ``box``), so the work per image is bounded by the crop.
+        Ordinary aspect ratios take the plain resize-then-crop path, pixel for pixel as before."""
         if img.mode != "RGB":  # decode_image already gives RGB: no second full copy of the image
             img = img.convert("RGB")
         w, h = img.size
         nw, nh = self._target(w, h)
+        if nw * nh > MAX_RESIZE_AREA * self.crop_w * self.crop_h:
+            box = self.crop_box(w, h)
+            img = img.resize((self.crop_w, self.crop_h), resample=Image.Resampling(self.resample), box=box)
+            return np.asarray(img, dtype=np.uint8)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), resample=Image.Resampling(self.resample))
         left, top = (nw - self.crop_w) // 2, (nh - self.crop_h) // 2
@@ -116,8 +135,11 @@ def decode_image(path: str | Path | None, prepare: Callable[[Image.Image], Any] 
     decompression bomb is not even an ``OSError``): a bad image is data, not a crash."""
     if path is None:
         return None, "no image"
+    problem = regular_file_problem(path)  # never opens a FIFO or a device (a read would block forever)
+    if problem is not None:
+        return None, problem
     try:
-        with Image.open(path) as img:
+        with open_regular_file(path) as fh, Image.open(fh) as img:
             if getattr(prepare, "jpeg_draft", False) and img.format == "JPEG":
                 img.draft("RGB", prepare.draft_size(img.size))
             img.load()

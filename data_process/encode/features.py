@@ -20,11 +20,14 @@ instead of encoding them (:mod:`data_process.encode.precomputed`; without ``--cl
 
 Each view's fingerprint is ``stable_hash(encoder id, settings, the exact inputs)`` (an image input is its path and
 content hash, ``data_process.core.fingerprints``); a re-run skips views whose fingerprint matches ``meta.json`` (no model is even loaded when nothing changed) and re-encodes only the changed
-ones (e.g. ``mention.profile`` after captions were added). A killed run resumes inside the view it was writing.
+ones (e.g. ``mention.profile`` after captions were added); a view whose files are truncated or altered since (size
+and content hash in ``meta.json``) is encoded again. A killed run resumes inside the view it was writing. Text
+views are batched over the whole view sorted by length (:func:`length_order`; rows are written in row order).
 
-Images are decoded in DataLoader worker processes. A missing or unreadable image never stops the run: it is
-counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first ids),
-and gets a zero feature with mask False.
+Images are decoded in DataLoader worker processes. An image name that leads outside the dataset folder (absolute,
+``../``, a symlink out) is refused, a FIFO or device is never opened. A missing or unreadable image never stops the
+run: it is counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first
+ids, with the reason), and gets a zero feature with mask False.
 
 For linking new mentions outside the cache (``nel_model/inference/predict.py``) use :func:`load_encoders_from_meta` and
 :func:`encode_mention_views`.
@@ -47,7 +50,9 @@ from data_process.core.devices import cpu_threads, resolve_device
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.images import decode_image, iter_decoded
 from data_process.core.settings import parse_bool
+from data_process.core.entry import run_main
 from data_process.core.records import Entity, Mention, load_dataset
+from data_process.core.safe_paths import UnsafePath, resolve_inside
 from data_process.encode.boxes_file import Box, read_boxes_file
 from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Detector, detect_all
 from data_process.encode.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
@@ -126,6 +131,21 @@ def profile_texts(m: Mention) -> list[str | None]:
 def entity_profile_text(e: Entity) -> str | None:
     text = e.enrichment.get("text") if isinstance(e.enrichment, dict) else None
     return text if isinstance(text, str) and text.strip() else None
+
+
+def dataset_image_paths(root: Path, rels: Sequence[str | None]) -> tuple[list[Path | None], dict[int, str]]:
+    """Real paths of a dataset's images (``core.safe_paths.resolve_inside``) and, by row, why a name is refused:
+    an absolute or ``../`` path, a symlink leading out of the dataset folder, a NUL byte. A refused image is not
+    read (its path is ``None``) and is reported as unreadable, with the reason."""
+    paths: list[Path | None] = []
+    refused: dict[int, str] = {}
+    for i, rel in enumerate(rels):
+        try:
+            paths.append(None if rel is None else resolve_inside(root, rel))
+        except UnsafePath as exc:
+            paths.append(None)
+            refused[i] = f"unsafe path: {exc}"
+    return paths, refused
 
 
 def _image_inputs(rels: Sequence[str | None], shas: Sequence[str | None]) -> list[Any]:
@@ -332,14 +352,24 @@ def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: 
             for name, (s, x) in inputs.items()}
 
 
-def _write_text_view(store: FeatureStore, job: _Job, n: int, batch_size: int,
-                     encode: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]) -> None:
-    w = store.writer(job.side, job.view, n, job.row_shape, job.mask_shape, job.fingerprint)
+def length_order(texts: Sequence[Sequence[str | None]]) -> np.ndarray:
+    """Rows by the total length of their texts (stable): batches of similar length pad little, and one long
+    noisy text pads only its own batch."""
+    return np.argsort([sum(len(t) for t in row if t) for row in texts], kind="stable")
+
+
+def _write_text_view(store: FeatureStore, job: _Job, texts: Sequence[Sequence[str | None]], batch_size: int,
+                     encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """Encode a text view in batches of rows sorted by length (:func:`length_order`), each written at its own row;
+    resumable by positions in that order. ``texts[i]``: the texts of row ``i``; ``encode(rows)``: their features."""
+    n = len(texts)
+    order = length_order(texts)
+    w = store.writer(job.side, job.view, n, job.row_shape, job.mask_shape, job.fingerprint, order=order)
     if w.start_row:
         log.info("%s: resuming at row %d of %d", job.name, w.start_row, n)
     for start in tqdm(range(w.start_row, n, batch_size), desc=job.name, unit="batch", leave=False):
         end = min(n, start + batch_size)
-        data, mask = encode(start, end)
+        data, mask = encode(order[start:end])
         w.write(start, data, mask)
     w.commit(job.info)
 
@@ -357,9 +387,11 @@ def _done_presence(store: FeatureStore, side: str, writers: dict, start: int, gr
 
 def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: list[Path | None],
                        jobs: list[_Job], image_enc: ImageEncoder, batch_size: int, num_workers: int,
-                       crops: _CropPlan | None = None) -> ImageReport:
+                       crops: _CropPlan | None = None, refused: dict[int, str] | None = None) -> ImageReport:
     """Write the image views of one side (``image`` and, for mentions, ``regions``: the patch grid, or with
-    ``crops`` the crops of boxes) in one decoding pass."""
+    ``crops`` the crops of boxes) in one decoding pass. ``refused``: rows whose image name was refused (their path
+    is ``None``) and why."""
+    refused = refused or {}
     n = len(paths)
     writers = {j.view: store.writer(side, j.view, n, j.row_shape, j.mask_shape, j.fingerprint) for j in jobs}
     # Resume from the earliest unfinished row; rows are deterministic, so rewriting a few is harmless.
@@ -370,7 +402,8 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
         # rows finished by the earlier run: their masks say which images were unusable
         done = _done_presence(store, side, writers, start, grid=crops is None)
         for j in np.flatnonzero(~done) if done is not None else ():
-            report.add(ids[j], "no image" if paths[j] is None else "missing or unreadable (earlier run)")
+            report.add(ids[j], refused.get(j, "no image") if paths[j] is None
+                       else "missing or unreadable (earlier run)")
     if crops is None:
         batches = iter_decoded(paths[start:], batch_size, num_workers, image_enc.preprocess)
     else:
@@ -386,7 +419,7 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
                                    whole_images="image" in writers)
             glob, regs, rmask, present, reasons = cb.glob, cb.regions, cb.regions_mask, cb.present, cb.reasons
         for j, reason in enumerate(reasons):
-            report.add(ids[i + j], reason)
+            report.add(ids[i + j], refused.get(i + j, reason))
         end = i + len(items)
         if "image" in writers and end > writers["image"].start_row:
             writers["image"].write(i, glob, present)
@@ -430,16 +463,16 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     regions = settings.regions if settings is not None else RegionSettings()
     boxes_file = read_boxes_file(regions.boxes, ms) if regions.mode == "file" else None  # checked before any work
     boxes_sha = boxes_file.sha256 if boxes_file is not None else None
-    m_paths = [ds.image_path(m.image) for m in ms]
     e_images = [e.images[0] if e.images else None for e in es]  # an entity's image view: its first image
-    e_paths = [ds.image_path(rel) for rel in e_images]
+    m_paths, m_refused = dataset_image_paths(ds.root, [m.image for m in ms])
+    e_paths, e_refused = dataset_image_paths(ds.root, e_images)
     with ImageHasher(store.root / HASHES_FILE) as hasher:
         m_shas, e_shas = hasher.hash_all(m_paths), hasher.hash_all(e_paths)
         max_len = settings.max_len if settings is not None else store.meta().get("max_len")
         prepared = [prepare_import(spec, ms if spec.side == "mention" else es,
                                    m_ids if spec.side == "mention" else e_ids, max_len, hasher) for spec in imports]
     fresh = [imp for imp in prepared if force or not store.has(imp.spec.side, imp.spec.view.split(".")[1],
-                                                                 fingerprint=imp.fingerprint)]
+                                                                 fingerprint=imp.fingerprint, verify=True)]
     summary: dict[str, Any] = {"written": [], "skipped": [imp.spec.view for imp in prepared if imp not in fresh],
                                "imported": [imp.spec.view for imp in fresh], "images": {}}
     base_meta: dict[str, Any] = {"dataset": str(data)}
@@ -449,7 +482,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
                             _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
-        todo = [name for name, fp in fps.items() if force or not store.has(*name.split("."), fingerprint=fp)]
+        todo = [name for name, fp in fps.items()
+                if force or not store.has(*name.split("."), fingerprint=fp, verify=True)]
         summary["written"] = todo
         summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
         base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
@@ -465,9 +499,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
 
     encoders = None
     if todo:
-        encoders = load_encoders(settings.clip, settings.text_encoder, device=device, max_len=settings.max_len,
-                                 region_grid=settings.grid, batch_size=batch_size, text_max_len=text_limit,
-                                 jpeg_draft=settings.jpeg_draft)
+        encoders = _load_encoders(settings, device=device, max_len=settings.max_len, region_grid=settings.grid,
+                                  batch_size=batch_size, text_max_len=text_limit, jpeg_draft=settings.jpeg_draft)
         known = {"text": (encoders[0].dim, f"the text encoder {settings.text_name}"),
                  "image": (encoders[1].dim, f"the image encoder {settings.clip}")}
     else:
@@ -478,8 +511,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         log.info("%s: importing %s", imp.spec.view, imp.spec.path)
         write_import(store, imp)
     if encoders is not None:
-        _encode_views(ds, store, settings, todo, fps, encoders, m_paths, m_shas, e_paths, boxes_file, batch_size,
-                      num_workers, device, progress, detector_batch_size, summary)
+        _encode_views(ds, store, settings, todo, fps, encoders, (m_paths, m_refused), m_shas, (e_paths, e_refused),
+                      boxes_file, batch_size, num_workers, device, progress, detector_batch_size, summary)
     return summary
 
 
@@ -494,11 +527,14 @@ def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int,
 
 
 def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
-                  encoders: tuple[TextEncoder, ImageEncoder], m_paths: list[Path | None], m_shas: list[str | None],
-                  e_paths: list[Path | None], boxes_file, batch_size: int, num_workers: int, device: str,
+                  encoders: tuple[TextEncoder, ImageEncoder], m_images: tuple[list[Path | None], dict[int, str]],
+                  m_shas: list[str | None], e_images: tuple[list[Path | None], dict[int, str]], boxes_file,
+                  batch_size: int, num_workers: int, device: str,
                   progress: bool, detector_batch_size: int, summary: dict[str, Any]) -> None:
-    """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time)."""
+    """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time).
+    ``m_images`` / ``e_images``: the image paths of each side and the rows whose name was refused (why)."""
     text_enc, image_enc = encoders
+    (m_paths, m_refused), (e_paths, e_refused) = m_images, e_images
     regions = settings.regions
     ms, es = ds.mentions, ds.entities
     m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
@@ -517,31 +553,35 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     if "mention.regions" in jobs:
         jobs["mention.regions"].info["regions"] = provenance
 
-    def pooled(texts: list[str]) -> Callable[[int, int], tuple[np.ndarray, None]]:
-        return lambda a, b: (text_enc.encode_pooled(texts[a:b]), None)
+    def pooled(texts: list[str]) -> Callable[[np.ndarray], tuple[np.ndarray, None]]:
+        return lambda rows: (text_enc.encode_pooled([texts[i] for i in rows]), None)
 
-    def sentence(a: int, b: int):
-        f = text_enc.encode([m.sentence for m in ms[a:b]])
+    def sentence(rows: np.ndarray):
+        f = text_enc.encode([ms[i].sentence for i in rows])
         return f.tokens, f.mask
 
-    def m_profile(a: int, b: int):
-        flat, mask = _pooled_or_zero([t for m in ms[a:b] for t in profile_texts(m)], text_enc)
-        return flat.reshape(b - a, K, dt), mask.reshape(b - a, K)
+    def m_profile(rows: np.ndarray):
+        flat, mask = _pooled_or_zero([t for i in rows for t in m_profiles[i]], text_enc)
+        return flat.reshape(len(rows), K, dt), mask.reshape(len(rows), K)
 
-    def e_profile(a: int, b: int):
-        return _pooled_or_zero([entity_profile_text(e) for e in es[a:b]], text_enc)
+    def e_profile(rows: np.ndarray):
+        return _pooled_or_zero([e_profiles[i] for i in rows], text_enc)
 
-    text_views = {
-        "mention.mention": (len(ms), pooled([m.mention for m in ms])),
-        "mention.sentence": (len(ms), sentence),
-        "mention.profile": (len(ms), m_profile),
-        "entity.desc": (len(es), pooled([e.text() for e in es])),
-        "entity.profile": (len(es), e_profile),
+    mentions, sentences = [m.mention for m in ms], [m.sentence for m in ms]
+    descs = [e.text() for e in es]
+    m_profiles = [profile_texts(m) for m in ms]
+    e_profiles = [entity_profile_text(e) for e in es]
+    text_views = {  # view: (the texts of each row, their encoder)
+        "mention.mention": ([[t] for t in mentions], pooled(mentions)),
+        "mention.sentence": ([[t] for t in sentences], sentence),
+        "mention.profile": (m_profiles, m_profile),
+        "entity.desc": ([[t] for t in descs], pooled(descs)),
+        "entity.profile": ([[t] for t in e_profiles], e_profile),
     }
     with tqdm(total=len(todo), desc="views", unit="view", disable=not progress) as bar:
-        for name, (n, fn) in text_views.items():
+        for name, (texts, fn) in text_views.items():
             if name in jobs:
-                _write_text_view(store, jobs[name], n, batch_size, fn)
+                _write_text_view(store, jobs[name], texts, batch_size, fn)
                 bar.update(1)
         m_jobs = [jobs[n] for n in ("mention.image", "mention.regions") if n in jobs]
         if m_jobs:
@@ -560,14 +600,14 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
                 crops = _CropPlan(PrepareCrops(image_enc.preprocess, R),
                                   [select_boxes(b, regions.labels, regions.threshold) for b in boxes], R)
             rep = _write_image_views(store, "mention", m_ids, m_paths, m_jobs, image_enc, batch_size, num_workers,
-                                     crops)
+                                     crops, m_refused)
             summary["images"]["mention"] = rep.to_json()
             if crops is not None:
                 summary["regions"]["boxes"] = store.meta()["views"]["mention.regions"]["boxes"]
             bar.update(len(m_jobs))
         if "entity.image" in jobs:
             rep = _write_image_views(store, "entity", e_ids, e_paths, [jobs["entity.image"]], image_enc,
-                                     batch_size, num_workers)
+                                     batch_size, num_workers, refused=e_refused)
             summary["images"]["entity"] = rep.to_json()
             bar.update(1)
 
@@ -590,6 +630,29 @@ def _report(summary: dict[str, Any], out: Path) -> str:
                      f"{b['dropped']} outside it dropped, {b['images_without_boxes']} images without boxes "
                      "(regions masked)")
     return "\n".join(lines)
+
+
+def check_model_arg(flag: str, name: str | None) -> None:
+    """A model named by a local path must be a folder that exists (a ``ValueError`` naming it, before a hub lookup
+    that retries over the network); a name like ``org/model`` whose first part is no local folder is a hub name."""
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    local = name.startswith((os.sep, ".", "~")) or path.exists() or (len(path.parts) > 1 and
+                                                                     Path(path.parts[0]).is_dir())
+    if local and not path.is_dir():
+        raise ValueError(f"{name}: {flag}: model folder not found" if not path.exists()
+                         else f"{name}: {flag}: not a model folder (a model is a folder with config.json)")
+
+
+def _load_encoders(settings: FeatureSettings, **kwargs) -> tuple[TextEncoder, ImageEncoder]:
+    """:func:`load_encoders`, with a model that cannot be loaded as one ``ValueError`` naming it."""
+    try:
+        return load_encoders(settings.clip, settings.text_encoder, **kwargs)
+    except (OSError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{settings.clip}: cannot load the encoders (--clip {settings.clip}, --text_encoder "
+                         f"{settings.text_encoder}): {first}") from None
 
 
 def _labels(text: str) -> tuple[str, ...]:
@@ -662,7 +725,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = None if args.clip is None else FeatureSettings(
         clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len, region_grid=args.region_grid,
         text_max_len=args.text_max_len, regions=regions, jpeg_draft=args.jpeg_draft)
-    device = resolve_device(args.device)  # fail early on a malformed device string
+    for flag, name in (("--clip", args.clip), ("--text_encoder", args.text_encoder),
+                       ("--detector", args.detector)):
+        check_model_arg(flag, name)
+    try:
+        device = resolve_device(args.device)  # fail early on a malformed device string
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
     if args.num_workers is None:
         cores = os.cpu_count() or 1
         args.num_workers = max(1, cores - 1) if device.type == "cuda" else min(2, cores)
@@ -675,4 +744,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

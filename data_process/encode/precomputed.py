@@ -40,7 +40,7 @@ import numpy as np
 
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.records import DataError
-from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
+from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore, first_nonfinite_row
 
 FIRST_IDS = 5
 # side.view -> (space: "text" | "image", extra axis: None | "max_len" | "regions" | "profile", has a mask)
@@ -247,7 +247,7 @@ def prepare_import(spec: ImportSpec, records: Sequence[Any], record_ids: list[st
     if extra == "profile" and arr.shape[1] != len(PROFILE_ROWS):
         raise DataError(spec.path, "top level", spec.key, f"{arr.shape[1]} profile rows per mention; the cache has "
                                                           f"{len(PROFILE_ROWS)} ({', '.join(PROFILE_ROWS)})")
-    bad = _first_bad_row(arr)
+    bad = first_nonfinite_row(arr)
     if bad is not None:
         raise DataError(spec.path, f"row {bad}", spec.key, "values that are not finite (NaN, inf, or beyond float16's "
                                                            "range)")
@@ -281,17 +281,6 @@ def check_dims(imports: Sequence[PreparedImport], known: dict[str, tuple[int, st
                             f"{have[0]} ({have[1]})")
         dims.setdefault(imp.space, (imp.dim, f"--import {imp.spec.view}={imp.spec.path}"))
     return {space: d for space, (d, _) in dims.items()}
-
-
-def _first_bad_row(arr: np.ndarray, chunk: int = 4096) -> int | None:
-    """The first row with a value that is not finite as float16 (NaN, inf, or beyond its range)."""
-    for start in range(0, len(arr), chunk):
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is what is looked for
-            part = np.asarray(arr[start:start + chunk], dtype=np.float32).astype(np.float16)
-        bad = ~np.isfinite(part).reshape(len(part), -1).all(1)
-        if bad.any():
-            return start + int(np.flatnonzero(bad)[0])
-    return None
 
 
 def write_import(store: FeatureStore, imp: PreparedImport, chunk: int = 4096) -> None:
