@@ -282,8 +282,16 @@ def test_resume_without_a_finished_epoch_says_how_to_restart(image_store, tmp_pa
         run(image_store, tmp_path / "none", "--epochs", 1, "--resume")
 
 
-def test_training_without_dev_mentions_is_refused(tmp_path):
+def test_training_without_dev_mentions_names_the_command_that_fixes_it_for_the_format(tmp_path):
     write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=16, mentions_per_split=(32, 0, 16), seed=1)
-    with pytest.raises(ValueError, match="the dataset has no dev mentions; the best model is chosen by dev MRR"):
-        train_main(["--config", str(Path(__file__).resolve().parents[1] / "configs/synthetic.yaml"),
-                    "--features", str(tmp_path / "feat"), "--output_dir", str(tmp_path / "run"), "--epochs", "1"])
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs/synthetic.yaml"),
+            "--features", str(tmp_path / "feat"), "--output_dir", str(tmp_path / "run"), "--epochs", "1"]
+    info = tmp_path / "ds" / "dataset.json"
+    for fmt, advice in (("ghmfc", "dim-mel prepare --format ghmfc --src RELEASE --out DATASET --dev-from-train 0.1"),
+                        ("melbench", "dim-mel prepare --format melbench --src RELEASE --out DATASET --splits 70,10,20"),
+                        ("mimic", "Its 'mimic' release fixes the splits and has none for dev")):
+        info.write_text(json.dumps({**json.loads(info.read_text()), "source_format": fmt}))
+        with pytest.raises(ValueError) as err:
+            train_main(argv)
+        assert "the dataset has no dev mentions; the best model is chosen by dev MRR" in str(err.value)
+        assert advice in str(err.value)

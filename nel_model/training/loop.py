@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
-from data_process.core.records import ENTITIES_FILE, read_entities
+from data_process.core.records import ENTITIES_FILE, read_entities, read_info
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
 from nel_model.training.batches import TrainBatches, kept_mentions, make_epoch_plan, make_loader
@@ -122,6 +122,19 @@ def tfidf_table(data) -> TfidfNegatives:
     return TfidfNegatives.build([texts[eid] for eid in data.entity_ids])
 
 
+def dev_split_advice(data) -> str:
+    """Which command gives this dataset a dev split, for the format it was converted from."""
+    fmt = read_info(Path(data.dataset).resolve()).source_format
+    again = "then encode the features again (dim-mel features)"
+    if fmt == "ghmfc":
+        return ("Carve one from train: dim-mel prepare --format ghmfc --src RELEASE --out DATASET --dev-from-train "
+                f"0.1; {again}")
+    if fmt == "melbench":
+        return f"Re-split it: dim-mel prepare --format melbench --src RELEASE --out DATASET --splits 70,10,20; {again}"
+    return (f"Its {fmt!r} release fixes the splits and has none for dev: add a dev split to the release (or "
+            "convert it with a format that makes one), then prepare and encode it again")
+
+
 def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: int) -> int:
     """Optimizer steps of one epoch: the epoch plan's global batches (under DDP a last batch smaller than the
     number of processes is dropped: :func:`kept_mentions`) grouped by ``grad_accum``."""
@@ -157,8 +170,7 @@ class Trainer:
         if args.epochs > 0 and len(self.data.splits["dev"]) == 0:
             metric = "MRR" if self.select[1] == "mrr" else self.select[1]
             raise ValueError(f"{args.features}: the dataset has no dev mentions; the best model is chosen by dev "
-                             f"{metric} (--select_by {args.select_by}; re-split the data, e.g. prepare --splits "
-                             "70,10,20)")
+                             f"{metric} (--select-by {args.select_by}). {dev_split_advice(self.data)}")
         if self.select[0] == "candidates" and self.data.candidates is None:
             print(f"warning: --select_by {args.select_by}: the dataset has no candidate lists; the best checkpoint "
                   "is chosen by full_kb:mrr instead (recorded in config.json and results.json)", file=sys.stderr)
