@@ -39,12 +39,12 @@ echo "== [4/7] feature cache -> ${OUT}/features"
 
 echo "== [5/7] train our model (text + image + captions) -> ${OUT}/runs/full"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
-  --output_dir "${OUT}/runs/full" --label "ours (text+image+caption)" --seed "${SEED}" --overwrite
+  --output-dir "${OUT}/runs/full" --label "ours (text+image+caption)" --seed "${SEED}" --overwrite
 
 echo "== [6/7] ablation: text only -> ${OUT}/runs/text_only"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
-  --output_dir "${OUT}/runs/text_only" --label "text only" --seed "${SEED}" --overwrite \
-  --no_image --no_caption --no_entity_image
+  --output-dir "${OUT}/runs/text_only" --label "text only" --seed "${SEED}" --overwrite \
+  --no-image --no-caption --no-entity-image
 
 RUNS=("${OUT}/runs/full" "${OUT}/runs/text_only")
 if [ "${PLUS}" = 1 ]; then
@@ -70,13 +70,13 @@ PYEOF
   kill "${SERVER}" 2>/dev/null || true
   "${PY}" -m data_process.encode.features --data "${OUT}/data_plus" --out "${OUT}/features_plus" --clip "${OUT}/models/clip"
   "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features_plus" \
-    --output_dir "${OUT}/runs/plus" --label "ours+ (+ LLM entity enrichment)" --seed "${SEED}" --overwrite
+    --output-dir "${OUT}/runs/plus" --label "ours+ (+ LLM entity enrichment)" --seed "${SEED}" --overwrite
   RUNS+=("${OUT}/runs/plus")
 fi
 
 echo "== [7/7] untrained baseline (zero-shot start of the same model), results table, plots, error analysis"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
-  --output_dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
+  --output-dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
 "${PY}" -m nel_model.reporting.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
 "${PY}" -m nel_model.reporting.plots "${RUNS[@]}" --out "${OUT}/plots"
 "${PY}" -m nel_model.reporting.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \

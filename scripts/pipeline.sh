@@ -60,7 +60,7 @@ run_pipeline() {
       return 2
     fi
     # DIM's image regions: crops of the persons a segmentation model finds (PointRend in the original code)
-    [ "${preset}" = dim_paper ] && feature_flags+=(--regions detector --detector "${detector}" --region_labels person)
+    [ "${preset}" = dim_paper ] && feature_flags+=(--regions detector --detector "${detector}" --region-labels person)
   fi
   local py="${PYTHON:-python}"
   local unified="${work}/unified" feats="${work}/features" runs="${work}/runs"
@@ -86,7 +86,7 @@ run_pipeline() {
 
   echo "== [4/5] features (${clip}) -> ${feats}"
   local -a enc=(--clip "${clip}" "${feature_flags[@]}")
-  [ -n "${text_encoder}" ] && enc+=(--text_encoder "${text_encoder}")
+  [ -n "${text_encoder}" ] && enc+=(--text-encoder "${text_encoder}")
   "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" "${enc[@]}"
 
   # our default model is "ours"; a --preset (the DIM paper's model) is "DIM (PRESET)"; "+": LLM-enriched data
@@ -96,7 +96,7 @@ run_pipeline() {
   local run="${runs}/${label// /_}_seed${seed:-default}"
   run="${run//[()]/}"
   echo "== [5/5] train + evaluate -> ${run}"
-  local -a t=(--config "${config}" --features "${feats}" --output_dir "${run}" --label "${label}")
+  local -a t=(--config "${config}" --features "${feats}" --output-dir "${run}" --label "${label}")
   [ -n "${seed}" ] && t+=(--seed "${seed}")
   "${py}" -m nel_model.train "${t[@]}" "${train_extra[@]}"
   "${py}" -m nel_model.reporting.tables "${run}"

@@ -97,7 +97,7 @@ def test_text_is_ambiguous_and_images_differ(small):
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "x"), "--entities", "1", "--no_progress"])
+        main(["--out", str(tmp_path / "x"), "--entities", "1", "--no-progress"])
     assert "--entities must be at least 2, got 1" in capsys.readouterr().err
 
 
@@ -142,7 +142,7 @@ def test_image_features_resolve_family_members_text_does_not(tmp_path):
 
 def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--entities", "6", "--mentions", "5", "--image_size", "16",
-                 "--seed", "2", "--no_progress"]) == 0
+                 "--seed", "2", "--no-progress"]) == 0
     assert "wrote 6 entities and 5 mentions" in capsys.readouterr().out
     ds = load_dataset(tmp_path / "d")
     assert len(ds.entities) == 6 and len(ds.mentions) == 5

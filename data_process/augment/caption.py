@@ -41,7 +41,7 @@ from data_process.core.fingerprints import MISSING, ImageHasher, stable_hash
 from data_process.core.images import iter_decoded
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
 from data_process.core.safe_paths import UnsafePath, regular_file_problem, resolve_inside
-from data_process.core.settings import Setting, load_settings
+from data_process.core.settings import Setting, ToolkitParser, add_bool, load_settings
 from data_process.core.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
                                   save_dataset)
 
@@ -555,7 +555,7 @@ def import_captions(data_dir: str | Path, captions_file: str | Path, out_dir: st
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_process.augment.caption",
+    p = ToolkitParser(prog="dim-mel caption",
                                 description="Caption mention images with BLIP-2 into a new unified dataset "
                                             "folder. 'python -m data_process.augment.caption import -h' imports "
                                             "existing captions instead.")
@@ -566,7 +566,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"hub name or local path of a BLIP-2 checkpoint (default {d.model})")
     p.add_argument("--prompt", help="prompt template, {mention} is replaced by the mention; '' for none "
                                     f"(default {d.prompt!r})")
-    p.add_argument("--plain-caption", action="store_true", default=None, help="also caption without a prompt")
+    add_bool(p, "plain-caption", None, "also caption without a prompt")
     p.add_argument("--num-beams", type=int, help=f"beam size (default {d.num_beams}: greedy)")
     p.add_argument("--max-new-tokens", type=int, help=f"default {d.max_new_tokens}")
     p.add_argument("--batch-size", type=int, help=f"images per model call (default {d.batch_size})")
@@ -578,9 +578,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help=f"caption cache (JSON Lines; default DIR_OUT/{CACHE_FILE})")
     p.add_argument("--images", choices=PLACEMENT_MODES, help="symlink (default) the source image folders into "
                    "DIR_OUT, copy the images, or rewrite image paths relative to DIR_OUT")
-    p.add_argument("--retry-failed", action="store_true", default=None,
-                   help="try again images the cache records as failed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_bool(p, "retry-failed", None, "try again images the cache records as failed")
+    add_bool(p, "quiet", False, "no progress bars")
     return p
 
 

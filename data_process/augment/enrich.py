@@ -49,7 +49,7 @@ from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
 from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_record_images, record_image_paths
-from data_process.core.settings import ConfigError, Setting, load_settings, settings_from_parser
+from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 from data_process.augment.llm_client import (
     RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
 )
@@ -391,7 +391,7 @@ class EnrichOptions:
 
 
 # Flags that are no settings (what to read and write, how to run this once); the others are config keys.
-NOT_SETTINGS = ("config", "help", "data", "out", "dry_run", "no_progress", "verbose")
+NOT_SETTINGS = ("config", "help", "data", "out", "dry_run", "progress", "verbose")
 CONFIG_ONLY = {"prices": Setting(dict), "kinds": Setting(object, nullable=True),  # checked by parse_kinds
                "expected_completion_tokens": Setting(int)}
 
@@ -432,7 +432,7 @@ def load_config(path: Path | None) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_process.augment.enrich", description=__doc__.split("\n\n")[0],
+    p = ToolkitParser(prog="dim-mel enrich", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="unified dataset folder to enrich")
     p.add_argument("--out", required=True, type=Path, help="output folder for the '+' dataset")
@@ -459,14 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entity-template", type=Path)
     p.add_argument("--images", choices=PLACEMENT_MODES)
     p.add_argument("--limit", type=int, help="only the first N entities and first N mentions")
-    p.add_argument("--retry-failed", action="store_true", default=None,
-                   help="ask again for items recorded as failed")
+    add_bool(p, "retry-failed", None, "ask again for items recorded as failed")
     p.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="N",
                    help="print the first N prompts (default 3) and the run's size and cost; no API calls")
     p.add_argument("--max-consecutive-errors", type=int,
                    help="stop when this many requests in a row get no answer (default 50)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_bool(p, "progress", True, "progress bars")
+    p.add_argument("-v", "--verbose", action=argparse.BooleanOptionalAction, default=False)
     return p
 
 
@@ -519,7 +518,7 @@ def resolve(args: argparse.Namespace) -> tuple[EnrichOptions, LLMConfig]:
         concurrency=concurrency, answer_retries=max(0, int(pick("answer_retries", 2))),
         retry_failed=bool(pick("retry_failed", False)), limit=pick("limit"), images=pick("images", "symlink"),
         prices=cfg.get("prices") or {}, expected_completion_tokens=int(pick("expected_completion_tokens", 80)),
-        dry_run=args.dry_run, progress=not args.no_progress,
+        dry_run=args.dry_run, progress=args.progress,
         max_consecutive_errors=pick("max_consecutive_errors", 50),
     )
     return opts, llm

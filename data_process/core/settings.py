@@ -131,16 +131,6 @@ def load_settings(path: str | Path, schema: Mapping[str, Setting]) -> dict[str, 
         path = path.parent / base
 
 
-def parse_bool(value: str) -> bool:
-    """A boolean flag value: 1/true/yes/on or 0/false/no/off (argparse ``type=``)."""
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
-
-
 def settings_from_parser(parser: argparse.ArgumentParser, skip: Iterable[str] = ("config", "help")
                          ) -> dict[str, Setting]:
     """The settings schema of a command's flags: one key per flag destination."""
@@ -151,7 +141,7 @@ def settings_from_parser(parser: argparse.ArgumentParser, skip: Iterable[str] = 
             continue
         nullable = action.default is None
         if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
-                               argparse._StoreFalseAction)) or action.type is parse_bool:
+                               argparse._StoreFalseAction)):
             schema[action.dest] = Setting(bool, nullable=nullable)
         elif action.choices is not None:
             schema[action.dest] = Setting(str, tuple(action.choices), nullable)

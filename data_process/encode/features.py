@@ -35,7 +35,6 @@ For linking new mentions outside the cache (``nel_model/inference/predict.py``) 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from data_process.core.devices import cpu_threads, resolve_device
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.images import decode_image, iter_decoded
-from data_process.core.settings import parse_bool
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.entry import run_main
 from data_process.core.records import Entity, Mention, load_dataset
 from data_process.core.safe_paths import UnsafePath, resolve_inside
@@ -660,7 +659,7 @@ def _labels(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_process.encode.features",
+    ap = ToolkitParser(prog="dim-mel features",
                                  description="Encode a unified dataset's views into a feature cache.")
     ap.add_argument("--data", required=True, type=Path, help="unified dataset folder")
     ap.add_argument("--out", required=True, type=Path, help="feature cache folder (created or updated)")
@@ -698,15 +697,14 @@ def main(argv: list[str] | None = None) -> int:
                         "features), by=id|image (mention views: ids are mention ids or image names); e.g. "
                         "entity.desc=gt_feats_brief.h5,ids=qids_ordered.json")
     g.add_argument("--import_ids", default=None, help="id list (JSON) for every --import that names no ids=")
-    ap.add_argument("--jpeg_draft", type=parse_bool, default=True,
-                    help="decode large JPEGs at a reduced scale before the resize (several times faster; pixels "
+    add_bool(ap, "jpeg_draft", True, "decode large JPEGs at a reduced scale before the resize (several times faster; pixels "
                          "differ slightly from a full decode): true (default) or false")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_workers", type=int, default=None,
                     help="image decoding worker processes (0: in the main process; default: CPU cores - 1 on a GPU, "
                          "where decoding is the bottleneck, else min(2, CPU cores))")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ap.add_argument("--force", action="store_true", help="re-encode every view even when up to date")
+    add_bool(ap, "force", False, "re-encode every view even when up to date")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for encoding (0: auto = CPU cores minus decoding workers, at least 1)")
     args = ap.parse_args(argv)

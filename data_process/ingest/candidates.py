@@ -12,13 +12,13 @@ order. Deterministic; about 5 s for WikiMEL's 17k mention strings x 18,880 names
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_text
 from data_process.core.entry import run_main
 from data_process.ingest.readers.ghmfc import read_ghmfc
@@ -58,12 +58,12 @@ def search_top(mentions: Sequence[str], entity_ids: Sequence[str], names: Sequen
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_process.ingest.candidates",
+    ap = ToolkitParser(prog="python -m data_process.ingest.candidates",
                                  description="Write search_top100.json (fuzzy name matching) into a GHMFC release.")
     ap.add_argument("--src", required=True, type=Path, help="GHMFC/DIM release folder")
     ap.add_argument("--annotations", type=Path, default=None, help="MELBench annotations (splits.json layout)")
     ap.add_argument("--k", type=int, default=100, help="candidates per mention string")
-    ap.add_argument("--force", action="store_true", help="replace an existing search_top100.json")
+    add_bool(ap, "force", False, "replace an existing search_top100.json")
     a = ap.parse_args(argv)
     out = (a.src / "input_data" if (a.src / "input_data" / "qid2ne.json").is_file() else a.src) / OUT_FILE
     if out.exists() and not a.force:

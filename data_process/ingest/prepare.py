@@ -28,13 +28,13 @@ missing images). ``copy`` copies only the referenced image files; ``rewrite`` po
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.entry import run_main
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
 from data_process.core.records import (ENTITIES_FILE, INCOMPLETE_MARKER, INFO_FILE, MENTIONS_FILE, complete_dataset,
@@ -267,7 +267,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_process.ingest.prepare", description=__doc__.split("\n\n")[0])
+    ap = ToolkitParser(prog="dim-mel prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--format", required=True, choices=FORMATS, help="source release format")
     ap.add_argument("--src", required=True, type=Path, help="release folder or annotation file (.json/.zip)")
     ap.add_argument("--out", required=True, type=Path, help="unified dataset folder to write")
@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="GHMFC with splits.json: the MELBench annotation file (.json or .zip)")
     ap.add_argument("--entity-text", choices=("brief", "long"), default="brief",
                     help="GHMFC: entity descriptions from qid2abs.json (brief, DIM's default) or qid2abs_long.json")
-    ap.add_argument("--strict", action="store_true",
-                    help="stop at the first bad record (default: drop bad records, list them, go on)")
+    add_bool(ap, "strict", False, "stop at the first bad record (default: drop bad records, list them, go on)")
     ap.add_argument("--max-invalid", default=DEFAULT_MAX_INVALID,
                     help="fail when more records than this are dropped: a count (25) or a share of the records "
                          f"read (default {DEFAULT_MAX_INVALID.replace('%', '%%')})")
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="symlink (default), copy or rewrite the release's image folders, or none (text only)")
     ap.add_argument("--image-check", choices=IMAGE_CHECKS, default="verify",
                     help="verify images with PIL (default), only check they exist, or skip")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_bool(ap, "quiet", False, "no progress bars")
     args = ap.parse_args(argv)
     if args.splits is not None:
         parse_ratios(args.splits)

@@ -21,7 +21,6 @@ whose writing was interrupted (``.incomplete`` marker, ``records.check_published
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,6 +28,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
+from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_bytes
 from data_process.core.entry import run_main
 from data_process.core.records import (
@@ -302,15 +302,15 @@ def write_report(rep: ValidationReport, folder: str | Path) -> tuple[Path, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_process.ingest.validate", description=__doc__.split("\n\n")[0])
+    ap = ToolkitParser(prog="dim-mel validate", description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path, help="unified dataset folder")
     ap.add_argument("--images", choices=IMAGE_CHECKS, default="verify",
                     help="verify: open and verify every image with PIL; exists: only check files exist")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write validation.json/.txt")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_bool(ap, "write", True, "write validation.json/.txt (--no-write: print only)")
+    add_bool(ap, "quiet", False, "no progress bars")
     args = ap.parse_args(argv)
     rep = validate_dataset(args.dir, image_check=args.images, progress=not args.quiet)
-    if not args.no_write:
+    if args.write:
         write_report(rep, args.dir)
     print(format_report(rep), end="")
     return 0 if rep.ok else 1

@@ -10,7 +10,6 @@ the run's own settings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass

@@ -10,7 +10,6 @@ With several runs ``--out`` is required. Images are FIGSIZE x DPI pixels (1200 x
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
