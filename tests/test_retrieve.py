@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.inference import retrieve as R
 from nel_model.runs import RETRIEVAL_DIR, RunError, load_predictions
-from nel_model.training.loop import main as train_main
-
-ROOT = Path(__file__).resolve().parent.parent
+from run_fixtures import trained_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("retrieve")
-    write_synthetic(d / "ds", d / "feat", num_entities=40, mentions_per_split=(96, 32, 32), seed=4)
-    train_main(["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(d / "feat"),
-                "--output-dir", str(d / "run"), "--epochs", "3"])
-    return d / "run"
+    return trained_run(tmp_path_factory.mktemp("retrieve"), entities=40, splits=(96, 32, 32), seed=4, epochs=3)
 
 
 def test_retrieved_lists_are_the_evaluation_pass_and_recall_is_counted_from_them(run, capsys):

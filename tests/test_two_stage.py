@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank.two_stage import Retriever, final_scores, two_stage_counts, write_two_stage_run
 from nel_model.runs import load_predictions, load_run
-from nel_model.training.loop import main as train_main
+from run_fixtures import trained_run
 
-ROOT = Path(__file__).resolve().parent.parent
 K = 8
 
 
 @pytest.fixture(scope="module")
 def retriever(tmp_path_factory):
-    d = tmp_path_factory.mktemp("two_stage")
-    write_synthetic(d / "ds", d / "feat", num_entities=40, mentions_per_split=(64, 32, 48), seed=6)
-    train_main(["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(d / "feat"),
-                "--output-dir", str(d / "run"), "--epochs", "2"])
-    retrieve(d / "run", ("train", "dev", "test"), K)
-    return Retriever.load(d / "run", "cpu")
+    run = trained_run(tmp_path_factory.mktemp("two_stage"), entities=40, splits=(64, 32, 48), seed=6, epochs=2)
+    retrieve(run, ("train", "dev", "test"), K)
+    return Retriever.load(run, "cpu")
 
 
 def test_final_scores_put_the_list_first_in_the_rerankers_order_and_keep_its_ties():
