@@ -8,11 +8,15 @@ No timing assertions (the machine may be shared).
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

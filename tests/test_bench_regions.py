@@ -3,11 +3,15 @@ and reports positive rates; the cached rerun detects nothing. No timing assertio
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -89,6 +89,7 @@ def make_dataset(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_blip2_round_trip(tiny_path, captioner):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 

@@ -16,6 +16,8 @@ import pytest
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.training.loop import main as train_main
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

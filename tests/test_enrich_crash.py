@@ -18,6 +18,8 @@ from data_process.core.records import load_dataset
 from fake_openai_server import FakeOpenAIServer
 from llm_fixtures import REPO_ROOT, enrich_args, make_toy_dataset
 
+pytestmark = pytest.mark.slow
+
 N = 16  # entities and mentions: 32 requests
 CONCURRENCY = 4
 

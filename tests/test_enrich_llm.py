@@ -23,6 +23,8 @@ from data_process.core.durable_io import JsonlCache
 from data_process.core.records import load_dataset
 from llm_fixtures import make_toy_dataset
 
+pytestmark = pytest.mark.slow
+
 ALIAS = "smollm2-135m-instruct"
 N_ENTITIES = 3
 

@@ -179,6 +179,7 @@ GHMFC_ZIP, ANN_ZIP = SHARED / "GHMFC-WikiMEL.zip", SHARED / "Wikidata-MEL.zip"
 
 @pytest.mark.skipif(not (GHMFC_ZIP.is_file() and ANN_ZIP.is_file()),
                     reason=f"the real GHMFC WikiMEL copy is not at {SHARED} (set MEL_SHARED_DATA)")
+@pytest.mark.slow
 def test_real_ghmfc_wikimel_converts(tmp_path):
     src = tmp_path / "ghmfc"
     with zipfile.ZipFile(GHMFC_ZIP) as zf:

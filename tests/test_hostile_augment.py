@@ -102,6 +102,7 @@ def test_enrich_killed_while_writing_its_output_leaves_no_mixed_set(tmp_path, fa
     assert json.loads((out / enrich.REPORT_FILE).read_text())["llm"]["model"] == "other-model"
 
 
+@pytest.mark.slow
 def test_caption_killed_while_writing_its_output_leaves_no_mixed_set(tmp_path):
     data = _caption_dataset(tmp_path / "data", {"m1": "images/ok.jpg"})
     out = tmp_path / "out"
@@ -362,6 +363,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc (Linux)")
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_killed_caption_run_leaves_no_decoding_worker(tmp_path):
     from data_process.fixtures.tiny_models.blip2 import save_tiny_blip2
 

@@ -184,6 +184,7 @@ def _demo_like_run(path: Path) -> Path:
                      candidate_recall={"dev": {"mean_list_length": 10.0}, "test": {"mean_list_length": 10.0}})
 
 
+@pytest.mark.slow
 def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, capsys):
     _demo_like_run(tmp_path / "full")
     for protocol in ("full_kb", "candidates"):
@@ -355,6 +356,7 @@ def test_torn_metrics_line_and_unfinished_runs_skipped(runs, tmp_path):
     assert warnings == [f"{runs / 'unfinished'}: skipped, no results.json (unfinished run?)"]
 
 
+@pytest.mark.slow
 def test_cli_as_script(runs):
     proc = subprocess.run([sys.executable, *TABLE, str(runs / "text_s1"), "--metrics", "mrr"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -127,6 +127,7 @@ def test_top_k_orders_exactly_equal_scores_by_kb_row():
         assert c.top_rows[i].tolist() == sorted(range(12), key=lambda j: (-s[j], j))
 
 
+@pytest.mark.slow
 def test_the_compiled_count_epilogue_equals_the_eager_one():
     """On CUDA the count epilogue is compiled into one fused pass; the compiled function (here on the CPU backend)
     must count exactly what the eager one does, NaN and ties included."""

@@ -19,6 +19,8 @@ from data_process.core.records import load_dataset
 from nel_model.inference import predict as P
 from nel_model.runs import load_predictions
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -232,6 +232,7 @@ def test_default_model_is_unchanged_by_the_new_switches():
                                                 "profile_attn", "refine", "q_out", "e_out"}
 
 
+@pytest.mark.slow
 def test_paper_preset_trains_end_to_end_and_records_its_protocol(tmp_path):
     ds, feat = write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=40, mentions_per_split=(96, 32, 32),
                                seed=2)

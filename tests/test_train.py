@@ -92,6 +92,7 @@ def _cmd(feat, out, *extra):
             "--output_dir", str(out), "--patience", "0", *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_crash_mid_epoch_then_resume(image_store, tmp_path):
     flags = ("--epochs", 3, "--batch_size", 32)         # 8 optimizer steps per epoch
     ref = run(image_store, tmp_path / "ref", *flags)
@@ -105,6 +106,7 @@ def test_crash_mid_epoch_then_resume(image_store, tmp_path):
     assert dev_lines(out) == dev_lines(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume(image_store, tmp_path):
     flags = ("--epochs", 40, "--batch_size", 16)
     out = tmp_path / "killed"

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEL_SHARED_DATA") or REPO.parent / "shared" / "data")
 GHMFC, ANN = SHARED / "GHMFC-WikiMEL.zip", SHARED / "Wikidata-MEL.zip"
 
-pytestmark = pytest.mark.skipif(not (GHMFC.is_file() and ANN.is_file()),
-                                reason=f"real WikiMEL data not found at {SHARED} (set MEL_SHARED_DATA)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (GHMFC.is_file() and ANN.is_file()),
+                                                   reason=f"real WikiMEL data not found at {SHARED} "
+                                                          "(set MEL_SHARED_DATA)")]
 
 COLS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 

@@ -21,8 +21,9 @@ from data_process.core.records import load_dataset
 SHARED = Path(os.environ.get("MEL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 ZIP = SHARED / "Wikidata-MEL.zip"
 
-pytestmark = pytest.mark.skipif(not ZIP.is_file(), reason=f"real WikiMEL annotations not found at {ZIP} "
-                                "(set MEL_SHARED_DATA to the folder holding Wikidata-MEL.zip)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not ZIP.is_file(), reason=f"real WikiMEL annotations not found at {ZIP} "
+                                 "(set MEL_SHARED_DATA to the folder holding Wikidata-MEL.zip)")]
 
 N_SAMPLES, N_MENTIONS, N_ENTITIES, N_AMBIGUOUS = 22_136, 25_846, 17_391, 874
 
