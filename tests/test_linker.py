@@ -108,6 +108,11 @@ def test_a_reranker_reorders_the_first_k_and_says_which_stage_scored(demo):
     assert [e["score"] for e in got["entities"][3:]] == [e["score"] for e in plain[3:]]
     seen = rr.seen[0]
     assert seen.mentions[0].sentence == m.sentence and [c.entity_id for c in seen.candidates[0]] == ids[:3]
+    # the gold's rank: its place in the re-ranked head, else the retriever's full-KB rank
+    for gold in ids[:4]:
+        r = LK.Linker(demo["linker"].predictor, Reverse(3)).link(m.sentence, m.mention, image=ds.image_path(m.image),
+                                                                 top_k=2, gold_id=gold)
+        assert r["gold_rank"] == {ids[0]: 3, ids[1]: 2, ids[2]: 1}.get(gold, 4)
 
 
 def test_dim_mel_link_streams_a_jsonl_and_a_rerun_skips_what_is_written(demo, tmp_path, monkeypatch):

@@ -131,20 +131,20 @@ class Linker:
         k_rr = None if self.reranker is None else (self.reranker.top_k or top_k)
         retrieved = self.predictor.predict(list(mentions), max(top_k, k_rr or 0))
         if self.reranker is None:
-            return [_result(r, [(h, h["score"], "retriever") for h in r["predictions"]][:top_k], None)
+            return [_result(r, [(h, h["score"], "retriever") for h in r["predictions"]], top_k)
                     for r in retrieved]
         lists = MentionLists(list(mentions), [[Candidate(h["entity_id"], h["name"], h.get("description", ""),
                                                          h["score"]) for h in r["predictions"][:k_rr]]
                                               for r in retrieved])
         scores = self.reranker.score(lists)
         out = []
-        for r, row in zip(retrieved, scores):
+        for q, r, row in zip(mentions, retrieved, scores):
             hits = r["predictions"]
             n = min(k_rr, len(hits))
             order = torch.sort(row[:n].float().nan_to_num(nan=-float("inf")), descending=True, stable=True).indices
             ranked = [(hits[j], _num(row[j]), "reranker") for j in order.tolist()]
             ranked += [(h, h["score"], "retriever") for h in hits[n:]]
-            out.append(_result(r, ranked[:top_k], n))
+            out.append(_result(r, ranked, top_k, n, q.gold_id))
         return out
 
 
@@ -153,17 +153,15 @@ def _num(v: torch.Tensor) -> float | None:
     return None if x != x else round(x, 6)
 
 
-def _result(r: dict[str, Any], ranked: list[tuple[dict, Any, str]], reranked: int | None) -> dict[str, Any]:
+def _result(r: dict[str, Any], ranked: list[tuple[dict, Any, str]], top_k: int, reranked: int = 0,
+            gold_id: str | None = None) -> dict[str, Any]:
     ents = [{"rank": i, "entity_id": h["entity_id"], "name": h["name"], "description": h.get("description", ""),
-             "score": s, "stage": stage} for i, (h, s, stage) in enumerate(ranked, 1)]
+             "score": s, "stage": stage} for i, (h, s, stage) in enumerate(ranked[:top_k], 1)]
     rec: dict[str, Any] = {"id": r["id"], "mention": r["mention"], "entities": ents}
     if "gold_rank" in r:
-        # the retriever's pessimistic full-KB rank; a re-ranker moves only the gold entity among the first ones
-        gold = r["gold_rank"]
-        if reranked and gold is not None and gold <= reranked:
-            gold = next((e["rank"] for e in ents if e["stage"] == "reranker"
-                         and e["entity_id"] == r["predictions"][gold - 1]["entity_id"]), gold)
-        rec["gold_rank"] = gold
+        # the retriever's pessimistic full-KB rank, or the gold's place among the re-ranked first entities
+        rec["gold_rank"] = next((i for i, (h, _, _) in enumerate(ranked[:reranked], 1) if h["entity_id"] == gold_id),
+                                r["gold_rank"])
     return rec
 
 
