@@ -70,6 +70,7 @@ SCORINGS = ("auto", "text")
 STATUSES = ("received", "ok", "malformed")
 ABSENT = -1.0e4          # score of a candidate number missing from the top log-probabilities (below any present)
 IMAGE_SIDE = 512         # the longer side of an image sent to a VLM
+DESC_CHARS = 300         # a candidate's description in the prompt is cut to this many characters
 SPLITS = {"test": ("test",), "dev": ("dev",), "all": ("dev", "test")}
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -101,6 +102,7 @@ class RerankOptions:
 def candidate_lines(cands: Sequence[Candidate]) -> str:
     def one(i: int, c: Candidate) -> str:
         desc = " ".join(c.description.split())
+        desc = desc if len(desc) <= DESC_CHARS else desc[: DESC_CHARS - 1].rstrip() + "…"
         return f"{i}. {c.name}: {desc}" if desc else f"{i}. {c.name}"
     return "\n".join(one(i, c) for i, c in enumerate(cands, 1))
 
