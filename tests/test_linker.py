@@ -18,29 +18,15 @@ from fake_openai_server import Action, FakeOpenAIServer
 from nel_model.inference import linker as LK
 from nel_model.inference.predict import Predictor, Query
 from nel_model.runs import load_predictions
+from test_predict import demo as predict_demo  # noqa: F401  (the module-scoped demo run fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from data_process.encode.features import FeatureSettings, build_features
-    from data_process.fixtures.synthetic import SyntheticConfig, generate
-    from data_process.fixtures.tiny_models.clip import save_tiny_clip
-
-    w = tmp_path_factory.mktemp("linker_demo")
-    data = generate(w / "data", SyntheticConfig(entities=16, mentions=60, seed=2, image_size=32), progress=False)
-    clip = save_tiny_clip(w / "clip", image_size=32)
-    build_features(data, w / "feat", FeatureSettings(clip=str(clip), max_len=16, region_grid=2), num_workers=0,
-                   device="cpu", progress=False)
-    run = w / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "nel_model.train", "--config", str(ROOT / "configs" / "synthetic.yaml"),
-                           "--features", str(w / "feat"), "--output_dir", str(run), "--epochs", "3", "--seed", "1",
-                           "--label", "demo", "--threads", "1", "--device", "cpu"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"root": w, "data": Path(data), "run": run, "linker": LK.Linker(Predictor(run))}
+def demo(predict_demo):
+    """The predict tests' demo run (synthetic dataset with images, tiny CLIP features, trained) with a Linker."""
+    return {**predict_demo, "linker": LK.Linker(predict_demo["predictor"])}
 
 
 def _input_file(demo, folder: Path, n: int | None = None) -> tuple[Path, list]:
@@ -135,7 +121,9 @@ def test_dim_mel_link_streams_a_jsonl_and_a_rerun_skips_what_is_written(demo, tm
     assert LK.main(args) == 0
     assert asked == [m.id for m in ments[2:]]
     again = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in again] == [m.id for m in ments] and again == lines
+    def ranked(recs):   # scores may differ in the last bits with another batch composition: compare the rankings
+        return [(r["id"], [e["entity_id"] for e in r["entities"]], r["gold_rank"]) for r in recs]
+    assert [r["id"] for r in again] == [m.id for m in ments] and ranked(again) == ranked(lines)
     assert (tmp_path / "linked.jsonl.corrupt").read_text().startswith(text[2][:25])
     asked.clear()
     assert LK.main(args) == 0 and asked == []
