@@ -68,7 +68,7 @@ class Reverse:
 
     def __init__(self, top_k):
         self.top_k = top_k
-        self.seen: list[MentionListsT] = []
+        self.seen: list[LK.MentionLists] = []
 
     def score(self, lists):
         self.seen.append(lists)
@@ -77,8 +77,6 @@ class Reverse:
     def info(self):
         return {"kind": self.kind}
 
-
-MentionListsT = LK.MentionLists
 
 
 def test_a_reranker_reorders_the_first_k_and_says_which_stage_scored(demo):
