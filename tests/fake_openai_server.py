@@ -7,7 +7,8 @@ Every request is recorded (``requests``) with its arrival time and body.
 Actions: ``ok`` (valid JSON answer), ``text`` (this exact content), ``malformed`` (not JSON), ``status``
 (an HTTP error with headers, e.g. 429 + Retry-After), ``hang`` (wait ``seconds`` before answering, past the
 client's timeout), ``close`` (close the connection without any response), ``body`` (HTTP 200 with this exact body,
-e.g. not JSON: a broken proxy), ``value`` (HTTP 200 whose message content is this JSON value, e.g. a number).
+e.g. not JSON: a broken proxy), ``value`` (HTTP 200 whose message content is this JSON value, e.g. a number),
+``logprobs`` (this content, with ``choices[0].logprobs`` in the OpenAI form: the first token's ``top_logprobs``).
 
 Standalone (benchmarks, manual runs)::
 
@@ -30,8 +31,9 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Action:
-    kind: str = "ok"  # ok | text | malformed | status | hang | close | body | value
+    kind: str = "ok"  # ok | text | malformed | status | hang | close | body | value | logprobs
     text: str | None = None
+    top_logprobs: tuple[tuple[str, float], ...] = ()
     value: Any = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -69,6 +71,24 @@ class Action:
     def content_value(value: Any) -> "Action":
         return Action("value", value=value)
 
+    @staticmethod
+    def logprobs(text: str, top: dict[str, float]) -> "Action":
+        """Answer ``text`` whose first token's alternatives are ``top`` (token -> log-probability)."""
+        return Action("logprobs", text=text, top_logprobs=tuple(top.items()))
+
+
+def text_of(content: Any) -> str:
+    """A message's text: the string, or the text parts of a multimodal content list."""
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+def image_parts(body: dict[str, Any]) -> list[str]:
+    """The image URLs of a request's messages (``{"type": "image_url", "image_url": {"url": ...}}`` parts)."""
+    return [p["image_url"]["url"] for m in body.get("messages", []) if isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"]
+
 
 @dataclass(frozen=True)
 class Received:
@@ -83,7 +103,7 @@ class Received:
         """The first user message: identifies the input asked about."""
         for m in self.body.get("messages", []):
             if m.get("role") == "user":
-                return m.get("content", "")
+                return text_of(m.get("content"))
         return ""
 
 
@@ -92,7 +112,7 @@ _SUBJECT = re.compile(r"^(?:Mention|Name):\s*(.+)$", re.MULTILINE)
 
 def default_answer(body: dict[str, Any]) -> str:
     """A valid answer naming the mention/entity found in the first user message."""
-    user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+    user = next((text_of(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user"), "")
     m = _SUBJECT.search(user)
     subject = m.group(1).strip() if m else "unknown"
     return json.dumps({"description": f"{subject} is a test subject.", "type": "thing",
@@ -225,15 +245,21 @@ class FakeOpenAIServer:
             self._stopping.wait(action.seconds)
         if action.kind == "value":
             content = action.value
-        elif action.kind in ("text", "malformed"):
+        elif action.kind in ("text", "malformed", "logprobs"):
             content = action.text or ""
         else:
             content = default_answer(body)
-        self._send_json(h, 200, self._completion(body, content, index))
+        completion = self._completion(body, content, index)
+        if action.kind == "logprobs":
+            first = action.top_logprobs[0] if action.top_logprobs else (content, 0.0)
+            completion["choices"][0]["logprobs"] = {"content": [{
+                "token": first[0], "logprob": first[1], "bytes": None,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in action.top_logprobs]}]}
+        self._send_json(h, 200, completion)
 
     @staticmethod
     def _completion(body: dict[str, Any], content: Any, index: int) -> dict[str, Any]:
-        prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+        prompt_chars = sum(len(text_of(m.get("content"))) for m in body.get("messages", []))
         pt, ct = max(1, prompt_chars // 4), max(1, len(json.dumps(content)) // 4)
         return {
             "id": f"chatcmpl-fake-{index}", "object": "chat.completion", "created": int(time.time()),
