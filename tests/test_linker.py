@@ -20,6 +20,8 @@ from nel_model.inference.predict import Predictor, Query
 from nel_model.runs import load_predictions
 from test_predict import demo as predict_demo  # noqa: F401  (the module-scoped demo run fixture)
 
+pytestmark = pytest.mark.slow     # trains the demo run of test_predict
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

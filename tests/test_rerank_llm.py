@@ -18,13 +18,12 @@ import pytest
 from PIL import Image
 
 from data_process.core.durable_io import JsonlCache
-from data_process.fixtures.synthetic_features import write_synthetic
 from fake_openai_server import Action, FakeOpenAIServer, image_parts
 from nel_model.inference.linker import Candidate, MentionLists, Query
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank import llm as L
 from nel_model.runs import load_predictions, load_run
-from nel_model.training.loop import main as train_main
+from run_fixtures import trained_run
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 8
@@ -33,9 +32,7 @@ K = 8
 @pytest.fixture(scope="module")
 def retriever_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("rerank_llm")
-    write_synthetic(d / "ds", d / "feat", num_entities=40, mentions_per_split=(16, 12, 24), seed=3)
-    train_main(["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(d / "feat"),
-                "--output-dir", str(d / "run"), "--epochs", "1"])
+    trained_run(d, entities=40, splits=(16, 12, 24), seed=3, epochs=1)
     retrieve(d / "run", ("dev", "test"), K)
     gold = {m["sentence"]: f"entity {m['gold_id'][1:]}"
             for m in map(json.loads, (d / "ds" / "mentions.jsonl").read_text().splitlines())}
@@ -191,6 +188,7 @@ def test_vision_sends_the_mention_image_as_a_data_url_part(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_asks_no_answered_prompt_again(retriever_run, tmp_path):
     run, out = retriever_run["run"], tmp_path / "killed"
     hung = threading.Event()
@@ -233,6 +231,7 @@ def test_sigkill_mid_run_then_rerun_asks_no_answered_prompt_again(retriever_run,
 from test_enrich_llm import ALIAS, llama_server  # noqa: E402,F401  (the module-scoped server fixture)
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 @pytest.mark.timeout(900)
 def test_real_smollm2_reranks_end_to_end(retriever_run, tmp_path, llama_server):  # noqa: F811
