@@ -308,3 +308,28 @@ def test_kill_inside_commit_never_leaves_old_fingerprint_on_new_files(built, ass
     a, b = _arrays(out), _arrays(built)
     for name in ("mention.profile.npy", "mention.profile.mask.npy"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_images_placed_by_a_later_step_are_read_not_refused(tmp_path):
+    """caption and enrich write their dataset beside the source and reach its images through a folder link
+    (``images -> ../data/images``, core.placement): the feature step reads every one of them (a regression: the
+    path guard refused them all as outside the dataset, and the image views came out empty)."""
+    from data_process.core.placement import place_record_images
+    from data_process.core.records import load_dataset, save_dataset
+    from data_process.encode.features import FeatureSettings, build_features
+    from data_process.fixtures.synthetic import SyntheticConfig, generate
+    from data_process.fixtures.tiny_models.clip import save_tiny_clip
+
+    src = load_dataset(generate(tmp_path / "data", SyntheticConfig(entities=6, mentions=12, seed=1, image_size=16),
+                                progress=False))
+    entities, mentions = place_record_images(tmp_path / "placed", src.entities, src.mentions, "symlink",
+                                             src_root=src.root)
+    save_dataset(tmp_path / "placed", src.info, entities, mentions)
+    assert (tmp_path / "placed" / "images").is_symlink()
+    clip = save_tiny_clip(tmp_path / "clip", image_size=16)
+    summary = build_features(tmp_path / "placed", tmp_path / "feat", FeatureSettings(clip=str(clip), max_len=8,
+                             region_grid=1), num_workers=0, device="cpu", progress=False)
+    without = sum(1 for m in mentions if not m.image)
+    assert without < len(mentions)
+    assert summary["images"]["mention"] == {**summary["images"]["mention"], "failed": 0, "no_image": without}
+    assert summary["images"]["entity"]["failed"] == 0

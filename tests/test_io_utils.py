@@ -70,3 +70,30 @@ def test_a_dataset_left_half_written_is_refused_and_a_whole_one_loads(tmp_path):
     (root / INCOMPLETE_MARKER).write_text("")          # what a kill between the first and last file leaves
     with pytest.raises(DataError, match=r"ds, folder: incomplete: the step writing it was interrupted"):
         load_dataset(root)
+
+
+def test_a_placed_image_folder_link_is_trusted_and_nothing_else_leaves_the_dataset(tmp_path):
+    """prepare, enrich and caption reach their source's images through folder links at the top of the new dataset
+    (``images -> ../data/images``, or ``images/mention -> /release/images``): those are the images' own folders.
+    A file link, or a link deeper down, that leaves its folder is refused, as are absolute and ``..`` paths."""
+    from data_process.core.safe_paths import UnsafePath, resolve_in_dataset
+
+    src = tmp_path / "data" / "images"
+    (src / "mention").mkdir(parents=True)
+    (src / "mention" / "a.png").write_bytes(b"png")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (src / "mention" / "leak.png").symlink_to(tmp_path / "secret.png")
+    cap = tmp_path / "data_cap"
+    cap.mkdir()
+    (cap / "images").symlink_to(src)                              # what caption's placement makes
+    assert resolve_in_dataset(cap, "images/mention/a.png") == (src / "mention" / "a.png").resolve()
+    pre = tmp_path / "prepared"
+    (pre / "images").mkdir(parents=True)
+    (pre / "images" / "mention").symlink_to(src / "mention")      # what prepare makes for a release folder
+    assert resolve_in_dataset(pre, "images/mention/a.png") == (src / "mention" / "a.png").resolve()
+    for root, name, why in ((cap, "images/mention/leak.png", "a symlink that leads outside"),
+                            (pre, "images/mention/leak.png", "a symlink that leads outside"),
+                            (cap, "../secret.png", "'..' leads outside"),
+                            (cap, str(tmp_path / "secret.png"), "absolute paths are not allowed")):
+        with pytest.raises(UnsafePath, match=why):
+            resolve_in_dataset(root, name)

@@ -40,7 +40,7 @@ from data_process.core.entry import run_main
 from data_process.core.fingerprints import MISSING, ImageHasher, stable_hash
 from data_process.core.images import iter_decoded
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
-from data_process.core.safe_paths import UnsafePath, regular_file_problem, resolve_inside
+from data_process.core.safe_paths import UnsafePath, regular_file_problem, resolve_in_dataset
 from data_process.core.settings import Setting, ToolkitParser, add_bool, load_settings
 from data_process.core.records import (DataError, Dataset, DatasetInfo, Mention, iter_json_lines, load_dataset,
                                   save_dataset)
@@ -333,7 +333,7 @@ def _hash_image(root: Path, name: str, hasher: ImageHasher) -> tuple[str | None,
     ``(None, None, reason)``: an absolute or ``../`` path, a symlink leading out, a NUL byte, a FIFO or a device
     (checked without opening it) is a failed image, never a read outside the folder or a hang."""
     try:
-        path = resolve_inside(root, name)
+        path = resolve_in_dataset(root, name)
     except UnsafePath as exc:
         return None, None, f"unsafe path: {exc}"
     problem = regular_file_problem(path)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from data_process.core.records import Entity, Mention
-from data_process.core.safe_paths import resolve_inside
+from data_process.core.safe_paths import resolve_in_dataset
 
 PLACEMENT_MODES = ("symlink", "copy", "rewrite")
 
@@ -45,11 +45,7 @@ def source_file(folder: str | Path, rest: str, *, folder_links: bool = True) -> 
     :class:`UnsafePath` when, symlinks resolved, it leaves ``folder`` (which may itself be a link). With
     ``folder_links`` a folder link directly inside ``folder`` is a source folder of its own (a unified dataset's
     ``images/mention -> /abs/source``, as prepare makes it): the file must stay inside that link's target."""
-    root = Path(folder)
-    head, sep, tail = rest.partition("/")
-    if folder_links and sep and head not in ("", ".", "..") and (root / head).is_symlink() and (root / head).is_dir():
-        root, rest = root / head, tail
-    return resolve_inside(root, rest)
+    return resolve_in_dataset(folder, rest, folder_links=1 if folder_links else 0)
 
 
 def _link_of(rel: str, links: Mapping[str, Path]) -> tuple[str, str] | None:

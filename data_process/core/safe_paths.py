@@ -46,6 +46,34 @@ def resolve_inside(root: str | Path, name: str | Path, *, allow_absolute: bool =
     return Path(os.path.realpath(full))
 
 
+def resolve_in_dataset(root: str | Path, name: str | Path, *, folder_links: int = 2) -> Path:
+    """The real path of ``name`` inside a dataset folder ``root`` (:func:`resolve_inside`), where the toolkit's own
+    image placement is trusted: a folder link on the way to the file (``images -> ../source/images`` at the top,
+    or one level down, ``images/mention -> /release/images``; at most ``folder_links`` of them) is an image source of
+    its own, and the file must stay inside that link's target. Any other symlink (a file link, a link deeper down)
+    must stay inside the folder it is in; absolute paths, ``..`` and NUL bytes are refused."""
+    if _has_nul(name):
+        raise UnsafePath(f"{name!r}: the path contains a NUL byte")
+    p = Path(name)
+    if p.is_absolute():
+        raise UnsafePath(f"{name}: absolute paths are not allowed (paths are relative to {root})")
+    if ".." in p.parts:
+        raise UnsafePath(f"{name}: '..' leads outside {root}")
+    base, parts, i = Path(root), list(p.parts), 0
+    while i < len(parts) - 1 and folder_links > 0:
+        head = base.joinpath(*parts[:i + 1])
+        if head.is_symlink() and head.is_dir():      # a placed image folder: the file stays inside its target
+            base, parts, i, folder_links = head, parts[i + 1:], 0, folder_links - 1
+        elif head.is_dir():
+            i += 1
+        else:
+            break
+    try:
+        return resolve_inside(base, Path(*parts))
+    except UnsafePath as exc:
+        raise UnsafePath(f"{name}: {str(exc).split(': ', 1)[1]}") from None
+
+
 def regular_file_problem(path: str | Path) -> str | None:
     """``None`` for an existing regular file (after symlinks), else the reason: ``"missing: file not found"`` or
     ``"not a regular file: <kind>"`` (directory, FIFO, socket, device). Never opens the file."""

@@ -51,7 +51,7 @@ from data_process.core.images import decode_image, iter_decoded
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.entry import run_main
 from data_process.core.records import Entity, Mention, load_dataset
-from data_process.core.safe_paths import UnsafePath, resolve_inside
+from data_process.core.safe_paths import UnsafePath, resolve_in_dataset
 from data_process.encode.boxes_file import Box, read_boxes_file
 from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Detector, detect_all
 from data_process.encode.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
@@ -133,14 +133,14 @@ def entity_profile_text(e: Entity) -> str | None:
 
 
 def dataset_image_paths(root: Path, rels: Sequence[str | None]) -> tuple[list[Path | None], dict[int, str]]:
-    """Real paths of a dataset's images (``core.safe_paths.resolve_inside``) and, by row, why a name is refused:
+    """Real paths of a dataset's images (``core.safe_paths.resolve_in_dataset``) and, by row, why a name is refused:
     an absolute or ``../`` path, a symlink leading out of the dataset folder, a NUL byte. A refused image is not
     read (its path is ``None``) and is reported as unreadable, with the reason."""
     paths: list[Path | None] = []
     refused: dict[int, str] = {}
     for i, rel in enumerate(rels):
         try:
-            paths.append(None if rel is None else resolve_inside(root, rel))
+            paths.append(None if rel is None else resolve_in_dataset(root, rel))
         except UnsafePath as exc:
             paths.append(None)
             refused[i] = f"unsafe path: {exc}"
