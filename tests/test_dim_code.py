@@ -101,6 +101,14 @@ def test_context_residual_starts_at_the_context_scorer():
     assert torch.allclose(model.encode_mentions(mv), torch.nn.functional.normalize(mv["context"], dim=-1))
 
 
+def test_context_view_text_is_the_mention_in_its_sentence():
+    from data_process.core.records import Mention
+    from data_process.encode.features import context_texts
+
+    m = Mention(id="m1", mention="Paris", sentence="Paris Hilton arrives in Cannes.", gold_id="Q1", split="train")
+    assert context_texts([m]) == ["Paris (Paris Hilton arrives in Cannes.)"]
+
+
 def test_dim_code_preset_resolves_to_the_code(tmp_path):
     args = parse_args(["--config", str(ROOT / "configs" / "dim_code.yaml")])
     assert (args.query_input, args.sentence_fusion, args.npair_negatives, args.loss, args.hidden_size,
