@@ -435,7 +435,9 @@ def write_report(result: dict[str, Any], results_dir: Path) -> tuple[Path, Path]
     if result.get("ablations"):
         md += ["", "## Which divergences matter on real text", "",
                f"Our default with one paper switch at a time, seed {result['seeds'][0]}; change of test MRR (whole KB, "
-               "pessimistic) against our default with the same seed:", "",
+               "pessimistic) against our default with the same seed"
+               + (f" (not re-run: from the previous report, `{result['ablations_from_previous_report']}`, against "
+                  "the default of then)" if result.get("ablations_from_previous_report") else "") + ":", "",
                "| switch (docs/DIVERGENCES.md) | test MRR | Δ MRR | candidates Top-1 (strict) |", "|---|---|---|---|"]
         base = result["ablations_base_mrr"]
         for name, ab in result["ablations"].items():
@@ -501,7 +503,7 @@ def code_section(result: dict[str, Any]) -> list[str]:
         test = [candidate_top1(r, "test") for r in runs]
         secs = [r["epoch_seconds"]["train_s"] for r in runs if r.get("epoch_seconds")]
         md.append(f"| dim_code, {what}, mean of {len(runs)} seeds | {100 * statistics.fmean(dev):.2f} | "
-                  f"{100 * statistics.fmean(test):.2f} | {statistics.fmean(secs) if secs else '–'} | |")
+                  f"{100 * statistics.fmean(test):.2f} | {f'{statistics.fmean(secs):.2f}' if secs else '–'} | |")
     md += ["", "Seconds are wall-clock on the machine above, 1 torch thread, mean over the epochs of each run "
            "(`train_s` in metrics.jsonl: the epoch's training steps; the dev evaluation after it separately). "
            "DIM's code was fed our cache before it had the pooled context view: its context input was the mean of "
@@ -638,6 +640,9 @@ def run_benchmark(ghmfc_zip: Path, annotations: Path, work: Path, *, seeds: tupl
         "seen_unseen": breakdown,
         "ablations": ab_results,
         "ablations_base_mrr": run_metrics(ours_runs[0])["full_kb"]["pessimistic"]["mrr"] if ablations else None,
+        **({} if ablations or not previous.get("ablations") else {  # not re-run: the last report's, marked
+            "ablations": previous["ablations"], "ablations_base_mrr": previous["ablations_base_mrr"],
+            "ablations_from_previous_report": previous.get("ablations_from_previous_report", previous["command"])}),
         "table_full_md": full_md, "table_candidates_md": cand_md,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "verdict": verdict,
