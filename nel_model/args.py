@@ -34,6 +34,9 @@ EFFECTIVE_ONLY: dict[str, tuple[str, tuple[Any, ...]]] = {
     "margin": ("loss", ("triplet",)),
     "temperature": ("loss", ("infonce",)),
     "npair_l2": ("loss", ("npair",)),
+    "npair_negatives": ("loss", ("npair",)),
+    "caption_constant": ("query_input", ("raw",)),
+    "residual_base": ("residual", (True,)),
     "hard_negative_pool": ("hard_negatives", (True,)),
     "hard_negative_ratio": ("hard_negatives", (True,)),
 }
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "tensorboard", False, "write TensorBoard logs to OUTPUT_DIR/tb/")
 
     g = p.add_argument_group("model")
-    g.add_argument("--hidden_size", type=int, default=512)
+    g.add_argument("--hidden_size", type=int, default=512, help="hidden size (0 = the text feature size)")
     g.add_argument("--output_size", type=int, default=0,
                    help="embedding size (0 = the text feature dim, which keeps the residual zero-shot start)")
     g.add_argument("--ff_size", type=int, default=2048)
@@ -65,11 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.4)
     add_bool(g, "residual", True, "add the raw mention/description features to the outputs (the zero-shot start; "
              "needs output_size = the text feature size)")
+    g.add_argument("--residual_base", choices=SWITCH_CHOICES["residual_base"], default="mix",
+                   help="what the residual start adds to the query: the mention phrase's feature, the pooled "
+                        "'mention (sentence)' feature (view mention.context), or a learned mix of both that starts "
+                        "at the context (caches without the context view: the mention)")
     for flag, what in VIEW_FLAGS.items():
         add_bool(g, flag, True, f"use {what} (--no-{flag.replace('_', '-')}: an ablation)")
     g = p.add_argument_group("model choices where the DIM paper/code differs (docs/DIVERGENCES.md)")
     g.add_argument("--sentence_fusion", choices=SWITCH_CHOICES["sentence_fusion"], default="attention",
-                   help="the mention attends over the sentence tokens, or their mean is added to it")
+                   help="the mention attends over the sentence tokens, their mean is added to it (add), or the "
+                        "pooled feature of 'mention (sentence)' is added (pooled: DIM's code)")
     g.add_argument("--image_fusion", choices=SWITCH_CHOICES["image_fusion"], default="key",
                    help="the whole mention image: an attention key beside the regions, or added to the query")
     g.add_argument("--profile_pool", choices=SWITCH_CHOICES["profile_pool"], default="attention",
@@ -79,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained entity side (description + image + enrichment), or the frozen text feature")
     g.add_argument("--init", choices=SWITCH_CHOICES["init"], default="default",
                    help="initialisation of the linear layers (xavier: DIM's code)")
+    g.add_argument("--query_input", choices=SWITCH_CHOICES["query_input"], default="projected",
+                   help="the query from projected views (ours), or one linear map of the sum of the RAW features "
+                        "(raw: DIM's code; needs --hidden-size 0 and no attention)")
+    add_bool(g, "caption_constant", False, "with --query-input raw: add the projected caption to every query, "
+             "LayerNorm(ReLU(b)) where a mention has none (DIM's code)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=300)
@@ -94,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=0.5, help="triplet margin (cosine)")
     g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
     g.add_argument("--npair_l2", type=float, default=0.02, help="N-pair loss: weight of |q|^2 + |e+|^2")
+    g.add_argument("--npair_negatives", choices=["own", "batch"], default="own",
+                   help="N-pair loss: each mention's own negatives, or every negative of the batch (batch: what "
+                        "DIM's code computes through a broadcast)")
     g.add_argument("--num_negatives", type=int, default=1, help="sampled KB negatives per mention")
     g.add_argument("--negatives", choices=["random", "tfidf"], default="random",
                    help="random KB entities, or DIM's TF-IDF sampling (entities sharing a salient description word)")

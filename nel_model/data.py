@@ -18,7 +18,7 @@ from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
 from data_process.core.records import SPLITS, read_info, read_mentions
 
 # (side.view) -> batch key; masks get "<key>_mask".
-MENTION_VIEWS = ("mention", "sentence", "image", "regions", "profile")
+MENTION_VIEWS = ("mention", "sentence", "context", "image", "regions", "profile")
 ENTITY_VIEWS = ("desc", "image", "profile")
 
 

@@ -42,16 +42,25 @@ def infonce_loss_sum(queries: torch.Tensor, entities: torch.Tensor, entity_rows:
 
 
 def npair_loss_sum(queries: torch.Tensor, entities: torch.Tensor, lo: int, hi: int, global_n: int,
-                   num_negatives: int, l2: float) -> torch.Tensor:
+                   num_negatives: int, l2: float, in_batch: bool = False) -> torch.Tensor:
     """DIM's N-pair loss on raw (not normalised) dot products, summed over local mentions:
-    ``log(1 + sum_j exp(q.e-_j - q.e+)) + l2 * (|q|^2 + |e+|^2)``."""
+    ``log(1 + sum_j exp(q.e-_j - q.e+)) + l2 * (|q|^2 + |e+|^2)``.
+
+    ``j`` runs over the mention's own negatives, or with ``in_batch`` over **every** sampled negative of the global
+    batch, as DIM's code computes it: its ``anchor [B,1,D] @ (negative [B,D] - positive [B,1,D])`` broadcasts to
+    ``[B,1,B]``, every query against all B negatives of the batch (a negative that is the query's own gold stays
+    in the sum, as there: it adds exp(0) = 1)."""
     if num_negatives < 1:
         raise ValueError("the N-pair loss needs --num_negatives >= 1")
     b = hi - lo
     pos = entities[lo:hi]
-    neg = entities[global_n + lo * num_negatives: global_n + hi * num_negatives].reshape(b, num_negatives, -1)
+    if in_batch:
+        neg = entities[global_n:]                                                # [G*n,D]
+        s_neg = queries @ neg.T                                                  # [b,G*n]
+    else:
+        neg = entities[global_n + lo * num_negatives: global_n + hi * num_negatives].reshape(b, num_negatives, -1)
+        s_neg = torch.einsum("bd,bnd->bn", queries, neg)                         # [b,n]
     s_pos = (queries * pos).sum(-1, keepdim=True)                                # [b,1]
-    s_neg = torch.einsum("bd,bnd->bn", queries, neg)                             # [b,n]
     # log(1 + sum exp(x)) = logsumexp([0, x...]): no overflow for large raw dot products
     logits = torch.cat([torch.zeros_like(s_pos), s_neg - s_pos], 1)
     reg = l2 * (queries.pow(2).sum(-1) + pos.pow(2).sum(-1))
@@ -63,11 +72,11 @@ NORMALISED_LOSSES = ("triplet", "infonce")   # losses on cosines; npair works on
 
 def batch_loss_sum(kind: str, queries: torch.Tensor, entities: torch.Tensor, entity_rows: torch.Tensor, lo: int,
                    hi: int, global_n: int, num_negatives: int, margin: float, temperature: float,
-                   l2: float = 0.02) -> torch.Tensor:
+                   l2: float = 0.02, npair_in_batch: bool = False) -> torch.Tensor:
     if kind == "triplet":
         return triplet_loss_sum(queries, entities, lo, hi, global_n, num_negatives, margin)
     if kind == "infonce":
         return infonce_loss_sum(queries, entities, entity_rows, lo, hi, global_n, temperature)
     if kind == "npair":
-        return npair_loss_sum(queries, entities, lo, hi, global_n, num_negatives, l2)
+        return npair_loss_sum(queries, entities, lo, hi, global_n, num_negatives, l2, npair_in_batch)
     raise ValueError(f"unknown loss {kind!r}; expected triplet, infonce or npair")

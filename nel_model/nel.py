@@ -25,11 +25,13 @@ from torch import nn
 # The values of each switch where the model may differ from the DIM paper/code (docs/DIVERGENCES.md), ours first;
 # the training flags of the same names offer exactly these.
 SWITCH_CHOICES: dict[str, tuple[str, ...]] = {
-    "sentence_fusion": ("attention", "add"),
+    "sentence_fusion": ("attention", "add", "pooled"),
     "image_fusion": ("key", "add"),
     "profile_pool": ("attention", "max"),
     "entity_tower": ("trained", "frozen"),
     "init": ("default", "xavier"),
+    "query_input": ("projected", "raw"),
+    "residual_base": ("mention", "context", "mix"),
 }
 
 
@@ -52,20 +54,45 @@ class DIMConfig:
     use_entity_image: bool = True
     use_entity_profile: bool = True
     # divergences from the DIM paper/code (docs/DIVERGENCES.md); the defaults are ours
-    sentence_fusion: str = "attention"   # "attention": the mention attends over tokens; "add": their mean is added
+    sentence_fusion: str = "attention"   # "attention": the mention attends over tokens; "add": their mean is added;
+                                         # "pooled": the pooled "mention (sentence)" feature is added (DIM's code)
     image_fusion: str = "key"            # the global image: an attention "key" beside the regions, or "add"ed
     profile_pool: str = "attention"      # profile rows: each an attention key, or "max"-pooled into one
     shared_attention: bool = False       # one attention module for every view (DIM's code) instead of one each
     entity_tower: str = "trained"        # "trained" (desc + image + enrichment), or "frozen" text features
     init: str = "default"                # "xavier": Xavier-uniform linear layers (DIM's code); torch's otherwise
+    query_input: str = "projected"       # "raw": q = W(Dropout(sum of the RAW view features)) (DIM's code)
+    caption_constant: bool = False       # with "raw": the projected caption is added to every query, proj(0) where
+                                         # a mention has none (DIM's code: a learned constant)
+    residual_base: str = "mention"       # what the residual adds to the query: the mention feature, the pooled
+                                         # context feature, or a learned mix of both (starting at the context)
 
     def __post_init__(self):
         for name, allowed in SWITCH_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.query_input == "raw":
+            self._check_raw_query()
+        elif self.caption_constant:
+            raise ValueError("caption_constant is a behaviour of the raw-feature query (query_input raw)")
         if self.entity_tower == "frozen" and self.output_size != self.text_dim:
             raise ValueError(f"a frozen entity tower scores mentions against the entities' text features: the "
                              f"output size ({self.output_size}) must equal the text feature size ({self.text_dim})")
+
+    def _check_raw_query(self) -> None:
+        """DIM's code sums the raw features: every summed view must be one vector of the hidden size."""
+        if self.hidden_size != self.text_dim:
+            raise ValueError(f"a raw-feature query sums the views' features: the hidden size ({self.hidden_size}) "
+                             f"must equal the text feature size ({self.text_dim}) (--hidden-size 0)")
+        if self.use_image and self.image_dim != self.text_dim:
+            raise ValueError(f"a raw-feature query adds the image feature to the text features: the image size "
+                             f"({self.image_dim}) must equal the text size ({self.text_dim}), or use --no-image")
+        wrong = [what for what, bad in (
+            ("--sentence-fusion add|pooled", self.use_sentence and self.sentence_fusion == "attention"),
+            ("--no-regions", self.use_regions), ("--image-fusion add", self.use_image and self.image_fusion == "key"),
+            ("--profile-pool max", self.use_profile and self.profile_pool == "attention")) if bad]
+        if wrong:
+            raise ValueError(f"a raw-feature query (query_input raw) has no attention: it needs {', '.join(wrong)}")
 
     @property
     def is_residual(self) -> bool:
@@ -75,10 +102,18 @@ class DIMConfig:
     def use_profile(self) -> bool:
         return any(self.profile_use)
 
+    @property
+    def use_context(self) -> bool:
+        """Whether the pooled ``context`` view is read (added to the query, or the residual's base)."""
+        return (self.use_sentence and self.sentence_fusion == "pooled") or (
+            self.is_residual and self.residual_base != "mention")
+
     def mention_views(self) -> tuple[str, ...]:
         v = ["mention"]
-        if self.use_sentence:
+        if self.use_sentence and self.sentence_fusion != "pooled":
             v.append("sentence")
+        if self.use_context:
+            v.append("context")
         if self.use_image:
             v.append("image")
         if self.use_regions:
@@ -99,6 +134,8 @@ class DIMConfig:
     def attended_views(self) -> tuple[str, ...]:
         """The views the mention attends over (each one attention output, refined together)."""
         v = []
+        if self.query_input == "raw":
+            return ()
         if self.use_sentence and self.sentence_fusion == "attention":
             v.append("sentence")
         if self.use_regions or (self.use_image and self.image_fusion == "key"):
@@ -115,8 +152,10 @@ def config_from_args(args, data) -> DIMConfig:
     on = {"enrichment": args.enrichment, "caption": args.caption}
     use = tuple(on.get(r, True) for r in rows)
     has_img_dim = data.image_dim > 0
+    # the pooled context view: a residual base only where the cache has it (older caches: the mention feature)
+    residual_base = args.residual_base if args.sentence and "context" in mv else "mention"
     return DIMConfig(
-        text_dim=data.text_dim, image_dim=data.image_dim, hidden_size=args.hidden_size,
+        text_dim=data.text_dim, image_dim=data.image_dim, hidden_size=args.hidden_size or data.text_dim,
         output_size=args.output_size or data.text_dim,
         ff_size=args.ff_size, num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout,
         residual=args.residual,
@@ -128,6 +167,7 @@ def config_from_args(args, data) -> DIMConfig:
         use_entity_profile=args.entity_profile and "profile" in ev,
         sentence_fusion=args.sentence_fusion, image_fusion=args.image_fusion, profile_pool=args.profile_pool,
         shared_attention=args.shared_attention, entity_tower=args.entity_tower, init=args.init,
+        query_input=args.query_input, caption_constant=args.caption_constant, residual_base=residual_base,
     )
 
 
@@ -178,8 +218,17 @@ class DIM(nn.Module):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
-        self.text_proj = Projection(cfg.text_dim, H, cfg.dropout)
-        uses_image = cfg.use_image or cfg.use_regions or (cfg.use_entity_image and cfg.entity_tower == "trained")
+        raw = cfg.query_input == "raw"
+        # a raw-feature query projects no text view; only its caption/profile feature goes through a projection
+        needs_text_proj = not raw or cfg.entity_tower == "trained"
+        self.text_proj = Projection(cfg.text_dim, H, cfg.dropout) if needs_text_proj else None
+        self.caption_proj = Projection(cfg.text_dim, H, cfg.dropout) if raw and (
+            cfg.use_profile or cfg.caption_constant) else None
+        if cfg.is_residual and cfg.residual_base == "mix":
+            # weights of the mention and context features in the residual base: the context scorer at the start
+            self.base_mix = nn.Parameter(torch.tensor([0.0, 1.0]))
+        uses_image = (not raw and (cfg.use_image or cfg.use_regions)) or (
+            cfg.use_entity_image and cfg.entity_tower == "trained")
         self.image_proj = Projection(cfg.image_dim, H, cfg.dropout) if uses_image else None
 
         def mha():
@@ -219,14 +268,56 @@ class DIM(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.q_out.weight.dtype
 
+    def _residual_base(self, views: dict[str, torch.Tensor], mention: torch.Tensor) -> torch.Tensor:
+        base = self.cfg.residual_base
+        if base == "mention":
+            return mention
+        context = views["context"].to(mention.dtype)
+        if base == "context":
+            return context
+        w = self.base_mix.to(mention.dtype)
+        return w[0] * mention + w[1] * context
+
+    def _raw_query(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DIM's code: one linear map, after dropout, of the sum of the raw features (mention + context + image)
+        and the projected caption (a learned constant ``LayerNorm(ReLU(b))`` where a mention has none)."""
+        cfg, dt = self.cfg, self._dtype()
+        h = views["mention"].to(dt)
+        if cfg.use_sentence:
+            if cfg.sentence_fusion == "pooled":
+                h = h + views["context"].to(dt)
+            else:
+                h = h + masked_mean(views["sentence"].to(dt), views["sentence_mask"].bool())
+        if cfg.use_image:
+            h = h + torch.where(views["image_mask"].bool().reshape(-1, 1), views["image"].to(dt), 0.0)
+        if self.caption_proj is not None:
+            if cfg.use_profile:
+                pmask = views["profile_mask"].bool() & self.profile_row_use.unsqueeze(0)
+                cap, present = masked_max(views["profile"].to(dt), pmask), pmask.any(1, keepdim=True)
+            else:                                 # no caption at all: DIM's code still adds proj(0)
+                cap, present = torch.zeros_like(h), torch.zeros_like(h[:, :1], dtype=torch.bool)
+            proj = self.caption_proj(cap)
+            # the code: proj(caption or 0) for every mention; otherwise a mention without a profile gets none
+            h = h + (proj if cfg.caption_constant else torch.where(present, proj, 0.0))
+        return h
+
     def encode_mentions(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
         cfg, dt = self.cfg, self._dtype()
         mention = views["mention"].to(dt)
+        if cfg.query_input == "raw":
+            out = self.q_out(self.q_dropout(self._raw_query(views)))
+            if cfg.is_residual:
+                out = self._residual_base(views, mention) + out
+            return F.normalize(out.float(), dim=-1) if normalize else out
         # One projection call per modality: the mention, its sentence tokens and its profile rows go through the
         # text projection together, the regions and the whole image through the image projection (the projection
         # works token by token, so this is the same function with a third of the kernels).
         text, L = [mention.unsqueeze(1)], 0
-        if cfg.use_sentence:
+        pooled_context = cfg.use_sentence and cfg.sentence_fusion == "pooled"
+        if pooled_context:
+            text.append(views["context"].to(dt).unsqueeze(1))
+            L = 1
+        elif cfg.use_sentence:
             text.append(views["sentence"].to(dt))
             L = text[-1].shape[1]
         if cfg.use_profile:
@@ -239,7 +330,9 @@ class DIM(nn.Module):
         hm, query = proj[:, 0], proj[:, :1]
         h = hm
         tokens, present = [], []
-        if cfg.use_sentence:
+        if pooled_context:
+            h = h + proj[:, 1]
+        elif cfg.use_sentence:
             keys, mask = proj[:, 1:1 + L], views["sentence_mask"].bool()
             if cfg.sentence_fusion == "attention":
                 tokens.append(masked_attention(self._attn("sentence"), query, keys, mask))
@@ -275,7 +368,7 @@ class DIM(nn.Module):
             h = h + torch.where(pres.unsqueeze(-1), toks, 0.0).sum(1)
         out = self.q_out(self.q_dropout(h))
         if self.cfg.is_residual:
-            out = mention + out
+            out = self._residual_base(views, mention) + out
         return F.normalize(out.float(), dim=-1) if normalize else out
 
     def encode_entities(self, views: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:

@@ -14,7 +14,9 @@
 #   --seed N          training seed
 #   --preset NAME     train with configs/NAME.yaml instead of the dataset's config; dim_paper = DIM as the paper
 #                     describes it (docs/DIVERGENCES.md), feature-step choices included: image regions are person
-#                     crops of a detector (--detector NAME_OR_PATH, default facebook/detr-resnet-50)
+#                     crops of a detector (--detector NAME_OR_PATH, default facebook/detr-resnet-50); dim_code = DIM
+#                     as its public code computes (raw-feature query, pooled context view, in-batch N-pair; the
+#                     code uses no regions, so the feature step is the default one)
 #   --detector N      object detector for --regions detector (with --preset dim_paper)
 #   anything after -- is passed to `python -m nel_model.train`
 set -euo pipefail
@@ -41,7 +43,7 @@ run_pipeline() {
       --preset) preset=$2; shift 2;;
       --detector) detector=$2; shift 2;;
       --) shift; train_extra=("$@"); break;;
-      -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; return 0;;
+      -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; return 0;;
       *) echo "error: unknown flag $1 (see --help)" >&2; return 2;;
     esac
   done

@@ -18,8 +18,8 @@ from data_process.core.records import load_dataset, save_dataset
 from data_process.fixtures.synthetic import SyntheticConfig, generate
 from data_process.fixtures.tiny_models.clip import save_tiny_clip
 
-VIEWS = ["entity.desc", "entity.image", "entity.profile", "mention.image", "mention.mention", "mention.profile",
-         "mention.regions", "mention.sentence"]
+VIEWS = ["entity.desc", "entity.image", "entity.profile", "mention.context", "mention.image", "mention.mention",
+         "mention.profile", "mention.regions", "mention.sentence"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_all_views_shapes_dtypes_masks(built, assets, capsys):
     M, E = len(ds.mentions), len(ds.entities)
     expect = {
         ("mention", "mention"): ((M, 64), None), ("mention", "sentence"): ((M, 12, 64), (M, 12)),
-        ("mention", "image"): ((M, 64), (M,)), ("mention", "regions"): ((M, 4, 64), (M, 4)),
+        ("mention", "context"): ((M, 64), None), ("mention", "image"): ((M, 64), (M,)), ("mention", "regions"): ((M, 4, 64), (M, 4)),
         ("mention", "profile"): ((M, 2, 64), (M, 2)), ("entity", "desc"): ((E, 64), None),
         ("entity", "image"): ((E, 64), (E,)), ("entity", "profile"): ((E, 64), (E,)),
     }

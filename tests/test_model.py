@@ -135,13 +135,14 @@ def test_config_from_args_ablation_flags(tmp_path):
     data = load_mel_data(feat)
     base = ["--features", str(feat), "--hidden_size", "16", "--num_heads", "2"]
     cfg = config_from_args(parse_args(base), data)
-    assert cfg.mention_views() == ("mention", "sentence", "image", "regions", "profile")
-    assert cfg.entity_views() == ("desc", "image", "profile") and cfg.is_residual
+    # the default residual base (a mix of mention and context features) reads the pooled context view
+    assert cfg.mention_views() == ("mention", "sentence", "context", "image", "regions", "profile")
+    assert cfg.entity_views() == ("desc", "image", "profile") and cfg.is_residual and cfg.residual_base == "mix"
     cfg = config_from_args(parse_args(base + ["--no_image", "--no_caption", "--no_entity_image"]), data)
-    assert cfg.mention_views() == ("mention", "sentence", "profile")
+    assert cfg.mention_views() == ("mention", "sentence", "context", "profile")
     assert cfg.profile_use == (True, False) and cfg.entity_views() == ("desc", "profile")
     cfg = config_from_args(parse_args(base + ["--no_regions", "--no_enrichment", "--no_caption", "--no_sentence"]), data)
-    assert cfg.mention_views() == ("mention", "image")
+    assert cfg.mention_views() == ("mention", "image") and cfg.residual_base == "mention"   # no sentence, no context
     m = DIM(cfg)
     assert m.profile_attn is None and m.sentence_attn is None
 

@@ -18,6 +18,7 @@ side       view          row shape      meaning
 =========  ============  =============  ==================================================
 mention    mention       [Dt]           the mention phrase
 mention    sentence      [L, Dt]        sentence tokens (mask: real tokens)
+mention    context       [Dt]           the mention in its sentence, one pooled feature
 mention    image         [Di]           whole mention image (mask: image present)
 mention    regions       [R, Di]        image regions (CLIP patch grid, pooled)
 mention    profile       [K, Dt]        entity-relevant text: LLM enrichment, BLIP-2 caption

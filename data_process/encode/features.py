@@ -174,6 +174,18 @@ def _encode_image_batch(items, image_enc: ImageEncoder) -> tuple[np.ndarray, np.
 # Text helpers
 
 
+def context_texts(mentions: Sequence[Mention]) -> list[str]:
+    """The texts of the ``mention.context`` view: the mention in its sentence, ``"mention (sentence)"``, encoded
+    as one pooled feature (DIM's context input is one pooled feature of "mention [SEP] sentence", not tokens).
+
+    Why this form and not DIM's literal "[SEP]": the string "[SEP]" is a separator only to a BERT-style tokenizer,
+    and a mean-pooled sentence encoder (MiniLM, CLIP's text tower) was never trained with one in mid-text;
+    parentheses are plain text to every tokenizer, and "mention (sentence)" is the text of the benchmark's strongest
+    zero-shot scorer of mention in context. Cut to the pooled texts' length (``--text_max_len``), like the other
+    pooled views, so the mention at its head always survives the cut."""
+    return [f"{m.mention} ({m.sentence})" for m in mentions]
+
+
 def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder) -> tuple[np.ndarray, np.ndarray]:
     present = np.array([t is not None for t in texts], dtype=bool)
     out = np.zeros((len(texts), text_enc.dim), np.float32)
@@ -340,6 +352,7 @@ def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: 
     inputs = {
         "mention.mention": (pooled, [m.mention for m in ms]),
         "mention.sentence": (sentence, [m.sentence for m in ms]),
+        "mention.context": (pooled, context_texts(ms)),
         "mention.image": ({"encoder": image_id, **_decode_setting(settings)}, m_images),
         "mention.regions": (_region_fingerprint(settings, image_id, boxes_sha256), m_images),
         "mention.profile": ({**pooled, "rows": list(PROFILE_ROWS)}, [profile_texts(m) for m in ms]),
@@ -541,7 +554,7 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     dt, di, L, K = text_enc.dim, image_enc.dim, settings.max_len, len(PROFILE_ROWS)
     R = regions.max_regions if regions.crops else image_enc.n_regions
     shapes = {
-        "mention.mention": ((dt,), None), "mention.sentence": ((L, dt), (L,)),
+        "mention.mention": ((dt,), None), "mention.sentence": ((L, dt), (L,)), "mention.context": ((dt,), None),
         "mention.image": ((di,), ()), "mention.regions": ((R, di), (R,)),
         "mention.profile": ((K, dt), (K,)), "entity.desc": ((dt,), None),
         "entity.image": ((di,), ()), "entity.profile": ((dt,), ()),
@@ -566,13 +579,14 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     def e_profile(rows: np.ndarray):
         return _pooled_or_zero([e_profiles[i] for i in rows], text_enc)
 
-    mentions, sentences = [m.mention for m in ms], [m.sentence for m in ms]
+    mentions, sentences, contexts = [m.mention for m in ms], [m.sentence for m in ms], context_texts(ms)
     descs = [e.text() for e in es]
     m_profiles = [profile_texts(m) for m in ms]
     e_profiles = [entity_profile_text(e) for e in es]
     text_views = {  # view: (the texts of each row, their encoder)
         "mention.mention": ([[t] for t in mentions], pooled(mentions)),
         "mention.sentence": ([[t] for t in sentences], sentence),
+        "mention.context": ([[t] for t in contexts], pooled(contexts)),
         "mention.profile": (m_profiles, m_profile),
         "entity.desc": ([[t] for t in descs], pooled(descs)),
         "entity.profile": ([[t] for t in e_profiles], e_profile),

@@ -47,6 +47,7 @@ FIRST_IDS = 5
 VIEWS: dict[str, tuple[str, str | None, bool]] = {
     "mention.mention": ("text", None, False),
     "mention.sentence": ("text", "max_len", True),
+    "mention.context": ("text", None, False),
     "mention.image": ("image", None, True),
     "mention.regions": ("image", "regions", True),
     "mention.profile": ("text", "profile", True),

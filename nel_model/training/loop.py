@@ -364,7 +364,8 @@ class Trainer:
                 with self._autocast():
                     q, e = self.train_model(batch["mention"], batch["entity"], normalize=a.loss in NORMALISED_LOSSES)
                 raw = batch_loss_sum(a.loss, q.float(), e.float(), batch["entity_rows"], lo, hi, batch["global_n"],
-                                     batch["num_negatives"], a.margin, a.temperature, a.npair_l2)
+                                     batch["num_negatives"], a.margin, a.temperature, a.npair_l2,
+                                     a.npair_negatives == "batch")
                 loss = raw * (dist.world_size / batch["global_n"] / group_size)
                 self.scaler.scale(loss).backward()
             loss_sum += raw.detach().double()
@@ -414,6 +415,7 @@ class Trainer:
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
             train_loss = self.train_epoch()
+            train_s = time.time() - t0
             self.epoch += 1
             dev = self.evaluate(["dev"])
             dev_full = dev["full_kb"]["dev"]
@@ -430,7 +432,7 @@ class Trainer:
                     self.stopped = True
             if dist.is_main:
                 rec = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "lr": lr,
-                       "time_s": round(time.time() - t0, 3), "dev": dev_full}
+                       "time_s": round(time.time() - t0, 3), "train_s": round(train_s, 3), "dev": dev_full}
                 if "candidates" in dev:
                     rec["dev_candidates"] = dev["candidates"]["dev"]
                 append_metrics(self.out / METRICS_FILE, rec)
