@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("nel_model.evaluation.evaluate", "re-evaluate a saved run"),
     "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
     "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
+    "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),
     # results: tables, plots, analysis of run folders
     "table": ("nel_model.reporting.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
     "plot": ("nel_model.reporting.plots", "training curves and Hits@k plots of run folders"),
