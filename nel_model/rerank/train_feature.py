@@ -220,7 +220,7 @@ class RerankTrainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            total += float(loss)
+            total += float(loss.detach())
         return total / len(order)
 
     def counts(self, split: str):
