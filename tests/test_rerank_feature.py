@@ -56,6 +56,10 @@ def test_the_untrained_reranker_ranks_as_its_retriever(retriever_run):
     assert same == [p.full_kb.rank for p in load_predictions(retriever_run, "test").mentions]
     with pytest.raises(ValueError, match="lists of 12 entities"):
         FeatureReranker(FeatureReranker.config_for(retr, 12)).score(retr, lists)
+    # a view switch for a view the cache lacks is simply off
+    retr.data.mention_views = tuple(v for v in retr.data.mention_views if v != "regions")
+    cfg = FeatureReranker.config_for(retr, K, regions=True, entity_image=False, lexical=False)
+    assert "regions" not in cfg.views and cfg.entity_views == ("profile",) and not cfg.lexical
 
 
 def test_the_trained_reranker_beats_its_retriever_on_namesakes(retriever_run, tmp_path):
@@ -93,6 +97,9 @@ def test_bad_runs_are_one_error_line(retriever_run, tmp_path):
     _rerank(retriever_run, tmp_path / "rr", "--epochs", "1")
     with pytest.raises(FileExistsError, match="--resume or --overwrite"):
         rerank_main(["--retriever", str(retriever_run), "--output-dir", str(tmp_path / "rr"), *FAST])
+    with pytest.raises(ValueError, match="--epochs 0"):
+        rerank_main(["--retriever", str(retriever_run), "--output-dir", str(tmp_path / "rr"), *FAST,
+                     "--epochs", "0", "--resume"])
     with pytest.raises(ValueError, match="--hidden 16"):
         rerank_main(["--retriever", str(retriever_run), "--output-dir", str(tmp_path / "rr"), *FAST,
                      "--epochs", "2", "--resume", "--hidden", "16"])

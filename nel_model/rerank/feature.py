@@ -296,10 +296,10 @@ class FeatureReranker:
     @classmethod
     def config_for(cls, retriever: Retriever, top_k: int, **switches: Any) -> RerankerConfig:
         data = retriever.data
-        views = tuple(v for v in ("sentence", "profile", "image", "regions") if v in data.mention_views
-                      and switches.pop(v, True))
-        eviews = tuple(v for v in ("image", "profile") if v in data.entity_views
-                       and switches.pop(f"entity_{v}", True))
+        wanted = {v: switches.pop(v, True) for v in ("sentence", "profile", "image", "regions")}
+        ewanted = {v: switches.pop(f"entity_{v}", True) for v in ("image", "profile")}
+        views = tuple(v for v, on in wanted.items() if on and v in data.mention_views)
+        eviews = tuple(v for v, on in ewanted.items() if on and v in data.entity_views)
         return RerankerConfig(text_dim=data.text_dim, image_dim=max(1, data.image_dim),
                               retr_dim=int(retriever.entity_emb.shape[1]), views=views, entity_views=eviews,
                               top_k=top_k, **switches)

@@ -114,6 +114,8 @@ def check_resume_config(out: Path, conf: dict[str, Any], force: bool) -> None:
         return
     conf = json.loads(json.dumps(conf))
     differ = [k for k in sorted(set(old) | set(conf)) if k not in RESUME_MAY_CHANGE and old.get(k) != conf.get(k)]
+    if conf["epochs"] < old.get("epochs", 0):
+        differ.insert(0, "epochs")
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {conf.get(k)!r} (the run's: {old.get(k)!r})" for k in differ)
         raise ValueError(f"{out / CONFIG_FILE}: --resume with a configuration other than the run's: {shown}; resume "
