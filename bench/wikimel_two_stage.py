@@ -164,8 +164,8 @@ def write_report(result: dict[str, Any], ablations: dict[str, dict[str, Any]], r
         o = result["oracle_recall_at_k"][k]
         md.append(f"| {k} | {_pm(g['hits@1'])} | {_pm(g['mrr'])} | {_pm(o)} | {result['best_epochs'][k]} |")
     md += ["", "## Cost (this CPU, test split, mentions per second)", "",
-           "| K | retrieval (encode + whole-KB scores + top K) | re-ranking (features + model) | re-ranker training "
-           "(s, whole run) |", "|---|---|---|---|"]
+           "| K | retrieval (encode the mentions, whole-KB scores, top K) | re-ranking (the lists' inputs: mention "
+           "embeddings, view and lexical features; the model) | re-ranker training (s, whole run) |", "|---|---|---|---|"]
     for k in result["top_k"]:
         s = result["speed"][k]
         md.append(f"| {k} | {_pm(s['retrieval_mentions_per_s'], 1, 0)} | {_pm(s['rerank_mentions_per_s'], 1, 0)} | "
