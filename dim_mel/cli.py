@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("nel_model.evaluation.evaluate", "re-evaluate a saved run"),
     "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
     "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
+    "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),
     "rerank-llm": ("nel_model.rerank.llm", "re-rank a retriever's top-k lists with a chat model (LLM / VLM) and evaluate"),
     "link": ("nel_model.inference.linker", "link a JSONL of mentions with a run (and a re-ranker), resumable"),
     # results: tables, plots, analysis of run folders
