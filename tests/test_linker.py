@@ -16,6 +16,7 @@ import torch
 from data_process.core.records import load_dataset
 from fake_openai_server import Action, FakeOpenAIServer
 from nel_model.inference import linker as LK
+from nel_model.inference import predict as P
 from nel_model.inference.predict import Predictor, Query
 from nel_model.runs import load_predictions
 from test_predict import demo as predict_demo  # noqa: F401  (the module-scoped demo run fixture)
@@ -187,3 +188,29 @@ def test_dim_mel_link_with_the_llm_reranker(demo, tmp_path):
         assert (tmp_path / "linked.jsonl.llm_cache.jsonl").exists()
         out.unlink()
         assert LK.main(args) == 0 and len(srv.snapshot()) == 3      # the answers come from the cache
+
+
+def test_the_feature_reranker_links_new_mentions_as_its_run_ranked_them(demo, tmp_path):
+    """`--rerank RUN` with a trained feature re-ranker: mentions given as raw text and images, encoded by the
+    retriever's encoders, come out in the order the re-ranker run's own predictions give them."""
+    from nel_model.inference.retrieve import retrieve
+    from nel_model.rerank.train_feature import main as rerank_main
+
+    retriever = tmp_path / "retriever"
+    shutil.copytree(demo["run"], retriever)
+    retrieve(retriever, ("train", "dev", "test"), 5)
+    out = tmp_path / "rr"
+    assert rerank_main(["--retriever", str(retriever), "--output-dir", str(out), "--epochs", "3", "--top-k", "5",
+                        "--batch-size", "32", "--warmup-steps", "2", "--patience", "0", "--threads", "1",
+                        "--device", "cpu"]) == 0
+    reranker = LK.load_reranker(out)
+    assert reranker.kind == "feature" and reranker.top_k == 5
+    linker = LK.Linker(P.Predictor(retriever), reranker)
+    ds = load_dataset(demo["data"])
+    ments = ds.split("test")[:12]
+    got = linker.link_many([Query(m.sentence, m.mention, image=ds.image_path(m.image), id=m.id, gold_id=m.gold_id)
+                            for m in ments], top_k=5)
+    written = {p.mention_id: p for p in load_predictions(out, "test").mentions}
+    assert [[e["entity_id"] for e in r["entities"]] for r in got] == \
+        [[eid for eid, _ in written[m.id].top[:5]] for m in ments]
+    assert all(e["stage"] == "reranker" for r in got for e in r["entities"])

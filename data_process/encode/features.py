@@ -224,7 +224,7 @@ def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | N
                          batch_size: int = 64, detector: Detector | None = None
                          ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Encode every mention view in memory: ``{view: (data float32, mask bool or None)}`` with the same
-    shapes as the cache rows (views ``mention``, ``sentence``, ``image``, ``regions``, ``profile``).
+    shapes as the cache rows (views ``mention``, ``sentence``, ``context``, ``image``, ``regions``, ``profile``).
 
     Image paths are relative to ``image_root`` (absolute paths are used as they are); a missing image gives
     zeros and mask False. ``settings``, when given, must match the encoders (checked); with detector regions the
@@ -241,6 +241,7 @@ def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | N
     mentions = list(mentions)
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     out["mention"] = (text_enc.encode_pooled([m.mention for m in mentions]), None)
+    out["context"] = (text_enc.encode_pooled(context_texts(mentions)), None)
     sent = text_enc.encode([m.sentence for m in mentions])
     out["sentence"] = (sent.tokens, sent.mask)
     paths = [None if m.image is None else root / m.image for m in mentions]

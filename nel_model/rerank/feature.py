@@ -40,7 +40,7 @@ from torch import nn
 from data_process.core.records import ENTITIES_FILE, MENTIONS_FILE, read_entities, read_mentions
 from nel_model.data import FeatureSource, to_device
 from nel_model.rerank.two_stage import RetrievedLists, Retriever
-from nel_model.runs import CHECKPOINTS_DIR, load_checkpoint
+from nel_model.runs import CHECKPOINTS_DIR, RESULTS_FILE, load_checkpoint
 
 LEXICAL_NAMES = ("name_trigram_jaccard", "name_word_jaccard", "name_exact", "name_in_mention", "mention_in_name",
                  "sentence_desc_idf_overlap", "sentence_name_overlap", "namesakes_in_list")
@@ -247,10 +247,13 @@ class LexicalFeatures:
 
     def pairs(self, rows: np.ndarray, top: torch.Tensor) -> torch.Tensor:
         """[N, K, len(LEXICAL_NAMES)] float32 for mention ``rows`` [N] and their lists ``top`` [N, K]."""
-        out = np.zeros((len(rows), top.shape[1], len(LEXICAL_NAMES)), dtype=np.float32)
+        return self.pairs_of([self.mentions[int(r)] for r in rows], top)
+
+    def pairs_of(self, mentions: list[Any], top: torch.Tensor) -> torch.Tensor:
+        """The same for any mentions (objects with ``mention`` and ``sentence``; ``None``: no features)."""
+        out = np.zeros((len(mentions), top.shape[1], len(LEXICAL_NAMES)), dtype=np.float32)
         top_np = top.numpy()
-        for i, r in enumerate(rows):
-            m = self.mentions[int(r)]
+        for i, m in enumerate(mentions):
             if m is None:
                 continue
             surface = m.mention.lower().strip()
@@ -325,14 +328,7 @@ class FeatureReranker:
         if lists.top_k > k:
             lists = RetrievedLists(lists.split, lists.rows, lists.top[:, :k], lists.scores[:, :k], lists.gold,
                                    lists.meta)
-        lex = None
-        if self.cfg.lexical:
-            if self._lexical is None:
-                if retriever.data.dataset is None:
-                    raise ValueError("the re-ranker's lexical features need the dataset's records")
-                self._lexical = LexicalFeatures(retriever.data.dataset, retriever.data.mention_ids,
-                                                retriever.data.entity_ids)
-            lex = self._lexical.pairs(lists.rows, lists.top)
+        lex = self.lexical(retriever).pairs(lists.rows, lists.top) if self.cfg.lexical else None
         q = retriever.mention_embeddings(lists.rows).float().cpu()
         return SplitInputs(lists, q, lex, retriever.entity_emb.float().cpu())
 
@@ -342,20 +338,40 @@ class FeatureReranker:
         listed entities, retriever ``scores`` [B,K] (NaN -> -1, ``valid`` False), ``query`` [B,H], ``keys``
         [B,K,H], ``lexical`` [B,K,F]."""
         lists = inp.lists
+        idx = np.asarray(idx, dtype=np.int64)
+        source = self.source(retriever)
+        b = self.assemble(source.mentions(lists.rows[idx]), source, lists.top[idx], lists.scores[idx],
+                          inp.query[idx], inp.entity_emb, None if inp.lexical is None else inp.lexical[idx])
+        return b if device is None else to_device(b, device)
+
+    def lexical(self, retriever: Retriever) -> LexicalFeatures:
+        """The lexical pair features of the retriever's dataset (built once)."""
+        if self._lexical is None:
+            if retriever.data.dataset is None:
+                raise ValueError("the re-ranker's lexical features need the dataset's records")
+            self._lexical = LexicalFeatures(retriever.data.dataset, retriever.data.mention_ids,
+                                            retriever.data.entity_ids)
+        return self._lexical
+
+    def source(self, retriever: Retriever) -> FeatureSource:
+        """The views the model reads, from the retriever's feature cache."""
         if self._source is None or self._source.data is not retriever.data:
             self._source = FeatureSource(retriever.data, ("mention", *self.cfg.views),
                                          ("desc", *self.cfg.entity_views))
-        idx = np.asarray(idx, dtype=np.int64)
-        top = lists.top[idx]
+        return self._source
+
+    @staticmethod
+    def assemble(mention: dict[str, torch.Tensor], source: FeatureSource, top: torch.Tensor, scores: torch.Tensor,
+                 query: torch.Tensor, entity_emb: torch.Tensor, lexical: torch.Tensor | None) -> dict[str, Any]:
+        """The model's batch from mention views (a cache's rows, or new mentions encoded by the linking API) and
+        the listed entities ``top`` [B,K] with the retriever's ``scores``."""
         B, K = top.shape
-        mention = self._source.mentions(lists.rows[idx])
-        entity = {k: v.reshape(B, K, *v.shape[1:]) for k, v in self._source.entities(top.reshape(-1)).items()}
-        scores = lists.scores[idx]
+        entity = {k: v.reshape(B, K, *v.shape[1:]) for k, v in source.entities(top.reshape(-1)).items()}
         b = {"mention": mention, "entity": entity, "scores": scores.nan_to_num(-1.0), "valid": torch.isfinite(scores),
-             "query": inp.query[idx], "keys": inp.entity_emb[top]}
-        if inp.lexical is not None:
-            b["lexical"] = inp.lexical[idx]
-        return b if device is None else to_device(b, device)
+             "query": query, "keys": entity_emb[top]}
+        if lexical is not None:
+            b["lexical"] = lexical
+        return b
 
     @torch.no_grad()
     def score_inputs(self, retriever: Retriever, inp: SplitInputs, batch_size: int = 256) -> torch.Tensor:
@@ -373,3 +389,59 @@ class FeatureReranker:
         retriever's list had no score)."""
         return self.score_inputs(retriever, self.inputs(retriever, lists))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Behind the linking API (``dim-mel link --rerank RUN``, ``nel_model.inference.linker``)
+
+
+class LinkingReranker:
+    """A trained feature re-ranker scoring *new* mentions: their views and retriever embeddings come from the
+    retriever run's own encoders and model (``inference.predict.Predictor``, the linker's retrieval), the listed
+    entities' views from its feature cache, and the same model and pair features score them."""
+
+    kind = "feature"
+
+    def __init__(self, reranker: FeatureReranker, retriever: Retriever, run: Path):
+        from nel_model.inference.predict import Predictor  # noqa: PLC0415 - the linking API's own retrieval
+
+        self.reranker, self.retriever, self.run = reranker, retriever, run
+        self.predictor = Predictor(retriever.run, device=str(retriever.device), checkpoint=retriever.checkpoint)
+        self.row_of = {eid: i for i, eid in enumerate(retriever.data.entity_ids)}
+
+    @property
+    def top_k(self) -> int:
+        return self.reranker.cfg.top_k
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "run": str(self.run.resolve()), "top_k": self.top_k}
+
+    @torch.no_grad()
+    def score(self, lists: Any) -> torch.Tensor:
+        """[N, K] scores of ``lists`` (a linker ``MentionLists``; NaN where a list is shorter than K)."""
+        k, n = self.top_k, len(lists.mentions)
+        top = torch.zeros(n, k, dtype=torch.long)
+        scores = torch.full((n, k), float("nan"))
+        for i, cands in enumerate(lists.candidates):
+            for j, c in enumerate(cands[:k]):
+                top[i, j], scores[i, j] = self.row_of[c.entity_id], c.score
+        views = self.predictor.mention_views(list(lists.mentions))
+        wanted = ("mention", *self.reranker.cfg.views)
+        mention = {key: v.cpu() for key, v in views.items() if key.removesuffix("_mask") in wanted}
+        query = self.predictor.encode(list(lists.mentions)).float().cpu()
+        lexical = (self.reranker.lexical(self.retriever).pairs_of(list(lists.mentions), top)
+                   if self.reranker.cfg.lexical else None)
+        model = self.reranker.model.eval()
+        batch = FeatureReranker.assemble(mention, self.reranker.source(self.retriever), top, scores, query,
+                                         self.retriever.entity_emb.float().cpu(), lexical)
+        dev = next(model.parameters()).device
+        return model(to_device(batch, dev)).float().cpu().masked_fill(~torch.isfinite(scores), float("nan"))
+
+
+def load_reranker(run: str | Path, device: str = "cpu") -> LinkingReranker:
+    """The re-ranker of a ``dim-mel rerank`` run folder, for the linking API (``RERANKERS["feature"]``)."""
+    import json  # noqa: PLC0415
+
+    run = Path(run)
+    info = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))["two_stage"]["retriever"]
+    return LinkingReranker(FeatureReranker.load(run), Retriever.load(info["run"], device, info["checkpoint"]), run)
