@@ -74,11 +74,28 @@ PYEOF
   RUNS+=("${OUT}/runs/plus")
 fi
 
+echo "== [two-stage] retrieve the top 10 with the full run, train the feature re-ranker on them -> ${OUT}/runs/two_stage"
+"${PY}" -m nel_model.inference.retrieve --run "${OUT}/runs/full" --top-k 10 > /dev/null
+"${PY}" -m nel_model.rerank.train_feature --retriever "${OUT}/runs/full" --output-dir "${OUT}/runs/two_stage" \
+  --label "ours + feature re-ranker (K=10)" --seed "${SEED}" --overwrite --threads 1
+RUNS+=("${OUT}/runs/two_stage")
+"${PY}" - "${OUT}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = [json.loads(l) for l in (out / "data_cap" / "mentions.jsonl").read_text().splitlines()]
+test = [{k: r[k] for k in ("id", "sentence", "mention", "gold_id")} for r in rows if r["split"] == "test"][:20]
+(out / "to_link.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+PYEOF
+echo "== [link] dim-mel link: 20 test mentions as a JSONL, linked by the two-stage system -> ${OUT}/linked.jsonl"
+"${PY}" -m nel_model.inference.linker --run "${OUT}/runs/full" --rerank "${OUT}/runs/two_stage" \
+  --input "${OUT}/to_link.jsonl" --out "${OUT}/linked.jsonl" --top-k 3
+
 echo "== [7/7] untrained baseline (zero-shot start of the same model), results table, plots, error analysis"
 "${PY}" -m nel_model.train --config "${ROOT}/configs/synthetic.yaml" --features "${OUT}/features" \
   --output-dir "${OUT}/runs/untrained" --label "untrained (zero-shot)" --seed "${SEED}" --overwrite --epochs 0
 "${PY}" -m nel_model.reporting.tables "${RUNS[@]}" "${OUT}/runs/untrained" --out "${OUT}/results"
-"${PY}" -m nel_model.reporting.plots "${RUNS[@]}" --out "${OUT}/plots"
+"${PY}" -m nel_model.reporting.plots "${OUT}/runs/full" "${OUT}/runs/text_only" --out "${OUT}/plots"
 "${PY}" -m nel_model.reporting.analyze --run "${OUT}/runs/full" --compare "${OUT}/runs/text_only" --out "${OUT}/analysis" \
   > /dev/null
 echo "demo finished in $(( $(date +%s) - t0 )) s: table ${OUT}/results.md, plots ${OUT}/plots/, error analysis" \

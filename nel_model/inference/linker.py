@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = importlib.import_module(RERANKERS["llm"])
         reranker = llm.reranker_from_args(a, a.out.with_name(a.out.name + ".llm_cache.jsonl"))
     linker = Linker.from_run(a.run, reranker, a.device, a.checkpoint)
-    n = link_file(linker, a.input, a.out, a.link_top_k, a.batch_size, progress=not a.no_progress)
+    n = link_file(linker, a.input, a.out, a.link_top_k, a.batch_size, progress=a.progress)
     print(f"linked {n['linked']} mentions ({n['skipped']} already in {a.out})", file=sys.stderr)
     return 0
 

@@ -490,7 +490,7 @@ def load_reranker(run: str | Path, device: str = "cpu") -> LLMReranker:
 # Flags and configuration (shared with ``dim-mel link --llm``)
 
 CONFIG_ONLY = {"prices": Setting(dict), "image_tokens": Setting(int)}
-NOT_SETTINGS = ("config", "help", "api_key", "cache", "no_progress")
+NOT_SETTINGS = ("config", "help", "api_key", "cache", "progress")
 
 
 def add_llm_flags(p: argparse.ArgumentParser, model_flag: str = "--model", k_flag: str = "--top-k") -> None:
@@ -517,7 +517,7 @@ def add_llm_flags(p: argparse.ArgumentParser, model_flag: str = "--model", k_fla
     p.add_argument("--tokens-per-minute", type=float)
     p.add_argument("--max-consecutive-errors", type=int, help="stop when this many requests in a row get no answer")
     p.add_argument("--cache", type=Path, help=f"answer cache (default: OUT/{CACHE_FILE})")
-    p.add_argument("--no-progress", action="store_true")
+    add_bool(p, "progress", True, "progress bars")
 
 
 def config_schema() -> dict[str, Setting]:
@@ -572,7 +572,7 @@ def reranker_from_args(args: argparse.Namespace, default_cache: Path, dry_run: b
                          prompt=_repo_path(pick("prompt", "configs/prompts/rerank_v1.txt")),
                          concurrency=concurrency, max_consecutive_errors=int(pick("max_consecutive_errors", 50)),
                          image_tokens=int(pick("image_tokens", 85)), prices=cfg.get("prices") or {},
-                         progress=not args.no_progress)
+                         progress=args.progress)
     return LLMReranker(llm, opts, args.cache or default_cache)
 
 
