@@ -244,7 +244,7 @@ def test_encode_mention_views_matches_cache(built, assets):
     views = encode_mention_views(picks, data, text_enc, image_enc, settings)
     ids = store.ids("mention")
     rows = [ids.index(m.id) for m in picks]
-    assert sorted(views) == ["image", "mention", "profile", "regions", "sentence"]
+    assert sorted(views) == ["context", "image", "mention", "profile", "regions", "sentence"]
     for view, (arr, mask) in views.items():
         cached = store.load("mention", view)
         assert arr.shape[1:] == cached.data.shape[1:], view

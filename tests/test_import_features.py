@@ -67,7 +67,7 @@ def test_dim_hdf5_entity_features_import_train_and_rerun(assets, tmp_path):
     src = meta["views"]["entity.desc"]["imported"]
     assert (src["file"], src["ids"], src["key"], src["rows_in_file"], src["missing"]) == (str(h5), str(qids),
                                                                                          "features", 16, 0)
-    assert len(store.views()) == 8 and meta["text_dim"] == DIM
+    assert len(store.views()) == 9 and meta["text_dim"] == DIM
     res = _train(out, tmp_path / "run")
     assert res["protocols"]["full_kb"]["test"]["n"] > 0
     again = build_features(data, out, features.FeatureSettings(clip=str(clip), max_len=12), num_workers=0,

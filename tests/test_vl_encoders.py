@@ -150,7 +150,7 @@ def test_a_tiny_siglip_encodes_the_demo_end_to_end(models, tmp_path):
     meta = store.meta()
     assert (meta["text_dim"], meta["image_dim"], meta["max_len"], meta["text_max_len"]) == (64, 64, 12, 64)
     assert meta["regions"] == {"mode": "grid", "grid": 2}
-    assert len(store.views()) == 8 and store.load("mention", "regions").data.shape[1:] == (4, 64)
+    assert len(store.views()) == 9 and store.load("mention", "regions").data.shape[1:] == (4, 64)
     assert np.abs(np.asarray(store.load("entity", "desc").data, np.float32)).sum(1).min() > 0
     res = train_main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"),
                       "--features", str(out), "--output_dir", str(tmp_path / "run"), "--epochs", "1",
