@@ -36,10 +36,11 @@ from nel_model.args import parse_select_by
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.rerank.feature import FeatureReranker, SplitInputs
 from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_run
-from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, append_metrics, environment,
-                            load_checkpoint, load_config, save_checkpoint, truncate_metrics)
-from nel_model.training.loop import (RESUME_MAY_CHANGE, epoch_seed, linear_schedule, make_optimizer, restore_rng,
-                                     rng_states, seed_everything)
+from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, append_metrics,
+                            check_resume_config, environment, load_checkpoint, save_checkpoint,
+                            truncate_metrics)
+from nel_model.training.loop import (epoch_seed, linear_schedule, make_optimizer, restore_rng, rng_states,
+                                     seed_everything)
 
 SWITCHES = ("lexical", "token_attention", "retriever_embeddings", "cross_candidates")
 VIEW_SWITCHES = ("sentence", "profile", "image", "regions", "entity_image", "entity_profile")
@@ -106,20 +107,6 @@ def parse_args(argv: list[str] | None = None):
     except ValueError as exc:
         parser.error(str(exc))
     return a
-
-
-def check_resume_config(out: Path, conf: dict[str, Any], force: bool) -> None:
-    old = load_config(out, required=False)
-    if not old or force:
-        return
-    conf = json.loads(json.dumps(conf))
-    differ = [k for k in sorted(set(old) | set(conf)) if k not in RESUME_MAY_CHANGE and old.get(k) != conf.get(k)]
-    if conf["epochs"] < old.get("epochs", 0):
-        differ.insert(0, "epochs")
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {conf.get(k)!r} (the run's: {old.get(k)!r})" for k in differ)
-        raise ValueError(f"{out / CONFIG_FILE}: --resume with a configuration other than the run's: {shown}; resume "
-                         "with the run's flags or pass --force")
 
 
 class RerankTrainer:

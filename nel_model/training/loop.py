@@ -42,8 +42,8 @@ from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
 from nel_model.training.tfidf_negatives import TfidfNegatives
 from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, ENV_FILE,
-                            METRICS_FILE, RESULTS_FILE, append_metrics, environment, load_checkpoint, load_config,
-                            save_checkpoint, truncate_metrics)
+                            METRICS_FILE, RESULTS_FILE, append_metrics, check_resume_config, environment,
+                            load_checkpoint, save_checkpoint, truncate_metrics)
 
 
 def seed_everything(seed: int) -> None:
@@ -139,12 +139,6 @@ def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: 
     """Optimizer steps of one epoch: the epoch plan's global batches (under DDP a last batch smaller than the
     number of processes is dropped: :func:`kept_mentions`) grouped by ``grad_accum``."""
     return math.ceil(math.ceil(kept_mentions(n_train, batch_size, world_size) / batch_size) / grad_accum)
-
-
-# Flags a resumed run may change (``--resume``): how far it runs and how fast, never what it computes.
-RESUME_MAY_CHANGE = frozenset({"epochs", "stop_after_epochs", "stop_after_steps", "resume", "overwrite", "force",
-                               "tensorboard", "threads", "num_workers", "pin_memory", "device", "data_on_device",
-                               "world_size", "compile", "config"})
 
 
 class NonFiniteLoss(FloatingPointError, ValueError):
@@ -259,23 +253,6 @@ class Trainer:
         conf["selection"] = ":".join(self.select)
         return conf
 
-    def check_resume_config(self, conf: dict[str, Any]) -> None:
-        """``--resume`` continues the run only with the run's own configuration (config.json): a difference in
-        anything but the stopping and performance flags (:data:`RESUME_MAY_CHANGE`; ``epochs`` may grow) is an
-        error naming the flags, unless ``--force``."""
-        old = load_config(self.out, required=False)
-        if not old or self.args.force:
-            return
-        conf = json.loads(json.dumps(conf))          # as config.json holds it (tuples are lists there)
-        differ = [k for k in sorted(set(old) | set(conf)) if k not in RESUME_MAY_CHANGE and old.get(k) != conf.get(k)]
-        if conf["epochs"] < old.get("epochs", 0):
-            differ.insert(0, "epochs")
-        if differ:
-            shown = ", ".join(f"--{k.replace('_', '-')} {conf.get(k)!r} (the run's: {old.get(k)!r})" for k in differ)
-            raise ValueError(f"{self.out / CONFIG_FILE}: --resume with a configuration other than the run's: {shown}; "
-                             "resume with the run's flags (only the stopping flags may change, and --epochs may "
-                             "grow), or pass --force to continue with the new ones (config.json then records them)")
-
     def start_records(self) -> None:
         a, dist = self.args, self.dist
         last = self._ckpt_dir() / "last.pt"
@@ -284,7 +261,7 @@ class Trainer:
             if not last.is_file():
                 raise FileNotFoundError(f"{last}: --resume given but there is no checkpoint (no epoch of this "
                                         "run finished; start it again with --overwrite)")
-            self.check_resume_config(conf)
+            check_resume_config(self.out, conf, a.force)
             self.load_state(load_checkpoint(last))
             if dist.is_main:
                 truncate_metrics(self.out, self.epoch)
