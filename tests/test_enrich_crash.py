@@ -17,6 +17,7 @@ from data_process.augment.llm_prompts import PromptTemplate
 from data_process.core.records import load_dataset
 from fake_openai_server import FakeOpenAIServer
 from llm_fixtures import REPO_ROOT, enrich_args, make_toy_dataset
+from procs import sigkill
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +51,8 @@ def test_sigkill_mid_run_then_resume_repeats_no_cached_request(tmp_path):
                 assert proc.poll() is None, proc.stderr.read().decode()
                 assert time.monotonic() < deadline, "the enrichment never got going"
                 time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            sigkill(proc)
         assert proc.returncode == -signal.SIGKILL
         first_run = srv.snapshot()
         cached = _cached_user_contents(out / enrich.CACHE_FILE)

@@ -23,6 +23,7 @@ from nel_model.inference.linker import Candidate, MentionLists, Query
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank import llm as L
 from nel_model.runs import load_predictions, load_run
+from procs import sigkill
 from run_fixtures import trained_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,11 +208,8 @@ def test_sigkill_mid_run_then_rerun_asks_no_answered_prompt_again(retriever_run,
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             assert hung.wait(120), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no 7th request"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            sigkill(proc)
         assert proc.returncode == -signal.SIGKILL
         first = srv.snapshot()
         with JsonlCache(out / L.CACHE_FILE) as c:
