@@ -42,3 +42,20 @@ def test_retrieve_errors(run, tmp_path):
         R.retrieve(run, ("test",), 101)
     with pytest.raises(RunError, match="no retrieved lists for split 'dev'"):
         load_predictions(tmp_path, "dev", RETRIEVAL_DIR)
+
+
+def test_faiss_lists_keep_the_exact_ranks_and_report_their_overlap(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    exact = R.retrieve(copy, ("test",), 10)
+    exact_lists = {m.mention_id: m for m in load_predictions(copy, "test", RETRIEVAL_DIR).mentions}
+    report = R.retrieve(copy, ("test",), 10, faiss="hnsw")
+    assert report["lists"] == "faiss hnsw" and exact["lists"] == "exact"
+    assert 0.5 <= report["overlap_with_exact_top_k"]["test"] <= 1.0
+    approx = load_predictions(copy, "test", RETRIEVAL_DIR).mentions
+    assert all(len(m.top) == 10 for m in approx)
+    assert [m.full_kb for m in approx] == [exact_lists[m.mention_id].full_kb for m in approx]   # ranks stay exact
+    rec = report["splits"]["test"]["recall@10"]
+    assert rec == sum(m.gold in [e for e, _ in m.top] for m in approx) / len(approx)

@@ -1,13 +1,15 @@
 """Retrieval as a stage: every mention's K best KB entities, the first stage of a two-stage linker.
 
-    dim-mel retrieve --run RUN [--split all|train|dev|test] [--top-k 20] [--checkpoint best]
+    dim-mel retrieve --run RUN [--split all|train|dev|test] [--top-k 20] [--checkpoint best] [--faiss ivf|hnsw]
 
 writes ``RUN/retrieval/<split>.jsonl`` (one line per mention, in feature-cache order: the gold's full-KB ranks and
 counts, as in ``predictions/``, and ``top``: the K best entities with their float32 scores, best first, equal scores
 in KB row order) with ``<split>.meta.json``, and ``RUN/retrieval/report.json`` with the lists' recall@1/5/10/K per
 split. Nothing here ranks on its own: the lists come from the run's evaluation pass (``nel_model.evaluation``: the
 same encoded embeddings, the same arithmetic, the same top-K as ``predictions/``), exact over the whole KB. The
-retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking). A re-ranker
+retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking). ``--faiss``: the
+lists come from an approximate faiss index over the same embeddings instead (for KBs too large to rank exactly on
+a CPU); the gold's ranks stay exact, and the report adds each split's overlap with the exact top K. A re-ranker
 (``nel_model.rerank``) trains on the train split's lists and is evaluated on dev and test.
 """
 
@@ -25,7 +27,7 @@ from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from nel_model import distributed as D
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import ENCODE_DTYPE, encode_entities, load_run_model
+from nel_model.encoding import ENCODE_DTYPE, encode_entities, encode_mentions, load_run_model
 from nel_model.evaluation.evaluate import evaluate_counts, settings_from_config, write_predictions
 from nel_model.evaluation.metrics import RankCounts
 from nel_model.runs import RETRIEVAL_DIR, load_config
@@ -47,8 +49,25 @@ def list_recall(counts: RankCounts, gold: torch.Tensor, k: int) -> dict[str, flo
     return out
 
 
+def index_lists(counts: dict[str, RankCounts], emb: torch.Tensor, queries: dict[str, torch.Tensor], top_k: int,
+                kind: str) -> dict[str, float]:
+    """Replace each split's exact top lists in ``counts`` by those of a faiss index of ``kind`` over ``emb``;
+    returns each split's overlap of the index's lists with the exact ones (recall@K vs exact search)."""
+    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex  # noqa: PLC0415 - faiss is optional
+
+    index = KBIndex(emb.cpu(), IndexSettings(kind=kind))
+    overlap = {}
+    for split, c in counts.items():
+        scores, rows = index.search(queries[split].cpu(), top_k)
+        approx = torch.from_numpy(rows).long()
+        exact = c.top_rows.cpu()
+        overlap[split] = float((approx[:, :, None] == exact[:, None, :]).any(2).double().mean()) if len(exact) else 0.0
+        c.top_rows, c.top_scores = approx, torch.from_numpy(scores).float()
+    return overlap
+
+
 def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: str = "best",
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", faiss: str | None = None) -> dict[str, Any]:
     """Write the retrieved lists of ``splits`` into ``RUN/retrieval/`` and return the report."""
     if not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"--top-k must be in 1..{MAX_TOP_K}, got {top_k}")
@@ -63,6 +82,10 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
     wanted = [s for s in splits if len(data.splits[s])]
     counts = evaluate_counts(model, data, source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
                              entity_emb=emb)
+    vs_exact = None
+    if faiss:
+        queries = {s: encode_mentions(model, source, data.splits[s], dev, settings) for s in wanted}
+        vs_exact = index_lists(counts["full_kb"], emb, queries, top_k, faiss)
     recall = {s: list_recall(c, torch.from_numpy(data.gold[data.splits[s]]), top_k)
               for s, c in counts["full_kb"].items()}
     retriever = {"run": str(run.resolve()), "label": conf.get("label"), "checkpoint": checkpoint,
@@ -71,7 +94,8 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
                       folder_name=RETRIEVAL_DIR)
     report = {"top_k": top_k, "retriever": retriever, "kb_entities": data.num_entities, "encode_dtype": ENCODE_DTYPE,
               "score_dtype": str(settings.score_dtype).replace("torch.", ""), "top_ties": "KB row order",
-              "splits": recall, "skipped_empty_splits": [s for s in splits if s not in wanted]}
+              "splits": recall, "skipped_empty_splits": [s for s in splits if s not in wanted],
+              "lists": "exact" if not faiss else f"faiss {faiss}", "overlap_with_exact_top_k": vs_exact}
     atomic_write_json(run / RETRIEVAL_DIR / REPORT_FILE, report)
     return report
 
@@ -79,7 +103,8 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
 def format_report(report: dict[str, Any]) -> str:
     k = report["top_k"]
     cols = [c for c in (f"recall@{j}" for j in sorted({*RECALL_AT, k}) if j <= k)]
-    lines = [f"retrieved top {k} of {report['kb_entities']} entities (exact, scores {report['score_dtype']})",
+    lines = [f"retrieved top {k} of {report['kb_entities']} entities ({report['lists']}, scores "
+             f"{report['score_dtype']})",
              f"{'split':<7}" + "".join(f"{c:>11}" for c in cols) + f"{'n':>8}"]
     for split, m in report["splits"].items():
         lines.append(f"{split:<7}" + "".join(f"{100 * m[c]:11.2f}" for c in cols) + f"{m['n']:>8}")
@@ -95,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top_k", type=int, default=20, help=f"entities per mention (1..{MAX_TOP_K})")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--device", default="auto")
+    p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
+                   help="take the lists from an approximate faiss index (large KBs on a CPU); ranks stay exact")
     a = p.parse_args(argv)
-    report = retrieve(a.run, SPLIT_CHOICES[a.split], a.top_k, a.checkpoint, a.device)
+    report = retrieve(a.run, SPLIT_CHOICES[a.split], a.top_k, a.checkpoint, a.device, a.faiss)
     print(format_report(report))
     print(f"wrote {Path(a.run) / RETRIEVAL_DIR}", file=sys.stderr)
     return 0
