@@ -248,17 +248,24 @@ def zero_shot(feats: Path, config: Path, context_max_len: int) -> tuple[dict[str
 # 4./5. training runs
 
 
+def run_step(cmd: list[str], run: Path, shown: str) -> dict[str, Any]:
+    """Run ``python -m MODULE ...`` (``cmd``) that writes ``run/results.json``; the results with the command (as
+    ``shown`` + its flags) and the wall time added. A failure raises with the command and the end of its stderr."""
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shown} failed (exit {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
+    res = json.loads((run / "results.json").read_text())
+    res["command"] = f"{shown} " + shlex.join(cmd[3:])
+    res["time_s"] = round(time.time() - t, 1)
+    return res
+
+
 def train_run(feats: Path, run: Path, config: Path, seed: int, threads: int, extra: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "nel_model.train", "--config", str(config), "--features", str(feats),
            "--output_dir", str(run), "--no_image", "--device", "cpu", "--overwrite", "--threads", str(threads),
            "--seed", str(seed), "--label", run.name, *extra]
-    t = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
-    res = json.loads((run / "results.json").read_text())
-    res["command"] = "python -m nel_model.train " + shlex.join(cmd[3:])
-    res["time_s"] = round(time.time() - t, 1)
+    res = run_step(cmd, run, "python -m nel_model.train")
     print(f"  {run.name}: test MRR {100 * res['tie_rules']['pessimistic']['full_kb']['test']['mrr']:.2f} "
           f"(best epoch {res['best_epoch']}, {res['time_s']} s)", flush=True)
     return res

@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from data_process.core.settings import ToolkitParser, add_bool
 from nel_model.runs import cpu_model
-from wikimel_ghmfc import aggregate, run_metrics, tables     # bench/ is the script's folder: on sys.path
+from wikimel_ghmfc import aggregate, run_metrics, run_step, tables     # bench/ is the script's folder: on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = {"no lexical features": ["--no-lexical"], "no attention across candidates": ["--no-cross-candidates"],
@@ -48,13 +47,7 @@ def rerank_run(retriever: Path, out: Path, k: int, seed: int, threads: int, extr
     cmd = [sys.executable, "-m", "nel_model.rerank.train_feature", "--config", str(REPO / "configs/rerank.yaml"),
            "--retriever", str(retriever), "--output-dir", str(out), "--top-k", str(k), "--seed", str(seed),
            "--threads", str(threads), "--device", "cpu", "--overwrite", "--label", out.name, *extra]
-    t = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"re-ranker failed (exit {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
-    res = json.loads((out / "results.json").read_text())
-    res["command"] = "dim-mel rerank " + shlex.join(cmd[3:])
-    res["time_s"] = round(time.time() - t, 1)
+    res = run_step(cmd, out, "dim-mel rerank")
     atomic_write_json(out / "results.json", res)
     m = res["tie_rules"]["pessimistic"]["full_kb"]["test"]
     print(f"  {out.name}: test H@1 {100 * m['hits@1']:.2f} MRR {100 * m['mrr']:.2f} (best epoch "
