@@ -51,6 +51,38 @@ def settings_from_config(conf: dict[str, Any], device: torch.device, **override:
                         candidate_rule=conf["candidate_rule"])
 
 
+@dataclass
+class OpenRun:
+    """A run folder ready to rank: its flags (config.json), its model at one checkpoint, its feature cache and
+    the views the model reads, and the evaluation settings it was measured with."""
+
+    path: Path
+    config: dict[str, Any]
+    model: torch.nn.Module
+    checkpoint: dict[str, Any]
+    data: MELData
+    source: FeatureSource
+    settings: EvalSettings
+    device: torch.device
+
+    def entity_embeddings(self) -> torch.Tensor:
+        """Every KB entity, encoded as the run's evaluation encodes them (float32)."""
+        return encode_entities(self.model, self.source, self.device, self.settings)
+
+
+def open_run(run: str | Path, device: str | torch.device = "auto", checkpoint: str = "best",
+             features: str | Path | None = None, dataset: str | Path | None = None, **override: Any) -> OpenRun:
+    """The one way evaluation, retrieval, re-ranking and prediction open a run folder: ``features`` / ``dataset``
+    override the folders config.json records; ``override``: see :func:`settings_from_config`."""
+    run = Path(run)
+    conf = load_config(run)
+    dev = resolve_device(device)
+    model, ckpt = load_run_model(run, checkpoint, dev)
+    data = load_mel_data(features or conf["features"], dataset or conf.get("dataset_resolved") or conf.get("dataset"))
+    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
+    return OpenRun(run, conf, model, ckpt, data, source, settings_from_config(conf, dev, **override), dev)
+
+
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """``auto`` = float32 (exact and cheap at MEL sizes); float16/bfloat16 give the same ranks, faster on GPUs."""
     if name == "auto":
@@ -256,14 +288,10 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
     add_bool(p, "predictions", False,
              "also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
     a = p.parse_args(argv)
-    run = Path(a.run)
-    conf = load_config(run)
-    device = resolve_device(a.device)
-    model, ckpt = load_run_model(run, a.checkpoint, device)
-    data = load_mel_data(a.features or conf["features"], a.dataset or conf.get("dataset_resolved") or conf.get("dataset"))
-    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-    settings = settings_from_config(conf, device, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
-                                    candidate_rule=a.candidate_rule)
+    r = open_run(a.run, a.device, a.checkpoint, a.features, a.dataset, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
+                 candidate_rule=a.candidate_rule)
+    run, model, ckpt, data, source, settings, device = r.path, r.model, r.checkpoint, r.data, r.source, r.settings, \
+        r.device
     splits = ["dev", "test"] if a.split == "all" else [a.split]
     counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
                              top_k=PREDICTION_TOP_K if a.predictions else 0)

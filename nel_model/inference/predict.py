@@ -33,7 +33,6 @@ import torch
 
 from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
-from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_text
 from nel_model.runs import RunError, load_config
 
@@ -81,9 +80,7 @@ class Predictor:
                  features: str | Path | None = None, dataset: str | Path | None = None):
         from data_process.core.records import load_dataset
         from data_process.encode.feature_store import FeatureStore
-        from nel_model.data import FeatureSource, load_mel_data
-        from nel_model.encoding import encode_entities, load_run_model
-        from nel_model.evaluation.evaluate import settings_from_config
+        from nel_model.evaluation.evaluate import open_run
 
         run = Path(run_dir)
         if not run.is_dir():
@@ -93,11 +90,6 @@ class Predictor:
         except RunError as exc:
             raise PredictError(str(exc)) from None
         self.run = run
-        self.device = resolve_device(device)
-        try:
-            self.model, _ = load_run_model(run, checkpoint, self.device)
-        except FileNotFoundError as exc:
-            raise PredictError(str(exc)) from None
         feat = Path(features) if features else _resolve_data_path(self.config, "features", run)
         if feat is None or not (feat / "meta.json").is_file():
             raise PredictError(f"{feat if feat else run / 'config.json'}: feature folder with meta.json not found "
@@ -109,11 +101,13 @@ class Predictor:
         if ds is None or not ds.is_dir():
             raise PredictError(f"{ds if ds else run / 'config.json'}: dataset folder not found "
                                "(needed for entity names; pass --dataset)")
-        data = load_mel_data(feat, ds)
-        self.settings = settings_from_config(self.config, self.device)
-        source = FeatureSource(data, self.model.cfg.mention_views(), self.model.cfg.entity_views())
-        self.entity_ids: list[str] = list(data.entity_ids)
-        self.entity_emb = encode_entities(self.model, source, self.device, self.settings)
+        try:
+            opened = open_run(run, device, checkpoint, feat, ds)
+        except FileNotFoundError as exc:
+            raise PredictError(str(exc)) from None
+        self.model, self.device, self.settings = opened.model, opened.device, opened.settings
+        self.entity_ids: list[str] = list(opened.data.entity_ids)
+        self.entity_emb = opened.entity_embeddings()
         entities = load_dataset(ds, check_gold=False).entities
         self.names = {e.id: e.name for e in entities}
         self.descriptions = {e.id: e.description for e in entities}

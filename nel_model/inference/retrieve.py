@@ -21,16 +21,14 @@ from typing import Any
 
 import torch
 
-from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_json
 from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from nel_model import distributed as D
-from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import ENCODE_DTYPE, encode_entities, encode_mentions, load_run_model
-from nel_model.evaluation.evaluate import evaluate_counts, settings_from_config, write_predictions
+from nel_model.encoding import ENCODE_DTYPE, encode_mentions
+from nel_model.evaluation.evaluate import evaluate_counts, open_run, write_predictions
 from nel_model.evaluation.metrics import RankCounts
-from nel_model.runs import RETRIEVAL_DIR, load_config
+from nel_model.runs import RETRIEVAL_DIR
 
 MAX_TOP_K = 100
 RECALL_AT = (1, 5, 10)
@@ -71,14 +69,10 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
     """Write the retrieved lists of ``splits`` into ``RUN/retrieval/`` and return the report."""
     if not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"--top-k must be in 1..{MAX_TOP_K}, got {top_k}")
-    run = Path(run)
-    conf = load_config(run)
-    dev = resolve_device(device)
-    model, ckpt = load_run_model(run, checkpoint, dev)
-    data: MELData = load_mel_data(conf["features"], conf.get("dataset_resolved"))
-    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-    settings = settings_from_config(conf, dev)
-    emb = encode_entities(model, source, dev, settings)
+    r = open_run(run, device, checkpoint)
+    run, conf, model, ckpt, data, source, settings, dev = (r.path, r.config, r.model, r.checkpoint, r.data, r.source,
+                                                           r.settings, r.device)
+    emb = r.entity_embeddings()
     wanted = [s for s in splits if len(data.splits[s])]
     counts = evaluate_counts(model, data, source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
                              entity_emb=emb)

@@ -23,14 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_process.core.devices import resolve_device
 from data_process.core.durable_io import atomic_write_json
-from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import encode_entities, encode_mentions, load_run_model
-from nel_model.evaluation.evaluate import (PREDICTION_TOP_K, EvalSettings, results_block, settings_from_config,
-                                           write_predictions)
+from nel_model.data import FeatureSource, MELData
+from nel_model.encoding import encode_mentions
+from nel_model.evaluation.evaluate import PREDICTION_TOP_K, EvalSettings, open_run, results_block, write_predictions
 from nel_model.evaluation.metrics import RankCounts, list_counts, score_counts
-from nel_model.runs import RESULTS_FILE, RETRIEVAL_DIR, RunError, load_config, load_predictions
+from nel_model.runs import RESULTS_FILE, RETRIEVAL_DIR, RunError, load_predictions
 
 LIST_BASE = 4.0        # final scores of listed entities: above every cosine
 
@@ -74,15 +72,9 @@ class Retriever:
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", checkpoint: str = "best") -> "Retriever":
-        run = Path(run)
-        conf = load_config(run)
-        dev = resolve_device(device)
-        model, _ = load_run_model(run, checkpoint, dev)
-        data = load_mel_data(conf["features"], conf.get("dataset_resolved"))
-        source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-        settings = settings_from_config(conf, dev)
-        emb = encode_entities(model, source, dev, settings)
-        return cls(run, conf, model, data, source, settings, emb, dev, checkpoint)
+        r = open_run(run, device, checkpoint)
+        return cls(r.path, r.config, r.model, r.data, r.source, r.settings, r.entity_embeddings(), r.device,
+                   checkpoint)
 
     def lists(self, split: str) -> RetrievedLists:
         """The split's lists of ``RUN/retrieval/<split>.jsonl``, checked against the feature cache."""
