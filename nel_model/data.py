@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
-from data_process.core.records import SPLITS, read_info, read_mentions
+from data_process.core.records import SPLITS, DatasetInfo, read_info, read_mentions
 
 # (side.view) -> batch key; masks get "<key>_mask".
 MENTION_VIEWS = ("mention", "sentence", "context", "image", "regions", "profile")
@@ -72,10 +72,13 @@ class MELData:
         return len(self.entity_ids)
 
     @property
+    def dataset_info(self) -> DatasetInfo:
+        """The dataset's ``dataset.json``, whatever the working directory (its folder's name when it has none)."""
+        return read_info(Path(self.dataset).resolve())
+
+    @property
     def dataset_name(self) -> str:
-        """The dataset's own name (its ``dataset.json``), whatever the working directory; its folder's name when
-        the folder has no ``dataset.json``."""
-        return read_info(Path(self.dataset).resolve()).name
+        return self.dataset_info.name
 
     def view(self, side: str, view: str) -> tuple[np.ndarray, np.ndarray | None]:
         return self.arrays.get(side, view)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
-from data_process.core.records import ENTITIES_FILE, read_entities, read_info
+from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
 from nel_model.training.batches import TrainBatches, kept_mentions, make_epoch_plan, make_loader
@@ -124,7 +124,7 @@ def tfidf_table(data) -> TfidfNegatives:
 
 def dev_split_advice(data) -> str:
     """Which command gives this dataset a dev split, for the format it was converted from."""
-    fmt = read_info(Path(data.dataset).resolve()).source_format
+    fmt = data.dataset_info.source_format
     again = "then encode the features again (dim-mel features)"
     if fmt == "ghmfc":
         return ("Carve one from train: dim-mel prepare --format ghmfc --src RELEASE --out DATASET --dev-from-train "
