@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("data_process.encode.features", "encode a unified dataset into a feature cache"),
     # model: train, evaluate, link
     "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
-    "evaluate": ("nel_model.evaluation.evaluate", "re-evaluate a saved run"),
+    "evaluate": ("nel_model.evaluate", "re-evaluate a saved run (one-stage or two-stage)"),
     "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
     "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
     "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),

@@ -94,6 +94,17 @@ class Run:
         v = ((self.results.get("candidate_recall") or {}).get(split) or {}).get("mean_list_length")
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
+    @property
+    def two_stage(self) -> dict[str, Any] | None:
+        """``results["two_stage"]`` (retriever, top_k, re-ranker) of a two-stage run; ``None`` for one stage."""
+        v = self.results.get("two_stage")
+        return v if isinstance(v, dict) else None
+
+    @property
+    def stages(self) -> int:
+        """1 for a one-stage ranking (a bi-encoder over the KB), 2 for retrieve, then re-rank."""
+        return 2 if self.two_stage is not None else 1
+
     def split_metrics(self, protocol: str = "full_kb", split: str = "test",
                       tie_rule: str | None = None) -> dict[str, float] | None:
         """``results["protocols"][protocol][split]``, or with ``tie_rule`` other than the run's own,
@@ -203,6 +214,28 @@ def load_run(run_dir: str | Path) -> Run:
     env = _read_json(env_path) if env_path.is_file() else {}
     return Run(path=run_dir, results=results, config=load_config(run_dir, required=False),
                metrics=load_metrics(run_dir), env=env if isinstance(env, dict) else {})
+
+
+def two_stage_of(run_dir: str | Path) -> dict[str, Any] | None:
+    """How a two-stage run folder was made (``retriever``: run, label, checkpoint; ``top_k``; ``reranker``: its
+    ``kind`` and settings): ``results.json``'s ``two_stage``, or for a feature re-ranker still training (no
+    results.json yet) the same from its ``config.json``. ``None`` for a one-stage run."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS_FILE).is_file():
+        info = load_results(run_dir).get("two_stage")
+        if info is None:
+            return None
+        if not (isinstance(info, dict) and isinstance(info.get("retriever"), dict)
+                and isinstance(info.get("reranker"), dict) and isinstance(info["reranker"].get("kind"), str)):
+            raise RunError(f"{run_dir / RESULTS_FILE}: field 'two_stage' must hold 'retriever' and 'reranker' "
+                           "objects, the re-ranker with its 'kind'")
+        return info
+    conf = load_config(run_dir, required=False)
+    if isinstance(conf.get("reranker"), dict) and "retriever_resolved" in conf:
+        return {"retriever": {"run": conf["retriever_resolved"], "label": None,
+                              "checkpoint": conf.get("retriever_checkpoint", "best")},
+                "top_k": conf["reranker"].get("top_k"), "reranker": {"kind": "feature"}}
+    return None
 
 
 def expand_run_dirs(paths: Iterable[str | Path], warn=None) -> list[Path]:
@@ -339,7 +372,7 @@ def load_predictions(run_dir: str | Path, split: str = "test", folder: str = PRE
                        f"{run_dir} --split {split})")
     if not path.is_file():
         raise RunError(f"{path}: no predictions for split '{split}' (written by nel_model.train at the end of "
-                       f"training; for an older run: python -m nel_model.evaluation.evaluate --run {run_dir} --split {split} "
+                       f"training; for an older run: dim-mel evaluate --run {run_dir} --split {split} "
                        "--predictions)")
     mentions: list[MentionPrediction] = []
     seen: dict[str, int] = {}

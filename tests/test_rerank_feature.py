@@ -4,6 +4,7 @@ is told apart by the image, the text barely helps), resumes exactly, and loads a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,14 @@ import torch
 
 from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
 from data_process.fixtures.synthetic_features import write_synthetic
+from dim_mel import cli
+from nel_model.evaluation import evaluate as one_stage
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank.feature import LEXICAL_NAMES, FeatureReranker, LexicalFeatures
 from nel_model.rerank.train_feature import main as rerank_main
 from nel_model.rerank.two_stage import Retriever, two_stage_counts
-from nel_model.runs import load_predictions
+from nel_model.runs import RunError, load_predictions
 from nel_model.training.loop import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +65,14 @@ def test_the_untrained_reranker_ranks_as_its_retriever(retriever_run):
     assert "regions" not in cfg.views and cfg.entity_views == ("profile",) and not cfg.lexical
 
 
-def test_the_trained_reranker_beats_its_retriever_on_namesakes(retriever_run, tmp_path):
-    res = _rerank(retriever_run, tmp_path / "rr", "--epochs", "8")
+@pytest.fixture(scope="module")
+def reranker_run(retriever_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reranker") / "rr"
+    return out, _rerank(retriever_run, out, "--epochs", "8")
+
+
+def test_the_trained_reranker_beats_its_retriever_on_namesakes(retriever_run, reranker_run):
+    out, res = reranker_run
     retr = json.loads((retriever_run / "results.json").read_text())["protocols"]["full_kb"]["test"]
     ours = res["protocols"]["full_kb"]["test"]
     assert res["best_epoch"] > 0 and res["two_stage"]["top_k"] == K
@@ -72,11 +81,43 @@ def test_the_trained_reranker_beats_its_retriever_on_namesakes(retriever_run, tm
     speed = res["rerank_speed"]
     assert speed["mentions"] == 64 and speed["rerank_mentions_per_s"] > 0
     # the saved re-ranker, loaded as a Linker uses it, reproduces the run's test ranking
-    rr = FeatureReranker.load(tmp_path / "rr")
+    rr = FeatureReranker.load(out)
     r = Retriever.load(retriever_run, "cpu")
     lists = r.lists("test")
     again = metrics_from_counts(two_stage_counts(r, lists, rr.score(r, lists))["full_kb"])
     assert again["hits@1"] == pytest.approx(ours["hits@1"]) and again["mrr"] == pytest.approx(ours["mrr"])
+
+
+def test_dim_mel_evaluate_prints_a_two_stage_runs_results_json(reranker_run, tmp_path, capsys):
+    out, res = reranker_run
+    assert cli.main(["evaluate", "--run", str(out), "--split", "all", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == res["protocols"]        # the same numbers: one code path
+    assert cli.main(["evaluate", "--run", str(out), "--device", "cpu", "--tie-rule", "strict"]) == 0
+    table = capsys.readouterr().out
+    assert "two-stage run" in table and f"lists of {K} entities, re-ranker feature" in table
+    row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["full_kb", "test"])
+    assert row[2:4] == [f"{100 * res['tie_rules']['strict']['full_kb']['test'][m]:.2f}" for m in ("mrr", "hits@1")]
+    # --predictions rewrites the run's predictions as they were
+    before = (out / "predictions" / "test.jsonl").read_bytes()
+    (out / "predictions" / "test.jsonl").unlink()
+    assert cli.main(["evaluate", "--run", str(out), "--device", "cpu", "--predictions"]) == 0
+    assert (out / "predictions" / "test.jsonl").read_bytes() == before
+    capsys.readouterr()
+    # the last checkpoint is the re-ranker's; a one-stage evaluation of the folder says what it is
+    assert cli.main(["evaluate", "--run", str(out), "--device", "cpu", "--checkpoint", "last", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["full_kb"]["test"]["n"] == 64
+    with pytest.raises(RunError, match="a two-stage run .* dim-mel evaluate"):
+        one_stage.evaluate_run(["--run", str(out)])
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    results = json.loads((moved / "results.json").read_text())
+    results["two_stage"]["retriever"]["run"] = str(tmp_path / "gone")
+    (moved / "results.json").write_text(json.dumps(results))
+    assert cli.main(["evaluate", "--run", str(moved), "--device", "cpu"]) == 2
+    assert "gone is not there (moved? give --retriever FOLDER)" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--run", str(moved), "--device", "cpu", "--json",
+                     "--retriever", res["two_stage"]["retriever"]["run"]]) == 0
+    assert json.loads(capsys.readouterr().out)["full_kb"]["test"] == res["protocols"]["full_kb"]["test"]
 
 
 def test_resume_is_exact(retriever_run, tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from data_process.core.durable_io import JsonlCache
+from dim_mel import cli
 from fake_openai_server import Action, FakeOpenAIServer, image_parts
 from nel_model.inference.linker import Candidate, MentionLists, Query
 from nel_model.inference.retrieve import retrieve
@@ -78,7 +79,7 @@ def test_answers_become_scores_logprobs_first_then_the_text():
         "status": "ok", "scoring": "text", "scores": L.scores_from_text("2", 3)}   # 5 is out of range: the text
 
 
-def test_logprob_reranking_of_the_lists_is_evaluated_as_a_two_stage_run(retriever_run, tmp_path):
+def test_logprob_reranking_of_the_lists_is_evaluated_as_a_two_stage_run(retriever_run, tmp_path, capsys):
     run, out = retriever_run["run"], tmp_path / "llm"
     with FakeOpenAIServer(responder=oracle(retriever_run["gold_name"])) as srv:
         assert L.main(_args(run, out, srv, "--split", "all", "--top-k", "5")) == 0
@@ -114,6 +115,13 @@ def test_logprob_reranking_of_the_lists_is_evaluated_as_a_two_stage_run(retrieve
         assert srv.snapshot() == []
     assert load_run(out).results["tie_rules"] == res["tie_rules"]
 
+    # dim-mel evaluate answers from the run's cache (no server is running): results.json's numbers, no file touched
+    cache = (out / L.CACHE_FILE).read_bytes()
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--run", str(out), "--split", "all", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == res["protocols"]
+    assert (out / L.CACHE_FILE).read_bytes() == cache
+
     # the linker's --rerank RUN: the run folder loads as its re-ranker, answering from the run's cache
     from data_process.core.records import load_dataset
     from nel_model.inference.linker import load_reranker
@@ -127,7 +135,7 @@ def test_logprob_reranking_of_the_lists_is_evaluated_as_a_two_stage_run(retrieve
     assert rr.stats.requests == 0 and rr.stats.cached == 24 and scores.shape == (24, K)
 
 
-def test_text_answers_and_scoring_text_and_an_unanswered_request(retriever_run, tmp_path):
+def test_text_answers_and_scoring_text_and_an_unanswered_request(retriever_run, tmp_path, capsys):
     run, out = retriever_run["run"], tmp_path / "text"
     with FakeOpenAIServer(responder=oracle(retriever_run["gold_name"], logprobs=False)) as srv:
         srv.enqueue(Action.error(400), Action.content("7"))     # no answer (not cached), out of range (counted)
@@ -140,6 +148,14 @@ def test_text_answers_and_scoring_text_and_an_unanswered_request(retriever_run, 
     with JsonlCache(out / L.CACHE_FILE) as c:
         recs = [r for _, r in c.items()]
     assert len(recs) == 9 and sum(r["status"] == "malformed" for r in recs) >= 1
+    # dim-mel evaluate: the same 10 mentions, the unanswered one in the retriever's order again, and said so
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--run", str(out), "--device", "cpu", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == load_run(out).results["protocols"]
+    assert "no answer for 1 of 10 mentions" in printed.err and "(the run recorded 1 unanswered)" in printed.err
+    assert cli.main(["evaluate", "--run", str(out), "--device", "cpu", "--split", "all"]) == 2
+    assert "answered the test split(s), not dev (give --split test)" in capsys.readouterr().err
     with FakeOpenAIServer(responder=oracle(retriever_run["gold_name"], logprobs=False)) as srv:
         assert L.main(_args(run, out, srv, "--limit", "10", "--scoring", "text")) == 0
         assert [r.user_content for r in srv.snapshot()] == [asked[0].user_content]   # only the unanswered one

@@ -1,11 +1,12 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``python -m nel_model.evaluation.evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads the run's
+``dim-mel evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads a one-stage run's
 configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
 the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
 per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.evaluation.metrics`` for
-the tie rules, the candidate rules and exact low-precision scoring). ``--tie_rule`` and ``--candidate_rule`` default to
-the run's own settings.
+the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
+the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is evaluated by
+``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a run needs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.encoding import ENCODE_DTYPE, EncodeSettings, encode_entities, encode_mentions, load_run_model
 from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.runs import PREDICTIONS_DIR, load_config
+from nel_model.runs import PREDICTIONS_DIR, RunError, load_config, two_stage_of
 
 
 @dataclass
@@ -264,16 +265,19 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``dim-mel evaluate``: print the metrics of a saved run (:func:`evaluate_run`)."""
+    """``python -m nel_model.evaluation.evaluate``: print the metrics of a saved one-stage run
+    (:func:`evaluate_run`; ``dim-mel evaluate`` also takes two-stage runs, ``nel_model.evaluate``)."""
     evaluate_run(argv)
     return 0
 
 
-def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ToolkitParser(prog="dim-mel evaluate", description="Re-evaluate a saved run.")
-    p.add_argument("--run", required=True, help="run folder written by nel_model.train")
+def build_parser() -> ToolkitParser:
+    p = ToolkitParser(prog="dim-mel evaluate", description="Re-evaluate a saved run (one-stage, or two-stage: a "
+                      "retriever's lists re-ordered by a re-ranker).")
+    p.add_argument("--run", required=True, help="run folder written by train, rerank or rerank-llm")
     p.add_argument("--split", choices=["dev", "test", "all"], default="test")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="the run's checkpoint (a two-stage run: its re-ranker's; the retriever's is recorded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--features", default=None, help="override the feature folder recorded in config.json")
     p.add_argument("--dataset", default=None, help="override the dataset folder recorded in config.json")
@@ -287,12 +291,42 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
     add_bool(p, "predictions", False,
              "also (re)write RUN/predictions/<split>.jsonl for the evaluated split(s) (docs/CONTRACTS.md)")
-    a = p.parse_args(argv)
+    return p
+
+
+def splits_of(a) -> list[str]:
+    return ["dev", "test"] if a.split == "all" else [a.split]
+
+
+def print_results(results: dict[str, dict[str, dict[str, float]]], data: MELData, settings: EvalSettings,
+                  as_json: bool, heading: str | None = None) -> None:
+    """What ``dim-mel evaluate`` prints: JSON, or how it was measured and the table (``heading`` above both)."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    if heading:
+        print(heading)
+    print(f"KB {data.num_entities} entities; tie rule {settings.tie_rule}; candidate rule "
+          f"{settings.candidate_rule if data.candidates is not None else '-'}; encoded {ENCODE_DTYPE}; scores "
+          f"{str(settings.score_dtype).replace('torch.', '')} (exact float32 ranks)")
+    print(format_table(results))
+
+
+def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
+    return evaluate(build_parser().parse_args(argv))
+
+
+def evaluate(a) -> dict[str, Any]:
+    """Evaluate the one-stage run ``a.run`` under the flags of :func:`build_parser`, print and return
+    ``{protocol: {split: metrics}}``."""
+    if two_stage_of(a.run) is not None:
+        raise RunError(f"{a.run}: a two-stage run (a retriever's lists and a re-ranker); evaluate it with "
+                       "dim-mel evaluate (python -m nel_model.evaluate)")
     r = open_run(a.run, a.device, a.checkpoint, a.features, a.dataset, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
                  candidate_rule=a.candidate_rule)
     run, model, ckpt, data, source, settings, device = r.path, r.model, r.checkpoint, r.data, r.source, r.settings, \
         r.device
-    splits = ["dev", "test"] if a.split == "all" else [a.split]
+    splits = splits_of(a)
     counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
                              top_k=PREDICTION_TOP_K if a.predictions else 0)
     results = results_block(counts, data, settings)["protocols"]
@@ -303,13 +337,7 @@ def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
     if a.faiss:
         results[f"faiss_{a.faiss}"] = evaluate_with_index(model, data, source, splits, device, settings, a.faiss,
                                                           a.faiss_k)
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(f"KB {data.num_entities} entities; tie rule {settings.tie_rule}; candidate rule "
-              f"{settings.candidate_rule if data.candidates is not None else '-'}; encoded {ENCODE_DTYPE}; scores "
-              f"{str(settings.score_dtype).replace('torch.', '')} (exact float32 ranks)")
-        print(format_table(results))
+    print_results(results, data, settings, a.json)
     return results
 
 

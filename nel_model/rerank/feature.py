@@ -39,7 +39,8 @@ from torch import nn
 
 from data_process.core.records import ENTITIES_FILE, MENTIONS_FILE, read_entities, read_mentions
 from nel_model.data import FeatureSource, to_device
-from nel_model.rerank.two_stage import RetrievedLists, Retriever
+from nel_model.evaluation.metrics import RankCounts
+from nel_model.rerank.two_stage import RetrievedLists, Retriever, two_stage_counts
 from nel_model.runs import CHECKPOINTS_DIR, RESULTS_FILE, load_checkpoint
 
 LEXICAL_NAMES = ("name_trigram_jaccard", "name_word_jaccard", "name_exact", "name_in_mention", "mention_in_name",
@@ -388,6 +389,11 @@ class FeatureReranker:
         """[N, K] re-ranker scores of ``lists`` (its first ``top_k`` entries; higher is better; NaN where the
         retriever's list had no score)."""
         return self.score_inputs(retriever, self.inputs(retriever, lists))
+
+    def counts(self, retriever: Retriever, inp: SplitInputs, batch_size: int = 256) -> dict[str, RankCounts]:
+        """``{protocol: RankCounts}`` of the two-stage ranking of one split: what training reports at its end
+        and ``dim-mel evaluate`` recomputes."""
+        return two_stage_counts(retriever, inp.lists, self.score_inputs(retriever, inp, batch_size))
 
 
 

@@ -57,6 +57,7 @@ from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
 from data_process.core.images import decode_image
+from data_process.core.records import load_dataset
 from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.inference.linker import Candidate, MentionLists, Query
@@ -323,10 +324,18 @@ async def _answer(p: Prompt, client: LogprobClient, writer: CacheWriter, model: 
     else:
         stats.cached += 1
     if rec["status"] == "received":
-        rec = {**rec, **verdict(rec, p.k)}
-        rec.pop("key", None)
+        rec = settled(rec, p.k)
         await writer.put(p.key, rec)
     return rec
+
+
+def settled(rec: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """A cache record with its verdict: a ``received`` answer (paid for, not yet parsed) parsed."""
+    if rec["status"] != "received":
+        return dict(rec)
+    out = {**rec, **verdict(rec, k)}
+    out.pop("key", None)
+    return out
 
 
 async def answer_all(prompts: Sequence[Prompt], client: LogprobClient, cache: JsonlCache, model: str,
@@ -393,13 +402,22 @@ class LLMReranker:
         return [build_prompt(self.template, q, c[: self.top_k], self.llm.model, self.opts)
                 for q, c in zip(lists.mentions, lists.candidates)]
 
-    def score(self, lists: MentionLists) -> torch.Tensor:
+    def score(self, lists: MentionLists, cache_only: bool = False) -> torch.Tensor:
         """[N, K] scores of ``lists``: the first ``top_k`` candidates in the model's order, the rest below them in
-        the retriever's order; a mention without a usable answer keeps the retriever's order."""
+        the retriever's order; a mention without a usable answer keeps the retriever's order. ``cache_only``:
+        answers from the cache alone (read from a private copy: nothing asked, no file touched), a prompt it
+        lacks counted unanswered (``dim-mel evaluate`` of an LLM run)."""
         prompts = self.prompts(lists)
         start = time.perf_counter()
-        with JsonlCache(self.cache_path) as cache:
-            recs = asyncio.run(self._run(prompts, cache))
+        if cache_only:
+            with read_only_cache(self.cache_path) as cache:
+                found = [None if cache is None else cached(cache, p.key) for p in prompts]
+            recs = [None if rec is None else settled(rec, p.k) for p, rec in zip(prompts, found)]
+            self.stats.cached += sum(rec is not None for rec in recs)
+            self.stats.unanswered += sum(rec is None for rec in recs)
+        else:
+            with JsonlCache(self.cache_path) as cache:
+                recs = asyncio.run(self._run(prompts, cache))
         self.stats.seconds += time.perf_counter() - start
         self.stats.mentions += len(prompts)
         width = max((len(c) for c in lists.candidates), default=0)
@@ -611,6 +629,25 @@ def subset(lists, limit: int | None, seed: int | None):
                                gold=lists.gold[t])
 
 
+def split_lists(retriever, splits: Sequence[str], limit: int | None, seed: int | None):
+    """``(lists, views)`` by split: the retriever's lists of ``splits`` (the ``limit`` / ``seed`` sample of
+    :func:`subset`) and what the prompts are built from (:func:`dataset_lists`)."""
+    from data_process.core.records import load_dataset
+
+    if retriever.data.dataset is None:
+        raise ValueError(f"{retriever.run}: its feature cache names no dataset folder (needed for the mention texts "
+                         "and entity names)")
+    dataset = load_dataset(retriever.data.dataset, check_gold=False)
+    lists = {s: subset(retriever.lists(s), limit, seed) for s in splits}
+    return lists, {s: dataset_lists(retriever, ls, dataset) for s, ls in lists.items()}
+
+
+def sampled_retriever(retriever, lists):
+    """The retriever with each split of ``lists`` cut to its sampled mentions (what the run folder records)."""
+    return dataclasses.replace(retriever, data=dataclasses.replace(
+        retriever.data, splits={**retriever.data.splits, **{s: ls.rows for s, ls in lists.items()}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ToolkitParser(prog="dim-mel rerank-llm", description="Re-rank a retriever run's top-k lists with a chat "
                       "model (OpenAI-compatible endpoint) and evaluate the two-stage ranking.")
@@ -648,7 +685,6 @@ def format_comparison(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_process.core.records import load_dataset
     from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_run
 
     p = build_parser()
@@ -659,13 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--limit must be at least 1")
     reranker = reranker_from_args(a, a.out / CACHE_FILE, dry_run=a.dry_run is not None)
     retriever = Retriever.load(a.retriever, a.device, a.checkpoint)
-    if retriever.data.dataset is None:
-        raise ValueError(f"{a.retriever}: its feature cache names no dataset folder (needed for the mention texts "
-                         "and entity names)")
-    dataset = load_dataset(retriever.data.dataset, check_gold=False)
     splits = [s for s in SPLITS[a.split] if len(retriever.data.splits[s])]
-    per_split = {s: subset(retriever.lists(s), a.limit, a.seed) for s in splits}
-    views = {s: dataset_lists(retriever, lists, dataset) for s, lists in per_split.items()}
+    per_split, views = split_lists(retriever, splits, a.limit, a.seed)
     if a.dry_run is not None:
         for s, v in views.items():
             print(f"## split {s}\n{reranker.dry_run(v, a.dry_run)}")
@@ -689,8 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted: answers received so far are cached in {reranker.cache_path}; rerun to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    view = dataclasses.replace(retriever, data=dataclasses.replace(
-        retriever.data, splits={**retriever.data.splits, **{s: l.rows for s, l in per_split.items()}}))
+    view = sampled_retriever(retriever, per_split)
     label = a.label or f"{retriever.config.get('label') or retriever.run.name} + llm {reranker.llm.model}"
     sample = {"limit": a.limit, "seed": a.seed, "n": {s: len(l.rows) for s, l in per_split.items()},
               "rule": "all mentions" if a.limit is None else "first N" if a.seed is None

@@ -35,7 +35,7 @@ from data_process.core.settings import ToolkitParser, add_bool, load_settings, s
 from nel_model.args import parse_select_by
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.rerank.feature import FeatureReranker, SplitInputs
-from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_run
+from nel_model.rerank.two_stage import Retriever, write_two_stage_run
 from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, append_metrics,
                             check_resume_config, environment, load_checkpoint, save_checkpoint,
                             truncate_metrics)
@@ -213,9 +213,7 @@ class RerankTrainer:
         return total / len(order)
 
     def counts(self, split: str):
-        inp = self.inputs[split]
-        scores = self.reranker.score_inputs(self.retriever, inp, self.a.eval_batch_size)
-        return two_stage_counts(self.retriever, inp.lists, scores)
+        return self.reranker.counts(self.retriever, self.inputs[split], self.a.eval_batch_size)
 
     def dev_metrics(self) -> dict[str, dict[str, float]]:
         return {p: metrics_from_counts(c) for p, c in self.counts("dev").items()}

@@ -71,8 +71,10 @@ class Retriever:
     checkpoint: str = "best"
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", checkpoint: str = "best") -> "Retriever":
-        r = open_run(run, device, checkpoint)
+    def load(cls, run: str | Path, device: str = "auto", checkpoint: str = "best", **open_kw: Any) -> "Retriever":
+        """``open_kw``: ``features`` / ``dataset`` folders and setting overrides, as for
+        :func:`~nel_model.evaluation.evaluate.open_run`."""
+        r = open_run(run, device, checkpoint, **open_kw)
         return cls(r.path, r.config, r.model, r.data, r.source, r.settings, r.entity_embeddings(), r.device,
                    checkpoint)
 
@@ -148,8 +150,14 @@ def write_two_stage_run(out_dir: str | Path, retriever: Retriever, counts: dict[
                                            "checkpoint": retriever.checkpoint},
                              "top_k": top_k, "reranker": reranker},
                **(extra or {})}
-    write_predictions(out, None, data, retriever.source, counts, retriever.settings, retriever.device,
-                      checkpoint={"name": "two-stage", "reranker": reranker.get("kind")})
+    write_two_stage_predictions(out, retriever, counts, reranker)
     atomic_write_json(out / RESULTS_FILE, results)
     return results
+
+
+def write_two_stage_predictions(out_dir: str | Path, retriever: Retriever, counts: dict[str, dict[str, RankCounts]],
+                                reranker: dict[str, Any]) -> list[Path]:
+    """``OUT/predictions/<split>.jsonl`` of the final ranking (``counts`` as for :func:`write_two_stage_run`)."""
+    return write_predictions(out_dir, None, retriever.data, retriever.source, counts, retriever.settings,
+                             retriever.device, checkpoint={"name": "two-stage", "reranker": reranker.get("kind")})
 
