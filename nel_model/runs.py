@@ -238,6 +238,23 @@ def two_stage_of(run_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def two_stage_summary(info: dict[str, Any], sample: dict[str, Any] | None = None) -> str:
+    """One line of how a two-stage run was made (``info``: :func:`two_stage_of`; ``sample``: results.json's
+    ``sample`` of an LLM run on a subset), e.g. ``retriever ours (best checkpoint), lists of 20 entities, re-ranker
+    llm smollm2 (top 5)``."""
+    r, rr = info.get("retriever") or {}, info.get("reranker") or {}
+    name = r.get("label") or Path(str(r.get("run", "?"))).name
+    what = str(rr.get("kind", "?")) + (f" {rr['model']}" if rr.get("model") else "") + \
+        (f" (top {rr['k']})" if rr.get("k") else "")
+    on = ""
+    if sample and sample.get("limit") is not None:
+        n = sample.get("n")
+        on = ", on a sample of " + (" + ".join(f"{v} {k}" for k, v in n.items()) if isinstance(n, dict) else str(n)) \
+            + " mentions" + (f" (seed {sample['seed']})" if sample.get("seed") is not None else "")
+    return (f"retriever {name} ({r.get('checkpoint', 'best')} checkpoint), lists of {info.get('top_k')} entities, "
+            f"re-ranker {what}{on}")
+
+
 def expand_run_dirs(paths: Iterable[str | Path], warn=None) -> list[Path]:
     """Turn command-line paths into run folders.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -61,9 +62,9 @@ Rich|MEL not recorded. Percentages (2 decimals); mean ± sample std over the n r
 """
 
 EXPECTED_CSV = """\
-method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,WikiMEL H@1 std,Rich|MEL n,Rich|MEL MRR,Rich|MEL MRR std,Rich|MEL H@1,Rich|MEL H@1 std,note
-DIM,ours,full_kb,test,pessimistic,not recorded,3,82.00,2.00,72.00,2.00,1,61.23,,50.00,,
-text only,ours,full_kb,test,pessimistic,not recorded,1,50.00,,40.00,,,,,,,
+method,source,protocol,split,tie rule,score dtype,stages,two stage,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,WikiMEL H@1 std,Rich|MEL n,Rich|MEL MRR,Rich|MEL MRR std,Rich|MEL H@1,Rich|MEL H@1 std,note
+DIM,ours,full_kb,test,pessimistic,not recorded,1,,3,82.00,2.00,72.00,2.00,1,61.23,,50.00,,
+text only,ours,full_kb,test,pessimistic,not recorded,1,,1,50.00,,40.00,,,,,,,
 """
 
 
@@ -88,9 +89,9 @@ def test_candidates_protocol_leaves_out_runs_without_it(runs):
     warnings = []
     loaded = [load_run(d) for d in expand_run_dirs([runs])]
     table = mt.build_table(loaded, "candidates", "test", ["mrr"], warn=warnings.append)
-    assert mt.render_csv(table) == ("method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,"
-                                    "WikiMEL MRR std,note\n"
-                                    "DIM,ours,candidates,test,pessimistic,not recorded,1,90.00,,\n")
+    assert mt.render_csv(table) == ("method,source,protocol,split,tie rule,score dtype,stages,two stage,WikiMEL n,"
+                                    "WikiMEL MRR,WikiMEL MRR std,note\n"
+                                    "DIM,ours,candidates,test,pessimistic,not recorded,1,,1,90.00,,\n")
     assert len(warnings) == 4 and all("no 'candidates' / 'test' results; left out" in w for w in warnings)
 
 
@@ -158,10 +159,10 @@ def test_published_rows_beside_ours_only_where_comparable(tmp_path, capsys):
     assert out == expected
     assert (tmp_path / "out" / "table.md").read_text() == expected
     assert (tmp_path / "out" / "table.csv").read_text() == (
-        "method,source,protocol,split,tie rule,score dtype,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,WikiMEL H@1,"
-        "WikiMEL H@1 std,note\n"
-        "DIM (PRCV'24),published,full_kb,test,not reported,not reported,,81.50,,71.25,,paper table 2\n"
-        "DIM (ours),ours,full_kb,test,strict,float32,2,81.00,1.41,70.00,0.00,\n")
+        "method,source,protocol,split,tie rule,score dtype,stages,two stage,WikiMEL n,WikiMEL MRR,WikiMEL MRR std,"
+        "WikiMEL H@1,WikiMEL H@1 std,note\n"
+        "DIM (PRCV'24),published,full_kb,test,not reported,not reported,1,,,81.50,,71.25,,paper table 2\n"
+        "DIM (ours),ours,full_kb,test,strict,float32,1,,2,81.00,1.41,70.00,0.00,\n")
     tex = (tmp_path / "out" / "table.tex").read_text().splitlines()
     assert tex[0].startswith("% Protocol: full_kb, split: test, tie rule: strict, scores: float32")
     assert tex[-5] == f"% - Published results not comparable with these runs (from {paper}):"
@@ -199,17 +200,18 @@ def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, c
                             f"{ROOT / 'configs' / 'published_results.csv'}):")
         assert lines[7:] == [
             "  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
-            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on WikiMEL (our datasets: synthetic)",
+            "MMoE (KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25). Not comparable: no run of ours on WikiMEL (our "
+            "datasets: synthetic)",
             "  - RichpediaMEL full_kb (160,935 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
             "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on RichpediaMEL (our datasets: synthetic)",
             "  - WikiDiverse full_kb (132,460 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
             "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on WikiDiverse (our datasets: synthetic)",
-            "  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on WikiMEL "
-            "(our datasets: synthetic)",
-            "  - RichpediaMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on "
-            "RichpediaMEL (our datasets: synthetic)",
-            "  - WikiDiverse candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: no run of ours on "
-            "WikiDiverse (our datasets: synthetic)"]
+            "  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run of "
+            "ours on WikiMEL (our datasets: synthetic)",
+            "  - RichpediaMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run "
+            "of ours on RichpediaMEL (our datasets: synthetic)",
+            "  - WikiDiverse candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run "
+            "of ours on WikiDiverse (our datasets: synthetic)"]
 
 
 MIMIC_README_WIKIMEL = [  # (method, H@1, H@3, H@5, MRR) on WikiMEL, pengfei-luo/MIMIC readme.md
@@ -234,9 +236,13 @@ def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys
     assert shown["DIM"] == "| DIM | 1 | 85.00 | 93.00 | 95.00 | 90.00 |"
     assert lines[11].startswith("- Published rows (from ") and "do not state a tie rule" in lines[11]
     not_comparable = lines[13:]
-    assert len(not_comparable) == 5 and not any("WikiMEL full_kb" in ln for ln in not_comparable)
-    assert not_comparable[2] == ("  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+. Not comparable: protocol "
-                                 "candidates_100; this table reports full_kb")
+    assert len(not_comparable) == 6
+    # KGMEL is measured like these runs but re-ranks a retriever's list: not beside a one-stage run
+    assert [ln for ln in not_comparable if "WikiMEL full_kb" in ln] == [
+        "  - WikiMEL full_kb (109,976 entities), test: KGMEL (SIGIR'25). Not comparable: a two-stage (retrieve, then "
+        "re-rank) system; our WIKIMEL runs here are one-stage"]
+    assert not_comparable[2] == ("  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not "
+                                 "comparable: protocol candidates_100; this table reports full_kb")
     # the same run against a smaller KB (e.g. a subset prepared locally): nothing beside it, and the reason
     res = json.loads((tmp_path / "ours" / "results.json").read_text())
     (tmp_path / "ours" / "results.json").write_text(json.dumps({**res, "kb_entities": 18880}))
@@ -244,7 +250,7 @@ def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| published |" not in out
     assert ("  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
-            "(KDD'25), M3EL (KDD'25). Not comparable: WikiMEL full_kb with 109,976 entities; our runs rank against "
+            "(KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25). Not comparable: WikiMEL full_kb with 109,976 entities; our runs rank against "
             "18,880") in out.splitlines()
     # an older run folder that does not record its KB size is never set beside published numbers
     (tmp_path / "ours" / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "kb_entities"}))
@@ -257,7 +263,7 @@ def test_shipped_published_results_file_holds_the_gathered_rows():
     from nel_model.reporting.published import PUBLISHED_FILE, read_published
 
     rows = read_published(PUBLISHED_FILE)
-    assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv" and len(rows) == 7 * 3 * 4
+    assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv" and len(rows) == 7 * 3 * 4 + 1 + 3 * 4
     got = {(r.name, r.dataset, r.protocol, r.kb_entities, r.split, r.metric): r.value for r in rows}
     assert got[("MMoE (KDD'25)", "WikiDiverse", "full_kb", 132460, "test", "mrr")] == 84.23
     assert got[("M3EL (KDD'25)", "RichpediaMEL", "full_kb", 160935, "test", "hits@5")] == 95.34
@@ -291,7 +297,7 @@ def test_skipped_rows(runs):
         "",
         "- +captions: skipped (feature store has no caption row)",
     ]
-    assert mt.render_csv(table).splitlines()[-1] == ("+captions,skipped,full_kb,test,,,,,,"
+    assert mt.render_csv(table).splitlines()[-1] == ("+captions,skipped,full_kb,test,,,,,,,,"
                                                      "feature store has no caption row")
 
 
@@ -482,3 +488,60 @@ def test_force_retrains_instead_of_resuming_a_finished_run(tmp_path):
     args.force = True
     cmd = ra.train_command(ra.BY_KEY["full"], 1, run_dir, args, [])
     assert "--resume" not in cmd and "--overwrite" in cmd
+
+
+def _two_stage(path: Path, label: str, test: dict, **extra) -> Path:
+    info = {"retriever": {"run": "/runs/wiki_ours_s1", "label": "ours", "checkpoint": "best"}, "top_k": 10,
+            "reranker": {"kind": "feature", "run": str(path)}}
+    return write_run(path, "WikiMEL", label, 1, test, kb_entities=109976, tie_rule="pessimistic",
+                     score_dtype="float32", two_stage=info, **extra)
+
+
+def test_paper_sets_two_stage_systems_beside_two_stage_runs_only(tmp_path, capsys):
+    one = write_run(tmp_path / "ours", "WikiMEL", "ours", 1, metrics(0.9, 0.85, 0.93, 0.95, 0.97, 0.98),
+                    kb_entities=109976, tie_rule="pessimistic", score_dtype="float32")
+    two = _two_stage(tmp_path / "rr", "ours + re-ranker", metrics(0.93, 0.9, 0.95, 0.96, 0.97, 0.98))
+    assert load_run(one).stages == 1 and load_run(two).stages == 2
+    # both kinds among our runs: every published row measured like them stands, the two-stage ones named below
+    assert mt.main([str(one), str(two), "--paper", "--metrics", "hits@1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    methods = [ln.split(" | ")[0][2:] for ln in lines[4:] if ln.startswith("| ")]
+    assert methods == ["CLIP zero-shot", "GHMFC (re-run)", "MIMIC (KDD'23)", "MMoE (KDD'25)", "M3EL (KDD'25)",
+                       "KGMEL (SIGIR'25)", "ours", "ours + re-ranker"]
+    assert "| KGMEL (SIGIR'25) | published | 90.58 |" in lines
+    i = lines.index("- Two-stage rows (retrieve, then re-rank; a published two-stage system stands only beside "
+                    "two-stage runs of ours, a one-stage one beside one-stage runs):")
+    assert lines[i + 1: i + 3] == [
+        "  - KGMEL (SIGIR'25): a published two-stage system",
+        "  - ours + re-ranker: retriever ours (best checkpoint), lists of 10 entities, re-ranker feature"]
+    # only the two-stage run: the one-stage systems are left out, and why
+    assert mt.main([str(two), "--paper", "--metrics", "hits@1", "--out", str(tmp_path / "t")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" | ")[0][2:] for ln in lines[4:6]] == ["KGMEL (SIGIR'25)", "ours + re-ranker"]
+    assert ("  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
+            "(KDD'25), M3EL (KDD'25). Not comparable: a one-stage system; our WikiMEL runs here are two-stage "
+            "(retrieve, then re-rank)") in lines
+    csv_lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,source,protocol,split,tie rule,score dtype,stages,two stage,")
+    assert csv_lines[1].startswith("KGMEL (SIGIR'25),published,full_kb,test,not reported,not reported,2,"
+                                   "a published two-stage system,")
+    assert next(csv.reader([csv_lines[2]]))[6:10] == [
+        "2", "retriever ours (best checkpoint), lists of 10 entities, re-ranker feature", "1", "90.00"]
+
+
+def test_an_llm_run_on_a_sample_says_so_and_a_bad_stages_value_is_an_error(tmp_path, capsys):
+    from nel_model.reporting.published import read_published
+
+    run = _two_stage(tmp_path / "llm", "ours + llm", metrics(0.6, 0.5, 0.6, 0.7, 0.8, 0.9),
+                     sample={"limit": 500, "seed": 0, "n": {"test": 500}})
+    res = json.loads((run / "results.json").read_text())
+    res["two_stage"]["reranker"] = {"kind": "llm", "model": "smollm2", "k": 5}
+    (run / "results.json").write_text(json.dumps(res))
+    assert mt.main([str(run), "--metrics", "hits@1"]) == 0
+    assert ("  - ours + llm: retriever ours (best checkpoint), lists of 10 entities, re-ranker llm smollm2 (top 5), "
+            "on a sample of 500 test mentions (seed 0)") in capsys.readouterr().out.splitlines()
+    paper = tmp_path / "p.csv"
+    paper.write_text("method,venue,dataset,protocol,kb_entities,split,metric,value,source,stages\n"
+                     "X,,WikiMEL,full_kb,10,test,mrr,50,somewhere,3\n")
+    with pytest.raises(RunError, match=r"p.csv, line 2, column 'stages': must be 1 \(one stage\) or 2"):
+        read_published(paper)

@@ -3,8 +3,10 @@ with our runs.
 
 A published number is set beside ours only when it was measured the same way: the same dataset (spellings
 normalised by :func:`dataset_key`), the same protocol (``full_kb``, or ``candidates_<N>`` against our
-``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only)
-and the same split. :func:`why_not_comparable` gives the reason when it is not. Published sources do not state
+``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only),
+the same split, and the same kind of system: a two-stage one (retrieve, then re-rank: ``stages`` 2) only beside
+two-stage runs of ours, a one-stage one only beside one-stage runs. :func:`why_not_comparable` gives the reason when
+it is not. Published sources do not state
 their tie rule; tables say so. The file format is described in its comment header and in docs/RESULTS.md.
 """
 
@@ -19,6 +21,8 @@ from nel_model.runs import METRIC_KEYS, RunError
 
 PUBLISHED_FILE = Path(__file__).resolve().parents[2] / "configs" / "published_results.csv"
 COLUMNS = ("method", "venue", "dataset", "protocol", "kb_entities", "split", "metric", "value", "source")
+STAGES_COLUMN = "stages"         # optional last column: 1 (one stage) or 2 (retrieve, then re-rank); 1 when absent
+STAGES = {1: "one-stage", 2: "two-stage (retrieve, then re-rank)"}
 _PROTOCOL = re.compile(r"^(full_kb|candidates_([1-9][0-9]*))$")
 _ALIASES = {"richpedia": "richpediamel"}
 
@@ -43,6 +47,7 @@ class PublishedResult:
     value: float
     source: str
     line: int
+    stages: int = 1          # 2: retrieve, then re-rank
 
     @property
     def name(self) -> str:
@@ -62,11 +67,13 @@ class PublishedResult:
 @dataclass(frozen=True)
 class OurSetting:
     """How our runs of one dataset were measured: the distinct KB sizes and mean candidate-list lengths among
-    them (``None`` = not recorded in an older ``results.json``)."""
+    them (``None`` = not recorded in an older ``results.json``), and their stages (1, or 2: retrieve, then
+    re-rank)."""
 
     dataset: str
     kb_entities: tuple[int | None, ...]
     list_lengths: tuple[float | None, ...]
+    stages: tuple[int, ...] = (1,)
 
 
 def read_published(path: str | Path) -> list[PublishedResult]:
@@ -80,19 +87,22 @@ def read_published(path: str | Path) -> list[PublishedResult]:
     if not numbered:
         return []
     reader = csv.reader([ln for _, ln in numbered])
-    header = [h.strip() for h in next(reader)]
-    if tuple(header) != COLUMNS:
+    header = tuple(h.strip() for h in next(reader))
+    if header not in (COLUMNS, (*COLUMNS, STAGES_COLUMN)):
         raise RunError(f"{path}, line {numbered[0][0]}: the header must be {','.join(COLUMNS)} "
-                       f"(got {','.join(header)})")
+                       f"(and optionally ,{STAGES_COLUMN}) (got {','.join(header)})")
     out: list[PublishedResult] = []
     seen: dict[tuple, int] = {}
     for (lineno, _), values in zip(numbered[1:], reader):
         def fail(column: str, problem: str, _lineno=lineno) -> None:
             raise RunError(f"{path}, line {_lineno}, column '{column}': {problem}")
 
-        if len(values) != len(COLUMNS):
-            raise RunError(f"{path}, line {lineno}: {len(values)} values for {len(COLUMNS)} columns")
-        rec = dict(zip(COLUMNS, (v.strip() for v in values)))
+        if len(values) != len(header):
+            raise RunError(f"{path}, line {lineno}: {len(values)} values for {len(header)} columns")
+        rec = dict(zip(header, (v.strip() for v in values)))
+        stages = rec.get(STAGES_COLUMN) or "1"
+        if stages not in ("1", "2"):
+            fail(STAGES_COLUMN, f"must be 1 (one stage) or 2 (retrieve, then re-rank), got {stages!r}")
         for col in ("method", "dataset", "split", "source"):
             if not rec[col]:
                 fail(col, "must not be empty")
@@ -112,7 +122,7 @@ def read_published(path: str | Path) -> list[PublishedResult]:
         if not 0.0 <= value <= 100.0:
             fail("value", f"must be a percentage in [0, 100], got {rec['value']!r}")
         row = PublishedResult(rec["method"], rec["venue"], rec["dataset"], rec["protocol"], kb, rec["split"],
-                              rec["metric"], value, rec["source"], lineno)
+                              rec["metric"], value, rec["source"], lineno, int(stages))
         key = (row.name, dataset_key(row.dataset), row.protocol, kb, row.split, row.metric)
         if key in seen:
             fail("metric", f"{row.name} {row.dataset} {row.protocol} {row.split} {row.metric} already given on "
@@ -129,6 +139,17 @@ def _sizes(values) -> str:
 def why_not_comparable(row: PublishedResult, protocol: str, split: str, ours: dict[str, OurSetting]) -> str | None:
     """``None`` when ``row`` may stand beside our ``protocol`` / ``split`` numbers; otherwise the reason.
     ``ours`` maps :func:`dataset_key` of each of our datasets to how our runs of it were measured."""
+    reason = _measured_otherwise(row, protocol, split, ours)
+    if reason is not None:
+        return reason
+    setting = ours[dataset_key(row.dataset)]
+    if row.stages not in setting.stages:
+        return (f"a {STAGES[row.stages]} system; our {setting.dataset} runs here are "
+                f"{' and '.join(STAGES[s] for s in setting.stages)}")
+    return None
+
+
+def _measured_otherwise(row: PublishedResult, protocol: str, split: str, ours: dict[str, OurSetting]) -> str | None:
     setting = ours.get(dataset_key(row.dataset))
     if setting is None:
         names = ", ".join(s.dataset for s in ours.values()) or "none"

@@ -27,7 +27,7 @@ from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_text
 from nel_model.evaluation.metrics import TIE_RULES
 from nel_model.reporting.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
-from nel_model.runs import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run
+from nel_model.runs import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run, two_stage_summary
 
 METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5", "hits@10": "H@10",
                 "hits@20": "H@20"}
@@ -49,6 +49,7 @@ class Cell:
     seeds: list = field(default_factory=list)
     tie_rules: tuple[str, ...] = ()
     score_dtypes: tuple[str | None, ...] = ()
+    two_stage: tuple[str, ...] = ()          # how the two-stage runs among them were made (two_stage_summary)
 
 
 @dataclass
@@ -57,6 +58,14 @@ class Row:
     source: str  # "ours" | "published" | "skipped"
     cells: dict[str, Cell] = field(default_factory=dict)
     note: str = ""
+    stages: tuple[int, ...] = ()             # 1: one stage, 2: retrieve, then re-rank (published rows: as given)
+
+    @property
+    def two_stage(self) -> str:
+        """How the row's two-stage runs were made (ours), ``published`` for a published two-stage system."""
+        if self.source == "published":
+            return "a published two-stage system" if 2 in self.stages else ""
+        return " / ".join(_distinct(t for cell in self.cells.values() for t in cell.two_stage))
 
     def measured(self, attr: str) -> str:
         """The row's tie rules / score dtypes (``attr`` = "tie_rules" | "score_dtypes") as text."""
@@ -133,15 +142,20 @@ def collect(runs: list[Run], protocol: str, split: str, metrics: list[str], warn
                 mean[key] = statistics.fmean(vals)
                 std[key] = statistics.stdev(vals) if len(vals) > 1 else None
             row.cells[ds] = Cell(mean=mean, std=std, n=len(items), seeds=seeds, tie_rules=rules,
-                                 score_dtypes=_distinct(r.score_dtype for r, _ in items))
+                                 score_dtypes=_distinct(r.score_dtype for r, _ in items),
+                                 two_stage=_distinct(two_stage_summary(r.two_stage, r.results.get("sample"))
+                                                     for r, _ in items if r.two_stage is not None))
+        row.stages = _distinct(r.stages for items in by_ds.values() for r, _ in items)
         rows.append(row)
     return datasets, rows
 
 
 def our_settings(runs: list[Run], datasets: list[str], split: str) -> dict[str, OurSetting]:
-    """How our runs of each dataset column were measured (KB sizes, mean candidate-list lengths of ``split``)."""
+    """How our runs of each dataset column were measured (KB sizes, mean candidate-list lengths of ``split``,
+    stages)."""
     return {ds: OurSetting(ds, _distinct(r.kb_entities for r in runs if r.dataset == ds),
-                           _distinct(r.candidate_list_length(split) for r in runs if r.dataset == ds))
+                           _distinct(r.candidate_list_length(split) for r in runs if r.dataset == ds),
+                           tuple(sorted({r.stages for r in runs if r.dataset == ds})))
             for ds in datasets}
 
 
@@ -164,7 +178,7 @@ def published_rows(path: str | Path, datasets: list[str], settings: dict[str, Ou
         if res.metric not in metrics:
             continue
         ds = by_key[dataset_key(res.dataset)].dataset
-        row = rows.setdefault(res.name, Row(method=res.name, source="published"))
+        row = rows.setdefault(res.name, Row(method=res.name, source="published", stages=(res.stages,)))
         cell = row.cells.setdefault(ds, Cell(mean={k: None for k in metrics}, std={k: None for k in metrics}))
         cell.mean[res.metric] = res.value
         if res.source not in row.note:
@@ -250,6 +264,11 @@ def notes(table: Table) -> list[str]:
         out.append(f"- Published rows (from {table.published_from}): as reported by their sources, which do not "
                    "state a tie rule; shown only where dataset, protocol, KB size / candidate-list length and "
                    "split match ours.")
+    two_stage = [r for r in table.rows if r.source != "skipped" and r.two_stage]
+    if two_stage:
+        out.append("- Two-stage rows (retrieve, then re-rank; a published two-stage system stands only beside "
+                   "two-stage runs of ours, a one-stage one beside one-stage runs):")
+        out += [f"  - {r.method}: {r.two_stage}" for r in two_stage]
     if table.not_comparable:
         out.append(f"- Published results not comparable with these runs (from {table.published_from}):")
         out += [f"  - {line}" for line in table.not_comparable]
@@ -275,9 +294,10 @@ def render_markdown(table: Table) -> str:
 
 
 def render_csv(table: Table) -> str:
-    """Wide CSV: method, source, how the row was measured (protocol, split, tie rule, score dtype), then per
-    dataset ``n`` and each metric's mean and std (percent), and a note (published rows: their source)."""
-    head = ["method", "source", "protocol", "split", "tie rule", "score dtype"]
+    """Wide CSV: method, source, how the row was measured (protocol, split, tie rule, score dtype, stages and
+    how a two-stage row was made), then per dataset ``n`` and each metric's mean and std (percent), and a note
+    (published rows: their source)."""
+    head = ["method", "source", "protocol", "split", "tie rule", "score dtype", "stages", "two stage"]
     for d in table.datasets:
         head.append(f"{d} n")
         for k in table.metrics:
@@ -288,7 +308,8 @@ def render_csv(table: Table) -> str:
     w.writerow(head)
     for row in table.rows:
         measured = [row.measured("tie_rules"), row.measured("score_dtypes")] if row.source != "skipped" else ["", ""]
-        out = [row.method, row.source, table.protocol, table.split, *measured]
+        out = [row.method, row.source, table.protocol, table.split, *measured,
+               "/".join(map(str, row.stages)), row.two_stage]
         for d in table.datasets:
             cell = row.cells.get(d)
             out.append("" if cell is None or cell.n is None else str(cell.n))

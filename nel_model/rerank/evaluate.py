@@ -22,7 +22,7 @@ from nel_model.evaluation.metrics import RankCounts
 from nel_model.rerank import llm
 from nel_model.rerank.feature import FeatureReranker
 from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_predictions
-from nel_model.runs import CONFIG_FILE, RESULTS_FILE, RunError, load_config, load_results
+from nel_model.runs import CONFIG_FILE, RESULTS_FILE, RunError, load_config, load_results, two_stage_summary
 
 Counts = dict[str, dict[str, RankCounts]]
 
@@ -72,16 +72,6 @@ def _splits(a, run: Path, info: dict[str, Any], results: dict[str, Any] | None) 
     return wanted
 
 
-def heading(run: Path, info: dict[str, Any], retriever: Retriever, results: dict[str, Any] | None) -> str:
-    r, rr = info["retriever"], info["reranker"]
-    what = rr["kind"] + (f" {rr['model']}" if rr.get("model") else "") + (f" (top {rr['k']})" if rr.get("k") else "")
-    sample = (results or {}).get("sample") or {}
-    on = f"; on a sample of {sample['n']} mentions" if sample.get("limit") is not None else ""
-    return (f"two-stage run {run}: retriever {retriever.config.get('label') or retriever.run.name} "
-            f"({retriever.run}, {r.get('checkpoint', 'best')} checkpoint), lists of {info.get('top_k')} entities, "
-            f"re-ranker {what}{on}")
-
-
 def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the two-stage run ``a.run`` (``info``: its :func:`~nel_model.runs.two_stage_of`) under the flags
     of ``dim-mel evaluate``; print and return ``{protocol: {split: metrics}}``."""
@@ -110,5 +100,7 @@ def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     if a.predictions:
         for path in write_two_stage_predictions(run, view, counts, info["reranker"]):
             print(f"wrote {path}", file=sys.stderr)
-    print_results(out, view.data, view.settings, a.json, heading(run, info, retriever, results))
+    label = {**info["retriever"], "label": retriever.config.get("label") or retriever.run.name}
+    heading = f"two-stage run {run}: {two_stage_summary({**info, 'retriever': label}, (results or {}).get('sample'))}"
+    print_results(out, view.data, view.settings, a.json, heading)
     return out
