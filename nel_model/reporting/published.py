@@ -6,8 +6,8 @@ normalised by :func:`dataset_key`), the same protocol (``full_kb``, or ``candida
 ``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only),
 the same split, and the same kind of system: a two-stage one (retrieve, then re-rank: ``stages`` 2) only beside
 two-stage runs of ours, a one-stage one only beside one-stage runs. :func:`why_not_comparable` gives the reason when
-it is not. Published sources do not state
-their tie rule; tables say so. The file format is described in its comment header and in docs/RESULTS.md.
+it is not. Published sources do not state their tie rule; tables say so. The file format is described in its
+comment header and in docs/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -396,7 +396,6 @@ class FeatureReranker:
         return two_stage_counts(retriever, inp.lists, self.score_inputs(retriever, inp, batch_size))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Behind the linking API (``dim-mel link --rerank RUN``, ``nel_model.inference.linker``)
 

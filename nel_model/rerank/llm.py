@@ -632,8 +632,6 @@ def subset(lists, limit: int | None, seed: int | None):
 def split_lists(retriever, splits: Sequence[str], limit: int | None, seed: int | None):
     """``(lists, views)`` by split: the retriever's lists of ``splits`` (the ``limit`` / ``seed`` sample of
     :func:`subset`) and what the prompts are built from (:func:`dataset_lists`)."""
-    from data_process.core.records import load_dataset
-
     if retriever.data.dataset is None:
         raise ValueError(f"{retriever.run}: its feature cache names no dataset folder (needed for the mention texts "
                          "and entity names)")

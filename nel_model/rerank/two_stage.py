@@ -160,4 +160,3 @@ def write_two_stage_predictions(out_dir: str | Path, retriever: Retriever, count
     """``OUT/predictions/<split>.jsonl`` of the final ranking (``counts`` as for :func:`write_two_stage_run`)."""
     return write_predictions(out_dir, None, retriever.data, retriever.source, counts, retriever.settings,
                              retriever.device, checkpoint={"name": "two-stage", "reranker": reranker.get("kind")})
-
