@@ -79,6 +79,8 @@ echo "== [two-stage] retrieve the top 10 with the full run, train the feature re
 "${PY}" -m nel_model.rerank.train_feature --retriever "${OUT}/runs/full" --output-dir "${OUT}/runs/two_stage" \
   --label "ours + feature re-ranker (K=10)" --seed "${SEED}" --overwrite --threads 1
 RUNS+=("${OUT}/runs/two_stage")
+echo "== [evaluate] dim-mel evaluate of the two-stage run: its results.json, recomputed"
+"${PY}" -m nel_model.evaluate --run "${OUT}/runs/two_stage" --split test
 "${PY}" - "${OUT}" <<'PYEOF'
 import json, sys
 from pathlib import Path
