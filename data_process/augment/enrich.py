@@ -639,6 +639,16 @@ async def _run_async(items, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCac
                                max_consecutive_errors=opts.max_consecutive_errors, progress=opts.progress)
 
 
+def stopped_early(exc: BaseException, cache: Path) -> int:
+    """Say why an LLM command stopped before its end (a fatal error, or Ctrl-C) and that every answer it got is
+    in ``cache``; return its exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"interrupted: answers received so far are cached in {cache}; rerun to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"error: {exc}\n(the answers received so far are cached in {cache})", file=sys.stderr)
+    return EXIT_USAGE
+
+
 class read_only_cache:  # noqa: N801 - a context manager used like a function
     """The cache at ``path`` (None when there is none) read from a private copy: opening a :class:`JsonlCache`
     repairs a torn tail, and a dry run must leave every file as it is."""
@@ -687,13 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with JsonlCache(opts.cache) as cache:
         try:
             stats = asyncio.run(_run_async(items, opts, llm, cache))
-        except LLMFatalError as exc:
-            print(f"error: {exc}\n(the answers received so far are cached in {opts.cache})", file=sys.stderr)
-            return EXIT_USAGE
-        except KeyboardInterrupt:
-            print(f"interrupted: answers received so far are cached in {opts.cache}; rerun to resume",
-                  file=sys.stderr)
-            return EXIT_INTERRUPTED
+        except (LLMFatalError, KeyboardInterrupt) as exc:
+            return stopped_early(exc, opts.cache)
         report = write_output(ds, opts, llm, cache, keys, stats, templates)
     print_summary(stats, report, llm)
     return EXIT_OK if report["complete"] else EXIT_INCOMPLETE

@@ -22,6 +22,7 @@ import torch
 
 from data_process.core.devices import resolve_device
 from data_process.core.entry import run_main
+from data_process.core.records import SPLITS
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
@@ -154,7 +155,7 @@ def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, setti
         "tie_rules": {rule: metrics_of(counts, rule) for rule in TIE_RULES},
     }
     if data.candidates is not None:
-        splits = sorted({s for per in counts.values() for s in per}, key=["train", "dev", "test"].index)
+        splits = sorted({s for per in counts.values() for s in per}, key=SPLITS.index)
         out["candidate_recall"] = {s: candidate_recall(torch.from_numpy(data.candidates[data.splits[s]]),
                                                        torch.from_numpy(data.gold[data.splits[s]])) for s in splits}
     return out
@@ -313,15 +314,18 @@ def print_results(results: dict[str, dict[str, dict[str, float]]], data: MELData
 
 
 def evaluate_run(argv: list[str] | None = None) -> dict[str, Any]:
-    return evaluate(build_parser().parse_args(argv))
+    """This module's command: :func:`evaluate` of a one-stage run (a two-stage one is an error naming the
+    command that takes it)."""
+    a = build_parser().parse_args(argv)
+    if two_stage_of(a.run) is not None:
+        raise RunError(f"{a.run}: a two-stage run (a retriever's lists and a re-ranker); evaluate it with "
+                       "dim-mel evaluate (python -m nel_model.evaluate)")
+    return evaluate(a)
 
 
 def evaluate(a) -> dict[str, Any]:
     """Evaluate the one-stage run ``a.run`` under the flags of :func:`build_parser`, print and return
     ``{protocol: {split: metrics}}``."""
-    if two_stage_of(a.run) is not None:
-        raise RunError(f"{a.run}: a two-stage run (a retriever's lists and a re-ranker); evaluate it with "
-                       "dim-mel evaluate (python -m nel_model.evaluate)")
     r = open_run(a.run, a.device, a.checkpoint, a.features, a.dataset, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
                  candidate_rule=a.candidate_rule)
     run, model, ckpt, data, source, settings, device = r.path, r.model, r.checkpoint, r.data, r.source, r.settings, \

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_process.core.records import SPLITS
 from nel_model.evaluation.evaluate import print_results, results_block, splits_of
 from nel_model.evaluation.metrics import RankCounts
 from nel_model.rerank import llm
@@ -64,7 +65,7 @@ def _splits(a, run: Path, info: dict[str, Any], results: dict[str, Any] | None) 
     wanted = splits_of(a)
     if info["reranker"]["kind"] != "llm":
         return wanted
-    done = sorted((results or {}).get("protocols", {}).get("full_kb", {}), key=["train", "dev", "test"].index)
+    done = sorted((results or {}).get("protocols", {}).get("full_kb", {}), key=SPLITS.index)
     lacking = [s for s in wanted if s not in done]
     if lacking:
         raise RunError(f"{run}: the LLM re-ranker answered the {', '.join(done) or 'no'} split(s), not "
@@ -100,7 +101,7 @@ def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     if a.predictions:
         for path in write_two_stage_predictions(run, view, counts, info["reranker"]):
             print(f"wrote {path}", file=sys.stderr)
-    label = {**info["retriever"], "label": retriever.config.get("label") or retriever.run.name}
-    heading = f"two-stage run {run}: {two_stage_summary({**info, 'retriever': label}, (results or {}).get('sample'))}"
+    named = {**info, "retriever": {**info["retriever"], "label": retriever.config.get("label") or retriever.run.name}}
+    heading = f"two-stage run {run}: {two_stage_summary(named, (results or {}).get('sample'))}"
     print_results(out, view.data, view.settings, a.json, heading)
     return out

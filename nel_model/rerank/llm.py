@@ -49,7 +49,8 @@ import torch
 from tqdm import tqdm
 
 from data_process.augment.cache_records import record_error
-from data_process.augment.enrich import CacheWriter, _fmt_cost, _leaf_errors, estimate_cost, read_only_cache
+from data_process.augment.enrich import (CacheWriter, _fmt_cost, _leaf_errors, estimate_cost, read_only_cache,
+                                         stopped_early)
 from data_process.augment.llm_client import (LLMClient, LLMConfig, LLMFatalError, LLMRequestError, LLMResult,
                                              messages_tokens)
 from data_process.augment.llm_prompts import PromptTemplate
@@ -73,7 +74,7 @@ ABSENT = -1.0e4          # score of a candidate number missing from the top log-
 IMAGE_SIDE = 512         # the longer side of an image sent to a VLM
 DESC_CHARS = 300         # a candidate's description in the prompt is cut to this many characters
 SPLITS = {"test": ("test",), "dev": ("dev",), "all": ("dev", "test")}
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,13 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts.setdefault(proto, {})[s] = c
             for proto, c in two_stage_counts(retriever, lists, lists.scores).items():
                 base.setdefault(proto, {})[s] = c
-    except LLMFatalError as exc:
-        print(f"error: {exc}\n(the answers received so far are cached in {reranker.cache_path})", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"interrupted: answers received so far are cached in {reranker.cache_path}; rerun to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (LLMFatalError, KeyboardInterrupt) as exc:
+        return stopped_early(exc, reranker.cache_path)
     view = sampled_retriever(retriever, per_split)
     label = a.label or f"{retriever.config.get('label') or retriever.run.name} + llm {reranker.llm.model}"
     sample = {"limit": a.limit, "seed": a.seed, "n": {s: len(l.rows) for s, l in per_split.items()},
