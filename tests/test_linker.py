@@ -17,7 +17,8 @@ from data_process.core.records import load_dataset
 from fake_openai_server import Action, FakeOpenAIServer
 from nel_model.inference import linker as LK
 from nel_model.inference import predict as P
-from nel_model.inference.predict import Predictor, Query
+from nel_model.inference.predict import Predictor
+from nel_model.linking import Query
 from nel_model.runs import load_predictions
 from test_predict import demo as predict_demo  # noqa: F401  (the module-scoped demo run fixture)
 

@@ -20,7 +20,7 @@ from PIL import Image
 from data_process.core.durable_io import JsonlCache
 from dim_mel import cli
 from fake_openai_server import Action, FakeOpenAIServer, image_parts
-from nel_model.inference.linker import Candidate, MentionLists, Query
+from nel_model.linking import Candidate, MentionLists, Query
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank import llm as L
 from nel_model.runs import load_predictions, load_run

@@ -32,9 +32,8 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -43,39 +42,14 @@ from data_process.core.entry import run_main
 from data_process.core.records import DataError, iter_json_lines, mention_from_dict, record_json_problem
 from data_process.core.safe_paths import regular_file_problem, resolve_inside
 from data_process.core.settings import ToolkitParser
-from nel_model.inference.predict import Predictor, Query
+from nel_model.inference.predict import Predictor
+from nel_model.linking import Candidate, MentionLists, Query, Reranker
 from nel_model.runs import RESULTS_FILE
 
 # re-ranker kind -> module with ``load_reranker(run: Path, device: str) -> Reranker``; the feature re-ranker's
 # module registers itself here.
 RERANKERS: dict[str, str] = {"llm": "nel_model.rerank.llm", "feature": "nel_model.rerank.feature"}
 BATCH = 16
-
-
-@dataclass(frozen=True)
-class Candidate:
-    entity_id: str
-    name: str
-    description: str
-    score: float          # the retriever's
-
-
-@dataclass
-class MentionLists:
-    """What a re-ranker sees: each mention (``Query``: sentence, mention, image, caption) with its candidates, best
-    first by the retriever."""
-
-    mentions: list[Query]
-    candidates: list[list[Candidate]]
-
-
-class Reranker(Protocol):
-    kind: str
-    top_k: int | None
-
-    def score(self, lists: MentionLists) -> torch.Tensor: ...
-
-    def info(self) -> dict[str, Any]: ...
 
 
 class LinkError(ValueError):

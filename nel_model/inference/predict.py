@@ -34,6 +34,7 @@ import torch
 from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_text
+from nel_model.linking import Query
 from nel_model.runs import RunError, load_config
 
 CHUNK = 64
@@ -42,17 +43,6 @@ DESC_CHARS = 60  # description characters shown in the printed table
 
 class PredictError(ValueError):
     """Bad predict input (missing run file, image, malformed query); the message names the path/line."""
-
-
-@dataclass
-class Query:
-    sentence: str
-    mention: str
-    image: Path | None = None
-    caption: str | None = None
-    enrichment: str | None = None
-    id: str | None = None
-    gold_id: str | None = None
 
 
 @dataclass

@@ -61,7 +61,7 @@ from data_process.core.images import decode_image
 from data_process.core.records import load_dataset
 from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 from nel_model.evaluation.metrics import metrics_from_counts
-from nel_model.inference.linker import Candidate, MentionLists, Query
+from nel_model.linking import Candidate, MentionLists, Query
 
 log = logging.getLogger(__name__)
 
