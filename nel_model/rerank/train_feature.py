@@ -35,7 +35,8 @@ from data_process.core.settings import ToolkitParser, add_bool, load_settings, s
 from nel_model.args import parse_select_by
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.rerank.feature import FeatureReranker, SplitInputs
-from nel_model.rerank.two_stage import Retriever, write_two_stage_run
+from nel_model.evaluation.evaluate import open_run
+from nel_model.rerank.two_stage import write_two_stage_run
 from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, append_metrics,
                             check_resume_config, environment, load_checkpoint, save_checkpoint,
                             truncate_metrics)
@@ -117,7 +118,7 @@ class RerankTrainer:
             torch.set_num_threads(a.threads)
         seed_everything(a.seed)
         self.select = parse_select_by(a.select_by)
-        self.retriever = Retriever.load(a.retriever, a.device, a.retriever_checkpoint)
+        self.retriever = open_run(a.retriever, a.device, a.retriever_checkpoint)
         self.device = self.retriever.device
         if self.select[0] == "candidates" and self.retriever.data.candidates is None:
             self.select = ("full_kb", "mrr")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
+from data_process.core.durable_io import atomic_write_json
 from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
 from nel_model.args import parse_args, parse_select_by
@@ -41,9 +41,9 @@ from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM, config_from_args
 from nel_model.training.tfidf_negatives import TfidfNegatives
-from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, ENV_FILE,
-                            METRICS_FILE, RESULTS_FILE, append_metrics, check_resume_config, environment,
-                            load_checkpoint, save_checkpoint, truncate_metrics)
+from nel_model.loaded_run import save_kb_embeddings
+from nel_model.runs import (CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, METRICS_FILE, RESULTS_FILE, append_metrics,
+                            check_resume_config, environment, load_checkpoint, save_checkpoint, truncate_metrics)
 
 
 def seed_everything(seed: int) -> None:
@@ -473,11 +473,7 @@ class Trainer:
                    "best_epoch": self.best_epoch, "epochs_run": self.epoch, "selection": ":".join(self.select),
                    **results_block(counts, self.data, self.eval_settings)}
         if dist.is_main:
-            import io
-            buf = io.BytesIO()
-            np.save(buf, emb.cpu().numpy().astype(np.float16))
-            atomic_write_bytes(self.out / ENTITY_EMBEDDINGS_FILE, buf.getvalue())
-            atomic_write_json(self.out / ENTITY_IDS_FILE, self.data.entity_ids)
+            save_kb_embeddings(self.out, emb, best, self.data, self.cfg.entity_views(), self.eval_settings)
             write_predictions(self.out, self.model, self.data, self.source, counts, self.eval_settings, self.device,
                               emb, checkpoint={"name": "best", "epoch": self.best_epoch})
             atomic_write_json(self.out / RESULTS_FILE, results)
