@@ -11,7 +11,8 @@ The KB's embeddings are read from the run folder (``entity_embeddings.npy``) whe
 records exactly what they would be computed from now (:func:`kb_fingerprint`: the checkpoint file's SHA-256, the
 feature cache's entity views with their content hashes, the KB's ids, the encode dtype and chunk); training writes
 that pair at its end. Otherwise they are encoded once, and (for the best checkpoint) saved when the run folder is
-writable and its lock is free (``data_process.core.locks``). Read or encoded, they are the float32 embeddings the run's evaluation ranks.
+writable and its lock is free (``data_process.core.locks``). Read or encoded, they are the float32 embeddings the
+run's evaluation ranks.
 
 New mentions (:class:`~nel_model.linking.Query`) are encoded as the feature step encodes the cache's (the same
 encoders and settings, rounded to the cache's float16), **one mention at a time**: a mention's views, embedding and

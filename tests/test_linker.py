@@ -259,16 +259,8 @@ def test_link_reads_the_toolkits_own_captioned_dataset(demo, tmp_path):
     assert [r["id"] for r in _read(out)] == [m.id for m in ments]
 
 
-@pytest.mark.parametrize("line, where, field", [
-    ('{"id": "x", "sentence": "s"}', "line 2 (id 'x')", "mention"),
-    ('{"id": "x", "sentence": "s", "mention": "m", "image": "../outside.png"}', "line 2 (id 'x')", "image"),
-    ('{"id": "x", "sentence": "s", "mention": "m", "image": "imgs/missing.png"}', "line 2 (id 'x')", "image"),
-    ('{"id": "x", "sentence": "s", "mention": "m", "image": "imgs/notes.png"}', "line 2 (id 'x')", "image"),
-    ('{"id": "x", "sentence": "s", "mention": "m", "colour": 1}', "line 2 (id 'x')", "colour"),
-    ('{"id": "x", "sentence": "s", "mention": "m"', "line 2", None),
-    ('{"id": "x", "sentence": "' + "long " * 300 + '", "mention": "m"}', "line 2", None),
-])
-def test_a_bad_input_line_is_an_error_naming_file_line_and_field(demo, tmp_path, line, where, field):
+def _bad_line_error(demo, tmp_path, line: str) -> tuple[Path, str]:
+    """The error line of `dim-mel link` on an input whose second line is ``line`` (nothing written)."""
     (tmp_path / "outside.png").write_bytes(b"x")
     inp = tmp_path / "in" / "mentions.jsonl"
     (inp.parent / "imgs").mkdir(parents=True)
@@ -277,12 +269,33 @@ def test_a_bad_input_line_is_an_error_naming_file_line_and_field(demo, tmp_path,
                    '{"id": "z", "sentence": "A z.", "mention": "z"}\n')
     err = _one_error_line(_dim_mel("link", "--run", str(demo["run"]), "--input", str(inp), "--out",
                                    str(tmp_path / "o.jsonl"), "--max-line-bytes", "1000"))
-    assert err.startswith(f"error: {inp}, {where}") and (field is None or f"field '{field}'" in err), err
-    if "notes.png" in line:
-        assert "imgs/notes.png: cannot read the image" in err
-    if "long" in line:
-        assert "longer than 1000 bytes" in err and "--max-line-bytes" in err
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+    return inp, err
+
+
+@pytest.mark.parametrize("line, where, field", [
+    ('{"id": "x", "sentence": "s"}', "line 2 (id 'x')", "mention"),
+    ('{"id": "x", "sentence": "s", "mention": "m", "image": "../outside.png"}', "line 2 (id 'x')", "image"),
+    ('{"id": "x", "sentence": "s", "mention": "m", "image": "imgs/missing.png"}', "line 2 (id 'x')", "image"),
+    ('{"id": "x", "sentence": "s", "mention": "m", "colour": 1}', "line 2 (id 'x')", "colour"),
+    ('{"id": "x", "sentence": "s", "mention": "m"', "line 2", None),
+])
+def test_a_bad_input_line_is_an_error_naming_file_line_and_field(demo, tmp_path, line, where, field):
+    inp, err = _bad_line_error(demo, tmp_path, line)
+    assert err.startswith(f"error: {inp}, {where}") and (field is None or f"field '{field}'" in err), err
+
+
+def test_a_file_that_is_no_image_is_refused_when_its_line_is_read(demo, tmp_path):
+    """Issue 26 item 13: checked with its line (file, line, id, field), not found mid-way naming only the image."""
+    inp, err = _bad_line_error(demo, tmp_path,
+                               '{"id": "x", "sentence": "s", "mention": "m", "image": "imgs/notes.png"}')
+    assert err.startswith(f"error: {inp}, line 2 (id 'x'), field 'image': imgs/notes.png: cannot read the image"), err
+
+
+def test_a_line_over_the_limit_is_refused_saying_so(demo, tmp_path):
+    """Issue 26 item 14, with the flag."""
+    inp, err = _bad_line_error(demo, tmp_path, '{"id": "x", "sentence": "' + "long " * 300 + '", "mention": "m"}')
+    assert err.startswith(f"error: {inp}, line 2: longer than 1000 bytes") and "--max-line-bytes" in err, err
 
 
 def test_a_huge_input_line_is_refused_under_the_default_limit(demo, tmp_path):
@@ -340,7 +353,8 @@ def test_the_feature_reranker_links_new_mentions_as_its_run_ranked_them(demo, fe
     got = linker.link_many([Query(m.sentence, m.mention, image=ds.image_path(m.image), id=m.id, gold_id=m.gold_id)
                             for m in ments], top_k=5)
     written = {p.mention_id: p for p in load_predictions(out, "test").mentions}
-    assert [[e.entity_id for e in r.entities] for r in got] == [[eid for eid, _ in written[m.id].top[:5]] for m in ments]
+    assert [[e.entity_id for e in r.entities] for r in got] == \
+        [[eid for eid, _ in written[m.id].top[:5]] for m in ments]
     assert all(e.stage == "reranker" for r in got for e in r.entities)
 
 
