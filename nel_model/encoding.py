@@ -1,8 +1,8 @@
 """Encoding with a trained model: every KB entity and a set of mentions, from a feature cache, in chunks; loading
 a run's model; the settings a run is encoded and measured with. The model layer's one way to turn cached features
-into embeddings (evaluation, training's hard negatives, the loaded run all call these). Always in float32, without autocast, whatever the training's
-mixed precision: the embeddings that end-of-training evaluation ranks are the ones ``dim-mel evaluate`` and
-``predict`` rank (:data:`ENCODE_DTYPE`, recorded in results.json)."""
+into embeddings (evaluation, training's hard negatives, the loaded run all call these). Always in float32, without
+autocast, whatever the training's mixed precision: the embeddings that end-of-training evaluation ranks are the ones
+``dim-mel evaluate`` and ``predict`` rank (:data:`ENCODE_DTYPE`, recorded in results.json)."""
 
 from __future__ import annotations
 
