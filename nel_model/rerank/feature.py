@@ -404,7 +404,7 @@ class FeatureReranker:
 # Behind the linking API (``dim-mel link --rerank RUN``, ``nel_model.inference.linker``)
 
 
-class LinkingReranker:
+class BoundFeatureReranker:
     """A trained feature re-ranker scoring *new* mentions for the linker (the ``Reranker`` protocol of
     :mod:`nel_model.linking`): it is given the linker's loaded retriever, and the lists it scores carry the
     mentions' views and retriever embeddings, already encoded by the retriever's encoders and model; the listed
@@ -456,7 +456,7 @@ class LinkingReranker:
         return out
 
 
-def load_reranker(run: str | Path, retriever: LoadedRun) -> LinkingReranker:
+def load_reranker(run: str | Path, retriever: LoadedRun) -> BoundFeatureReranker:
     """The re-ranker of a ``dim-mel rerank`` run folder (its best checkpoint) for the linker, over ``retriever``:
     the run must have been trained on that retriever (:func:`~nel_model.rerank.two_stage.check_retriever`)."""
     run = Path(run)
@@ -464,4 +464,4 @@ def load_reranker(run: str | Path, retriever: LoadedRun) -> LinkingReranker:
     if info is None:
         raise RunError(f"{run}: not a two-stage run (no two_stage in results.json)")
     check_retriever(run, info["retriever"], retriever)
-    return LinkingReranker(FeatureReranker.load(run), retriever, run, file_sha256(checkpoint_path(run, "best")))
+    return BoundFeatureReranker(FeatureReranker.load(run), retriever, run, file_sha256(checkpoint_path(run, "best")))
