@@ -274,8 +274,9 @@ def link_file(linker: Linker, mentions: Sequence[InputMention], out: Path, top_k
         expected = {**base, "input_sha256": want[mid].sha256}
         differ = [k for k, v in expected.items() if not isinstance(prov, dict) or prov.get(k) != v]
         if differ:
-            raise DataError(out, where, "provenance", f"linked from another {', '.join(differ)} than this run's "
-                            f"(input line {want[mid].line}); give another --out, or delete it to link again")
+            what = (f"linked from another {', '.join(differ)} than this run's (input line {want[mid].line})"
+                    if isinstance(prov, dict) else "records no provenance (an older dim-mel link)")
+            raise DataError(out, where, "provenance", f"{what}; give another --out, or delete it to link again")
     todo = [m for m in mentions if m.query.id not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="link", unit="mention",
