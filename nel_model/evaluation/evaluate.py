@@ -1,10 +1,11 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``dim-mel evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads a one-stage run's
-configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
-the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
-per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.evaluation.metrics`` for
-the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
+``dim-mel evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` opens a one-stage run
+(:func:`open_run`: a :class:`~nel_model.loaded_run.LoadedRun`), recomputes the metrics and prints a table
+(percentages); ``--predictions`` also rewrites the per-mention ``RUN/predictions/<split>.jsonl`` (see
+:func:`write_predictions`). The KB's entity embeddings are the run's saved ones when they match its checkpoint and
+feature cache, else encoded once in chunks; mentions are scored by chunked matrix products on the device (see
+``nel_model.evaluation.metrics`` for the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
 the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is evaluated by
 ``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a run needs.
 """
