@@ -187,6 +187,10 @@ def publish(
         for refused in converted.refused_images:
             report.add("refused_images", str(refused))
         report.refused_images = [r.to_json() for r in converted.refused_images]
+        for mended in converted.repaired:
+            report.add("repaired_fields", str(mended))
+        report.repaired = [r.to_json() for r in converted.repaired]
+        report.skipped = dict(converted.skipped)
         if not report.ok:
             if echo:
                 print(format_report(report), end="")
