@@ -617,3 +617,22 @@ def test_every_reader_keeps_a_record_whose_only_fault_is_a_non_essential_field(t
     out, rep = prep.prepare("unified", root, tmp_path / "out", echo=False, progress=False)
     assert rep.ok and rep.warnings["repaired_fields"] == 3
     assert load_dataset(out).entities[0].description == "the \ufffdfirst"
+
+
+def test_a_json_lines_input_that_is_not_utf8_names_file_and_line(tmp_path):
+    """Issue 26, item 12: ``predict --input`` / ``link`` input with a bad byte, or saved as UTF-16."""
+    from nel_model.inference.linker import read_mentions as link_input
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(b'{"id": "q1", "sentence": "One", "mention": "One"}\n'
+                        b'{"id": "q2", "sentence": "caf\xe9", "mention": "caf"}\n')
+    with pytest.raises(DataError) as err:
+        list(link_input(queries))
+    assert str(err.value) == f"{queries}, line 2: not UTF-8 text (invalid continuation byte at byte 29 of the line)"
+    queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n', encoding="utf-16")
+    with pytest.raises(DataError) as err:
+        list(link_input(queries))
+    assert str(err.value) == (f"{queries}, line 1: UTF-16 text (it starts with a UTF-16 byte-order mark); save it "
+                              "as UTF-8")
+    queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n', encoding="utf-8-sig")
+    assert [q.id for q in link_input(queries)] == ["q1"]
