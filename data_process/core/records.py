@@ -377,30 +377,25 @@ _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:,]')
 def _deep_member_in_text(text: str) -> str | int | None:
     """:func:`_deep_member` read from the text itself (when it is too deep to parse): the top-level key (an object)
     or index (an array) inside which the nesting first passes the limit."""
-    depth, member, pending = 0, None, None
-    index = 0
+    in_array = text.lstrip()[:1] == "["
+    depth, index, key, last_string = 0, 0, None, None
     for token in _JSON_TOKEN.finditer(text):
         tok = token.group()
         if tok in "[{":
             depth += 1
             if depth > MAX_JSON_DEPTH:
-                return member
+                return index if in_array else key
         elif tok in "]}":
             depth -= 1
+        elif depth == 1 and tok == ",":
+            index += 1
+        elif depth == 1 and tok == ":":
+            key = last_string
         elif depth == 1:
-            if tok == ":" and pending is not None:
-                member = pending
-            elif tok == ",":
-                index += 1
-                if text.lstrip()[:1] == "[":
-                    member = index
-            elif tok.startswith('"'):
-                try:
-                    pending = json.loads(tok)
-                except ValueError:
-                    pending = None
-        if depth == 1 and member is None and text.lstrip()[:1] == "[":
-            member = index
+            try:
+                last_string = json.loads(tok)
+            except ValueError:
+                last_string = None
     return None
 
 
