@@ -1,9 +1,10 @@
 """Convert a public MEL release to the unified format, validate it, and publish it atomically.
 
-    python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified} \\
+    python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified,wikidata} \\
         --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 70,10,20] \\
         [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}] \\
-        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P]
+        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P] \\
+        [--language en] [--ids FILE] [--instance-of Q5,Q515] [--min-sitelinks N]
 
 Steps: the format's reader builds the records (``data_process.ingest.readers``), dropping bad records and listing
 them (``--strict``: the first bad record is an error; more dropped records than ``--max-invalid``, default 1% of the
@@ -187,6 +188,10 @@ def publish(
         for refused in converted.refused_images:
             report.add("refused_images", str(refused))
         report.refused_images = [r.to_json() for r in converted.refused_images]
+        for mended in converted.repaired:
+            report.add("repaired_fields", str(mended))
+        report.repaired = [r.to_json() for r in converted.repaired]
+        report.skipped = dict(converted.skipped)
         if not report.ok:
             if echo:
                 print(format_report(report), end="")
@@ -220,6 +225,10 @@ def prepare(
     annotations: str | Path | None = None,
     entity_text: str = "brief",
     dev_from_train: float | None = None,
+    language: str | None = None,
+    ids: str | Path | None = None,
+    instance_of: str | None = None,
+    min_sitelinks: int | None = None,
 ) -> tuple[Path, ValidationReport]:
     """Read ``src`` in format ``fmt`` and publish it to ``out`` (see the module docstring).
 
@@ -242,6 +251,10 @@ def prepare(
                          "folders)")
     if (annotations is not None or entity_text != "brief") and fmt != "ghmfc":
         raise ValueError("--annotations and --entity-text are only for --format ghmfc")
+    wikidata = {"language": language, "ids": ids, "instance_of": instance_of, "min_sitelinks": min_sitelinks}
+    given = [f"--{k.replace('_', '-')}" for k, v in wikidata.items() if v is not None]
+    if given and fmt != "wikidata":
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --format wikidata")
     if fmt == "unified" and Path(src).resolve() == Path(out).resolve():   # in place: only the report is written
         report = validate_dataset(src, image_check={True: "verify", False: "none"}.get(check_images, check_images),
                                   progress=progress)
@@ -260,6 +273,8 @@ def prepare(
     elif fmt == "ghmfc":
         converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
                                  dev_from_train=dev_from_train, seed=seed, **common)
+    elif fmt == "wikidata":
+        converted = READERS[fmt](src, **common, **{k: v for k, v in wikidata.items() if v is not None})
     else:
         converted = READERS[fmt](src, **common)
     return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress,
@@ -285,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="GHMFC with splits.json: the MELBench annotation file (.json or .zip)")
     ap.add_argument("--entity-text", choices=("brief", "long"), default="brief",
                     help="GHMFC: entity descriptions from qid2abs.json (brief, DIM's default) or qid2abs_long.json")
+    ap.add_argument("--language", default=None,
+                    help="Wikidata: the language of names, descriptions and aliases, with its fallbacks, then mul "
+                         "and en (default en)")
+    ap.add_argument("--ids", type=Path, default=None,
+                    help="Wikidata: keep only the items of this file (one Q-id a line)")
+    ap.add_argument("--instance-of", default=None, metavar="Q5,Q515",
+                    help="Wikidata: keep only items that are an instance (P31) of one of these classes")
+    ap.add_argument("--min-sitelinks", type=int, default=None, metavar="N",
+                    help="Wikidata: keep only items with at least N sitelinks")
     add_bool(ap, "strict", False, "stop at the first bad record (default: drop bad records, list them, go on)")
     ap.add_argument("--max-invalid", default=DEFAULT_MAX_INVALID,
                     help="fail when more records than this are dropped: a count (25) or a share of the records "
@@ -300,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
             splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
             progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,
-            annotations=args.annotations, entity_text=args.entity_text, dev_from_train=args.dev_from_train)
+            annotations=args.annotations, entity_text=args.entity_text, dev_from_train=args.dev_from_train,
+            language=args.language, ids=args.ids, instance_of=args.instance_of, min_sitelinks=args.min_sitelinks)
     return 0
 
 
