@@ -270,3 +270,26 @@ def test_an_answer_the_cache_cannot_encode_is_kept_repaired(tmp_path, fake_serve
     assert enrich.main(args) == 0 and enrich.main(args) == 0
     assert len(fake_server.requests) == 1
     assert load_dataset(out).entities[0].enrichment["description"] == "A \ufffd thing."
+
+
+def test_answers_in_flight_when_the_disk_fills_are_finished_counted_and_nothing_more_is_asked(tmp_path, monkeypatch,
+                                                                                               capsys):
+    data = make_toy_dataset(tmp_path / "toy", n=6, with_images=False)
+    with FakeOpenAIServer(delay=0.3) as srv:          # three requests in flight when the first answer's write fails
+        full_disk_from(monkeypatch, 1)
+        args = enrich_args(data, tmp_path / "plus", srv, "--kinds", "entities", "--concurrency", "3")
+        assert _exit_code(enrich.main, args) == 2
+        assert len(srv.snapshot()) == 3                          # no request started after the failed write
+    assert "3 answers received this run could not be saved: a rerun asks for them again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top, best", [({"2": 10**400}, 1), ({"2": "high", "1": -0.5}, 0),
+                                       ({"2": float("nan"), "3": -0.1}, 2)],
+                         ids=["too large for a float: the text read", "a string: left out", "NaN: left out"])
+def test_log_probabilities_of_odd_values_never_throw_the_answer_away(tmp_path, top, best):
+    with FakeOpenAIServer(responder=lambda body, i: Action.logprobs("2", top)) as srv:
+        rr = _reranker(srv, tmp_path / "cache.jsonl")
+        scores = rr.score(_lists(2))
+        assert len(srv.snapshot()) == 2                          # one request each: kept, not retried
+    assert rr.stats.requests == 2 and rr.stats.unanswered == 0 and rr.stats.malformed == 0
+    assert [_order(row)[0] for row in scores] == [best, best]

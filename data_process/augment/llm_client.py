@@ -153,7 +153,7 @@ def first_token_logprobs(choice: Any) -> tuple[tuple[str, float], ...] | None:
         lp = getattr(choice, "logprobs", None)
         if lp is None:
             return None
-        lp = lp.model_dump() if hasattr(lp, "model_dump") else lp
+        lp = lp.model_dump(warnings=False) if hasattr(lp, "model_dump") else lp  # odd values: no warning
         if not isinstance(lp, dict):
             return None
         content = lp.get("content")
