@@ -48,9 +48,10 @@ from data_process.augment.llm_client import (RESPONSE_FORMATS, LLMClient, LLMCon
                                              messages_tokens)
 from data_process.augment.llm_prompts import (ANSWER_SCHEMA, AnswerError, PromptTemplate, correction_message,
                                               enrichment_text, parse_answer)
-from data_process.augment.paid_calls import (CallCounts, PaidCalls, add_client_flags, check_concurrency, check_prices,
-                                             client_config, estimate_cost, format_cost, open_cache, picker,
-                                             quiet_http_logging, read_only_cache, record_usage, stopped_early)
+from data_process.augment.paid_calls import (EXIT_USAGE, CallCounts, PaidCalls, add_client_flags,  # noqa: F401
+                                             check_concurrency, check_prices, client_config, estimate_cost,
+                                             format_cost, open_cache, picker, quiet_http_logging, read_only_cache,
+                                             record_usage, stopped_early)
 from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
@@ -67,7 +68,7 @@ REPORT_FILE = "enrichment_report.json"
 CACHE_FILE = "enrichment_cache.jsonl"
 KINDS = ("entities", "mentions")
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_INCOMPLETE = 0, 3  # and EXIT_USAGE (2), as every paid-call command (paid_calls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,12 +215,11 @@ def open_cache(path: Path) -> Iterator[JsonlCache]:
         cache = JsonlCache(path)
         try:
             yield cache
-        finally:
-            try:
+        except BaseException:
+            with contextlib.suppress(OSError):   # the failure in flight is the one to report
                 cache.close()
-            except OSError:
-                if sys.exc_info()[0] is None:   # nothing failed before: this is the failure to report
-                    raise
+            raise
+        cache.close()
 
 
 class read_only_cache:  # noqa: N801 - a context manager used like a function
@@ -323,7 +322,8 @@ class PaidCalls:
                 self.counts.unsaved += int(answer)
                 if self.write_error is None:
                     self.write_error = exc
-                    log.error("%s: cache write failed (%s): asking nothing more", self.cache.path, exc.strerror or exc)
+                    log.error("%s: cache write failed (%s): asking nothing more", self.cache.path,
+                              exc.strerror or exc)
                 raise _StopAsking from exc
 
     async def run(self, items: Sequence[T], answer: Callable[[T], Awaitable[R]], *, concurrency: int,
@@ -337,7 +337,8 @@ class PaidCalls:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(len(items)):
             queue.put_nowait(i)
-        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True,
+                   file=sys.stderr)
         retries, timeouts = self.client.retries, self.client.timeouts
         consecutive = 0
 
