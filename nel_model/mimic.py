@@ -93,31 +93,25 @@ class MIMICConfig:
     def uses_images(self) -> bool:
         return self.use_image_unit or self.use_fusion_unit
 
-    def _image_views(self) -> list[str]:
+    def _views(self, pooled: str, tokens: str) -> tuple[str, ...]:
         v = []
+        if self.use_text_unit or self.use_fusion_unit:
+            v.append(pooled)
+        if self.use_text_unit:
+            v.append(tokens)
         if self.use_image_unit or (self.use_fusion_unit and self.global_image_token):
             v.append("image")
         if self.uses_images:
             v.append("regions")
-        return v
+        return tuple(v)
 
     def mention_views(self) -> tuple[str, ...]:
         """Batch keys read on the mention side (each with its ``_mask`` where the cache has one)."""
-        v = []
-        if self.use_text_unit or self.use_fusion_unit:
-            v.append("context")
-        if self.use_text_unit:
-            v.append("sentence")
-        return tuple(v + self._image_views())
+        return self._views("context", "sentence")
 
     def entity_views(self) -> tuple[str, ...]:
         """Batch keys read on the entity side; ``desc_tokens`` is ``entity.desc_tokens`` [E, L, Dt] + mask."""
-        v = []
-        if self.use_text_unit or self.use_fusion_unit:
-            v.append("desc")
-        if self.use_text_unit:
-            v.append("desc_tokens")
-        return tuple(v + self._image_views())
+        return self._views("desc", "desc_tokens")
 
 
 S = TypeVar("S", bound="_Side")
@@ -344,52 +338,50 @@ class MIMIC(nn.Module):
         ctx = torch.where((has_image & token_mask.any(1)).unsqueeze(1), ctx, torch.zeros_like(ctx))
         return self.fusion_norm(t * torch.tanh(self.fusion_gate(t)) + ctx)
 
+    def _pooled_text(self, views: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+        if self.cfg.use_text_unit or self.cfg.use_fusion_unit:
+            return self.drop(self.text_norm(views[key].to(self._dtype())))
+        return None
+
+    def _image_side(self, views: dict[str, torch.Tensor], text: torch.Tensor | None, query_of: _Dual,
+                    key_of: _Dual):
+        """One side's image tensors: whether it has an image, its (query, normalised query) for ``query_of``, its
+        (key, value) for ``key_of`` (the image unit's two dual functions) and its fusion vector."""
+        pooled, tokens, token_mask, has = self._image(views)
+        query = key = (None, None)
+        if self.cfg.use_image_unit:
+            query, key = query_of.query_side(pooled), key_of.key_side(pooled, tokens, token_mask)
+        fused = self._fused(text, tokens, token_mask, has) if self.cfg.use_fusion_unit else None
+        return has, query, key, fused
+
     def encode_mentions(self, views: dict[str, torch.Tensor]) -> MentionSide:
         """Every tensor of the mention side that depends on the mention alone (``views``: the mention batch keys
         of :meth:`MIMICConfig.mention_views`)."""
-        cfg, out = self.cfg, MentionSide()
-        text = None
-        if cfg.use_text_unit or cfg.use_fusion_unit:
-            text = self.drop(self.text_norm(views["context"].to(self._dtype())))
-        if cfg.use_text_unit:
+        out = MentionSide()
+        text = self._pooled_text(views, "context")
+        if self.cfg.use_text_unit:
             tokens, mask = self._tokens(views, "sentence")
-            out.text = text
+            out.text, out.has_tokens, out.key_mask = text, mask.any(1), _keep_one(mask)
             out.keys, out.values = self.tglu_key(tokens), self.tglu_value(tokens)
-            out.has_tokens = mask.any(1)
-            out.key_mask = _keep_one(mask)
-        if cfg.uses_images:
-            pooled, tokens, token_mask, has = self._image(views)
-            out.has_image = has
-            if cfg.use_image_unit:
-                out.e2m_key, out.e2m_value = self.dual_e2m.key_side(pooled, tokens, token_mask)
-                out.m2e_query, out.m2e_query_norm = self.dual_m2e.query_side(pooled)
-            if cfg.use_fusion_unit:
-                out.fused = self._fused(text, tokens, token_mask, has)
+        if self.cfg.uses_images:     # the mention is the query of mention -> entity, the key of entity -> mention
+            out.has_image, (out.m2e_query, out.m2e_query_norm), (out.e2m_key, out.e2m_value), out.fused = \
+                self._image_side(views, text, getattr(self, "dual_m2e", None), getattr(self, "dual_e2m", None))
         return out
 
     def encode_entities(self, views: dict[str, torch.Tensor]) -> EntitySide:
         """Every tensor of the entity side that depends on the entity alone (``views``: the entity batch keys of
         :meth:`MIMICConfig.entity_views`). Whole-KB scoring encodes the KB once and scores chunks of it."""
-        cfg, out = self.cfg, EntitySide()
-        text = None
-        if cfg.use_text_unit or cfg.use_fusion_unit:
-            text = self.drop(self.text_norm(views["desc"].to(self._dtype())))
-        if cfg.use_text_unit:
+        out = EntitySide()
+        text = self._pooled_text(views, "desc")
+        if self.cfg.use_text_unit:
             tokens, mask = self._tokens(views, "desc_tokens")
-            out.text = text
-            out.queries = self.tglu_query(tokens) / math.sqrt(cfg.hidden)
             w = mask.to(tokens.dtype)
+            out.text, out.has_tokens, out.cls = text, mask.any(1), self.tglu_cls(text)
+            out.queries = self.tglu_query(tokens) / math.sqrt(self.cfg.hidden)
             out.token_weight = w / w.sum(1, keepdim=True).clamp(min=1)
-            out.has_tokens = mask.any(1)
-            out.cls = self.tglu_cls(text)
-        if cfg.uses_images:
-            pooled, tokens, token_mask, has = self._image(views)
-            out.has_image = has
-            if cfg.use_image_unit:
-                out.e2m_query, out.e2m_query_norm = self.dual_e2m.query_side(pooled)
-                out.m2e_key, out.m2e_value = self.dual_m2e.key_side(pooled, tokens, token_mask)
-            if cfg.use_fusion_unit:
-                out.fused = self._fused(text, tokens, token_mask, has)
+        if self.cfg.uses_images:     # the entity is the query of entity -> mention, the key of mention -> entity
+            out.has_image, (out.e2m_query, out.e2m_query_norm), (out.m2e_key, out.m2e_value), out.fused = \
+                self._image_side(views, text, getattr(self, "dual_e2m", None), getattr(self, "dual_m2e", None))
         return out
 
     # ---------------------------------------------------------------------------------------------

@@ -17,32 +17,24 @@ from nel_model.mimic import MIMIC, MIMICConfig, pair_bytes, pair_flops
 B, E, L, R, DT, DI = 4, 6, 7, 4, 16, 12
 
 
-def mention_views(seed=0, b=B, length=L):
+def views(side, n, seed, length=L, dt=DT, di=DI, dtype=torch.float16):
+    """Random batch views of one side (``"mention"`` or ``"entity"``) with random token lengths and every image."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (b, 1), generator=g)
-    return {
-        "context": torch.randn(b, DT, generator=g).half(),
-        "sentence": torch.randn(b, length, DT, generator=g).half(),
-        "sentence_mask": torch.arange(length)[None, :] < lengths,
-        "image": torch.randn(b, DI, generator=g).half(),
-        "image_mask": torch.ones(b, dtype=torch.bool),
-        "regions": torch.randn(b, R, DI, generator=g).half(),
-        "regions_mask": torch.ones(b, R, dtype=torch.bool),
-    }
+    pooled, tokens = ("context", "sentence") if side == "mention" else ("desc", "desc_tokens")
+    lengths = torch.randint(1, length + 1, (n, 1), generator=g)
+    return {pooled: torch.randn(n, dt, generator=g).to(dtype),
+            tokens: torch.randn(n, length, dt, generator=g).to(dtype),
+            tokens + "_mask": torch.arange(length)[None, :] < lengths,
+            "image": torch.randn(n, di, generator=g).to(dtype), "image_mask": torch.ones(n, dtype=torch.bool),
+            "regions": torch.randn(n, R, di, generator=g).to(dtype), "regions_mask": torch.ones(n, R, dtype=torch.bool)}
+
+
+def mention_views(seed=0, b=B, length=L):
+    return views("mention", b, seed, length)
 
 
 def entity_views(seed=1, e=E, length=L):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (e, 1), generator=g)
-    return {
-        "desc": torch.randn(e, DT, generator=g).half(),
-        "desc_tokens": torch.randn(e, length, DT, generator=g).half(),
-        "desc_tokens_mask": torch.arange(length)[None, :] < lengths,
-        "image": torch.randn(e, DI, generator=g).half(),
-        "image_mask": torch.ones(e, dtype=torch.bool),
-        "regions": torch.randn(e, R, DI, generator=g).half(),
-        "regions_mask": torch.ones(e, R, dtype=torch.bool),
-    }
+    return views("entity", e, seed, length)
 
 
 def without_image(views, row):
@@ -293,15 +285,9 @@ class _LiveTensors(TorchDispatchMode):
 def test_memory_of_one_call_is_bounded_by_pair_bytes(units):
     b, e, length, dt, di = 6, 40, 24, 32, 16
     model = MIMIC(MIMICConfig(text_dim=dt, image_dim=di, text_len=length, **units)).eval()   # hidden 96, dv 96
-    g = torch.Generator().manual_seed(0)
-    mv = {"context": torch.randn(b, dt, generator=g), "sentence": torch.randn(b, length, dt, generator=g),
-          "sentence_mask": torch.ones(b, length, dtype=torch.bool), "image": torch.randn(b, di, generator=g),
-          "image_mask": torch.ones(b, dtype=torch.bool), "regions": torch.randn(b, R, di, generator=g),
-          "regions_mask": torch.ones(b, R, dtype=torch.bool)}
-    ev = {"desc": torch.randn(e, dt, generator=g), "desc_tokens": torch.randn(e, length, dt, generator=g),
-          "desc_tokens_mask": torch.ones(e, length, dtype=torch.bool), "image": torch.randn(e, di, generator=g),
-          "image_mask": torch.ones(e, dtype=torch.bool), "regions": torch.randn(e, R, di, generator=g),
-          "regions_mask": torch.ones(e, R, dtype=torch.bool)}
+    mv = views("mention", b, 0, length, dt, di, torch.float32)
+    ev = views("entity", e, 1, length, dt, di, torch.float32)
+    g = torch.Generator().manual_seed(2)
     attention = b * e * length * length * 4
     with torch.no_grad():
         ms, es = model.encode_mentions(mv), model.encode_entities(ev)
@@ -321,9 +307,7 @@ def test_memory_of_one_call_is_bounded_by_pair_bytes(units):
 def test_flops_formula_covers_the_matrix_products():
     b, e, length, dt = 3, 5, 10, 32
     model = MIMIC(MIMICConfig(text_dim=dt, image_dim=DI, text_len=length)).eval()
-    mv, ev = mention_views(b=b, length=length), entity_views(e=e, length=length)
-    mv["context"], ev["desc"] = torch.randn(b, dt).half(), torch.randn(e, dt).half()
-    mv["sentence"], ev["desc_tokens"] = torch.randn(b, length, dt).half(), torch.randn(e, length, dt).half()
+    mv, ev = views("mention", b, 0, length, dt), views("entity", e, 1, length, dt)
     with torch.no_grad():
         ms, es = model.encode_mentions(mv), model.encode_entities(ev)
         with FlopCounterMode(display=False) as counter:
@@ -361,32 +345,29 @@ def test_official_loss_keeps_copies_of_the_gold_unless_asked():
     assert masked == pytest.approx(0.0, abs=1e-7)      # each row's only remaining logit is its gold
 
 
-def _toy_batch(g, n, latent, mix):
-    """Mentions and their gold entities share a latent vector; every view is a different random map of it."""
-    z = torch.randn(n, latent, generator=g)
-
-    def view(w, *shape):
-        out = torch.einsum("nz,z...->n...", z, w)
-        return out + 0.3 * torch.randn(out.shape, generator=g)
-
-    mv = {"context": view(mix["mc"]), "sentence": view(mix["ms"]), "sentence_mask": torch.ones(n, L, dtype=torch.bool),
-          "image": view(mix["mi"]), "image_mask": torch.ones(n, dtype=torch.bool), "regions": view(mix["mr"]),
-          "regions_mask": torch.ones(n, R, dtype=torch.bool)}
-    ev = {"desc": view(mix["ec"]), "desc_tokens": view(mix["es"]), "desc_tokens_mask": torch.ones(n, L, dtype=torch.bool),
-          "image": view(mix["ei"]), "image_mask": torch.ones(n, dtype=torch.bool), "regions": view(mix["er"]),
-          "regions_mask": torch.ones(n, R, dtype=torch.bool)}
-    return mv, ev
+def _toy_batch(g, n, mix):
+    """Mentions and their gold entities share a latent vector; every view of either side is its own random linear
+    map of it, plus noise (token lengths and images as :func:`views` draws them)."""
+    z = torch.randn(n, next(iter(mix.values())).shape[0], generator=g)
+    out = []
+    for side in ("mention", "entity"):
+        v = views(side, n, int(torch.randint(0, 10**6, (), generator=g)), dtype=torch.float32)
+        for key, w in mix.items():
+            if key[0] == side:
+                x = torch.einsum("nz,z...->n...", z, w)
+                v[key[1]] = x + 0.3 * torch.randn(x.shape, generator=g)
+        out.append(v)
+    return out
 
 
 def test_model_learns_a_toy_task():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     latent, n = 6, 32
-    shapes = {"mc": (DT,), "ms": (L, DT), "mi": (DI,), "mr": (R, DI), "ec": (DT,), "es": (L, DT), "ei": (DI,),
-              "er": (R, DI)}
-    mix = {k: torch.randn(latent, *s, generator=g) for k, s in shapes.items()}
+    mix = {(side, key): torch.randn(latent, *x.shape[1:], generator=g)
+           for side in ("mention", "entity") for key, x in views(side, 1, 0).items() if not key.endswith("_mask")}
     model = MIMIC(MIMICConfig(text_dim=DT, image_dim=DI, hidden=16, dv=16, text_len=L))
-    held_out = _toy_batch(g, 256, latent, mix)
+    held_out = _toy_batch(g, 256, mix)
 
     def accuracy():
         model.eval()
@@ -398,7 +379,7 @@ def test_model_learns_a_toy_task():
     before = accuracy()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
-        overall, units = model(*_toy_batch(g, n, latent, mix))
+        overall, units = model(*_toy_batch(g, n, mix))
         loss = mimic_loss_sum(overall, units, 0, n) / n
         opt.zero_grad()
         loss.backward()
