@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 UNITS = ("text", "image", "fusion")
+PAD_LOGIT = -1.0e4       # the attention logit of a padded position (its softmax weight is 0; finite in float16)
 MISSING_IMAGE_CHOICES = ("mask", "blank")
 
 
@@ -126,6 +127,13 @@ class _Side:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
+    @classmethod
+    def cat(cls: type[S], parts: list[S]) -> S:
+        """Rows of several sides in order (a KB encoded in blocks, kept as one side)."""
+        first = parts[0]
+        return cls(**{f.name: None if getattr(first, f.name) is None else
+                      torch.cat([getattr(p, f.name) for p in parts]) for f in fields(first)})
+
     def __len__(self) -> int:
         return next(len(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None)
 
@@ -133,9 +141,10 @@ class _Side:
 @dataclass
 class MentionSide(_Side):
     text: torch.Tensor | None = None            # [B, Dt]  normalised pooled text (g2g score)
-    keys: torch.Tensor | None = None            # [B, Lm, H]  TGLU keys of the mention tokens
+    keys: torch.Tensor | None = None            # [B, Lm, H+1]  TGLU keys of the mention tokens; the last column
+                                                #   is 0, or PAD_LOGIT at padding (the key mask)
+    key_keep: torch.Tensor | None = None        # [B, Lm]  1.0 for a key that takes part, 0.0 for padding
     values: torch.Tensor | None = None          # [B, Lm, H]  TGLU values
-    key_mask: torch.Tensor | None = None        # [B, Lm]  keys that take part (one kept where a row has none)
     has_tokens: torch.Tensor | None = None      # [B]
     e2m_key: torch.Tensor | None = None         # [B, H]  entity->mention dual: this image as key
     e2m_value: torch.Tensor | None = None       # [B, H]  ... and its pooled tokens as value
@@ -148,7 +157,8 @@ class MentionSide(_Side):
 @dataclass
 class EntitySide(_Side):
     text: torch.Tensor | None = None            # [E, Dt]  normalised pooled text (g2g score)
-    queries: torch.Tensor | None = None         # [E, Le, H]  TGLU queries of the entity tokens, scaled by 1/sqrt(H)
+    queries: torch.Tensor | None = None         # [E, Le, H+1]  TGLU queries of the entity tokens, scaled by
+                                                #   1/sqrt(H), and a column of ones (which adds the key mask)
     token_weight: torch.Tensor | None = None    # [E, Le]  weights of the mean over entity tokens (0 at padding)
     has_tokens: torch.Tensor | None = None      # [E]
     cls: torch.Tensor | None = None             # [E, H]  projected pooled text (g2l score)
@@ -171,14 +181,14 @@ def pair_bytes(b: int, e: int, mention_len: int, entity_len: int, hidden: int = 
     few ``H``-vectors; the image unit about ``4*H`` while it runs (``24*H`` kept for the backward pass); each unit's
     score and the overall score one each. Without gradients the units run one after the other, so the largest of
     their peaks counts, with gradients their sum. ``candidates`` adds each mention's own copy of its candidates'
-    rows (``Le*(H+1) + Dt + 6*H`` for all units). Checked against the tensors a call allocates in
+    rows (``Le*(H+2) + Dt + 6*H`` for all units). Checked against the tensors a call allocates in
     ``tests/test_mimic_model.py``."""
     lm, le, h = mention_len, entity_len, hidden
     peaks, gathered = [], 0
     if "text" in units:
         attention = (2 if grad else 1) * le * lm + 2 * lm
         peaks.append((attention + 4 * h if grad else max(attention, 4 * h)) + 4)
-        gathered += le * (h + 1) + text_dim + h + 1
+        gathered += le * (h + 2) + text_dim + h + 1
     if "image" in units:
         peaks.append((24 if grad else 4) * h + 8)
         gathered += 4 * h + 1
@@ -217,14 +227,21 @@ def _keep_one(mask: torch.Tensor) -> torch.Tensor:
     return safe
 
 
-def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of ``logits`` where ``keep`` (broadcast) is True; in place when no gradient is
-    being recorded (evaluation holds one copy of the logits instead of two)."""
+def _softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of ``logits`` whose masked positions already hold about ``PAD_LOGIT`` and
+    ``keep`` (float, broadcast) is 0; they get weight exactly 0 and never hold the maximum (a row keeps one real
+    position, :func:`_keep_one`). In place when no gradient is being recorded: evaluation holds one copy of the
+    logits instead of two, and clamps the shifted logits at -80 before ``exp`` (weights below e^-80 change nothing,
+    and exp of the very negative numbers would take the CPU's slow path) with the masked ones zeroed after."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        return logits.masked_fill(~keep, float("-inf")).softmax(-1)
-    logits.masked_fill_(~keep, float("-inf"))
-    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        return logits.softmax(-1)          # exp(PAD_LOGIT - max) is exactly 0
+    logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=-80.0).exp_().mul_(keep)
     return logits.div_(logits.sum(-1, keepdim=True))
+
+
+def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of ``logits`` where ``keep`` (bool, broadcast) is True."""
+    return _softmax(logits.masked_fill(~keep, PAD_LOGIT), keep.to(logits.dtype))
 
 
 def _bdot(m: torch.Tensor, e: torch.Tensor, aligned: bool) -> torch.Tensor:
@@ -361,8 +378,14 @@ class MIMIC(nn.Module):
         text = self._pooled_text(views, "context")
         if self.cfg.use_text_unit:
             tokens, mask = self._tokens(views, "sentence")
-            out.text, out.has_tokens, out.key_mask = text, mask.any(1), _keep_one(mask)
-            out.keys, out.values = self.tglu_key(tokens), self.tglu_value(tokens)
+            out.text, out.has_tokens, out.values = text, mask.any(1), self.tglu_value(tokens)
+            # the key mask rides in the attention product: an extra key column, 0 for a key that takes part and
+            # PAD_LOGIT for padding (finite: a matrix product may multiply it by a zero it pads with), against a
+            # query column of ones
+            keep = _keep_one(mask)
+            out.key_keep = keep.to(tokens.dtype)
+            bias = torch.zeros_like(out.key_keep).masked_fill(~keep, PAD_LOGIT)
+            out.keys = torch.cat([self.tglu_key(tokens), bias.unsqueeze(-1)], -1)
         if self.cfg.uses_images:     # the mention is the query of mention -> entity, the key of entity -> mention
             out.has_image, (out.m2e_query, out.m2e_query_norm), (out.e2m_key, out.e2m_value), out.fused = \
                 self._image_side(views, text, getattr(self, "dual_m2e", None), getattr(self, "dual_e2m", None))
@@ -377,7 +400,8 @@ class MIMIC(nn.Module):
             tokens, mask = self._tokens(views, "desc_tokens")
             w = mask.to(tokens.dtype)
             out.text, out.has_tokens, out.cls = text, mask.any(1), self.tglu_cls(text)
-            out.queries = self.tglu_query(tokens) / math.sqrt(self.cfg.hidden)
+            queries = self.tglu_query(tokens) / math.sqrt(self.cfg.hidden)
+            out.queries = torch.cat([queries, torch.ones_like(queries[..., :1])], -1)
             out.token_weight = w / w.sum(1, keepdim=True).clamp(min=1)
         if self.cfg.uses_images:     # the entity is the query of entity -> mention, the key of mention -> entity
             out.has_image, (out.e2m_query, out.e2m_query_norm), (out.m2e_key, out.m2e_value), out.fused = \
@@ -390,16 +414,15 @@ class MIMIC(nn.Module):
     def _text_unit(self, m: MentionSide, e: EntitySide, aligned: bool) -> torch.Tensor:
         g2g = _bdot(m.text, e.text, aligned)
         b, lm, h = m.keys.shape
-        keep = m.key_mask
-        if aligned:                                  # e.queries [B, K, Le, H]: each mention its own K entities
+        if aligned:                                  # e.queries [B, K, Le, H+1]: each mention its own K entities
             k, le = e.queries.shape[1:3]
             logits = torch.matmul(e.queries.reshape(b, k * le, h), m.keys.transpose(1, 2)).view(b, k, le, lm)
-            p = _masked_softmax(logits, keep[:, None, None, :])
+            p = _softmax(logits, m.key_keep[:, None, None, :])
             pooled = torch.matmul(e.token_weight.unsqueeze(-2), p).squeeze(-2)          # [B, K, Lm]
-        else:                                        # e.queries [E, Le, H]: every pair, one matrix product
+        else:                                        # e.queries [E, Le, H+1]: every pair, one matrix product
             k, le = e.queries.shape[:2]
             logits = (e.queries.reshape(k * le, h) @ m.keys.reshape(b * lm, h).T).view(k, le, b, lm)
-            p = _masked_softmax(logits, keep[None, None])
+            p = _softmax(logits, m.key_keep)
             pooled = torch.matmul(e.token_weight.unsqueeze(1), p.view(k, le, b * lm))   # [E, 1, B*Lm]
             pooled = pooled.view(k, b, lm).transpose(0, 1)                              # [B, E, Lm]
         del logits, p

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from nel_model.losses import mimic_loss_sum
-from nel_model.mimic import MIMIC, MIMICConfig, pair_bytes, pair_flops
+from nel_model.mimic import MIMIC, EntitySide, MIMICConfig, pair_bytes, pair_flops
 
 B, E, L, R, DT, DI = 4, 6, 7, 4, 16, 12
 
@@ -62,7 +62,7 @@ def scores(model, mv, ev, candidates=None):
 def test_unit_shapes_and_sides():
     model = make()
     ms, es = model.encode_mentions(mention_views()), model.encode_entities(entity_views())
-    assert ms.keys.shape == (B, L, 8) and es.queries.shape == (E, L, 8) and es.fused.shape == (E, 8)
+    assert ms.keys.shape == (B, L, 9) and es.queries.shape == (E, L, 9) and es.fused.shape == (E, 8)   # H + mask
     assert len(ms) == B and len(es) == E and len(es.rows(slice(1, 3))) == 2
     overall, units = scores(model, mention_views(), entity_views())
     assert set(units) == {"text", "image", "fusion"}
@@ -224,6 +224,9 @@ def test_chunked_scoring_equals_whole_and_single_pairs():
                                 for e in range(E)] for b in range(B)])
     assert torch.allclose(whole, by_entities, atol=1e-5)
     assert torch.allclose(whole, by_mentions, atol=1e-5)
+    with torch.no_grad():      # a KB encoded in blocks and put together scores as one encoded whole
+        blocks = [model.encode_entities({k: v[i:i + 4] for k, v in ev.items()}) for i in range(0, E, 4)]
+        assert torch.allclose(whole, model.pair_scores(ms, EntitySide.cat(blocks)), atol=1e-5)
     assert torch.allclose(whole, single, atol=1e-5)
     # with gradients recorded (the softmax is not done in place) the same scores
     ms_g, es_g = model.encode_mentions(mv), model.encode_entities(ev)
