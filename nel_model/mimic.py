@@ -44,7 +44,6 @@ from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 UNITS = ("text", "image", "fusion")
