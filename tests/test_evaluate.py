@@ -15,7 +15,7 @@ from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.training.batches import make_epoch_plan
 from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.data import FeatureSource, load_mel_data
-from nel_model.training.loop import main as train_main
+from nel_model.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 

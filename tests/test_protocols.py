@@ -167,7 +167,7 @@ def test_tfidf_negatives_share_a_salient_word():
 
 def _cfg(**kw) -> DIMConfig:
     base = dict(text_dim=16, image_dim=12, hidden_size=16, output_size=16, ff_size=32, num_heads=2, num_layers=1,
-                dropout=0.0)
+                dropout=0.0, residual_base="mention")
     return DIMConfig(**{**base, **kw})
 
 
