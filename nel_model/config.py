@@ -274,6 +274,7 @@ class TaskConfig:
     PROG: ClassVar[str] = ""
     DESCRIPTION: ClassVar[str] = ""
     RENAMED: ClassVar[dict[str, str]] = {}
+    PATHS: ClassVar[tuple[str, ...]] = ()      # settings that are folders: recorded and compared resolved
 
     run: RunConfig = _section(RunConfig)
     optim: OptimConfig = _section(OptimConfig)
@@ -357,7 +358,9 @@ class TaskConfig:
             from_config = load_settings(first.config, settings_from_parser(parser), renamed=cls.RENAMED)
             parser.set_defaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in from_config.items()})
         ns = parser.parse_args(argv)
-        cfg = cls.from_flat({k: v for k, v in vars(ns).items() if k != "model"})
+        values = {k: v for k, v in vars(ns).items() if k != "model"}
+        values.update({k: str(Path(values[k]).resolve()) for k in cls.PATHS if values.get(k)})
+        cfg = cls.from_flat(values)
         cfg.given = frozenset(from_config) | _given_dests(parser, argv)
         cfg.check(parser.error)
         cfg.warn_ineffective()
@@ -453,6 +456,7 @@ class TrainConfig(TaskConfig):
     TASK: ClassVar[str] = "dim"
     PROG: ClassVar[str] = "dim-mel train"
     DESCRIPTION: ClassVar[str] = "Train and evaluate the DIM multimodal entity linker on a feature cache."
+    PATHS: ClassVar[tuple[str, ...]] = ("features",)
 
     data: FeaturesConfig = _section(FeaturesConfig)
     model: DIMModelConfig = _section(DIMModelConfig)
@@ -474,9 +478,9 @@ class TrainConfig(TaskConfig):
             if unknown:
                 error(f"--views: unknown view {unknown[0]!r} (views: {', '.join(FEATURE_VIEWS)})")
             left_out = [v for v in views_read(self) if v not in self.data.views]
-            if left_out:
-                error(f"--views leaves out {', '.join(left_out)}, which this model reads (add them, or switch "
-                      "their use off)")
+            if left_out:       # a flag over a config's list (--residual over dim_paper.yaml): the cache may lack it
+                print(f"warning: --views leaves out {', '.join(left_out)}, which this model reads (the feature step "
+                      "encodes only the views listed; add them, or switch their use off)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +537,7 @@ class RerankConfig(TaskConfig):
     # the re-ranker's flags before they took train's names for the same concepts
     RENAMED: ClassVar[dict[str, str]] = {"hidden": "hidden_size", "heads": "num_heads", "layers": "num_layers",
                                          "temperature": "score_temperature"}
+    PATHS: ClassVar[tuple[str, ...]] = ("retriever",)
 
     run: RunConfig = _section(lambda: RunConfig(seed=1))
     optim: OptimConfig = _section(lambda: OptimConfig(epochs=6, lr=1e-3, weight_decay=0.01, warmup_steps=50,

@@ -230,12 +230,13 @@ def test_model_side_faults_are_one_error_line(trained_run, tmp_path, capsys, mon
     assert fails(ev.main, ["--run", str(out), "--device", "cuda:7"]) == \
         "error: --device cuda:7: CUDA is not available on this machine (use --device cpu or auto)"
 
-    from nel_model.training import loop
+    from nel_model import train
+    from nel_model.training import engine
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(loop, "atomic_write_json", full_disk)
-    line = fails(loop.command, ["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(feat),
+    monkeypatch.setattr(engine, "atomic_write_json", full_disk)
+    line = fails(train.command, ["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(feat),
                                 "--output-dir", str(tmp_path / "full"), "--epochs", "1"])
     assert line.startswith(f"error: {tmp_path / 'full' / 'config.json'}: no space left on device")

@@ -31,7 +31,7 @@ ids, with the reason), and gets a zero feature with mask False.
 
 ``--views`` names the views to encode (default: all nine, what the default model reads); ``--config FILE`` takes
 them from a training config's ``views`` key (``configs/dim_paper.yaml`` lists the views DIM's paper model reads,
-without ``mention.context``; ``dim-mel train`` checks that a config's model reads no view its list leaves out). This
+without ``mention.context``; ``dim-mel train`` warns when a config's model reads a view its list leaves out). This
 step reads the plain list and imports nothing of the model (the architecture rule).
 
 For linking new mentions outside the cache (``nel_model/inference/predict.py``) use :func:`load_encoders_from_meta` and
