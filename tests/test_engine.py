@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from data_process.core.durable_io import atomic_write_json
 from nel_model import distributed as D
 from nel_model.config import TaskConfig, opt
-from nel_model.training.engine import Engine, Epoch, Fitted
+from nel_model.training.engine import Engine, Epoch, Fitted, Task
 
 N_TRAIN, N_DEV, N_ENT, DIM = 96, 48, 24, 8
 
@@ -52,7 +52,7 @@ class Scorer(torch.nn.Module):
         return self.mlp(torch.cat([qq, ee, qq * ee], -1)).squeeze(-1)
 
 
-class ToyPairwiseTask:
+class ToyPairwiseTask(Task):
     """Queries are noisy rotations of their gold entity; the scorer learns to match them (in-batch negatives)."""
 
     distributed = False
@@ -101,15 +101,6 @@ class ToyPairwiseTask:
         rank = 1 + (scores > gold).sum(1) + (scores == gold).sum(1) - 1
         return {"full_kb": {"mrr": float((1.0 / rank).mean()), "hits@1": float((rank == 1).double().mean()),
                             "n": N_DEV, "nan": 0}}
-
-    def end_of_epoch(self) -> None:
-        pass
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def finish(self, fitted: Fitted) -> dict[str, Any]:
         results = {"label": fitted.label, "best_epoch": fitted.best_epoch, "epochs_run": fitted.epochs_run,

@@ -33,14 +33,14 @@ from nel_model.config import RerankConfig
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.rerank.feature import FeatureReranker, SplitInputs
 from nel_model.rerank.two_stage import Retriever, write_two_stage_run
-from nel_model.training.engine import Epoch, Fitted, fit
+from nel_model.training.engine import Epoch, Fitted, Task, fit
 
 
 def parse_args(argv: list[str] | None = None) -> RerankConfig:
     return RerankConfig.parse(argv)
 
 
-class FeatureRerankTask:
+class FeatureRerankTask(Task):
     """The feature re-ranker on a retriever's lists, the :class:`~nel_model.training.engine.Task` of
     ``dim-mel rerank``."""
 
@@ -110,15 +110,6 @@ class FeatureRerankTask:
 
     def evaluate_dev(self) -> dict[str, dict[str, float]]:
         return {p: metrics_from_counts(c) for p, c in self.counts("dev").items()}
-
-    def end_of_epoch(self) -> None:
-        pass
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def speed(self) -> dict[str, Any]:
         """Mentions per second on the test lists: re-ranking (inputs built from the lists, then scored) and the

@@ -144,7 +144,9 @@ class Fitted:
 
 
 class Task(Protocol):
-    """What a model brings to the :class:`Engine` (it is built after the engine has seeded the process)."""
+    """What a model brings to the :class:`Engine` (it is built after the engine has seeded the process). A task
+    class may subclass this one to inherit the optional hooks' defaults (:meth:`end_of_epoch`, :meth:`state`,
+    :meth:`load_state`)."""
 
     model: torch.nn.Module          # the module trained and checkpointed (the engine wraps it for DDP / compile)
     distributed: bool               # whether it trains under torchrun (DDP)
@@ -152,42 +154,52 @@ class Task(Protocol):
 
     def model_config(self) -> dict[str, Any]:
         """The model's configuration (checkpointed beside its weights; a resume must match it)."""
+        ...
 
     def resolved(self) -> dict[str, Any]:
         """What ``config.json`` records beside the configuration: the resolved paths, the model's configuration."""
+        ...
 
     def has_candidates(self) -> bool:
         """Whether dev has candidate lists (else a ``candidates:`` selection falls back to ``full_kb:mrr``)."""
+        ...
 
     def train_size(self) -> int:
         """Training examples of an epoch (before a DDP run drops a last batch too small to share)."""
+        ...
 
     def epoch(self, epoch: int) -> Epoch:
         """The training batches of epoch ``epoch`` (0-based): a pure function of the seed, the epoch and the
         task's state (the engine has re-seeded torch's RNG)."""
+        ...
 
     def forward(self, model: torch.nn.Module, batch: Any) -> Any:
         """The model's outputs on one batch (under the engine's autocast)."""
+        ...
 
     def loss(self, outputs: Any, batch: Any, accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss to backpropagate, summed loss of the batch)``: the first is scaled so that the gradients of an
         optimizer step (``accumulation`` micro-batches, every process) average over its examples."""
+        ...
 
     def evaluate_dev(self) -> dict[str, dict[str, float]]:
         """Dev metrics of the current model, ``{protocol: {metric: value}}`` (``full_kb`` at least)."""
-
-    def end_of_epoch(self) -> None:
-        """Work between epochs on the trained model (the retriever's hard-negative table)."""
-
-    def state(self) -> dict[str, Any]:
-        """What else ``last.pt`` holds for an exact resume."""
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state` from a checkpoint."""
+        ...
 
     def finish(self, fitted: Fitted) -> dict[str, Any]:
         """The final evaluation of the best model and the run's records (``results.json`` ...); returns the
         results."""
+        ...
+
+    def end_of_epoch(self) -> None:
+        """Work between epochs on the trained model (the retriever's hard-negative table); none by default."""
+
+    def state(self) -> dict[str, Any]:
+        """What else ``last.pt`` holds for an exact resume; nothing by default."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` from a checkpoint."""
 
 
 class Engine:

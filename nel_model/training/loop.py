@@ -34,7 +34,7 @@ from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM
 from nel_model.runs import ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, RESULTS_FILE
 from nel_model.training.batches import TrainBatches, make_epoch_plan, make_loader
-from nel_model.training.engine import Epoch, Fitted
+from nel_model.training.engine import Epoch, Fitted, Task
 from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.training.tfidf_negatives import TfidfNegatives
 
@@ -63,7 +63,7 @@ def dev_split_advice(data) -> str:
             "convert it with a format that makes one), then prepare and encode it again")
 
 
-class RetrieverTask:
+class RetrieverTask(Task):
     """DIM on a feature cache (:class:`nel_model.config.TrainConfig`), the :class:`~nel_model.training.engine.Task`
     of ``dim-mel train``."""
 
