@@ -539,7 +539,7 @@ class RerankConfig(TaskConfig):
                                          "temperature": "score_temperature"}
     PATHS: ClassVar[tuple[str, ...]] = ("retriever",)
 
-    run: RunConfig = _section(lambda: RunConfig(seed=1))
+    run: RunConfig = _section(lambda: RunConfig(seed=1, device="cpu"))     # CPU-sized (docs/RERANK.md)
     optim: OptimConfig = _section(lambda: OptimConfig(epochs=6, lr=1e-3, weight_decay=0.01, warmup_steps=50,
                                                       patience=2))
     data: RetrieverListsConfig = _section(RetrieverListsConfig)
