@@ -1,7 +1,7 @@
 """Convert a public MEL release to the unified format, validate it, and publish it atomically.
 
     python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified,wikidata} \\
-        --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 70,10,20] \\
+        --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 0.7,0.1,0.2] \\
         [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}] \\
         [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P] \\
         [--language en] [--ids FILE] [--instance-of Q5,Q515] [--min-sitelinks N]
@@ -48,7 +48,7 @@ from data_process.ingest.validate import (IMAGE_CHECKS, REPORT_JSON, REPORT_TXT,
 IMAGE_MODES = (*PLACEMENT_MODES, "none")
 DEFAULT_MAX_INVALID = "1%"
 FORMATS = tuple(READERS)
-DEFAULT_SPLITS = "70,10,20"
+DEFAULT_SPLITS = "0.7,0.1,0.2"
 # what prepare writes into --out: a folder holding anything else is never replaced
 OWN_ENTRIES = frozenset({INFO_FILE, ENTITIES_FILE, MENTIONS_FILE, REPORT_JSON, REPORT_TXT, "images",
                          INCOMPLETE_MARKER})
@@ -207,6 +207,21 @@ def publish(
     return out, report
 
 
+def split_fractions(text: str) -> tuple[float, float, float]:
+    """``--splits``: the train, dev and test fractions (``"0.7,0.1,0.2"``, summing to 1; every share the toolkit
+    takes is a fraction, as ``--dev-from-train``), as the reader's ratios. An older percentage-style value
+    (``70,10,20``) is an error saying what to write."""
+    values = parse_ratios(text)
+    total = sum(values)
+    if abs(total - 1) > 1e-6:
+        if any(v > 1 for v in values):
+            shares = ",".join(f"{v / total:.6g}" for v in values)
+            raise ValueError(f"--splits {text}: the shares are fractions summing to 1: write --splits {shares}")
+        raise ValueError(f"--splits {text}: the fractions must sum to 1, not {total:g}")
+    # the ratios in percent, as the readers have always received them: the same split and split rule as before
+    return tuple(round(100 * v, 9) for v in values)  # type: ignore[return-value]
+
+
 def prepare(
     fmt: str,
     src: str | Path,
@@ -268,7 +283,7 @@ def prepare(
     common = {"dataset_name": dataset_name, "progress": progress, "strict": strict}
     seed = split_seed or 0
     if fmt == "melbench":
-        converted = READERS[fmt](src, seed=seed, splits=parse_ratios(splits or DEFAULT_SPLITS), image_dir=image_dir,
+        converted = READERS[fmt](src, seed=seed, splits=split_fractions(splits or DEFAULT_SPLITS), image_dir=image_dir,
                                  **common)
     elif fmt == "ghmfc":
         converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=None,
                     help="seed of the by-sample split (MELBench; GHMFC with --dev-from-train); default 0")
     ap.add_argument("--splits", default=None,
-                    help=f"train,dev,test ratios of the by-sample split (MELBench only; default {DEFAULT_SPLITS})")
+                    help="train,dev,test fractions of the by-sample split, summing to 1 (MELBench only; default "
+                         f"{DEFAULT_SPLITS})")
     ap.add_argument("--dev-from-train", type=float, default=None, metavar="P",
                     help="GHMFC release without dev.json: make the dev split of a fraction P (0 < P < 1) of the "
                          "train samples, by a seeded hash of the sample ids (recorded in dataset.json)")
@@ -319,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="verify images with PIL (default), only check they exist, or skip")
     add_bool(ap, "quiet", False, "no progress bars")
     args = ap.parse_args(argv)
-    if args.splits is not None:
-        parse_ratios(args.splits)
     prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
             splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
             progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,

@@ -26,6 +26,7 @@ from data_process.core.records import SPLITS
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
+from nel_model.config import eval_settings_of
 from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.encoding import ENCODE_DTYPE, EncodeSettings, encode_entities, encode_mentions, load_run_model
 from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
@@ -43,11 +44,12 @@ class EvalSettings(EncodeSettings):
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
 
 
-def settings_from_config(conf: dict[str, Any], device: torch.device, **override: Any) -> EvalSettings:
-    """The evaluation settings of a run from its flags (``vars(args)`` in training, ``config.json`` after it): the
-    one place both read them, so ``dim-mel evaluate`` measures as the end of training did. ``override``: the
-    command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule`` where given (None = the run's)."""
-    conf = {**conf, **{k: v for k, v in override.items() if v is not None}}
+def settings_from_config(conf: Any, device: torch.device, **override: Any) -> EvalSettings:
+    """The evaluation settings of a run from its configuration (a :class:`nel_model.config.TaskConfig` in training,
+    its ``config.json`` after it, of either format): the one place both read them, so ``dim-mel evaluate`` measures
+    as the end of training did. ``override``: the command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule``
+    where given (None = the run's)."""
+    conf = {**eval_settings_of(conf), **{k: v for k, v in override.items() if v is not None}}
     return EvalSettings(mention_chunk=conf["eval_batch_size"], entity_chunk=conf["entity_chunk"],
                         score_dtype=score_dtype_for(conf["eval_dtype"], device), tie_rule=conf["tie_rule"],
                         candidate_rule=conf["candidate_rule"])
