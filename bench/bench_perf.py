@@ -12,10 +12,10 @@ and reports the speed-up as a ratio of the two measurements:
   Naive references: a per-mention Python loop in fp32 (``scores = E @ q; rank = (scores > gold).sum()``) timed on
   a subset of the mentions and extrapolated linearly (the JSON says so), and a per-entity Dataset + default collate
   fp32 KB encode.
-* ``train``: one epoch of the real trainer (:class:`nel_model.train.Trainer`, ``train_epoch``: epoch plan,
-  whole-batch gathers, AMP and features on the GPU when they fit) on a synthetic feature cache with WikiMEL
-  sizes, vs a per-sample Dataset of dicts + default collate + fp32 + ``num_workers=0`` loop with the same model,
-  loss, optimizer, mentions and negatives; plus one full-KB encode of each kind.
+* ``train``: one epoch of the real trainer (:class:`nel_model.training.engine.Engine` with the retriever task,
+  ``train_epoch``: epoch plan, whole-batch gathers, AMP and features on the GPU when they fit) on a synthetic feature
+  cache with WikiMEL sizes, vs a per-sample Dataset of dicts + default collate + fp32 + ``num_workers=0`` loop with
+  the same model, loss, optimizer, mentions and negatives; plus one full-KB encode of each kind.
 * ``features``: CLIP ViT-B/32 (random weights from the default ``CLIPConfig``) image features through our path
   (``data_process.encode.features``: DataLoader decode workers, batches, fp16 on GPU) vs one image at a time with
   ``CLIPImageProcessor`` in fp32, and the decode-only rate (decode + resize + normalise, same workers): the
@@ -339,12 +339,13 @@ def faiss_case(q: torch.Tensor, ent: torch.Tensor, sc: dict[str, Any], reps: int
 
 def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[str, Any]:
     from nel_model import distributed as D
-    from nel_model.args import parse_args
+    from nel_model.config import dim_config, parse_train_args
     from nel_model.training.batches import make_epoch_plan
     from nel_model.encoding import encode_entities
     from nel_model.losses import triplet_loss_sum
-    from nel_model.nel import DIM, config_from_args
-    from nel_model.training.loop import Trainer, make_optimizer
+    from nel_model.nel import DIM
+    from nel_model.training.engine import Engine, make_optimizer
+    from nel_model.training.loop import RetrieverTask
 
     n_train, E, batch, reps = sc["train_mentions"], sc["train_kb"], sc["batch"], sc["repeats"]
     log(f"train: writing a {n_train}-mention / {E}-entity feature cache")
@@ -352,15 +353,16 @@ def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict
     _, feat = write_store(tmp / "train", E, n_train=n_train, n_dev=8)
     write_s = time.perf_counter() - t0
     det_before = torch.are_deterministic_algorithms_enabled()
-    args = parse_args(train_args(feat, tmp / "run", device, batch))
-    trainer = Trainer(args, D.DistInfo(device=device))
-    data = trainer.data
+    args = parse_train_args(train_args(feat, tmp / "run", device, batch))
+    trainer = Engine(args, RetrieverTask, D.DistInfo(device=device))
+    task = trainer.task
+    data = task.data
     full_rows = data.splits["train"]
     out: dict[str, Any] = {"train_mentions": n_train, "kb": E, "batch_size": batch, "store_write_s": write_s,
-                           "trainer": {"amp": str(trainer.amp_dtype), "features_on_device": trainer.source.on_device,
-                                       "num_workers": args.num_workers, "deterministic": args.deterministic,
-                                       "compile": args.compile, "loss": args.loss,
-                                       "num_negatives": args.num_negatives}}
+                           "trainer": {"amp": str(trainer.amp_dtype), "features_on_device": task.source.on_device,
+                                       "num_workers": args.data.num_workers, "deterministic": args.run.deterministic,
+                                       "compile": args.optim.compile, "loss": args.loss.loss,
+                                       "num_negatives": args.loss.num_negatives}}
 
     def epoch(rows):
         data.splits["train"] = rows
@@ -372,7 +374,7 @@ def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict
     sync(device)
     ours = bench(lambda: epoch(full_rows), device, max(1, reps // 2), warmup=0)
     data.splits["train"] = full_rows
-    enc = bench(lambda: encode_entities(trainer.model, trainer.source, device, trainer.eval_settings), device, reps)
+    enc = bench(lambda: encode_entities(trainer.model, task.source, device, task.eval_settings), device, reps)
     out["ours"] = {"epoch_s": ours["median_s"], "mentions_per_s": n_train / ours["median_s"],
                    "epochs_timed": ours["repeats"], "kb_encode_s": enc["median_s"],
                    "step_ms": 1000 * ours["median_s"] / math.ceil(n_train / batch),
@@ -380,11 +382,11 @@ def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict
     del trainer
     out["batch_sweep"] = []
     for b in sc.get("batch_sweep", ()):                  # the best batch size for this GPU
-        t_args = parse_args(train_args(feat, tmp / f"run_b{b}", device, b))
-        tr_b = Trainer(t_args, D.DistInfo(device=device))
+        t_args = parse_train_args(train_args(feat, tmp / f"run_b{b}", device, b))
+        tr_b = Engine(t_args, RetrieverTask, D.DistInfo(device=device))
 
         def epoch_b(rows, tr_b=tr_b):
-            tr_b.data.splits["train"] = rows
+            tr_b.task.data.splits["train"] = rows
             tr_b.train_epoch()
             tr_b.epoch += 1
 
@@ -398,12 +400,13 @@ def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict
 
     # naive: same model config, loss, optimizer, mentions and negatives; per-sample items, default collate, fp32
     log("train: naive epoch")
-    model = DIM(config_from_args(args, data)).to(device)
-    opt = make_optimizer(model, args.lr, args.weight_decay)
+    model = DIM(dim_config(args.model, data)).to(device)
+    opt = make_optimizer(model, args.optim.lr, args.optim.weight_decay)
     mviews, eviews = model.cfg.mention_views(), model.cfg.entity_views()
 
     def naive_epoch(rows, ep=0):
-        plan = make_epoch_plan(args.seed, ep, rows, data.gold, data.num_entities, batch, args.num_negatives)
+        plan = make_epoch_plan(args.run.seed, ep, rows, data.gold, data.num_entities, batch,
+                               args.loss.num_negatives)
         loader = torch.utils.data.DataLoader(NaiveTrain(data, plan, mviews, eviews), batch_size=batch,
                                              shuffle=False, num_workers=0)
         model.train()
@@ -413,9 +416,9 @@ def train_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict
             ents = {k: torch.cat([b["pos"][k], b["neg"][k].reshape(G * nn_, *b["neg"][k].shape[2:])]).to(device)
                     for k in b["pos"]}
             qv, ev = model(m, ents)
-            loss = triplet_loss_sum(qv, ev, 0, G, G, nn_, args.margin) / G
+            loss = triplet_loss_sum(qv, ev, 0, G, G, nn_, args.loss.margin) / G
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.optim.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -442,23 +445,25 @@ def step_phases(trainer, rows: np.ndarray, device: torch.device) -> dict[str, fl
     from nel_model.data import to_device
     from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 
-    a = trainer.args
-    plan = make_epoch_plan(a.seed, 0, rows, trainer.data.gold, trainer.data.num_entities, a.batch_size,
-                           a.num_negatives)
-    ds = TrainBatches(plan, trainer.source)
+    a, task = trainer.cfg, trainer.task
+    plan = make_epoch_plan(a.run.seed, 0, rows, task.data.gold, task.data.num_entities, a.optim.batch_size,
+                           a.loss.num_negatives)
+    ds = TrainBatches(plan, task.source)
     trainer.train_model.train()
     tot = dict.fromkeys(("gather", "forward", "loss", "backward", "step"), 0.0)
-    it = iter(make_loader(ds, 0, a.num_workers, False))
+    it = iter(make_loader(ds, 0, a.data.num_workers, False))
     for _ in range(len(ds)):
         marks = [time.perf_counter()]
         batch = to_device(next(it), device)
         sync(device), marks.append(time.perf_counter())
         lo, hi = batch["local"]
         with trainer._autocast():
-            q, e = trainer.train_model(batch["mention"], batch["entity"], normalize=a.loss in NORMALISED_LOSSES)
+            q, e = trainer.train_model(batch["mention"], batch["entity"],
+                                       normalize=a.loss.loss in NORMALISED_LOSSES)
         sync(device), marks.append(time.perf_counter())
-        loss = batch_loss_sum(a.loss, q.float(), e.float(), batch["entity_rows"], lo, hi, batch["global_n"],
-                              batch["num_negatives"], a.margin, a.temperature, a.npair_l2) / batch["global_n"]
+        c = a.loss
+        loss = batch_loss_sum(c.loss, q.float(), e.float(), batch["entity_rows"], lo, hi, batch["global_n"],
+                              batch["num_negatives"], c.margin, c.temperature, c.npair_l2) / batch["global_n"]
         sync(device), marks.append(time.perf_counter())
         trainer.scaler.scale(loss).backward()
         sync(device), marks.append(time.perf_counter())

@@ -178,15 +178,15 @@ ZERO_ROWS = ("mention_vs_name", "context_vs_name_description", "mention_vs_name_
 def untrained_ranks(config: Path, feats: Path, data, rows: np.ndarray, extra: list[str]) -> torch.Tensor:
     """Full-KB pessimistic ranks of the untrained model of ``config`` (+ ``extra`` flags) on ``rows``."""
     from nel_model import distributed as D
-    from nel_model.args import parse_args
+    from nel_model.config import dim_config, parse_train_args
     from nel_model.data import FeatureSource
     from nel_model.evaluation.evaluate import EvalSettings, split_counts
-    from nel_model.nel import DIM, config_from_args
+    from nel_model.nel import DIM
 
-    args = parse_args(["--config", str(config), "--features", str(feats), "--no_image", "--output_dir", "unused",
+    args = parse_train_args(["--config", str(config), "--features", str(feats), "--no_image", "--output_dir", "unused",
                        *extra])
-    cfg = config_from_args(args, data)
-    torch.manual_seed(args.seed)
+    cfg = dim_config(args.model, data)
+    torch.manual_seed(args.run.seed)
     model = DIM(cfg).eval()
     source = FeatureSource(data, cfg.mention_views(), cfg.entity_views())
     counts = split_counts(model, data, source, rows, D.DistInfo(device=torch.device("cpu")), EvalSettings())
@@ -474,10 +474,12 @@ def _model_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _config_fingerprint(config: Path) -> str:
     """What our default's rows were made with: the resolved settings of its config file."""
     from data_process.core.fingerprints import stable_hash
-    from nel_model.args import parse_args
+    from nel_model.config import parse_train_args
 
-    args = vars(parse_args(["--config", str(config)]))
-    return stable_hash({k: v for k, v in args.items() if k not in ("given", "config")})
+    args = parse_train_args(["--config", str(config)]).flat()
+    # views: a setting added since, at its default (every view) the same configuration as before it existed
+    return stable_hash({k: list(v) if isinstance(v, tuple) else v for k, v in args.items()
+                        if k != "config" and not (k == "views" and not v)})
 
 
 def _previous(results_dir: Path | None) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from nel_model.data import FeatureSource
-from nel_model.nel import DIM, DIMConfig
+from nel_model.config import dim_config_from_saved
+from nel_model.nel import DIM
 from nel_model.runs import checkpoint_path, load_checkpoint
 
 
@@ -81,9 +82,7 @@ def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
     """The model of a run folder at ``checkpoint`` (best or last) on ``device``, and the checkpoint's record."""
     ckpt = load_checkpoint(checkpoint_path(run, checkpoint))
-    cfg = DIMConfig(**{**ckpt["model_config"], "profile_rows": tuple(ckpt["model_config"]["profile_rows"]),
-                       "profile_use": tuple(ckpt["model_config"]["profile_use"])})
-    model = DIM(cfg)
+    model = DIM(dim_config_from_saved(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

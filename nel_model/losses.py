@@ -67,6 +67,31 @@ def npair_loss_sum(queries: torch.Tensor, entities: torch.Tensor, lo: int, hi: i
     return (torch.logsumexp(logits, 1) + reg).sum()
 
 
+def mimic_loss_sum(overall: torch.Tensor, units, lo: int, hi: int,
+                   entity_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """MIMIC's official loss on pairwise scores, summed over local mentions: the in-batch cross-entropy of the
+    overall score plus that of each unit's score, all weighted 1 (``lightning_mimic.py``: ``overall_loss +
+    text_loss + image_loss + image_text_loss``), on raw scores (no temperature).
+
+    ``overall`` and each of ``units`` (a sequence, or a dict of the units switched on) are ``[b, G]``: this
+    process's mentions ``[lo, hi)`` of the global batch against the G gold entities of the global batch, so mention
+    ``i``'s gold is column ``lo + i``. As in the official code, another copy of the gold in the batch (a mention with
+    the same gold) counts as a negative; pass ``entity_rows`` ([G], the batch entities' KB rows) to mask copies out
+    as :func:`infonce_loss_sum` does."""
+    scores = [overall, *(units.values() if isinstance(units, dict) else units)]
+    target = torch.arange(lo, hi, device=overall.device)
+    same = None
+    if entity_rows is not None:
+        rows = entity_rows.to(overall.device)
+        same = rows.unsqueeze(0) == rows[lo:hi].unsqueeze(1)                       # [b, G]
+        same[torch.arange(hi - lo, device=overall.device), target] = False
+    total = overall.new_zeros((), dtype=torch.float32)
+    for s in scores:
+        logits = s.float() if same is None else s.float().masked_fill(same, float("-inf"))
+        total = total + F.cross_entropy(logits, target, reduction="sum")
+    return total
+
+
 NORMALISED_LOSSES = ("triplet", "infonce")   # losses on cosines; npair works on raw dot products
 
 

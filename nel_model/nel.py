@@ -9,8 +9,10 @@ and added to the raw features::
 
 so an untrained model scores exactly the zero-shot cosine(mention feature, description feature).
 
-Every choice where this model differs from the DIM paper or its code is a field of :class:`DIMConfig` (a training
-flag); ``configs/dim_paper.yaml`` sets them all to the paper's choices. The table is docs/DIVERGENCES.md.
+Every choice where this model differs from the DIM paper or its code is a field of :class:`DIMConfig`;
+``configs/dim_paper.yaml`` sets them all to the paper's choices. The table is docs/DIVERGENCES.md. This file knows no
+flag names: :func:`nel_model.config.dim_config` builds a :class:`DIMConfig` from the typed training configuration (the
+defaults of which are this class's) and the views of a feature cache.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ SWITCH_CHOICES: dict[str, tuple[str, ...]] = {
 class DIMConfig:
     text_dim: int
     image_dim: int
-    hidden_size: int = 512
-    output_size: int = 512
+    hidden_size: int = 512        # 0: the text feature size (resolved on construction)
+    output_size: int = 0          # 0: the text feature size (resolved on construction: the residual start)
     ff_size: int = 2048
     num_heads: int = 8
     num_layers: int = 2
@@ -64,10 +66,12 @@ class DIMConfig:
     query_input: str = "projected"       # "raw": q = W(Dropout(sum of the RAW view features)) (DIM's code)
     caption_constant: bool = False       # with "raw": the projected caption is added to every query, proj(0) where
                                          # a mention has none (DIM's code: a learned constant)
-    residual_base: str = "mention"       # what the residual adds to the query: the mention feature, the pooled
+    residual_base: str = "mix"           # what the residual adds to the query: the mention feature, the pooled
                                          # context feature, or a learned mix of both (starting at the context)
 
     def __post_init__(self):
+        self.hidden_size = self.hidden_size or self.text_dim
+        self.output_size = self.output_size or self.text_dim
         for name, allowed in SWITCH_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -143,32 +147,6 @@ class DIMConfig:
         if self.use_profile:
             v.append("profile")
         return tuple(v)
-
-
-def config_from_args(args, data) -> DIMConfig:
-    """Build a :class:`DIMConfig` from parsed flags and a :class:`nel_model.data.MELData` (views present)."""
-    mv, ev = set(data.mention_views), set(data.entity_views)
-    rows = tuple(data.profile_rows)
-    on = {"enrichment": args.enrichment, "caption": args.caption}
-    use = tuple(on.get(r, True) for r in rows)
-    has_img_dim = data.image_dim > 0
-    # the pooled context view: a residual base only where the cache has it (older caches: the mention feature)
-    residual_base = args.residual_base if args.sentence and "context" in mv else "mention"
-    return DIMConfig(
-        text_dim=data.text_dim, image_dim=data.image_dim, hidden_size=args.hidden_size or data.text_dim,
-        output_size=args.output_size or data.text_dim,
-        ff_size=args.ff_size, num_heads=args.num_heads, num_layers=args.num_layers, dropout=args.dropout,
-        residual=args.residual,
-        use_sentence=args.sentence and "sentence" in mv,
-        use_image=args.image and args.global_image and "image" in mv and has_img_dim,
-        use_regions=args.image and args.regions and "regions" in mv and has_img_dim,
-        profile_rows=rows, profile_use=use if "profile" in mv else tuple(False for _ in rows),
-        use_entity_image=args.entity_image and "image" in ev and has_img_dim,
-        use_entity_profile=args.entity_profile and "profile" in ev,
-        sentence_fusion=args.sentence_fusion, image_fusion=args.image_fusion, profile_pool=args.profile_pool,
-        shared_attention=args.shared_attention, entity_tower=args.entity_tower, init=args.init,
-        query_input=args.query_input, caption_constant=args.caption_constant, residual_base=residual_base,
-    )
 
 
 class Projection(nn.Sequential):

@@ -47,6 +47,8 @@ RETRIEVAL_DIR = "retrieval"       # RUN/retrieval/<split>.jsonl: the same lines 
 PROTOCOLS = ("full_kb", "candidates")
 METRIC_KEYS = ("mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20")
 HITS_KS = (1, 3, 5, 10, 20)
+TIE_RULES = ("pessimistic", "strict", "mean")   # how ties count (nel_model.evaluation.metrics)
+CANDIDATE_RULES = ("dim", "in_list")             # how a gold missing from its candidate list counts
 DEFAULT_TIE_RULE = "pessimistic"  # what results.json files without a "tie_rule" field were measured with
 
 
@@ -236,8 +238,9 @@ def two_stage_of(run_dir: str | Path) -> dict[str, Any] | None:
         return info
     conf = load_config(run_dir, required=False)
     if isinstance(conf.get("reranker"), dict) and "retriever_resolved" in conf:
+        settings = conf["config"]["data"] if isinstance(conf.get("config"), dict) else conf   # format 2, or flat
         return {"retriever": {"run": conf["retriever_resolved"], "label": None,
-                              "checkpoint": conf.get("retriever_checkpoint", "best")},
+                              "checkpoint": settings.get("retriever_checkpoint", "best")},
                 "top_k": conf["reranker"].get("top_k"), "reranker": {"kind": "feature"}}
     return None
 
@@ -505,31 +508,6 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-# Flags a resumed run may change (``--resume``): how far it runs and how fast, never what it computes.
-RESUME_MAY_CHANGE = frozenset({"epochs", "stop_after_epochs", "stop_after_steps", "resume", "overwrite", "force",
-                               "tensorboard", "threads", "num_workers", "pin_memory", "device", "data_on_device",
-                               "world_size", "compile", "config"})
-
-
-def check_resume_config(run_dir: str | Path, conf: dict[str, Any], force: bool = False) -> None:
-    """``--resume`` continues a run only with its own configuration (``config.json``): a difference in anything
-    but the stopping and performance flags (:data:`RESUME_MAY_CHANGE`; ``epochs`` may grow) is a :class:`RunError`
-    naming the flags, unless ``force`` (training and the re-ranker's training both check this way)."""
-    run_dir = Path(run_dir)
-    old = load_config(run_dir, required=False)
-    if not old or force:
-        return
-    conf = json.loads(json.dumps(conf))          # as config.json holds it (tuples are lists there)
-    differ = [k for k in sorted(set(old) | set(conf)) if k not in RESUME_MAY_CHANGE and old.get(k) != conf.get(k)]
-    if conf["epochs"] < old.get("epochs", 0):
-        differ.insert(0, "epochs")
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {conf.get(k)!r} (the run's: {old.get(k)!r})" for k in differ)
-        raise RunError(f"{run_dir / CONFIG_FILE}: --resume with a configuration other than the run's: {shown}; "
-                       "resume with the run's flags (only the stopping flags may change, and --epochs may grow), "
-                       "or pass --force to continue with the new ones (config.json then records them)")
 
 
 def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:

@@ -76,8 +76,9 @@ fi
 
 echo "== [two-stage] retrieve the top 10 with the full run, train the feature re-ranker on them -> ${OUT}/runs/two_stage"
 "${PY}" -m nel_model.inference.retrieve --run "${OUT}/runs/full" --top-k 10 > /dev/null
+# configs/rerank.yaml's re-ranker (the command's defaults), trained 8 epochs with patience 3 on the demo's small lists
 "${PY}" -m nel_model.rerank.train_feature --retriever "${OUT}/runs/full" --output-dir "${OUT}/runs/two_stage" \
-  --label "ours + feature re-ranker (K=10)" --seed "${SEED}" --overwrite --threads 1
+  --label "ours + feature re-ranker (K=10)" --seed "${SEED}" --overwrite --threads 1 --epochs 8 --patience 3
 RUNS+=("${OUT}/runs/two_stage")
 echo "== [evaluate] dim-mel evaluate of the two-stage run: its results.json, recomputed"
 "${PY}" -m nel_model.evaluate --run "${OUT}/runs/two_stage" --split test

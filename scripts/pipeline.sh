@@ -89,7 +89,8 @@ run_pipeline() {
   echo "== [4/5] features (${clip}) -> ${feats}"
   local -a enc=(--clip "${clip}" "${feature_flags[@]}")
   [ -n "${text_encoder}" ] && enc+=(--text-encoder "${text_encoder}")
-  "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" "${enc[@]}"
+  # the views the config's model reads (its views: list; no list: every view)
+  "${py}" -m data_process.encode.features --data "${current}" --out "${feats}" --config "${config}" "${enc[@]}"
 
   # our default model is "ours"; a --preset (the DIM paper's model) is "DIM (PRESET)"; "+": LLM-enriched data
   local label="ours"; [ -n "${preset}" ] && label="DIM"

@@ -9,6 +9,8 @@ Actions: ``ok`` (valid JSON answer), ``text`` (this exact content), ``malformed`
 client's timeout), ``close`` (close the connection without any response), ``body`` (HTTP 200 with this exact body,
 e.g. not JSON: a broken proxy), ``value`` (HTTP 200 whose message content is this JSON value, e.g. a number),
 ``logprobs`` (this content, with ``choices[0].logprobs`` in the OpenAI form: the first token's ``top_logprobs``).
+Any answer's ``usage`` block can be replaced (``Action.ok().with_usage({"prompt_tokens": "12"})``: a server that
+bills in odd types).
 
 Standalone (benchmarks, manual runs)::
 
@@ -24,9 +26,12 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+
+SERVER_USAGE = object()  # an Action's default ``usage``: the server's own token counts
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class Action:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    usage: Any = SERVER_USAGE
+
+    def with_usage(self, usage: Any) -> "Action":
+        """This action with ``usage`` as the answer's whole ``usage`` field (any JSON value)."""
+        return replace(self, usage=usage)
 
     @staticmethod
     def ok() -> "Action":
@@ -250,6 +260,8 @@ class FakeOpenAIServer:
         else:
             content = default_answer(body)
         completion = self._completion(body, content, index)
+        if action.usage is not SERVER_USAGE:
+            completion["usage"] = action.usage
         if action.kind == "logprobs":
             first = action.top_logprobs[0] if action.top_logprobs else (content, 0.0)
             completion["choices"][0]["logprobs"] = {"content": [{

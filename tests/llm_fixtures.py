@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
+from data_process.core.durable_io import JsonlCache
 from data_process.core.records import DatasetInfo, Entity, Mention, save_dataset
-from fake_openai_server import FakeOpenAIServer
+from fake_openai_server import Action, FakeOpenAIServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +54,53 @@ def read_jsonl(path: Path) -> list[dict]:
 def fake_server():
     with FakeOpenAIServer() as srv:
         yield srv
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a command run as a child process: this checkout first, no API key from the caller."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    return env
+
+
+def race_two_writers(srv: FakeOpenAIServer, cmd: list[str],
+                     respond: Callable[[dict[str, Any], int], Action | None] | None = None
+                     ) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """Run ``cmd`` twice against ``srv``: the first process's first request is held at the server until the second
+    process has run to its end (so both want the same output at once); then the first one finishes. ``respond``
+    answers every request (the server's default when None). Returns both finished processes (first, second)."""
+    started, release = threading.Event(), threading.Event()
+
+    def responder(body: dict[str, Any], index: int) -> Action | None:
+        if index == 0:
+            started.set()
+            release.wait(120)
+        return respond(body, index) if respond is not None else None
+
+    srv.responder = responder
+    first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        if not started.wait(120):
+            first.kill()
+            raise AssertionError(f"the first process sent no request: {first.communicate(timeout=60)[1][-2000:]}")
+        second = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        release.set()
+        out, err = first.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, first.returncode, out, err), second
+
+
+def full_disk_from(monkeypatch, n: int) -> list[str]:
+    """Answer-cache writes fail with ENOSPC from the ``n``-th on, nothing of them written (a full disk); returns the
+    keys written before."""
+    real, written = JsonlCache.put, []
+
+    def put(self, key, record):
+        if len(written) + 1 >= n:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        written.append(key)
+        return real(self, key, record)
+
+    monkeypatch.setattr(JsonlCache, "put", put)
+    return written

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.training.loop import main as train_main
+from nel_model.train import main as train_main
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.args import parse_args
+from nel_model.config import parse_train_args as parse_args
 from nel_model.losses import batch_loss_sum, npair_loss_sum
 from nel_model.nel import DIM, DIMConfig
 
@@ -110,9 +110,10 @@ def test_context_view_text_is_the_mention_in_its_sentence():
 
 
 def test_dim_code_preset_resolves_to_the_code(tmp_path):
-    args = parse_args(["--config", str(ROOT / "configs" / "dim_code.yaml")])
-    assert (args.query_input, args.sentence_fusion, args.npair_negatives, args.loss, args.hidden_size,
-            args.caption_constant, args.regions, args.entity_tower) == \
+    cfg = parse_args(["--config", str(ROOT / "configs" / "dim_code.yaml")])
+    m = cfg.model
+    assert (m.query_input, m.sentence_fusion, cfg.loss.npair_negatives, cfg.loss.loss, m.hidden_size,
+            m.caption_constant, m.regions, m.entity_tower) == \
         ("raw", "pooled", "batch", "npair", 0, True, False, "frozen")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.training.loop import main as train_main
+from nel_model.train import main as train_main
 
 pytestmark = pytest.mark.slow
 

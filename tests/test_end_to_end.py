@@ -183,10 +183,12 @@ def test_wiki_launcher_paper_preset_trains_dim_as_the_paper_describes(mimic_rele
     proc = _run_wiki_sh(mimic_release, work, "--preset", "dim_paper", "--detector", str(detector))
     meta = json.loads((work / "features" / "meta.json").read_text())
     assert meta["regions"]["mode"] == "detector" and meta["regions"]["labels"] == ["person"]
+    assert "mention.context" not in meta["views"] and "entity.image" not in meta["views"]   # views the model reads
     run = work / "runs" / "DIM_dim_paper_seed1"
     conf = json.loads((run / "config.json").read_text())
-    assert conf["model_config"]["entity_tower"] == "frozen" and conf["loss"] == "npair"
-    assert conf["negatives"] == "tfidf" and conf["tie_rule"] == "strict"
+    settings = {k: v for section in conf["config"].values() for k, v in section.items()}
+    assert conf["model_config"]["entity_tower"] == "frozen" and settings["loss"] == "npair"
+    assert settings["negatives"] == "tfidf" and settings["tie_rule"] == "strict"
     results = json.loads((run / "results.json").read_text())
     assert results["label"] == "DIM (dim_paper)" and results["tie_rule"] == "strict"
     assert "| DIM (dim_paper) | 1 | " in proc.stdout

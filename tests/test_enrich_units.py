@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from data_process.augment.enrich import estimate_cost, model_price
+from data_process.augment.paid_calls import estimate_cost, model_price
 from data_process.augment.llm_client import (
     LLMConfig, TokenBucket, backoff_delay, parse_retry_after, response_format_body,
 )

@@ -15,7 +15,7 @@ from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.training.batches import make_epoch_plan
 from nel_model.training.hard_negatives import hard_negative_table
 from nel_model.data import FeatureSource, load_mel_data
-from nel_model.training.loop import main as train_main
+from nel_model.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,12 +230,13 @@ def test_model_side_faults_are_one_error_line(trained_run, tmp_path, capsys, mon
     assert fails(ev.main, ["--run", str(out), "--device", "cuda:7"]) == \
         "error: --device cuda:7: CUDA is not available on this machine (use --device cpu or auto)"
 
-    from nel_model.training import loop
+    from nel_model import train
+    from nel_model.training import engine
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(loop, "atomic_write_json", full_disk)
-    line = fails(loop.command, ["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(feat),
+    monkeypatch.setattr(engine, "atomic_write_json", full_disk)
+    line = fails(train.command, ["--config", str(ROOT / "configs/synthetic.yaml"), "--features", str(feat),
                                 "--output-dir", str(tmp_path / "full"), "--epochs", "1"])
     assert line.startswith(f"error: {tmp_path / 'full' / 'config.json'}: no space left on device")

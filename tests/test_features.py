@@ -333,3 +333,25 @@ def test_images_placed_by_a_later_step_are_read_not_refused(tmp_path):
     assert without < len(mentions)
     assert summary["images"]["mention"] == {**summary["images"]["mention"], "failed": 0, "no_image": without}
     assert summary["images"]["entity"]["failed"] == 0
+
+
+def test_the_feature_step_encodes_the_views_a_config_or_views_names(assets, tmp_path, capsys):
+    """``--config`` takes a training config's ``views`` list (what its model reads: no ``mention.context`` for the
+    paper's model), ``--views`` names them; a later run adds a view without touching the others."""
+    data, clip = assets
+    out = tmp_path / "f"
+    common = ["--data", str(data), "--out", str(out), "--clip", str(clip), "--max_len", "12", "--region_grid", "2",
+              "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]
+    paper = Path(__file__).resolve().parents[1] / "configs" / "dim_paper.yaml"
+    assert features.main(common + ["--config", str(paper)]) == 0
+    assert sorted(FeatureStore(out).meta()["views"]) == sorted(features.views_of_config(paper)) == sorted(
+        v for v in VIEWS if v not in ("mention.context", "entity.image"))
+    assert "left out mention.context, entity.image (not in --views)" in capsys.readouterr().out
+    before = _arrays(out)
+    assert features.main(common + ["--views", "mention.context", "--config", str(paper)]) == 0     # --views wins
+    assert sorted(FeatureStore(out).meta()["views"]) == sorted(v for v in VIEWS if v != "entity.image")
+    after = _arrays(out)
+    assert all(np.array_equal(after[name], arr) for name, arr in before.items())
+    assert features.views_of_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml") is None
+    with pytest.raises(ValueError, match="--views: unknown view 'mention.caption'"):
+        features.main(common + ["--views", "mention.caption"])

@@ -443,3 +443,196 @@ def test_split_flags_on_a_format_whose_release_fixes_the_splits_are_errors(tmp_p
     assert first_line(capsys.readouterr().err) == (
         "error: --splits is only for --format melbench: a ghmfc release fixes its splits (--dev-from-train P makes "
         "a dev split of a GHMFC release without one)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26, item 10: JSON nested deeper than any record needs is one error naming file, line and field, never a
+# RecursionError, in every JSON reader (JSON Lines: unified, link; whole files: the releases) and every check
+
+
+def deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+def test_deeply_nested_json_is_one_error_naming_file_line_and_field(tmp_path, capsys):
+    from nel_model.inference.linker import read_mentions as link_input
+
+    root = tmp_path / "uni"
+    save_dataset(root, DatasetInfo("u", "t"), [Entity("E1", "One")], [Mention("m1", "One", "One", "E1", "train")])
+    good = (root / "entities.jsonl").read_text()
+    # a line nested 100,000 deep
+    (root / "entities.jsonl").write_text(good + deep(100_000) + "\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert str(err.value) == (f"{root / 'entities.jsonl'}, line 2: nested 100,000 levels deep; JSON input may nest "
+                              "arrays and objects at most 100 levels")
+    # an extra field 900 deep: the field is named
+    (root / "entities.jsonl").write_text(good + '{"id": "E2", "name": "Two", "x": ' + deep(900) + "}\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    assert str(err.value) == (f"{root / 'entities.jsonl'}, line 2, field 'x': nested 901 levels deep; JSON input "
+                              "may nest arrays and objects at most 100 levels")
+    rep = val.validate_dataset(root, progress=False)
+    assert rep.errors["malformed_records"] == 1 and rep.entities == 1
+    conv = read_unified(root, progress=False)
+    assert [(d.record, d.field) for d in conv.dropped] == [("line 2", "x")] and len(conv.entities) == 1
+    assert run_cli(prep.main, ["--format", "unified", "--src", str(root), "--out", str(tmp_path / "o"), "--quiet",
+                               "--strict"]) == 2
+    assert first_line(capsys.readouterr().err) == (f"error: {root / 'entities.jsonl'}, line 2, field 'x': nested 901 "
+                                                   "levels deep; JSON input may nest arrays and objects at most 100 "
+                                                   "levels\n")
+    # link's (and predict's) JSON Lines input
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n'
+                       '{"id": "q2", "sentence": "One", "mention": "One", "caption": ' + deep(5000) + "}\n")
+    with pytest.raises(DataError) as err:
+        list(link_input(queries))
+    assert str(err.value) == (f"{queries}, line 2, field 'caption': nested 5,001 levels deep; JSON input may nest "
+                              "arrays and objects at most 100 levels")
+    # dataset.json
+    (root / "dataset.json").write_text(deep(100_000))
+    with pytest.raises(DataError, match=r"dataset.json, file: not a valid dataset info object \(nested 100,000 "):
+        load_dataset(root)
+    assert val.validate_dataset(root, progress=False).errors["bad_dataset_info"] == 1
+
+
+def test_deeply_nested_release_files_name_the_file_and_record(tmp_path):
+    src = make_mimic(tmp_path / "rel")
+    kb = json.loads((src / "kb_entity.json").read_text())
+    (src / "kb_entity.json").write_text(json.dumps(kb)[:-1] + ', {"qid": "Q9", "id": 9, "x": ' + deep(900) + "}]")
+    with pytest.raises(DataError) as err:
+        read_mimic(src, progress=False)
+    assert str(err.value) == (f"{src / 'kb_entity.json'}, item 3: nested 902 levels deep; JSON input may nest "
+                              "arrays and objects at most 100 levels")
+    (src / "kb_entity.json").write_text(deep(100_000))
+    with pytest.raises(DataError, match=r"kb_entity.json, item 0: nested 100,000 levels deep"):
+        read_mimic(src, progress=False)
+    rel = make_release(tmp_path / "gh")
+    (rel / "qid2abs.json").write_text('{"Q1": "a", "Q2": ' + deep(3000) + "}")
+    with pytest.raises(DataError, match=r"qid2abs.json, key 'Q2': nested 3,001 levels deep"):
+        read_ghmfc(rel, progress=False)
+
+
+def test_the_record_checks_walk_any_depth_without_recursion():
+    value: object = "x" + LONE
+    for _ in range(20_000):
+        value = [value]
+    assert records.lone_surrogate({"a": 1, "b": value}) == ("b", "holds a lone surrogate '\\ud83d' (not Unicode "
+                                                             "text; cannot be written as UTF-8)")
+    assert records.record_json_problem([value])[0] == "0"
+    fixed = records.replace_surrogates({"k": value})
+    assert records.lone_surrogate(fixed) is None and records.value_depth(fixed) == 20_001
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26, item 15: a bad non-essential field is mended and listed as a warning; the record stays (every reader)
+
+
+def test_a_lone_surrogate_in_a_ghmfc_description_keeps_the_entity_and_its_mentions(tmp_path):
+    rel = tmp_path / "gh"
+    names = {f"Q{i}": f"Person {i}" for i in range(1, 61)}
+    descs = {q: f"occupation {q}" for q in names}
+    descs["Q7"] = f"Sex: male. Birth: 1900, Erie{LONE}."
+    write_json(rel / "qid2ne.json", names)
+    write_json(rel / "qid2abs.json", descs)
+    gold = {i: "Q7" if i % 40 == 6 else f"Q{i % 50 + 10}" for i in range(200)}    # 5 samples name Q7
+    samples = {str(i): sample(str(i), f"{names[q]} here", [names[q]], [q]) for i, q in gold.items()}
+    write_json(rel / "train.json", {k: v for k, v in samples.items() if int(k) < 160})
+    write_json(rel / "test.json", {k: v for k, v in samples.items() if int(k) >= 160})
+    # before: the entity and its 5 mentions were dropped, 6 of 260 records, more than 1% of them: nothing written
+    conv = read_ghmfc(rel, progress=False)
+    assert conv.records_read == 260 and conv.dropped == []
+    assert {e.id: e.description for e in conv.entities}["Q7"] == "Sex: male. Birth: 1900, Erie\ufffd."
+    assert sum(m.gold_id == "Q7" for m in conv.mentions) == 5 and len(conv.mentions) == 200
+    assert [str(r) for r in conv.repaired] == [
+        f"{rel / 'qid2abs.json'}, qid 'Q7', field 'description': holds a lone surrogate '\\ud83d' (not Unicode text; "
+        "cannot be written as UTF-8); the lone surrogate is replaced by U+FFFD, the record kept"]
+    out, rep = prep.prepare("ghmfc", rel, tmp_path / "out", echo=False, progress=False)   # default --max-invalid 1%
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["ok"] and saved["dropped"] == [] and saved["warnings"]["repaired_fields"] == 1
+    assert saved["repaired"] == [{"file": str(rel / "qid2abs.json"), "record": "qid 'Q7'", "field": "description",
+                                  "reason": "holds a lone surrogate '\\ud83d' (not Unicode text; cannot be written "
+                                            "as UTF-8); the lone surrogate is replaced by U+FFFD, the record kept"}]
+    assert "repaired fields: 1 non-essential fields mended" in (out / "validation.txt").read_text()
+    assert len(load_dataset(out).mentions) == 200
+    # a description of the wrong type, or given twice: left out, the entity kept; --strict: the first is the error
+    write_json(rel / "qid2abs.json", {**descs, "Q7": 5})
+    conv = read_ghmfc(rel, progress=False)
+    assert {e.id: e.description for e in conv.entities}["Q7"] == "" and conv.dropped == []
+    assert [r.reason for r in conv.repaired] == ["must be a string, got int; the field is left out, the record kept"]
+    (rel / "qid2abs.json").write_text(json.dumps(descs)[:-1] + ', "Q7": "again"}')
+    conv = read_ghmfc(rel, progress=False)
+    assert [(r.record, r.reason) for r in conv.repaired] == [
+        ("key 'Q7'", "repeated key: 2 copies in the file (JSON keeps only the last); every copy left out, the record "
+                     "kept")]
+    assert {e.id: e.description for e in conv.entities}["Q7"] == "" and conv.dropped == []
+    with pytest.raises(DataError, match="key 'Q7': repeated key: 2 copies"):
+        read_ghmfc(rel, progress=False, strict=True)
+
+
+def test_every_reader_keeps_a_record_whose_only_fault_is_a_non_essential_field(tmp_path):
+    # MELBench: a field not read (an image path) holding a lone surrogate
+    path = write_json(tmp_path / "m.json", {**MELBENCH, "2": {**MELBENCH["2"], "imgPath": f"x{LONE}.jpg"}})
+    conv = read_melbench(path, progress=False)
+    assert conv.dropped == [] and "2-0" in {m.id for m in conv.mentions}
+    assert [(r.record, r.field) for r in conv.repaired] == [("sample '2'", "imgPath")]
+    # MIMIC: an entity's description, a record's image path of the wrong type, a record's unread 'entities'
+    src = make_mimic(tmp_path / "mimic", kb=[
+        {"id": 0, "qid": "Q1", "name": "AT&T", "desc": f"US {LONE}telecom", "attr": 7},
+        {"id": 1, "qid": "Q2", "name": "Bell"}, {"id": 2, "qid": "Q3", "name": "Edison"}],
+        train=[{"id": "x", "sentence": "Bell", "mentions": "Bell", "answer": "Q2", "imgPath": 3,
+                "entities": ["Bell", "extra"]}])
+    conv = read_mimic(src, progress=False)
+    assert conv.dropped == []
+    assert {e.id: e.description for e in conv.entities}["Q1"] == "US \ufffdtelecom"
+    assert {m.id: m.image for m in conv.mentions}["x"] is None
+    assert [(r.record, r.field, r.reason.split(";")[0]) for r in conv.repaired] == [
+        ("entity 0 (qid 'Q1')", "desc", "holds a lone surrogate '\\ud83d' (not Unicode text"),
+        ("entity 0 (qid 'Q1')", "attr", "must be a string or an object mapping strings to strings, got int"),
+        ("record 0 (id 'x')", "entities", "has 2 item(s) but 'mentions' has 1"),
+        ("record 0 (id 'x')", "imgPath", "must be a string, got int")]
+    with pytest.raises(DataError, match="field 'desc': holds a lone surrogate"):
+        read_mimic(src, progress=False, strict=True)
+    # WikiDiverse: an item's topic and a mention's entity type (neither read)
+    wd = make_wikidiverse(tmp_path / "wd", train=[
+        ["The Lions play", "", f"sports{LONE}", [["Lions", f"Org{LONE}", 4, 9,
+                                                  "https://en.wikipedia.org/wiki/Detroit_Lions"]]]])
+    conv = read_wikidiverse(wd, progress=False)
+    assert conv.dropped == [] and "train-0-0" in {m.id for m in conv.mentions}
+    assert [(r.record, r.field) for r in conv.repaired] == [("item 0", "topic"), ("item 0, mention 0", "type")]
+    # unified: an entity's description and aliases, a mention's caption; strict loading still refuses them
+    root = tmp_path / "uni"
+    save_dataset(root, DatasetInfo("u", "t"), [Entity("E1", "One", f"the {LONE}first")],
+                 [Mention("m1", "One", "One", "E1", "train", caption={"text": f"a {LONE}", "provenance": {}})])
+    with (root / "entities.jsonl").open("a") as fh:
+        fh.write('{"id": "E2", "name": "Two", "aliases": "Deux"}\n')
+    conv = read_unified(root, progress=False)
+    assert conv.dropped == [] and [e.id for e in conv.entities] == ["E1", "E2"] and len(conv.mentions) == 1
+    assert conv.entities[0].description == "the \ufffdfirst" and conv.mentions[0].caption["text"] == "a \ufffd"
+    assert [(r.record, r.field) for r in conv.repaired] == [("line 1 (id 'E1')", "description"),
+                                                            ("line 2 (id 'E2')", "aliases"),
+                                                            ("line 1 (id 'm1')", "caption")]
+    with pytest.raises(DataError, match="line 1 \\(id 'E1'\\), field 'description': holds a lone surrogate"):
+        load_dataset(root)
+    out, rep = prep.prepare("unified", root, tmp_path / "out", echo=False, progress=False)
+    assert rep.ok and rep.warnings["repaired_fields"] == 3
+    assert load_dataset(out).entities[0].description == "the \ufffdfirst"
+
+
+def test_a_json_lines_input_that_is_not_utf8_names_file_and_line(tmp_path):
+    """Issue 26, item 12: ``predict --input`` / ``link`` input with a bad byte, or saved as UTF-16."""
+    from nel_model.inference.linker import read_mentions as link_input
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(b'{"id": "q1", "sentence": "One", "mention": "One"}\n'
+                        b'{"id": "q2", "sentence": "caf\xe9", "mention": "caf"}\n')
+    with pytest.raises(DataError) as err:
+        list(link_input(queries))
+    assert str(err.value) == f"{queries}, line 2: not UTF-8 text (invalid continuation byte at byte 29 of the line)"
+    queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n', encoding="utf-16")
+    with pytest.raises(DataError) as err:
+        list(link_input(queries))
+    assert str(err.value) == (f"{queries}, line 1: UTF-16 text (it starts with a UTF-16 byte-order mark); save it "
+                              "as UTF-8")
+    queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n', encoding="utf-8-sig")
+    assert [q.id for q in link_input(queries)] == ["q1"]

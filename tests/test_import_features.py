@@ -44,7 +44,7 @@ def _dim_release(folder: Path, ids: list[str], dim: int = DIM, seed: int = 0, na
 
 
 def _train(features_dir: Path, out: Path) -> dict:
-    from nel_model.training.loop import main as train_main
+    from nel_model.train import main as train_main
 
     return train_main(["--config", str(ROOT / "configs" / "synthetic.yaml"), "--features", str(features_dir),
                        "--output_dir", str(out), "--epochs", "1", "--device", "cpu", "--threads", "1"])

@@ -195,23 +195,27 @@ def test_shipped_published_results_and_a_demo_run_nothing_comparable(tmp_path, c
         lines = proc.stdout.splitlines()
         assert lines[2:5] == ["| Method | n | synthetic MRR |", "|:---|---:|---:|",
                               "| ours (text+image+caption) | 1 | 80.00 |"]
-        assert "published" not in lines[4] and len(lines) == 5 + 2 + 6
+        assert "published" not in lines[4] and len(lines) == 5 + 2 + 7
         assert lines[6] == ("- Published results not comparable with these runs (from "
                             f"{ROOT / 'configs' / 'published_results.csv'}):")
         assert lines[7:] == [
             "  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
-            "MMoE (KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25). Not comparable: no run of ours on WikiMEL (our "
-            "datasets: synthetic)",
-            "  - RichpediaMEL full_kb (160,935 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
-            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on RichpediaMEL (our datasets: synthetic)",
+            "MMoE (KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25), OT-MEL (Findings "
+            "ACL'24), MELOV, IIER. Not comparable: no run of ours on WikiMEL (our datasets: synthetic)",
+            "  - RichpediaMEL full_kb (160,933 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
+            "MMoE (KDD'25), M3EL (KDD'25), OT-MEL (Findings ACL'24), MELOV, IIER. Not comparable: no run of ours on "
+            "RichpediaMEL (our datasets: synthetic)",
             "  - WikiDiverse full_kb (132,460 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), "
-            "MMoE (KDD'25), M3EL (KDD'25). Not comparable: no run of ours on WikiDiverse (our datasets: synthetic)",
+            "MMoE (KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25), OT-MEL (Findings "
+            "ACL'24), MELOV, IIER. Not comparable: no run of ours on WikiDiverse (our datasets: synthetic)",
             "  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run of "
             "ours on WikiMEL (our datasets: synthetic)",
             "  - RichpediaMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run "
             "of ours on RichpediaMEL (our datasets: synthetic)",
             "  - WikiDiverse candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run "
-            "of ours on WikiDiverse (our datasets: synthetic)"]
+            "of ours on WikiDiverse (our datasets: synthetic)",
+            "  - RichpediaMEL full_kb (160,935 entities), test: KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25). "
+            "Not comparable: no run of ours on RichpediaMEL (our datasets: synthetic)"]
 
 
 MIMIC_README_WIKIMEL = [  # (method, H@1, H@3, H@5, MRR) on WikiMEL, pengfei-luo/MIMIC readme.md
@@ -228,21 +232,37 @@ def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys
     assert lines[0].startswith("Protocol: full_kb, split: test, tie rule: pessimistic, scores: float32; "
                                "KB entities: WIKIMEL 109,976.")
     assert lines[2] == "| Method | n | WIKIMEL H@1 | WIKIMEL H@3 | WIKIMEL H@5 | WIKIMEL MRR |"
-    shown = {ln.split(" | ")[0][2:]: ln for ln in lines[4:10]}
+    shown = {ln.split(" | ")[0][2:]: ln for ln in lines[4:14]}
     for method, *values in MIMIC_README_WIKIMEL:
         assert shown[method] == f"| {method} | published | " + " | ".join(f"{v:.2f}" for v in values) + " |"
     assert list(shown) == ["CLIP zero-shot", "GHMFC (re-run)", "MIMIC (KDD'23)", "MMoE (KDD'25)", "M3EL (KDD'25)",
-                           "DIM"]
+                           "KGMEL retrieval only (SIGIR'25)", "OT-MEL (Findings ACL'24)", "MELOV", "IIER", "DIM"]
+    # the values of issue 29 (KGMEL's Table 3; OT-MEL, MELOV, IIER): H@1 and MRR only, H@3 and H@5 not published
+    assert shown["KGMEL retrieval only (SIGIR'25)"] == "| KGMEL retrieval only (SIGIR'25) | published | 87.29 | – | – | 89.99 |"
+    assert shown["OT-MEL (Findings ACL'24)"] == "| OT-MEL (Findings ACL'24) | published | 88.97 | – | – | 92.59 |"
+    assert shown["MELOV"] == "| MELOV | published | 88.91 | – | – | 92.32 |"
+    assert shown["IIER"] == "| IIER | published | 88.93 | – | – | – |"
     assert shown["DIM"] == "| DIM | 1 | 85.00 | 93.00 | 95.00 | 90.00 |"
-    assert lines[11].startswith("- Published rows (from ") and "do not state a tie rule" in lines[11]
-    not_comparable = lines[13:]
-    assert len(not_comparable) == 6
-    # KGMEL is measured like these runs but re-ranks a retriever's list: not beside a one-stage run
-    assert [ln for ln in not_comparable if "WikiMEL full_kb" in ln] == [
+    assert lines[15].startswith("- Published rows (from ") and "do not state a tie rule" in lines[15]
+    assert lines[16] == f"- Published results not comparable with these runs (from {mt.PUBLISHED_FILE}):"
+    # KGMEL with its re-ranking is measured like these runs but re-ranks a retriever's list: not beside a one-stage run
+    assert lines[17:] == [
+        "  - RichpediaMEL full_kb (160,933 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
+        "(KDD'25), M3EL (KDD'25), OT-MEL (Findings ACL'24), MELOV, IIER. Not comparable: no run of ours on "
+        "RichpediaMEL (our datasets: WIKIMEL)",
+        "  - WikiDiverse full_kb (132,460 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
+        "(KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25), OT-MEL (Findings ACL'24), "
+        "MELOV, IIER. Not comparable: no run of ours on WikiDiverse (our datasets: WIKIMEL)",
+        "  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: protocol "
+        "candidates_100; this table reports full_kb",
+        "  - RichpediaMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run of "
+        "ours on RichpediaMEL (our datasets: WIKIMEL)",
+        "  - WikiDiverse candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not comparable: no run of "
+        "ours on WikiDiverse (our datasets: WIKIMEL)",
         "  - WikiMEL full_kb (109,976 entities), test: KGMEL (SIGIR'25). Not comparable: a two-stage (retrieve, then "
-        "re-rank) system; our WIKIMEL runs here are one-stage"]
-    assert not_comparable[2] == ("  - WikiMEL candidates_100, test: DWE (AAAI'24), DWE+, UniMEL (CIKM'24). Not "
-                                 "comparable: protocol candidates_100; this table reports full_kb")
+        "re-rank) system; our WIKIMEL runs here are one-stage",
+        "  - RichpediaMEL full_kb (160,935 entities), test: KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25). Not "
+        "comparable: no run of ours on RichpediaMEL (our datasets: WIKIMEL)"]
     # the same run against a smaller KB (e.g. a subset prepared locally): nothing beside it, and the reason
     res = json.loads((tmp_path / "ours" / "results.json").read_text())
     (tmp_path / "ours" / "results.json").write_text(json.dumps({**res, "kb_entities": 18880}))
@@ -250,8 +270,9 @@ def test_shipped_published_results_beside_a_wikimel_full_kb_run(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| published |" not in out
     assert ("  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
-            "(KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25). Not comparable: WikiMEL full_kb with 109,976 entities; our runs rank against "
-            "18,880") in out.splitlines()
+            "(KDD'25), M3EL (KDD'25), KGMEL (SIGIR'25), KGMEL retrieval only (SIGIR'25), OT-MEL (Findings ACL'24), "
+            "MELOV, IIER. Not comparable: WikiMEL full_kb with 109,976 entities; our runs rank against 18,880"
+            ) in out.splitlines()
     # an older run folder that does not record its KB size is never set beside published numbers
     (tmp_path / "ours" / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "kb_entities"}))
     assert mt.main([str(tmp_path / "ours"), "--paper", "--metrics", "mrr"]) == 0
@@ -263,14 +284,88 @@ def test_shipped_published_results_file_holds_the_gathered_rows():
     from nel_model.reporting.published import PUBLISHED_FILE, read_published
 
     rows = read_published(PUBLISHED_FILE)
-    assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv" and len(rows) == 7 * 3 * 4 + 1 + 3 * 4
+    # 5 MIMIC-readme / MMoE / M3EL systems and DWE, DWE+ x 3 datasets x 4 metrics; UniMEL 3 x 4; KGMEL with and
+    # without re-ranking, OT-MEL, MELOV 3 x 2 (H@1, MRR); IIER 3 x 1 (H@1)
+    assert PUBLISHED_FILE == ROOT / "configs" / "published_results.csv"
+    assert len(rows) == 7 * 3 * 4 + 3 * 4 + 4 * 3 * 2 + 3
     got = {(r.name, r.dataset, r.protocol, r.kb_entities, r.split, r.metric): r.value for r in rows}
     assert got[("MMoE (KDD'25)", "WikiDiverse", "full_kb", 132460, "test", "mrr")] == 84.23
-    assert got[("M3EL (KDD'25)", "RichpediaMEL", "full_kb", 160935, "test", "hits@5")] == 95.34
+    assert got[("M3EL (KDD'25)", "RichpediaMEL", "full_kb", 160933, "test", "hits@5")] == 95.34
+    # issue 29: KGMEL's Table 3 (with re-ranking: two-stage; retrieval only: one-stage), OT-MEL, MELOV, IIER
+    assert [got[("KGMEL (SIGIR'25)", d, "full_kb", kb, "test", m)] for m in ("hits@1", "mrr")
+            for d, kb in (("WikiMEL", 109976), ("RichpediaMEL", 160935), ("WikiDiverse", 132460))] == [
+        90.58, 85.21, 88.23, 93.04, 88.08, 90.84]
+    assert [got[("KGMEL retrieval only (SIGIR'25)", d, "full_kb", kb, "test", m)] for m in ("hits@1", "mrr")
+            for d, kb in (("WikiMEL", 109976), ("RichpediaMEL", 160935), ("WikiDiverse", 132460))] == [
+        87.29, 76.40, 82.12, 89.99, 80.94, 86.00]
+    mimic_kbs = (("WikiMEL", 109976), ("RichpediaMEL", 160933), ("WikiDiverse", 132460))
+    assert [got[("OT-MEL (Findings ACL'24)", d, "full_kb", kb, "test", m)] for m in ("hits@1", "mrr")
+            for d, kb in mimic_kbs] == [88.97, 83.30, 66.07, 92.59, 88.27, 75.43]
+    assert [got[("MELOV", d, "full_kb", kb, "test", m)] for m in ("hits@1", "mrr") for d, kb in mimic_kbs] == [
+        88.91, 84.14, 67.32, 92.32, 88.80, 76.57]
+    assert [got[("IIER", d, "full_kb", kb, "test", "hits@1")] for d, kb in mimic_kbs] == [88.93, 84.63, 69.47]
+    assert {r.name: r.stages for r in rows if "KGMEL" in r.name} == {"KGMEL (SIGIR'25)": 2,
+                                                                     "KGMEL retrieval only (SIGIR'25)": 1}
+    # RichpediaMEL's KB as each source gives it: MIMIC's, MMoE's, M3EL's configs 160,933; KGMEL's table 160,935
+    sizes = {r.name: r.kb_entities for r in rows if r.dataset == "RichpediaMEL" and r.protocol == "full_kb"}
+    assert {n for n, kb in sizes.items() if kb == 160935} == {"KGMEL (SIGIR'25)", "KGMEL retrieval only (SIGIR'25)"}
+    assert set(sizes.values()) == {160933, 160935}
     assert got[("DWE+", "WikiMEL", "candidates_100", None, "test", "hits@20")] == 99.7
     assert got[("DWE (AAAI'24)", "RichpediaMEL", "candidates_100", None, "test", "hits@5")] == 97.1
     assert {r.metric for r in rows if r.protocol == "full_kb"} == {"hits@1", "hits@3", "hits@5", "mrr"}
     assert {r.metric for r in rows if r.protocol != "full_kb"} == {"hits@1", "hits@5", "hits@10", "hits@20"}
+
+
+RICHPEDIA_KB_NOTE = ("RichpediaMEL full_kb: published with {published} entities, our runs rank against {ours}: "
+                     "RichpediaMEL's KB is 160,933 entities in MIMIC's, MMoE's and M3EL's configs (config/"
+                     "richpediamel.yaml num_entity) and 160,935 in KGMEL's table; taken as one KB")
+
+
+def test_richpediamel_kb_sizes_of_its_sources_are_one_kb_with_a_note(tmp_path, capsys):
+    m = metrics(0.8, 0.7, 0.85, 0.9, 0.95, 0.98)
+    run = write_run(tmp_path / "rich", "RichpediaMEL", "ours", 1, m, kb_entities=160933, tie_rule="pessimistic",
+                    score_dtype="float32")
+    assert mt.main([str(run), "--paper", "--metrics", "hits@1", "mrr"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # hand-copied from configs/published_results.csv: MIMIC readme, MMoE / M3EL logs, issue 29
+    assert lines[4:14] == [
+        "| CLIP zero-shot | published | 67.78 | 77.57 |",
+        "| GHMFC (re-run) | published | 72.92 | 80.76 |",
+        "| MIMIC (KDD'23) | published | 81.02 | 86.95 |",
+        "| MMoE (KDD'25) | published | 85.51 | 89.86 |",
+        "| M3EL (KDD'25) | published | 82.82 | 88.26 |",
+        "| KGMEL retrieval only (SIGIR'25) | published | 76.40 | 80.94 |",
+        "| OT-MEL (Findings ACL'24) | published | 83.30 | 88.27 |",
+        "| MELOV | published | 84.14 | 88.80 |",
+        "| IIER | published | 84.63 | – |",
+        "| ours | 1 | 70.00 | 80.00 |"]
+    assert lines[16] == "- KGMEL retrieval only (SIGIR'25): " + RICHPEDIA_KB_NOTE.format(published="160,935",
+                                                                                         ours="160,933")
+    # a run on the 160,935 count: the same rows beside it, the note naming the ones counted 160,933
+    res = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**res, "kb_entities": 160935}))
+    assert mt.main([str(run), "--paper", "--metrics", "hits@1", "mrr"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" | ")[0][2:] for ln in lines[4:14]][-1] == "ours" and lines[13].startswith("| ours |")
+    assert lines[16] == ("- CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE (KDD'25), M3EL (KDD'25), OT-MEL "
+                         "(Findings ACL'24), MELOV, IIER: " + RICHPEDIA_KB_NOTE.format(published="160,933",
+                                                                                      ours="160,935"))
+    # any other size is another KB: nothing beside it, both counts named
+    (run / "results.json").write_text(json.dumps({**res, "kb_entities": 160934}))
+    assert mt.main([str(run), "--paper", "--metrics", "hits@1", "mrr"]) == 0
+    out = capsys.readouterr().out
+    assert "| published |" not in out and "taken as one KB" not in out
+    assert ("RichpediaMEL full_kb with 160,933 entities; our runs rank against 160,934" in out
+            and "RichpediaMEL full_kb with 160,935 entities; our runs rank against 160,934" in out)
+    # the rule is the dataset's, not the file's: a file of one's own gets it too; other datasets do not
+    paper = tmp_path / "p.csv"
+    paper.write_text(PUBLISHED_HEADER + "A,,Richpedia,full_kb,160935,test,mrr,50,x\nB,,WikiMEL,full_kb,18881,test,mrr,50,y\n")
+    write_run(tmp_path / "wiki", "WikiMEL", "ours", 1, m, kb_entities=18880)
+    (run / "results.json").write_text(json.dumps(res))
+    table = mt.build_table([load_run(run), load_run(tmp_path / "wiki")], metrics=["mrr"], paper=paper)
+    assert [r.method for r in table.rows if r.source == "published"] == ["A"]
+    assert table.not_comparable == ["WikiMEL full_kb (18,881 entities), test: B. Not comparable: WikiMEL full_kb "
+                                    "with 18,881 entities; our runs rank against 18,880"]
 
 
 def test_tie_rule_option_reports_every_run_under_one_rule(tmp_path, capsys):
@@ -337,12 +432,34 @@ def test_published_file_errors_name_file_line_and_column(tmp_path):
         ("DIM,,WikiMEL,full_kb,,test,MRR,90,src\n", "line 2, column 'metric': must be one of mrr, hits@1, hits@3, "
                                                     "hits@5, hits@10, hits@20, got 'MRR'"),
         ("DIM,,WikiMEL,full_kb,,test,mrr,90\n", "line 2: 8 values for 9 columns"),
+        # issue 26, item 12: digits Python's isdigit() or float() accept but a count or a percentage is not
+        ("DIM,,WikiMEL,full_kb,\u00b2,test,mrr,90,src\n", "line 2, column 'kb_entities': must be a positive integer "
+                                                          "or empty, got '\u00b2'"),
+        ("DIM,,WikiMEL,full_kb,10,test,mrr,\u0669\u0660,src\n", "line 2, column 'value': must be a percentage in "
+                                                                "[0, 100], got '\u0669\u0660'"),
+        ("DIM,,WikiMEL,full_kb,10,test,mrr,1e1,src\n", "line 2, column 'value': must be a percentage in [0, 100], "
+                                                       "got '1e1'"),
+        # a field over the csv module's 128 KB limit: the line, not a _csv.Error traceback
+        ("# c\nDIM,,WikiMEL,full_kb,10,test,mrr,90," + "s" * 200_000 + "\n",
+         "line 3: not a valid CSV line (field larger than field limit (131072))"),
     ]
     for body, message in cases:
         paper.write_text(PUBLISHED_HEADER + body)
         with pytest.raises(RunError) as exc:
             read_published(paper)
         assert str(exc.value) == f"{paper}, {message}"
+    # not UTF-8, UTF-16: the file (and line); a UTF-8 byte-order mark is fine
+    paper.write_bytes(PUBLISHED_HEADER.encode() + b"DIM,,WikiMEL,full_kb,10,test,mrr,90,caf\xe9 src\n")
+    with pytest.raises(RunError) as exc:
+        read_published(paper)
+    assert str(exc.value) == (f"{paper}, line 2: not UTF-8 text (invalid continuation byte at byte 39 of the line); "
+                              "save the file as UTF-8")
+    paper.write_text(PUBLISHED_HEADER + "DIM,,WikiMEL,full_kb,10,test,mrr,90,src\n", encoding="utf-16")
+    with pytest.raises(RunError) as exc:
+        read_published(paper)
+    assert str(exc.value) == f"{paper}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    paper.write_text(PUBLISHED_HEADER + "DIM,,WikiMEL,full_kb,10,test,mrr,90,src\n", encoding="utf-8-sig")
+    assert [r.value for r in read_published(paper)] == [90.0]
     paper.write_text("method,dataset,mrr\n")
     with pytest.raises(RunError, match="line 1: the header must be method,venue,dataset,protocol,kb_entities,"):
         read_published(paper)
@@ -507,7 +624,8 @@ def test_paper_sets_two_stage_systems_beside_two_stage_runs_only(tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     methods = [ln.split(" | ")[0][2:] for ln in lines[4:] if ln.startswith("| ")]
     assert methods == ["CLIP zero-shot", "GHMFC (re-run)", "MIMIC (KDD'23)", "MMoE (KDD'25)", "M3EL (KDD'25)",
-                       "KGMEL (SIGIR'25)", "ours", "ours + re-ranker"]
+                       "KGMEL (SIGIR'25)", "KGMEL retrieval only (SIGIR'25)", "OT-MEL (Findings ACL'24)", "MELOV",
+                       "IIER", "ours", "ours + re-ranker"]
     assert "| KGMEL (SIGIR'25) | published | 90.58 |" in lines
     i = lines.index("- Two-stage rows (retrieve, then re-rank; a published two-stage system stands only beside "
                     "two-stage runs of ours, a one-stage one beside one-stage runs):")
@@ -519,8 +637,8 @@ def test_paper_sets_two_stage_systems_beside_two_stage_runs_only(tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split(" | ")[0][2:] for ln in lines[4:6]] == ["KGMEL (SIGIR'25)", "ours + re-ranker"]
     assert ("  - WikiMEL full_kb (109,976 entities), test: CLIP zero-shot, GHMFC (re-run), MIMIC (KDD'23), MMoE "
-            "(KDD'25), M3EL (KDD'25). Not comparable: a one-stage system; our WikiMEL runs here are two-stage "
-            "(retrieve, then re-rank)") in lines
+            "(KDD'25), M3EL (KDD'25), KGMEL retrieval only (SIGIR'25), OT-MEL (Findings ACL'24), MELOV, IIER. Not "
+            "comparable: a one-stage system; our WikiMEL runs here are two-stage (retrieve, then re-rank)") in lines
     csv_lines = (tmp_path / "t.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,source,protocol,split,tie rule,score dtype,stages,two stage,")
     assert csv_lines[1].startswith("KGMEL (SIGIR'25),published,full_kb,test,not reported,not reported,2,"

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nel_model.args import parse_args
+from nel_model.config import dim_config, parse_train_args
 from data_process.fixtures.synthetic_features import write_synthetic
 from nel_model.data import load_mel_data
-from nel_model.nel import DIM, DIMConfig, config_from_args
+from nel_model.nel import DIM, DIMConfig
 
 B, L, R, K, E, DT, DI = 5, 6, 4, 2, 7, 16, 12
 
@@ -39,7 +39,7 @@ def entity_views(seed=1, e=E):
 def make(**kw):
     torch.manual_seed(0)
     cfg = DIMConfig(text_dim=DT, image_dim=DI, hidden_size=16, output_size=DT, ff_size=32, num_heads=2,
-                    num_layers=1, dropout=0.1, **kw)
+                    num_layers=1, dropout=0.1, **{"residual_base": "mention", **kw})
     return DIM(cfg).eval()
 
 
@@ -130,18 +130,22 @@ def test_profile_row_flag_masks_only_that_row():
     assert not torch.allclose(full.encode_mentions(mv), full.encode_mentions(changed), atol=1e-4)
 
 
-def test_config_from_args_ablation_flags(tmp_path):
+def config_from_args(argv, data):
+    return dim_config(parse_train_args(argv).model, data)
+
+
+def test_the_model_config_from_the_typed_config_and_the_cache(tmp_path):
     _, feat = write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=8, mentions_per_split=(8, 4, 4))
     data = load_mel_data(feat)
     base = ["--features", str(feat), "--hidden_size", "16", "--num_heads", "2"]
-    cfg = config_from_args(parse_args(base), data)
+    cfg = config_from_args(base, data)
     # the default residual base (a mix of mention and context features) reads the pooled context view
     assert cfg.mention_views() == ("mention", "sentence", "context", "image", "regions", "profile")
     assert cfg.entity_views() == ("desc", "image", "profile") and cfg.is_residual and cfg.residual_base == "mix"
-    cfg = config_from_args(parse_args(base + ["--no_image", "--no_caption", "--no_entity_image"]), data)
+    cfg = config_from_args(base + ["--no_image", "--no_caption", "--no_entity_image"], data)
     assert cfg.mention_views() == ("mention", "sentence", "context", "profile")
     assert cfg.profile_use == (True, False) and cfg.entity_views() == ("desc", "profile")
-    cfg = config_from_args(parse_args(base + ["--no_regions", "--no_enrichment", "--no_caption", "--no_sentence"]), data)
+    cfg = config_from_args(base + ["--no_regions", "--no_enrichment", "--no_caption", "--no_sentence"], data)
     assert cfg.mention_views() == ("mention", "image") and cfg.residual_base == "mention"   # no sentence, no context
     m = DIM(cfg)
     assert m.profile_attn is None and m.sentence_attn is None

@@ -38,7 +38,7 @@ def test_cli_melbench_with_images(tmp_path, capsys):
     (tmp_path / "imgs" / "3.jpg").write_bytes(b"not an image")
     out = tmp_path / "out" / "mini"
     rc = prep.main(["--format", "melbench", "--src", str(src), "--out", str(out), "--image-dir", str(tmp_path / "imgs"),
-                    "--split-seed", "3", "--splits", "60,20,20", "--dataset-name", "mini", "--quiet"])
+                    "--split-seed", "3", "--splits", "0.6,0.2,0.2", "--dataset-name", "mini", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"dataset mini ({out}): OK\n")
@@ -57,6 +57,30 @@ def test_cli_melbench_with_images(tmp_path, capsys):
     assert rep["warnings"]["mention_not_in_sentence"] == 1
     assert rep["examples"]["missing_mention_images"] == ["mention '4-0': images/mention/4.jpg"]
     assert (out / "validation.txt").read_text() == printed
+
+
+@pytest.mark.parametrize("given, message", [
+    ("70,10,20", "--splits 70,10,20: the shares are fractions summing to 1: write --splits 0.7,0.1,0.2"),
+    ("7,1,2", "--splits 7,1,2: the shares are fractions summing to 1: write --splits 0.7,0.1,0.2"),
+    ("0.5,0.1,0.1", "--splits 0.5,0.1,0.1: the fractions must sum to 1, not 0.7"),
+])
+def test_split_shares_are_fractions_and_an_old_percentage_says_what_to_write(tmp_path, capsys, given, message):
+    src = write_json(tmp_path / "Mini-MEL.json", MELBENCH)
+    with pytest.raises(SystemExit) as ex:
+        run_main(prep.main, ["--format", "melbench", "--src", str(src), "--out", str(tmp_path / "out"), "--splits",
+                             given, "--images", "none", "--quiet"])
+    assert ex.value.code == 2 and capsys.readouterr().err.splitlines()[0] == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_fractions_split_as_the_percentages_did(tmp_path):
+    """Fractions reach the reader as the ratios it always had: the same split and split rule as 70,10,20."""
+    from data_process.ingest.readers.common import split_samples
+
+    ids = [f"s{i}" for i in range(1000)]
+    assert prep.split_fractions(prep.DEFAULT_SPLITS) == (70.0, 10.0, 20.0)
+    for n in (7, 25, 333, 1000):
+        assert split_samples(ids[:n], 0, prep.split_fractions("0.7,0.1,0.2")) == split_samples(ids[:n], 0, (70, 10, 20))
 
 
 def test_mimic_link_and_copy_modes(tmp_path):

@@ -167,7 +167,7 @@ def test_tfidf_negatives_share_a_salient_word():
 
 def _cfg(**kw) -> DIMConfig:
     base = dict(text_dim=16, image_dim=12, hidden_size=16, output_size=16, ff_size=32, num_heads=2, num_layers=1,
-                dropout=0.0)
+                dropout=0.0, residual_base="mention")
     return DIMConfig(**{**base, **kw})
 
 
@@ -249,5 +249,5 @@ def test_paper_preset_trains_end_to_end_and_records_its_protocol(tmp_path):
     assert res["protocols"] == res["tie_rules"]["strict"]
     assert res["candidate_recall"]["test"]["recall@all"] == 1.0 and res["kb_entities"] == 40
     conf = json.loads((run / "config.json").read_text())
-    assert conf["model_config"]["entity_tower"] == "frozen" and conf["loss"] == "npair"
-    assert conf["negatives"] == "tfidf"
+    assert conf["model_config"]["entity_tower"] == "frozen" and conf["config"]["loss"]["loss"] == "npair"
+    assert conf["config"]["loss"]["negatives"] == "tfidf"

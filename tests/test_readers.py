@@ -375,6 +375,17 @@ def test_mimic_records_sharing_an_id_get_occurrence_suffixes(tmp_path):
 def test_wikidiverse_description_file_not_utf8_names_file_and_line(tmp_path):
     src = make_wikidiverse(tmp_path / "wd")
     (src / "entity2desc.txt").write_bytes(b"A@@@@a\nB@@@@caf\xe9\n")
+    # a bad byte in a description (non-essential) is mended and listed; the entity stays (issue 26, item 15)
+    conv = read_wikidiverse(src, progress=False)
+    assert {e.id: e.description for e in conv.entities}["B"] == "caf\ufffd"
+    assert [str(r) for r in conv.repaired] == [
+        f"{src / 'entity2desc.txt'}, line 2, field 'description': not UTF-8 text (invalid continuation byte at byte "
+        "8 of the line); the bad bytes are replaced by U+FFFD, the entity kept"]
+    with pytest.raises(DataError) as err:
+        read_wikidiverse(src, progress=False, strict=True)
+    assert str(err.value).startswith(f"{src / 'entity2desc.txt'}, line 2, field 'description': not UTF-8 text (")
+    # in the entity's name it is fatal, naming file and line
+    (src / "entity2desc.txt").write_bytes(b"A@@@@a\nB\xe9@@@@cafe\n")
     with pytest.raises(DataError) as err:
         read_wikidiverse(src, progress=False)
     assert str(err.value).startswith(f"{src / 'entity2desc.txt'}, line 2: not UTF-8 text (")

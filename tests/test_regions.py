@@ -200,7 +200,7 @@ def test_regions_of_a_boxes_file_carry_the_signal(tmp_path):
     """Mention phrase + regions (crops from a boxes file) beats the mention phrase alone: the phrase names only the
     family; the crops show which member. The boxes hold the middle of each mention picture, where the synthetic
     entity is drawn (a shifted, scaled copy of the gold entity's picture), and its top-left quarter."""
-    from nel_model.training.loop import main as train_main
+    from nel_model.train import main as train_main
 
     size = 32
     data = generate(tmp_path / "data", SyntheticConfig(entities=80, mentions=600, seed=5, image_size=size),
@@ -232,7 +232,7 @@ def test_regions_of_a_boxes_file_carry_the_signal(tmp_path):
 
 
 def test_detector_regions_are_cached_and_the_demo_trains(assets, tmp_path, monkeypatch):
-    from nel_model.training.loop import main as train_main
+    from nel_model.train import main as train_main
 
     data, clip, det = assets["data"], assets["clip"], assets["detector"]
     out = tmp_path / "f"

@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 
 from data_process.core.durable_io import JsonlCache
+from data_process.core.entry import run_main
 from dim_mel import cli
 from fake_openai_server import Action, FakeOpenAIServer, image_parts
+from llm_fixtures import full_disk_from, race_two_writers
 from nel_model.linking import Candidate, MentionLists, Query
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank import llm as L
@@ -237,6 +239,39 @@ def test_sigkill_mid_run_then_rerun_asks_no_answered_prompt_again(retriever_run,
     assert len(counts) == 24 and len(second) == 24 - 6
     assert {p for p, c in counts.items() if c > 1} == {first[6].user_content}   # only the unanswered one, once more
     assert load_run(out).results["two_stage"]["reranker"]["counts"]["cached"] == 6
+
+
+def test_summary_says_timed_out_requests_and_a_full_disk_the_unsaved_answers(retriever_run, tmp_path, capsys,
+                                                                              monkeypatch):
+    run, out = retriever_run["run"], tmp_path / "said"
+    with FakeOpenAIServer(responder=oracle(retriever_run["gold_name"])) as srv:
+        srv.enqueue(Action.hang(3))
+        assert L.main(_args(run, out, srv, "--limit", "3", "--timeout-s", "0.5", "--concurrency", "1")) == 0
+        assert len(srv.snapshot()) == 4
+        assert "1 request timed out (the server may bill it; its answer never came)" in capsys.readouterr().err
+        assert load_run(out).results["two_stage"]["reranker"]["counts"]["timed_out"] == 1
+
+        full_disk_from(monkeypatch, 3)        # the 3rd write fails: the second new answer is not saved
+        with pytest.raises(SystemExit) as exit_:
+            run_main(L.main, _args(run, out, srv, "--limit", "6", "--concurrency", "1"))
+        assert exit_.value.code == 2 and len(srv.snapshot()) == 4 + 2
+    err = capsys.readouterr().err
+    assert f"error: {out / L.CACHE_FILE}: no space left on device" in err and "Traceback" not in err
+    assert "1 answer received this run could not be saved: a rerun asks for it again, and pays again" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_on_one_out_pay_each_prompt_once(retriever_run, tmp_path):
+    run, out = retriever_run["run"], tmp_path / "twice"
+    with FakeOpenAIServer() as srv:
+        cmd = [sys.executable, "-m", "nel_model.rerank.llm",
+               *_args(run, out, srv, "--split", "all", "--concurrency", "1", "--timeout-s", "120")]
+        first, second = race_two_writers(srv, cmd, oracle(retriever_run["gold_name"]))
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert second.returncode == 2 and "another process is writing it" in second.stderr, second.stderr[-2000:]
+        assert len(srv.snapshot()) == 12 + 24                    # 36 prompts: 36 requests, not 72
+    assert load_run(out).results["two_stage"]["reranker"]["counts"]["requests"] == 36
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ import pytest
 from data_process.core.settings import (ConfigError, Setting, ToolkitParser, add_bool, check_settings, load_settings,
                                         settings_from_parser)
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.args import build_parser, parse_args
+from nel_model.config import TrainConfig, parse_train_args as parse_args
+
+
+def build_parser():
+    return TrainConfig.build_parser()
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -22,18 +26,18 @@ def write(path: Path, text: str) -> Path:
 
 def test_a_config_value_is_overridden_by_either_form_of_a_boolean_flag():
     paper = str(CONFIGS / "dim_paper.yaml")
-    assert parse_args(["--config", paper]).residual is False
-    assert parse_args(["--config", paper, "--residual"]).residual is True
-    assert parse_args(["--config", paper, "--residual", "--no-residual"]).residual is False
-    assert parse_args(["--config", paper]).shared_attention is True
-    assert parse_args(["--config", paper, "--no-shared-attention"]).shared_attention is False
+    assert parse_args(["--config", paper]).model.residual is False
+    assert parse_args(["--config", paper, "--residual"]).model.residual is True
+    assert parse_args(["--config", paper, "--residual", "--no-residual"]).model.residual is False
+    assert parse_args(["--config", paper]).model.shared_attention is True
+    assert parse_args(["--config", paper, "--no-shared-attention"]).model.shared_attention is False
 
 
 def test_dashes_and_underscores_are_one_flag():
     dashed = parse_args(["--batch-size", "7", "--no-entity-image", "--select-by", "full_kb:hits@1"])
     under = parse_args(["--batch_size", "7", "--no_entity_image", "--select_by", "full_kb:hits@1"])
-    assert (dashed.batch_size, dashed.entity_image, dashed.select_by) == (7, False, "full_kb:hits@1")
-    assert vars(dashed) == vars(under)
+    assert (dashed.optim.batch_size, dashed.model.entity_image, dashed.optim.select_by) == (7, False, "full_kb:hits@1")
+    assert dashed == under
     assert "--batch-size" in build_parser().format_help() and "--batch_size" not in build_parser().format_help()
 
 
@@ -54,7 +58,7 @@ def test_a_bad_training_config_names_file_key_and_what_is_allowed(tmp_path, text
 
 
 def test_yaml_off_reads_as_the_choice_it_spells_and_a_repeated_key_is_an_error(tmp_path):
-    assert parse_args(["--config", str(write(tmp_path / "a.yaml", "amp: off\n"))]).amp == "off"
+    assert parse_args(["--config", str(write(tmp_path / "a.yaml", "amp: off\n"))]).optim.amp == "off"
     cfg = write(tmp_path / "twice.yaml", "lr: 0.1\nlr: 0.2\n")
     with pytest.raises(ConfigError, match=r"twice.yaml: lr: repeated key \(line 2\)"):
         parse_args(["--config", str(cfg)])
@@ -66,7 +70,7 @@ def test_dataset_configs_hold_only_what_differs_from_the_base(tmp_path):
         assert load_settings(CONFIGS / f"{name}.yaml", settings_from_parser(build_parser())) == base
     assert base["epochs"] == 300 and base["lr"] == 5e-5
     paper = parse_args(["--config", str(CONFIGS / "dim_paper.yaml")])
-    assert (paper.epochs, paper.loss, paper.patience) == (300, "npair", 0)    # base value, own value, override
+    assert (paper.optim.epochs, paper.loss.loss, paper.optim.patience) == (300, "npair", 0)    # base value, own value, override
     write(tmp_path / "a.yaml", "base: b.yaml\nlr: 0.5\n")
     write(tmp_path / "b.yaml", "base: a.yaml\n")
     with pytest.raises(ConfigError, match="base: the base files form a loop"):
@@ -76,6 +80,8 @@ def test_dataset_configs_hold_only_what_differs_from_the_base(tmp_path):
 def test_every_shipped_training_config_loads():
     for path in sorted(CONFIGS.glob("*.yaml")):
         if path.name in ("enrich.yaml", "caption.yaml", "rerank.yaml", "rerank_llm.yaml"):     # other commands'
+            continue
+        if path.name == "mimic.yaml":      # issue 29's draft, a plain mapping until the lead wires it to the flags
             continue
         parse_args(["--config", str(path)])
 
@@ -101,15 +107,16 @@ def test_contradictory_flags_are_an_error(capsys, argv, message):
 
 def test_an_explicit_residual_with_another_output_size_is_an_error(tmp_path, capsys):
     from nel_model import distributed as D
-    from nel_model.training.loop import Trainer
+    from nel_model.training.engine import Engine
+    from nel_model.training.loop import RetrieverTask
 
     write_synthetic(tmp_path / "ds", tmp_path / "feat", num_entities=12, mentions_per_split=(16, 8, 8), seed=1)
     base = ["--features", str(tmp_path / "feat"), "--output-dir", str(tmp_path / "run"), "--output-size", "16",
             "--hidden-size", "16", "--num-heads", "2"]
     with pytest.raises(ValueError, match="--residual contradicts --output-size 16 differs from the text feature size"):
-        Trainer(parse_args(base + ["--residual"]), D.DistInfo())
-    trainer = Trainer(parse_args(base), D.DistInfo())
-    assert not trainer.cfg.is_residual
+        Engine(parse_args(base + ["--residual"]), RetrieverTask, D.DistInfo())
+    engine = Engine(parse_args(base), RetrieverTask, D.DistInfo())
+    assert not engine.task.model_cfg.is_residual
     assert "warning: no residual (zero-shot) start: --output-size 16 differs" in capsys.readouterr().err
 
 
@@ -125,7 +132,7 @@ def test_the_schema_checker_on_its_own():
 
 
 @pytest.mark.parametrize("command, argv", [
-    ("nel_model.training.loop", ["--features", "F", "--output-dir", "O"]),
+    ("nel_model.train", ["--features", "F", "--output-dir", "O"]),
     ("data_process.augment.enrich", ["--data", "D", "--out", "O"]),
     ("data_process.augment.caption", ["--data", "D", "--out", "O"]),
     ("nel_model.rerank.train_feature", ["--retriever", "R", "--output-dir", "O"]),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_process.fixtures.synthetic_features import write_synthetic
-from nel_model.training.loop import main as train_main
+from nel_model.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "synthetic.yaml"
@@ -56,7 +56,8 @@ def test_run_folder_contents(image_store, tmp_path):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
     conf = json.loads((out / "config.json").read_text())
-    assert conf["loss"] == "infonce" and conf["lr"] == 0.002 and conf["label"] == "demo"   # config + CLI override
+    assert conf["format"] == 2 and conf["task"] == "dim" and conf["label"] == "demo"
+    assert conf["config"]["loss"]["loss"] == "infonce" and conf["config"]["optim"]["lr"] == 0.002   # config + CLI
     env = json.loads((out / "env.json").read_text())
     assert {"git", "versions", "device", "seed", "command", "start_time"} <= set(env)
     lines = dev_lines(out)
@@ -142,7 +143,7 @@ def test_resume_refuses_other_flags_names_them_and_force_goes_through(image_stor
     assert run(image_store, out, "--epochs", 4, "--resume", "--stop_after_epochs", 2) == {"stopped_at_epoch": 2}
     res = run(image_store, out, "--epochs", 4, "--resume", "--lr", 0.001, "--force")
     assert res["epochs_run"] == 4
-    assert json.loads((out / "config.json").read_text())["lr"] == 0.001     # config.json records what was used
+    assert json.loads((out / "config.json").read_text())["config"]["optim"]["lr"] == 0.001   # records what was used
 
 
 def test_a_corrupt_middle_line_of_metrics_is_an_error_not_a_silent_cut(image_store, tmp_path):
@@ -158,6 +159,7 @@ def test_a_corrupt_middle_line_of_metrics_is_an_error_not_a_silent_cut(image_sto
 
 
 def test_a_nan_loss_stops_training_naming_epoch_and_step_and_resume_continues(image_store, tmp_path, monkeypatch):
+    from nel_model.training import engine as E
     from nel_model.training import loop as T
 
     real, calls = T.batch_loss_sum, []
@@ -170,7 +172,7 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_resume_continues(im
     ref = run(image_store, tmp_path / "ref", "--epochs", 3)
     out = tmp_path / "nan"
     monkeypatch.setattr(T, "batch_loss_sum", nan_in_epoch_two)
-    with pytest.raises(T.NonFiniteLoss) as err:
+    with pytest.raises(E.NonFiniteLoss) as err:
         run(image_store, out, "--epochs", 3)
     assert "the training loss is not finite at epoch 2, optimizer step 12" in str(err.value)
     assert "holds the last good epoch (1)" in str(err.value)
@@ -181,18 +183,18 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_resume_continues(im
 
 
 def test_a_dev_evaluation_with_nan_scores_is_never_the_best(image_store, tmp_path, monkeypatch):
-    from nel_model.training import loop as T
+    from nel_model.training.loop import RetrieverTask
 
-    real = T.Trainer.evaluate
+    real, calls = RetrieverTask.evaluate_dev, []
 
-    def nan_after_epoch_one(self, splits):
-        res = real(self, splits)
-        if self.epoch >= 2:     # the "diverged" epochs score a perfect H@1 but have NaN gold scores
-            for proto in res:
-                res[proto]["dev"] = {**res[proto]["dev"], "mrr": 1.0, "hits@1": 1.0, "nan": 3}
+    def nan_after_epoch_one(self):
+        res = real(self)
+        calls.append(1)
+        if len(calls) >= 3:     # after epochs 2, 3 (call 1 is the untrained model): a perfect H@1, NaN gold scores
+            res = {proto: {**m, "mrr": 1.0, "hits@1": 1.0, "nan": 3} for proto, m in res.items()}
         return res
 
-    monkeypatch.setattr(T.Trainer, "evaluate", nan_after_epoch_one)
+    monkeypatch.setattr(RetrieverTask, "evaluate_dev", nan_after_epoch_one)
     res = run(image_store, tmp_path / "n", "--epochs", 3)
     assert res["best_epoch"] <= 1
 
@@ -208,7 +210,7 @@ def test_the_dataset_name_comes_from_the_dataset_not_the_working_directory(tmp_p
 
 def test_the_schedule_counts_the_batches_the_epoch_plan_keeps():
     from nel_model.training.batches import make_epoch_plan
-    from nel_model.training.loop import steps_per_epoch
+    from nel_model.training.engine import steps_per_epoch
 
     gold = np.zeros(65, dtype=np.int64)
     for world, accum in ((1, 1), (4, 1), (4, 3), (2, 2)):
@@ -225,14 +227,14 @@ def test_early_stopping_with_patience(image_store, tmp_path):
 
 
 def test_config_file_yaml_booleans_and_choices(tmp_path):
-    from nel_model.args import parse_args
+    from nel_model.config import parse_train_args as parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("amp: off\ndata_on_device: no\n")     # YAML 1.1 reads both as False
     a = parse_args(["--config", str(cfg)])
-    assert a.amp == "off" and a.data_on_device == "no"
+    assert a.optim.amp == "off" and a.data.data_on_device == "no"
     cfg.write_text("data_on_device: yes\n")
-    assert parse_args(["--config", str(cfg)]).data_on_device == "yes"
+    assert parse_args(["--config", str(cfg)]).data.data_on_device == "yes"
     cfg.write_text("amp: bf61\n")
     with pytest.raises(ValueError, match="amp: invalid value 'bf61'"):
         parse_args(["--config", str(cfg)])
@@ -241,7 +243,7 @@ def test_config_file_yaml_booleans_and_choices(tmp_path):
 def test_rng_checkpoint_touches_only_the_training_gpu(monkeypatch):
     import torch
 
-    from nel_model.training import loop as T
+    from nel_model.training import engine as T
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -268,13 +270,14 @@ def test_tensorboard_logs_survive_a_stop(image_store, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from nel_model import distributed as D
-    from nel_model.args import parse_args
-    from nel_model.training.loop import Trainer
+    from nel_model.config import parse_train_args as parse_args
+    from nel_model.training.engine import Engine
+    from nel_model.training.loop import RetrieverTask
 
     out = tmp_path / "tb_stop"
     argv = ["--config", str(CONFIG), "--features", str(image_store), "--output_dir", str(out), "--epochs", "3",
             "--tensorboard", "--stop_after_epochs", "1"]
-    trainer = Trainer(parse_args(argv), D.DistInfo())     # kept alive: the writer is not garbage-collected
+    trainer = Engine(parse_args(argv), RetrieverTask, D.DistInfo())   # kept alive: the writer is not collected
     assert trainer.fit() == {"stopped_at_epoch": 1}
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
@@ -292,7 +295,7 @@ def test_training_without_dev_mentions_names_the_command_that_fixes_it_for_the_f
             "--features", str(tmp_path / "feat"), "--output_dir", str(tmp_path / "run"), "--epochs", "1"]
     info = tmp_path / "ds" / "dataset.json"
     for fmt, advice in (("ghmfc", "dim-mel prepare --format ghmfc --src RELEASE --out DATASET --dev-from-train 0.1"),
-                        ("melbench", "dim-mel prepare --format melbench --src RELEASE --out DATASET --splits 70,10,20"),
+                        ("melbench", "dim-mel prepare --format melbench --src RELEASE --out DATASET --splits 0.7,0.1,0.2"),
                         ("mimic", "Its 'mimic' release fixes the splits and has none for dev")):
         info.write_text(json.dumps({**json.loads(info.read_text()), "source_format": fmt}))
         with pytest.raises(ValueError) as err:

@@ -139,7 +139,7 @@ def test_clip_pooled_views_use_the_models_own_length_not_max_len(models):
 def test_a_tiny_siglip_encodes_the_demo_end_to_end(models, tmp_path):
     from data_process.encode import features
     from data_process.fixtures.synthetic import SyntheticConfig, generate
-    from nel_model.training.loop import main as train_main
+    from nel_model.train import main as train_main
 
     data = generate(tmp_path / "data", SyntheticConfig(entities=16, mentions=48, seed=2, image_size=32),
                     progress=False)

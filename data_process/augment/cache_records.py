@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from data_process.core.durable_io import JsonlCache
 from data_process.core.records import DataError
@@ -37,3 +37,13 @@ def record_error(cache: JsonlCache, key: str, field_name: str, problem: str) -> 
     """The error for the record of ``key`` in ``cache`` whose ``field_name`` is wrong."""
     return DataError(cache.path, f"line {line_of(cache.path, key)}", field_name,
                      f"{problem} (a cache record of the wrong shape; fix or delete that line and rerun)")
+
+
+def checked_record(cache: JsonlCache, key: str,
+                   problem_of: Callable[[Mapping[str, Any]], tuple[str, str] | None]) -> dict[str, Any] | None:
+    """The cache record of ``key`` (None when absent); one whose ``problem_of`` is ``(field, problem)`` is the
+    :func:`record_error` naming the cache file and line."""
+    rec = cache.get(key)
+    if rec is not None and (problem := problem_of(rec)) is not None:
+        raise record_error(cache, key, *problem)
+    return rec

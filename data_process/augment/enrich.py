@@ -8,9 +8,10 @@ structured JSON answer ``{"description", "type", "attributes"}``. Each answer is
 is retried (the model is shown its answer and the error) a bounded number of times, then recorded as
 failed with every raw text kept.
 
-Durability: every answer is appended to a :class:`~data_process.core.durable_io.JsonlCache` (fsync'ed, status
-``received``) *before* it is parsed, then again with its verdict; a rerun parses a ``received`` answer without asking
-again. Any parser failure (even a ``RecursionError`` on deeply nested brackets) makes the answer invalid. Answers are keyed by ``stable_hash({"model", "template_version", "input"})``. A re-run skips
+Requests, the answer cache, the worker pool, cost and the stop message are the paid-call machinery's
+(:mod:`data_process.augment.paid_calls`), which the LLM re-ranker shares. Durability: every answer is appended to a
+:class:`~data_process.core.durable_io.JsonlCache` (fsync'ed, status ``received``) *before* it is parsed, then again
+with its verdict; a rerun parses a ``received`` answer without asking again. Any parser failure (even a ``RecursionError`` on deeply nested brackets) makes the answer invalid. Answers are keyed by ``stable_hash({"model", "template_version", "input"})``. A re-run skips
 cached items, so a crash loses at most the requests in flight and paid work is never repeated; items
 recorded as failed are asked again only with ``--retry-failed``. Request errors (HTTP 4xx other than
 auth/model errors, or transport errors that outlived the retries) are not answers: nothing is cached for
@@ -23,7 +24,10 @@ top-level image folders are linked, so every image path in the records stays as 
 folder holds the counts and failures; it is published with the records as one set (``save_dataset``), so a run killed
 while writing leaves a folder that ``load_dataset`` refuses, never one run's records with another's report.
 A cache record of the wrong shape (``"answer": 5``) is an error naming the cache file and line: a paid answer is
-never silently dropped or asked again.
+never silently dropped or asked again. One writer per output: a second run on the same ``--out`` (or the same
+``--cache``) stops at once with ``OutputLocked``. A malformed ``usage`` block is unknown usage (the answer is kept);
+timed-out requests (which the server may bill) are counted in the report and the summary; a full disk stops the
+run's requests and says how many paid answers could not be saved.
 """
 
 from __future__ import annotations
@@ -34,29 +38,27 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tqdm import tqdm
-
-from data_process.augment.cache_records import is_str_list, record_error
+from data_process.augment.cache_records import checked_record, is_str_list
+from data_process.augment.llm_client import (RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError,
+                                             messages_tokens)
+from data_process.augment.llm_prompts import (ANSWER_SCHEMA, AnswerError, PromptTemplate, correction_message,
+                                              enrichment_text, parse_answer)
+from data_process.augment.paid_calls import (EXIT_USAGE, CallCounts, PaidCalls, add_client_flags,  # noqa: F401
+                                             check_concurrency, check_prices, client_config, estimate_cost,
+                                             format_cost, open_cache, picker, quiet_http_logging, read_only_cache,
+                                             record_usage, stopped_early)
 from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
 from data_process.core.fingerprints import stable_hash
+from data_process.core.locks import output_lock
 from data_process.core.placement import PLACEMENT_MODES, dataset_links, place_record_images, record_image_paths
-from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
-from data_process.augment.llm_client import (
-    RESPONSE_FORMATS, LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens,
-)
-from data_process.augment.llm_prompts import (
-    ANSWER_SCHEMA, AnswerError, PromptTemplate, correction_message, enrichment_text, parse_answer,
-)
 from data_process.core.records import DatasetInfo, Entity, Mention, load_dataset, save_dataset
+from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 
 log = logging.getLogger("data_process.augment.enrich")
 
@@ -66,7 +68,7 @@ REPORT_FILE = "enrichment_report.json"
 CACHE_FILE = "enrichment_cache.jsonl"
 KINDS = ("entities", "mentions")
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_INCOMPLETE = 0, 3  # and EXIT_USAGE (2), as every paid-call command (paid_calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,18 +108,16 @@ def make_item(kind: str, item_id: str, model: str, template: PromptTemplate, inp
 
 
 @dataclass
-class RunStats:
+class RunStats(CallCounts):
+    """One run's counts: what was paid (:class:`~data_process.augment.paid_calls.CallCounts`) and the items."""
+
     total: int = 0            # items (after de-duplication of identical inputs)
     cached: int = 0           # answered (ok) in an earlier run
     cached_failed: int = 0    # recorded as failed earlier and not retried (no --retry-failed)
     done: int = 0             # answered (ok) in this run
     failed: int = 0           # recorded as failed in this run (invalid after every answer retry)
     errors: int = 0           # request errors this run: no answer, nothing cached, asked again next run
-    requests: int = 0         # answers received this run (paid)
     invalid_answers: int = 0  # answers (this run or received earlier) that did not parse or validate
-    transport_retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     error_messages: dict[str, str] = field(default_factory=dict)  # key -> last request error
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,29 +128,6 @@ class RunStats:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class CacheWriter:
-    """Serialised, off-loop ``JsonlCache.put``: the fsync runs in a worker thread so requests keep flowing,
-    and the caller resumes only once the record is on disk (so it is still cached before it is used)."""
-
-    def __init__(self, cache: JsonlCache):
-        self.cache = cache
-        self._lock = asyncio.Lock()
-
-    async def put(self, key: str, record: dict[str, Any]) -> None:
-        write = asyncio.ensure_future(self._write(key, record))
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # The run is stopping (fatal error, Ctrl-C): this answer is paid for, so finish writing it
-            # (even when it waits behind another write), then let the cancellation through.
-            await write
-            raise
-
-    async def _write(self, key: str, record: dict[str, Any]) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self.cache.put, key, record)
 
 
 STATUSES = ("ok", "invalid", "failed", "received")  # received: cached, not yet parsed (the run stopped there)
@@ -184,13 +161,7 @@ def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
 def cached(cache: JsonlCache, key: str) -> dict[str, Any] | None:
     """The cache record of ``key`` (None when absent); one of the wrong shape is an error naming the cache file and
     line (:mod:`data_process.augment.cache_records`)."""
-    rec = cache.get(key)
-    if rec is None:
-        return None
-    problem = _record_problem(rec)
-    if problem is not None:
-        raise record_error(cache, key, *problem)
-    return rec
+    return checked_record(cache, key, _record_problem)
 
 
 def _is_finished(rec: Mapping[str, Any] | None, retry_failed: bool) -> bool:
@@ -199,13 +170,12 @@ def _is_finished(rec: Mapping[str, Any] | None, retry_failed: bool) -> bool:
     return rec.get("status") == "ok" or (rec.get("status") == "failed" and not retry_failed)
 
 
-async def _answer_item(item: WorkItem, client: LLMClient, cache: CacheWriter, *, max_answers: int,
-                       retry_failed: bool, model: str, stats: RunStats) -> str:
+async def answer_item(item: WorkItem, calls: PaidCalls, *, max_answers: int, model: str, stats: RunStats) -> str:
     """Ask until a valid answer or ``max_answers`` invalid ones; every answer is cached before it is parsed.
 
     Returns the final status ("ok" | "failed"). Raises LLMRequestError when a request got no answer.
     """
-    rec = cached(cache.cache, item.key)
+    rec = cached(calls.cache, item.key)
     raws: list[str] = []
     errors: list[str] = []
     used = 0
@@ -227,15 +197,11 @@ async def _answer_item(item: WorkItem, client: LLMClient, cache: CacheWriter, *,
             messages = list(item.messages)
             if used > 0 and raws and errors:  # show the model its invalid answer and why
                 messages += [{"role": "assistant", "content": raws[-1]}, correction_message(errors[-1])]
-            result = await client.complete(messages)
+            result = await calls.ask(messages)
             used += 1
-            stats.requests += 1
-            stats.prompt_tokens += result.prompt_tokens
-            stats.completion_tokens += result.completion_tokens
-            usage["prompt_tokens"] += result.prompt_tokens
-            usage["completion_tokens"] += result.completion_tokens
+            usage = record_usage(usage, result)
             raws.append(result.text)
-            await cache.put(item.key, record("received"))  # paid for: on disk before the parser sees it
+            await calls.save(item.key, record("received"), answer=True)  # paid for: on disk before it is parsed
         unparsed = False
         try:
             answer = parse_answer(raws[-1], item.template.instructions)
@@ -244,19 +210,21 @@ async def _answer_item(item: WorkItem, client: LLMClient, cache: CacheWriter, *,
             errors.append(str(exc) if isinstance(exc, AnswerError) else f"unparseable answer ({type(exc).__name__}: "
                                                                           f"{str(exc)[:200]})")
             status = "failed" if used >= max_answers else "invalid"
-            await cache.put(item.key, record(status))
+            await calls.save(item.key, record(status))
             if status == "failed":
                 return status
             continue
-        await cache.put(item.key, record("ok", answer=answer))  # the validated answer beside the raw one
+        await calls.save(item.key, record("ok", answer=answer))  # the validated answer beside the raw one
         return "ok"
 
 
 async def run_items(items: Sequence[WorkItem], client: LLMClient, cache: JsonlCache, *, model: str,
-                    concurrency: int, answer_retries: int, retry_failed: bool,
-                    max_consecutive_errors: int = 50, progress: bool = True) -> RunStats:
-    """Answer every unfinished item with ``concurrency`` requests in flight."""
-    stats = RunStats(total=len(items))
+                    concurrency: int, answer_retries: int, retry_failed: bool, max_consecutive_errors: int = 50,
+                    progress: bool = True, stats: RunStats | None = None) -> RunStats:
+    """Answer every unfinished item with ``concurrency`` requests in flight (the paid-call pool); ``stats`` (a new
+    one when None) holds the counts, also when the run stops early."""
+    stats = stats if stats is not None else RunStats()
+    stats.total = len(items)
     pending: list[WorkItem] = []
     for it in items:
         rec = cached(cache, it.key)
@@ -266,88 +234,24 @@ async def run_items(items: Sequence[WorkItem], client: LLMClient, cache: JsonlCa
             stats.cached_failed += 1
         else:
             pending.append(it)
-    queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-    for it in pending:
-        queue.put_nowait(it)
-    writer = CacheWriter(cache)
-    bar = tqdm(total=len(pending), desc="enrich", unit="item", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr)
-    consecutive = 0
+    calls = PaidCalls(client, cache, stats)
 
-    def postfix() -> None:
-        bar.set_postfix(failed=stats.failed, errors=stats.errors,
-                        tokens=stats.prompt_tokens + stats.completion_tokens, refresh=False)
+    async def one(it: WorkItem) -> str:
+        status = await answer_item(it, calls, max_answers=1 + answer_retries, model=model, stats=stats)
+        stats.done += status == "ok"
+        stats.failed += status != "ok"
+        return status
 
-    async def worker() -> None:
-        nonlocal consecutive
-        while True:
-            try:
-                it = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            try:
-                status = await _answer_item(it, client, writer, max_answers=1 + answer_retries,
-                                            retry_failed=retry_failed, model=model, stats=stats)
-            except LLMFatalError:
-                raise
-            except LLMRequestError as exc:
-                stats.errors += 1
-                stats.error_messages[it.key] = str(exc)
-                consecutive += 1
-                log.warning("%s %s: no answer: %s", it.kind, it.item_id, exc)
-                if consecutive >= max_consecutive_errors:
-                    raise LLMFatalError(f"{consecutive} requests in a row got no answer; last: {exc}") from None
-            else:
-                consecutive = 0
-                if status == "ok":
-                    stats.done += 1
-                else:
-                    stats.failed += 1
-            bar.update(1)
-            postfix()
+    def no_answer(it: WorkItem, exc: LLMRequestError) -> None:
+        stats.errors += 1
+        stats.error_messages[it.key] = str(exc)
+        log.warning("%s %s: no answer: %s", it.kind, it.item_id, exc)
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(max(1, min(concurrency, len(pending)))):
-                tg.create_task(worker())
-    except BaseExceptionGroup as eg:  # a fatal request error, a full disk ...: the first one, LLMFatalError first
-        errors = _leaf_errors(eg)
-        raise next((e for e in errors if isinstance(e, LLMFatalError)), errors[0]) from None
-    finally:
-        bar.close()
-        stats.transport_retries = client.retries
+    await calls.run(pending, one, concurrency=concurrency, max_consecutive_errors=max_consecutive_errors,
+                    no_answer=no_answer, progress=progress, desc="enrich", unit="item",
+                    postfix=lambda: {"failed": stats.failed, "errors": stats.errors,
+                                     "tokens": stats.prompt_tokens + stats.completion_tokens})
     return stats
-
-
-def _leaf_errors(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Cost
-
-
-def model_price(model: str, prices: Mapping[str, Mapping[str, float]]) -> Mapping[str, float] | None:
-    """The price entry for ``model``: exact name, else the longest table name that prefixes it."""
-    if model in prices:
-        return prices[model]
-    matches = [name for name in prices if model.lower().startswith(name.lower())]
-    return prices[max(matches, key=len)] if matches else None
-
-
-def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int,
-                  prices: Mapping[str, Mapping[str, float]]) -> float | None:
-    p = model_price(model, prices)
-    if p is None:
-        return None
-    return (prompt_tokens * float(p["prompt"]) + completion_tokens * float(p["completion"])) / 1e6
-
-
-def _fmt_cost(c: float | None) -> str:
-    return "unknown (model not in the price table)" if c is None else f"${c:.4f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,11 +327,7 @@ def load_config(path: Path | None) -> dict[str, Any]:
             cfg["kinds"] = parse_kinds(cfg["kinds"])
         except ValueError as exc:
             raise ConfigError(path, "kinds", str(exc)) from None
-    for name, price in (cfg.get("prices") or {}).items():
-        if not (isinstance(price, dict) and set(price) == {"prompt", "completion"} and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in price.values())):
-            raise ConfigError(path, f"prices.{name}", f"expected {{prompt: N, completion: N}} (USD per 1M tokens), "
-                                                      f"got {price!r}")
+    check_prices(path, cfg)
     return cfg
 
 
@@ -437,23 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="unified dataset folder to enrich")
     p.add_argument("--out", required=True, type=Path, help="output folder for the '+' dataset")
     p.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default: {DEFAULT_CONFIG})")
-    p.add_argument("--cache", type=Path, default=None, help=f"answer cache (default: OUT/{CACHE_FILE})")
-    p.add_argument("--model")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--timeout-s", type=float, help="per-request timeout")
+    add_client_flags(p, cache_help=f"answer cache (default: OUT/{CACHE_FILE})",
+                     concurrency_help="requests in flight (1-256; 8-64 typical)")
     p.add_argument("--response-format", choices=RESPONSE_FORMATS,
                    help="json_object (JSON mode), json_object_schema (llama-cpp-python: JSON mode + schema), "
                         "json_schema (OpenAI structured outputs, vLLM, Ollama), none")
-    p.add_argument("--concurrency", type=int, help="requests in flight (1-256; 8-64 typical)")
-    p.add_argument("--max-retries", type=int, help="transport retries per request")
-    p.add_argument("--backoff-base-s", type=float)
-    p.add_argument("--backoff-max-s", type=float)
     p.add_argument("--answer-retries", type=int, help="extra tries after an invalid answer")
-    p.add_argument("--requests-per-minute", type=float)
-    p.add_argument("--tokens-per-minute", type=float)
     p.add_argument("--kinds", help="comma list of entities,mentions")
     p.add_argument("--mention-template", type=Path)
     p.add_argument("--entity-template", type=Path)
@@ -462,9 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(p, "retry-failed", None, "ask again for items recorded as failed")
     p.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="N",
                    help="print the first N prompts (default 3) and the run's size and cost; no API calls")
-    p.add_argument("--max-consecutive-errors", type=int,
-                   help="stop when this many requests in a row get no answer (default 50)")
-    add_bool(p, "progress", True, "progress bars")
     p.add_argument("-v", "--verbose", action=argparse.BooleanOptionalAction, default=False)
     return p
 
@@ -476,37 +362,18 @@ def _resolve_cfg_path(value: str | Path) -> Path:
 
 def resolve(args: argparse.Namespace) -> tuple[EnrichOptions, LLMConfig]:
     cfg = load_config(args.config)
-
-    def pick(name: str, default: Any = None) -> Any:
-        v = getattr(args, name, None)
-        return v if v is not None else cfg.get(name, default)
+    pick = picker(args, cfg)
 
     try:
         kinds = parse_kinds(args.kinds) if args.kinds is not None else cfg.get("kinds", KINDS)
     except ValueError as exc:
         raise ValueError(f"--kinds: {exc}") from None
-    concurrency = pick("concurrency", 16)
-    if not 1 <= concurrency <= 256:
-        raise ValueError(f"--concurrency must be in 1..256, got {concurrency}")
-    model = pick("model")
-    if not model:
-        raise ValueError("no model: give --model or set 'model' in the config")
-    base_url = pick("base_url")
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    if not api_key and not base_url and args.dry_run is None:
-        raise ValueError("the OpenAI API needs a key: set OPENAI_API_KEY or give --api-key "
-                         "(local servers: give --base-url)")
+    concurrency = check_concurrency(pick("concurrency", 16))
+    llm = client_config(pick, args.api_key, dry_run=args.dry_run is not None, max_tokens=256,
+                        response_format=pick("response_format", "json_object"), answer_schema=ANSWER_SCHEMA)
     out = args.out
     if args.data.resolve() == out.resolve():
         raise ValueError("--out must differ from --data")
-    llm = LLMConfig(
-        model=model, base_url=base_url, api_key=api_key,
-        temperature=float(pick("temperature", 0.0)), max_tokens=int(pick("max_tokens", 256)),
-        timeout_s=float(pick("timeout_s", 60)), max_retries=int(pick("max_retries", 6)),
-        backoff_base_s=float(pick("backoff_base_s", 1.0)), backoff_max_s=float(pick("backoff_max_s", 60.0)),
-        response_format=pick("response_format", "json_object"), answer_schema=ANSWER_SCHEMA,
-        requests_per_minute=pick("requests_per_minute"), tokens_per_minute=pick("tokens_per_minute"),
-    )
     templates = {}
     for name in ("mention_template", "entity_template"):
         v = getattr(args, name)
@@ -560,8 +427,8 @@ def dry_run(items: Sequence[WorkItem], cache: JsonlCache | None, opts: EnrichOpt
           f"{len(items) - len(pending)} of {len(items)} already cached), model {llm.model}")
     print(f"estimated tokens: ~{prompt_tokens} prompt (chars/4), ~{exp_completion} completion "
           f"({opts.expected_completion_tokens}/request; at most {max_completion} with max_tokens={llm.max_tokens})")
-    print(f"estimated cost: {_fmt_cost(estimate_cost(llm.model, prompt_tokens, exp_completion, opts.prices))} "
-          f"(upper bound {_fmt_cost(estimate_cost(llm.model, prompt_tokens, max_completion, opts.prices))}); "
+    print(f"estimated cost: {format_cost(estimate_cost(llm.model, prompt_tokens, exp_completion, opts.prices))} "
+          f"(upper bound {format_cost(estimate_cost(llm.model, prompt_tokens, max_completion, opts.prices))}); "
           "invalid answers that are retried cost more")
 
 
@@ -628,60 +495,25 @@ def print_summary(stats: RunStats, report: Mapping[str, Any], llm: LLMConfig) ->
         print(f"  {kind}: {c['ok']}/{c['total']} enriched, {c['failed']} failed, {c['missing']} missing",
               file=sys.stderr)
     print(f"  tokens this run: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion; "
-          f"estimated cost {_fmt_cost(report['estimated_cost_usd'])} ({llm.model})", file=sys.stderr)
+          f"estimated cost {format_cost(report['estimated_cost_usd'])} ({llm.model})", file=sys.stderr)
+    for note in stats.notes():
+        print(f"  {note}", file=sys.stderr)
     print(f"  wrote {report['out']} (report {REPORT_FILE})", file=sys.stderr)
 
 
-async def _run_async(items, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache) -> RunStats:
+async def _run_async(items, opts: EnrichOptions, llm: LLMConfig, cache: JsonlCache, stats: RunStats) -> RunStats:
     async with LLMClient(llm) as client:
         return await run_items(items, client, cache, model=llm.model, concurrency=opts.concurrency,
                                answer_retries=opts.answer_retries, retry_failed=opts.retry_failed,
-                               max_consecutive_errors=opts.max_consecutive_errors, progress=opts.progress)
-
-
-def stopped_early(exc: BaseException, cache: Path) -> int:
-    """Say why an LLM command stopped before its end (a fatal error, or Ctrl-C) and that every answer it got is
-    in ``cache``; return its exit status."""
-    if isinstance(exc, KeyboardInterrupt):
-        print(f"interrupted: answers received so far are cached in {cache}; rerun to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"error: {exc}\n(the answers received so far are cached in {cache})", file=sys.stderr)
-    return EXIT_USAGE
-
-
-class read_only_cache:  # noqa: N801 - a context manager used like a function
-    """The cache at ``path`` (None when there is none) read from a private copy: opening a :class:`JsonlCache`
-    repairs a torn tail, and a dry run must leave every file as it is."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._cache: JsonlCache | None = None
-
-    def __enter__(self) -> JsonlCache | None:
-        if not self.path.exists():
-            return None
-        self._tmp = tempfile.TemporaryDirectory(prefix="enrich-dry-run-")
-        copy = Path(self._tmp.name) / self.path.name
-        shutil.copyfile(self.path, copy)
-        self._cache = JsonlCache(copy)
-        self._cache.path = self.path  # errors name the real file (its lines are the copy's lines)
-        return self._cache
-
-    def __exit__(self, *exc) -> None:
-        if self._cache is not None:
-            self._cache.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+                               max_consecutive_errors=opts.max_consecutive_errors, progress=opts.progress,
+                               stats=stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    # Never DEBUG for the HTTP stack, even with -v: its debug lines may include request headers.
-    for noisy in ("httpx", "httpx2", "openai", "httpcore", "httpcore2"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_logging()
     opts, llm = resolve(args)
     ds = load_dataset(opts.data)
     items, keys = collect_items(ds, opts, llm.model)
@@ -694,11 +526,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with read_only_cache(opts.cache) as cache:
             dry_run(items, cache, opts, llm)
         return EXIT_OK
-    with JsonlCache(opts.cache) as cache:
+    stats = RunStats()
+    # One writer per output and per answer cache (a second run would pay every prompt again).
+    with output_lock(opts.out), open_cache(opts.cache) as cache:
         try:
-            stats = asyncio.run(_run_async(items, opts, llm, cache))
+            asyncio.run(_run_async(items, opts, llm, cache, stats))
         except (LLMFatalError, KeyboardInterrupt) as exc:
-            return stopped_early(exc, opts.cache)
+            return stopped_early(exc, opts.cache, stats)
         report = write_output(ds, opts, llm, cache, keys, stats, templates)
     print_summary(stats, report, llm)
     return EXIT_OK if report["complete"] else EXIT_INCOMPLETE

@@ -12,6 +12,11 @@ only ``POST {base_url}/chat/completions`` is used.
 * 401/403/404 raise :class:`LLMFatalError` (a misconfigured key, model or base URL: retrying cannot help).
   Other 4xx raise :class:`LLMRequestError` with ``retryable=False``.
 * Requests-per-minute and tokens-per-minute limits are token buckets (:class:`RateLimiter`).
+* What an answer's reading may not do is throw a paid answer away: a ``usage`` block of odd types (a string or list
+  token count, null, negative) is unknown usage (:func:`usage_tokens`), not an error; log-probabilities of an odd
+  shape are absent ones (:func:`first_token_logprobs`); a lone surrogate (half a character, which no UTF-8 file can
+  hold) in the text or a token becomes U+FFFD (:func:`repair_text`), so the answer can be cached.
+* Timed-out attempts are counted (``LLMClient.timeouts``): the server may bill a request whose answer never came.
 
 The API key is passed to the ``openai`` client only; it is never part of a repr, a log line or a result.
 """
@@ -57,6 +62,7 @@ class LLMConfig:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     extra_body: Mapping[str, Any] | None = None
+    top_logprobs: int | None = None  # ask for the answer tokens' log-probabilities with this many alternatives
 
     def public(self) -> dict[str, Any]:
         """A loggable view: no API key."""
@@ -71,10 +77,15 @@ class LLMConfig:
 @dataclass(frozen=True)
 class LLMResult:
     text: str
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None       # None (both): the server's usage block was absent or malformed (unknown)
+    completion_tokens: int | None
     attempts: int  # transport attempts this call took (1 = first try succeeded)
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[str, float], ...] | None = None  # the first answer token's alternatives, if asked
+
+    @property
+    def usage_known(self) -> bool:
+        return self.prompt_tokens is not None and self.completion_tokens is not None
 
 
 class LLMRequestError(Exception):
@@ -104,6 +115,66 @@ def estimate_tokens(text: str) -> int:
 
 def messages_tokens(messages: Sequence[Mapping[str, str]]) -> int:
     return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+
+
+MAX_REQUEST_TOKENS = 10**9  # a token count above this is no count of one request
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def usage_tokens(usage: Any) -> tuple[int, int] | None:
+    """``(prompt_tokens, completion_tokens)`` of a response's ``usage`` block; None (unknown) when it is absent or
+    either count is not an integer in 0..MAX_REQUEST_TOKENS (a string, a list, null, a boolean, negative)."""
+    try:
+        counts = (_field(usage, "prompt_tokens"), _field(usage, "completion_tokens")) if usage is not None else ()
+    except Exception:  # noqa: BLE001 - an object whose attributes raise: usage unknown, the answer kept
+        return None
+    if len(counts) == 2 and all(type(c) is int and 0 <= c <= MAX_REQUEST_TOKENS for c in counts):
+        return counts[0], counts[1]
+    return None
+
+
+def repair_text(text: str) -> str:
+    """``text`` with every lone surrogate (a JSON ``\\ud800`` escape of half a character: no UTF-8 file can hold
+    it) replaced by U+FFFD; surrogate pairs and all other text unchanged."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def first_token_logprobs(choice: Any) -> tuple[tuple[str, float], ...] | None:
+    """``((token, logprob), ...)`` of the first answer token: the OpenAI form (``logprobs.content[0].top_logprobs``)
+    or the legacy completion form (``logprobs.top_logprobs[0]``: ``{token: logprob}``); None when absent or of any
+    other shape. Tokens are :func:`repair_text`'ed; alternatives whose log-probability is no finite number are
+    left out. Never raises: the answer's text is kept whatever its log-probabilities look like."""
+    try:
+        lp = getattr(choice, "logprobs", None)
+        if lp is None:
+            return None
+        lp = lp.model_dump(warnings=False) if hasattr(lp, "model_dump") else lp  # odd values: no warning
+        if not isinstance(lp, dict):
+            return None
+        content = lp.get("content")
+        if isinstance(content, list) and content and isinstance(content[0], dict):
+            alts = content[0].get("top_logprobs") or [{"token": content[0].get("token"),
+                                                       "logprob": content[0].get("logprob")}]
+            out = [(a.get("token"), a.get("logprob")) for a in alts if isinstance(a, dict)]
+        elif isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"] and isinstance(lp["top_logprobs"][0],
+                                                                                             dict):
+            out = list(lp["top_logprobs"][0].items())
+        else:
+            return None
+        good = []
+        for tok, value in out:
+            if isinstance(tok, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+                if math.isfinite(value):
+                    good.append((repair_text(tok), value))
+        return tuple(good) or None
+    except Exception:  # noqa: BLE001 - e.g. a log-probability too large for a float: none usable, text kept
+        return None
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -244,7 +315,8 @@ class LLMClient:
             max_retries=0,
         )
         self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
-        self.retries = 0  # transport retries done by this client (for the summary)
+        self.retries = 0   # transport retries done by this client (for the summary)
+        self.timeouts = 0  # attempts that timed out: the server may bill them, their answers never came
 
     async def __aenter__(self) -> "LLMClient":
         return self
@@ -268,6 +340,9 @@ class LLMClient:
             kw["response_format"] = body
         if cfg.extra_body:
             kw["extra_body"] = dict(cfg.extra_body)
+        if cfg.top_logprobs:
+            kw["logprobs"] = True
+            kw["top_logprobs"] = cfg.top_logprobs
         return kw
 
     async def complete(self, messages: Sequence[Mapping[str, str]]) -> LLMResult:
@@ -295,6 +370,7 @@ class LLMClient:
                 retry_after = parse_retry_after(exc.response.headers)
                 reason = f"HTTP {status}"
             except openai.APITimeoutError:
+                self.timeouts += 1
                 status, reason = None, f"timeout after {cfg.timeout_s:g}s"
             except openai.APIConnectionError as exc:
                 status, reason = None, f"connection error ({_cause(exc)})"
@@ -322,12 +398,14 @@ class LLMClient:
         text = (choice.message.content if choice.message else None) or ""
         if not isinstance(text, str):
             raise TypeError(f"the message content is a {type(text).__name__}, not a string")
-        usage = getattr(resp, "usage", None)
-        pt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        ct = int(getattr(usage, "completion_tokens", 0) or 0)
-        self.limiter.settle(est, pt + ct if usage else est)
-        return LLMResult(text=text, prompt_tokens=pt, completion_tokens=ct, attempts=attempt,
-                         finish_reason=getattr(choice, "finish_reason", None))
+        # From here on nothing may raise: this is a paid answer (module docstring).
+        usage = usage_tokens(getattr(resp, "usage", None))
+        self.limiter.settle(est, sum(usage) if usage else est)
+        reason = getattr(choice, "finish_reason", None)
+        return LLMResult(text=repair_text(text), prompt_tokens=usage[0] if usage else None,
+                         completion_tokens=usage[1] if usage else None, attempts=attempt,
+                         finish_reason=reason if isinstance(reason, str) else None,
+                         top_logprobs=first_token_logprobs(choice) if self.config.top_logprobs else None)
 
 
 def _body_text(exc: openai.APIStatusError) -> str:

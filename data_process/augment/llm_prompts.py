@@ -16,6 +16,11 @@ is given, so editing a template automatically gives new cache keys.
 
 Answers must be a JSON object ``{"description": str, "type": str, "attributes": {str: str}}``;
 ```json fences and text around the object are tolerated; anything else is an :class:`AnswerError`.
+
+Numbers in answers are read by one explicit ASCII rule (:func:`ascii_number`, :func:`ascii_numbers`): ``str.isdigit``,
+``re``'s ``\\d`` and ``int`` each accept other sets of digits (``²``, ``①``, ``３``, ``٣``), and an answer of such
+digits must be a failed answer, never a crash or a silent reading. (JSON numbers are ASCII by the JSON grammar,
+which ``json`` enforces.)
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ _SECTION = re.compile(r"^\[(system|user)\]\s*$")
 _VERSION = re.compile(r"^#\s*version:\s*(\S+)\s*$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+MAX_DIGITS = 18  # a number of more significant digits is read as -1: no answer is a number that large
 
 
 # The answer schema, for servers that constrain decoding with it (see llm_client.response_format_body).
@@ -200,6 +207,23 @@ def parse_answer(text: str, instructions: str | None = None) -> dict[str, Any]:
                 raise AnswerError(f"'{name}' copies the instructions instead of answering")
         attrs = {k: v for k, v in attrs.items() if json.dumps({k: v})[1:-1] not in instructions}
     return {"description": desc.strip(), "type": typ.strip(), "attributes": attrs}
+
+
+def _ascii_int(digits: str) -> int:
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= MAX_DIGITS else -1
+
+
+def ascii_number(token: str) -> int | None:
+    """The number ``token`` is (ASCII digits ``0-9`` only, surrounding whitespace allowed), else None."""
+    t = token.strip()
+    return _ascii_int(t) if _ASCII_DIGITS.fullmatch(t) else None
+
+
+def ascii_numbers(text: str, limit: int = 64) -> list[int]:
+    """The first ``limit`` numbers written in ASCII digits in ``text`` (other characters, other scripts' digits
+    included, separate them)."""
+    return [_ascii_int(m.group()) for _, m in zip(range(limit), _ASCII_DIGITS.finditer(text))]
 
 
 def enrichment_text(answer: Mapping[str, Any]) -> str:

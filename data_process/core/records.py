@@ -16,14 +16,21 @@ dataset (hand edits of a finished folder stay allowed).
 Every later step (enrichment, captions, features, training) reads only this format.
 Loading validates every record; a bad record raises :class:`DataError` naming the file,
 the line (and record id when known) and the field.
+
+Every JSON input of the toolkit is parsed by :func:`parse_json` (``json_pairs`` remembers repeated keys; nesting is
+bounded by :data:`MAX_JSON_DEPTH`), and every check of a parsed value walks it without recursion, so no input, however
+deep, ends in a ``RecursionError``. A reader keeps a record whose only fault is in a non-essential field (a description,
+an alias, an image, a caption): :func:`keep_record` mends it and reports the mend.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, NoReturn, TypeVar
 
 from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
 from data_process.core.safe_paths import check_regular_file
@@ -33,6 +40,9 @@ ENTITIES_FILE = "entities.jsonl"
 MENTIONS_FILE = "mentions.jsonl"
 INFO_FILE = "dataset.json"
 INCOMPLETE_MARKER = ".incomplete"
+DATASET_KINDS = ("mel", "kb")   # mentions linked to a KB; a KB alone (entities, no mentions)
+MAX_JSON_DEPTH = 100            # arrays and objects inside one another; a record needs a handful (Wikidata ~12)
+REPLACEMENT = "\ufffd"          # what a lone surrogate in a non-essential field becomes
 
 
 class DataError(ValueError):
@@ -50,11 +60,27 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Where:
+    """One record's place (file and record): ``where(field, problem)`` raises the :class:`DataError` naming them;
+    ``where.error(field, problem)`` makes it without raising."""
+
+    path: str | Path
+    where: str
+
+    def error(self, field_name: str | None, problem: str) -> DataError:
+        return DataError(self.path, self.where, field_name, problem)
+
+    def __call__(self, field_name: str | None, problem: str) -> NoReturn:
+        raise self.error(field_name, problem)
+
+
+@dataclass(frozen=True)
 class Entity:
     """A knowledge-base entity.
 
     ``enrichment`` holds LLM-extracted information (``{"text": str, ..., "provenance": {...}}``)
-    when the dataset is a "+" dataset; ``None`` otherwise.
+    when the dataset is a "+" dataset; ``None`` otherwise. ``aliases`` are other names of the entity (a Wikidata
+    KB's aliases); they are not part of :meth:`text` and are written only when there are some.
     """
 
     id: str
@@ -63,6 +89,7 @@ class Entity:
     attributes: dict[str, str] = field(default_factory=dict)
     images: tuple[str, ...] = ()
     enrichment: dict[str, Any] | None = None
+    aliases: tuple[str, ...] = ()
 
     def text(self) -> str:
         """The entity's text as encoded for its description view: name, description, attributes."""
@@ -97,12 +124,14 @@ class Mention:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Facts about how a unified dataset was made (``dataset.json``)."""
+    """Facts about how a unified dataset was made (``dataset.json``). ``kind`` is ``"mel"`` (mentions linked to a
+    KB) or ``"kb"`` (a KB alone: entities, no mentions; e.g. ``prepare --format wikidata``)."""
 
     name: str
     source_format: str
     split_rule: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    kind: str = "mel"
 
 
 R = TypeVar("R", Entity, Mention)
@@ -150,6 +179,9 @@ def entity_from_dict(obj: Any, fail) -> Entity:
     images = obj.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         fail("images", "must be a list of non-empty strings (paths relative to the dataset folder)")
+    aliases = obj.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        fail("aliases", "must be a list of non-empty strings")
     known = {f.name for f in fields(Entity)}
     unknown = sorted(set(obj) - known)
     if unknown:
@@ -161,6 +193,7 @@ def entity_from_dict(obj: Any, fail) -> Entity:
         attributes=dict(attrs),
         images=tuple(images),
         enrichment=_check_provenanced(obj, "enrichment", fail),
+        aliases=tuple(aliases),
     )
 
 
@@ -209,11 +242,58 @@ def mention_from_dict(obj: Any, fail) -> Mention:
     )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _surrogate_in(text: str) -> str | None:
-    for ch in text:
-        if "\ud800" <= ch <= "\udfff":
-            return ch
+    found = _SURROGATE.search(text)
+    return found.group() if found else None
+
+
+def _first_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string of ``value`` (keys included), walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if (ch := _surrogate_in(item)) is not None:
+                return ch
+        elif isinstance(item, dict):
+            stack.extend(x for k, v in reversed(item.items()) for x in (v, k))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
     return None
+
+
+def _surrogate_problem(ch: str) -> str:
+    return f"holds a lone surrogate {ch!r} (not Unicode text; cannot be written as UTF-8)"
+
+
+def replace_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys included) replaced by U+FFFD; lists and objects are
+    copied, walked without recursion."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(REPLACEMENT, value)
+    if not isinstance(value, (dict, list)):
+        return value
+    root = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any]] = [(value, root)]
+    while stack:
+        src, dst = stack.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for key, item in items:
+            if isinstance(item, str):
+                new: Any = _SURROGATE.sub(REPLACEMENT, item)
+            elif isinstance(item, (dict, list)):
+                new = {} if isinstance(item, dict) else []
+                stack.append((item, new))
+            else:
+                new = item
+            if isinstance(dst, dict):
+                dst[_SURROGATE.sub(REPLACEMENT, key) if isinstance(key, str) else key] = new
+            else:
+                dst.append(new)
+    return root
 
 
 class _RepeatedKeys(dict):
@@ -243,6 +323,100 @@ def repeated_keys(obj: Any) -> dict[str, int]:
     return dict(obj.repeated) if isinstance(obj, _RepeatedKeys) else {}
 
 
+# ---------------------------------------------------------------------------------------------
+# Parsing: the one JSON parser of every input, with nesting bounded
+
+
+class NestingError(ValueError):
+    """JSON text nested deeper than :data:`MAX_JSON_DEPTH`. ``member`` is the top-level key (an object) or index
+    (an array) holding the deep part, when the text could be parsed to find it; ``problem`` the reason."""
+
+    def __init__(self, depth: int, member: str | int | None):
+        self.depth = depth
+        self.member = member
+        self.problem = (f"nested {depth:,} levels deep; JSON input may nest arrays and objects at most "
+                        f"{MAX_JSON_DEPTH} levels")
+        super().__init__(self.problem)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in the JSON ``text`` (strings skipped; 0 for a scalar), without parsing."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def value_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed value (0 for a scalar), walked without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _deep_member(obj: Any) -> str | int | None:
+    """The first top-level key or index of ``obj`` whose value nests deeper than the limit allows."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    return next((key for key, value in items if value_depth(value) >= MAX_JSON_DEPTH), None)
+
+
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:,]')
+
+
+def _deep_member_in_text(text: str) -> str | int | None:
+    """:func:`_deep_member` read from the text itself (when it is too deep to parse): the top-level key (an object)
+    or index (an array) inside which the nesting first passes the limit."""
+    in_array = text.lstrip()[:1] == "["
+    depth, index, key, last_string = 0, 0, None, None
+    for token in _JSON_TOKEN.finditer(text):
+        tok = token.group()
+        if tok in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return index if in_array else key
+        elif tok in "]}":
+            depth -= 1
+        elif depth == 1 and tok == ",":
+            index += 1
+        elif depth == 1 and tok == ":":
+            key = last_string
+        elif depth == 1:
+            try:
+                last_string = json.loads(tok)
+            except ValueError:
+                last_string = None
+    return None
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` of every JSON input: objects through :func:`json_pairs`, and nesting deeper than
+    :data:`MAX_JSON_DEPTH` refused with :class:`NestingError` (Python's parser and every recursive walk would end in
+    a ``RecursionError``). Invalid JSON raises ``json.JSONDecodeError`` as usual."""
+    depth = json_depth(text) if text.count("[") + text.count("{") > MAX_JSON_DEPTH else 0
+    try:
+        obj = json.loads(text, object_pairs_hook=json_pairs)
+    except RecursionError:
+        raise NestingError(depth, _deep_member_in_text(text)) from None
+    if depth > MAX_JSON_DEPTH:
+        raise NestingError(depth, _deep_member(obj))
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# What parsing lets through: repeated keys, lone surrogates; mending a non-essential field
+
+
 def record_json_problem(obj: Any) -> tuple[str | None, str] | None:
     """``(field, problem)`` for a raw JSON record that parsing let through: a field given twice, or a lone
     surrogate (:func:`lone_surrogate`); ``None`` when it has neither."""
@@ -256,32 +430,73 @@ def record_json_problem(obj: Any) -> tuple[str | None, str] | None:
 def lone_surrogate(obj: Any) -> tuple[str | None, str] | None:
     """``(field, problem)`` for the first string in a raw JSON record (keys included) that holds a lone surrogate
     (``"\\ud83d"``: legal JSON, but no Unicode text; it cannot be written as UTF-8), else ``None``. The field is
-    the record's top-level key (``None`` for the record itself)."""
-
-    def find(value: Any) -> str | None:
-        if isinstance(value, str):
-            return _surrogate_in(value)
-        if isinstance(value, dict):
-            return next((c for k, v in value.items() for c in (find(k), find(v)) if c), None)
-        if isinstance(value, (list, tuple)):
-            return next((c for v in value if (c := find(v))), None)
-        return None
-
+    the record's top-level key (``None`` for the record itself, or when the key itself holds the surrogate). Walked
+    without recursion, at any depth."""
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else [(None, obj)]
     for key, value in items:
-        ch = find(key) if isinstance(key, str) else None
+        ch = _surrogate_in(key) if isinstance(key, str) else None
         name = None if ch else (str(key) if key is not None else None)
-        ch = ch or find(value)
+        ch = ch or _first_surrogate(value)
         if ch:
-            return name, f"holds a lone surrogate {ch!r} (not Unicode text; cannot be written as UTF-8)"
+            return name, _surrogate_problem(ch)
     return None
 
 
+Repair = Callable[[DataError, str], None]   # (the problem, what was done about it)
+LEFT_OUT = "the field is left out, the record kept"
+REPLACED = "the lone surrogate is replaced by U+FFFD, the record kept"
+T = TypeVar("T")
+
+
+def keep_record(obj: Any, parse: Callable[[Any], T], where: Where, *, essential: Collection[str] = (),
+                repair: Repair | None = None) -> T:
+    """``parse(obj)`` for a raw JSON record, after the checks parsing leaves to us (:func:`record_json_problem`).
+
+    Without ``repair`` any problem fails the record (``where`` raises :class:`DataError`). With it, a problem in a
+    non-essential field (a top-level key not in ``essential``: a description, an alias, an image, a caption) is
+    mended and the record kept: a lone surrogate is replaced by U+FFFD (:func:`replace_surrogates`); a field given
+    twice, a field name holding a lone surrogate, and a field ``parse`` refuses (its :class:`DataError` names it) are
+    left out. Each mend goes to ``repair(error, what was done)`` (which may raise it: a strict reader). A problem in
+    an essential field still fails the record. ``parse`` gets a mended copy; ``obj`` is left as it is."""
+    if repair is None or not isinstance(obj, dict):
+        bad = record_json_problem(obj)
+        if bad is not None:
+            where(*bad)
+        return parse(obj)
+    repeated = repeated_keys(obj)
+    for key, copies in repeated.items():
+        if key in essential:
+            where(key, f"given {copies} times in the record (JSON keeps only the last)")
+    kept: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key in repeated:
+            repair(where.error(key, f"given {repeated[key]} times in the record (JSON keeps only the last)"),
+                   LEFT_OUT)
+        elif _surrogate_in(key) is not None:
+            repair(where.error(None, "a field name " + _surrogate_problem(_surrogate_in(key))), LEFT_OUT)
+        elif key not in essential and (ch := _first_surrogate(value)) is not None:
+            repair(where.error(key, _surrogate_problem(ch)), REPLACED)
+            kept[key] = replace_surrogates(value)
+        else:
+            kept[key] = value
+    bad = lone_surrogate({k: v for k, v in kept.items() if k in essential})
+    if bad is not None:
+        where(*bad)
+    while True:
+        try:
+            return parse(kept)
+        except DataError as err:
+            if err.field is None or err.field in essential or err.field not in kept:
+                raise
+            del kept[err.field]
+            repair(err, LEFT_OUT)
+
+
 def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
-    """JSON-ready dict; tuples become lists, ``None`` optional fields are dropped."""
+    """JSON-ready dict; tuples become lists, ``None`` optional fields (and empty ``aliases``) are dropped."""
     out = {}
     for key, value in asdict(record).items():
-        if value is None:
+        if value is None or (key == "aliases" and not value):   # no aliases: the entity line is as it always was
             continue
         if isinstance(value, tuple):
             value = list(value)
@@ -328,18 +543,30 @@ def iter_json_lines(path: str | Path, on_error: OnError | None = None,
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                _report(DataError(path, f"line {lineno}", None,
-                                  f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"), on_error)
+                _report(DataError(path, f"line {lineno}", None, not_utf8(exc, raw, lineno, "of the line")), on_error)
                 continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")   # a UTF-8 byte-order mark (some editors write one)
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.rstrip("\r\n"), object_pairs_hook=json_pairs)
+                obj = parse_json(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 _report(DataError(path, f"line {lineno}", None,
                                   f"invalid JSON ({exc.msg} at column {exc.colno})"), on_error)
                 continue
+            except NestingError as exc:
+                _report(DataError(path, f"line {lineno}", exc.member if isinstance(exc.member, str) else None,
+                                  exc.problem), on_error)
+                continue
             yield lineno, obj
+
+
+def not_utf8(exc: UnicodeDecodeError, raw: bytes, lineno: int = 1, unit: str = "") -> str:
+    """Why ``raw`` is not UTF-8 text, for an error line (a UTF-16 file is named as such)."""
+    if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    return f"not UTF-8 text ({exc.reason} at byte {exc.start}{' ' + unit if unit else ''})"
 
 
 def _report(err: DataError, on_error: OnError | None, kind: str = "malformed") -> None:
@@ -348,26 +575,29 @@ def _report(err: DataError, on_error: OnError | None, kind: str = "malformed") -
     on_error(err, kind)
 
 
-def iter_records(path: str | Path, parse: Callable, on_error: OnError | None = None) -> Iterator:
+ENTITY_ESSENTIAL = frozenset({"id", "name"})
+MENTION_ESSENTIAL = frozenset({"id", "sentence", "mention", "gold_id", "split", "span", "candidates"})
+ESSENTIAL_FIELDS = {"entity": ENTITY_ESSENTIAL, "mention": MENTION_ESSENTIAL}
+
+
+def iter_records(path: str | Path, parse: Callable, on_error: OnError | None = None, *,
+                 on_repair: Repair | None = None) -> Iterator:
     """Validated records of a JSON Lines file (``parse`` = :func:`entity_from_dict` or :func:`mention_from_dict`).
 
     The first bad line (JSON, UTF-8, a field, a duplicate id) raises :class:`DataError` naming file, line, id and
-    field; with ``on_error`` every bad line is passed to it (kind ``"malformed"`` or ``"duplicate"``) and skipped."""
+    field; with ``on_error`` every bad line is passed to it (kind ``"malformed"`` or ``"duplicate"``) and skipped.
+    With ``on_repair`` a fault in a non-essential field (not in :data:`ESSENTIAL_FIELDS`: a description, aliases,
+    images, a caption, an enrichment, an unknown field) is mended and the record kept (:func:`keep_record`)."""
     path = Path(path)
     seen: dict[str, int] = {}
+    essential = ENTITY_ESSENTIAL if parse is entity_from_dict else MENTION_ESSENTIAL
     for lineno, obj in iter_json_lines(path, on_error):
         where = f"line {lineno}"
         if isinstance(obj, dict) and isinstance(obj.get("id"), str):
             where = f"line {lineno} (id {obj['id']!r})"
-
-        def fail(field_name, problem, _where=where):
-            raise DataError(path, _where, field_name, problem)
-
+        fail = Where(path, where)
         try:
-            bad = record_json_problem(obj)
-            if bad is not None:
-                fail(*bad)
-            record = parse(obj, fail)
+            record = keep_record(obj, lambda o: parse(o, fail), fail, essential=essential, repair=on_repair)
         except DataError as err:
             _report(err, on_error)
             continue
@@ -413,10 +643,12 @@ def read_info(root: str | Path) -> DatasetInfo:
         return DatasetInfo(name=root.name, source_format="unknown")
     check_regular_file(info_path)
     try:
-        raw = json.loads(info_path.read_text(encoding="utf-8"))
-        return DatasetInfo(**raw)
-    except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, missing or unknown fields
+        info = DatasetInfo(**parse_json(info_path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:  # bad JSON, not UTF-8, nested too deep, missing or unknown fields
         raise DataError(info_path, "file", None, f"not a valid dataset info object ({exc})") from None
+    if info.kind not in DATASET_KINDS:
+        raise DataError(info_path, "file", "kind", f"must be one of {', '.join(DATASET_KINDS)}, got {info.kind!r}")
+    return info
 
 
 def check_published(root: str | Path) -> None:

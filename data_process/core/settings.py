@@ -99,11 +99,18 @@ def check_value(path: str | Path, key: str, value: Any, setting: Setting) -> Any
     return float(value) if kind is float else value
 
 
-def check_settings(path: str | Path, raw: Mapping[str, Any], schema: Mapping[str, Setting]) -> dict[str, Any]:
-    """Every key of ``raw`` known to ``schema`` and of the right type, else a :class:`ConfigError`."""
+def check_settings(path: str | Path, raw: Mapping[str, Any], schema: Mapping[str, Setting],
+                   renamed: Mapping[str, str] | None = None, ignore_unknown: bool = False) -> dict[str, Any]:
+    """Every key of ``raw`` known to ``schema`` and of the right type, else a :class:`ConfigError`; a key of
+    ``renamed`` (old name -> new) is an error naming the new key; with ``ignore_unknown``, keys outside ``schema``
+    are skipped (a command reading the one key it shares with another command's file)."""
     out = {}
     for key, value in raw.items():
+        if renamed and key in renamed:
+            raise ConfigError(path, str(key), f"renamed to {renamed[key]} (write {renamed[key]}: {value})")
         if key not in schema:
+            if ignore_unknown:
+                continue
             near = difflib.get_close_matches(str(key), list(schema), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f" (known keys: {', '.join(sorted(schema))})"
             raise ConfigError(path, str(key), f"unknown key{hint}")
@@ -111,9 +118,11 @@ def check_settings(path: str | Path, raw: Mapping[str, Any], schema: Mapping[str
     return out
 
 
-def load_settings(path: str | Path, schema: Mapping[str, Setting]) -> dict[str, Any]:
-    """A settings file checked against ``schema``. ``base: FILE`` (relative to this file) is read first and this
-    file's keys override it; bases may chain, a loop is an error."""
+def load_settings(path: str | Path, schema: Mapping[str, Setting], renamed: Mapping[str, str] | None = None,
+                  ignore_unknown: bool = False) -> dict[str, Any]:
+    """A settings file checked against ``schema`` (``renamed``, ``ignore_unknown``: :func:`check_settings`).
+    ``base: FILE`` (relative to this file) is read first and this file's keys override it; bases may chain, a loop
+    is an error."""
     path = Path(path)
     chain: list[Path] = []
     merged: dict[str, Any] = {}
@@ -123,7 +132,7 @@ def load_settings(path: str | Path, schema: Mapping[str, Setting]) -> dict[str, 
         chain.append(path.resolve())
         raw = read_yaml_mapping(path)
         base = raw.pop(BASE_KEY, None)
-        merged = {**check_settings(path, raw, schema), **merged}
+        merged = {**check_settings(path, raw, schema, renamed, ignore_unknown), **merged}
         if base is None:
             return merged
         if not isinstance(base, str):
@@ -133,14 +142,17 @@ def load_settings(path: str | Path, schema: Mapping[str, Setting]) -> dict[str, 
 
 def settings_from_parser(parser: argparse.ArgumentParser, skip: Iterable[str] = ("config", "help")
                          ) -> dict[str, Setting]:
-    """The settings schema of a command's flags: one key per flag destination."""
+    """The settings schema of a command's flags: one key per flag destination (a flag whose action carries a
+    ``setting_kind``, e.g. ``list`` for a comma-separated flag, takes that kind in a file)."""
     skip = set(skip)
     schema: dict[str, Setting] = {}
     for action in parser._actions:
         if action.dest in skip or action.dest == argparse.SUPPRESS:
             continue
         nullable = action.default is None
-        if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
+        if getattr(action, "setting_kind", None) is not None:
+            schema[action.dest] = Setting(action.setting_kind, nullable=nullable)
+        elif isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
                                argparse._StoreFalseAction)):
             schema[action.dest] = Setting(bool, nullable=nullable)
         elif action.choices is not None:

@@ -7,7 +7,7 @@ r"""Feature step: encode every view of a unified dataset into a feature cache (:
         [--regions grid|detector|file] [--region_grid 3] [--detector NAME_OR_PATH] [--boxes FILE] \
         [--max_regions 9] [--region_score S] [--region_labels person,car] [--detector_batch_size 8] \
         [--import SIDE.VIEW=FILE[,ids=IDS.json][,key=NAME][,by=id|image] ...] [--import_ids IDS.json] \
-        [--device auto] [--threads 0] [--force]
+        [--views SIDE.VIEW,... | --config TRAIN_CONFIG.yaml] [--device auto] [--threads 0] [--force]
 
 ``--clip`` is any vision-language model (CLIP, SigLIP / SigLIP 2, any ``AutoModel`` with ``get_text_features`` and
 ``get_image_features``; :mod:`data_process.encode.towers`). ``--max_len`` is the sentence view's length (DIM's
@@ -29,6 +29,11 @@ Images are decoded in DataLoader worker processes. An image name that leads outs
 run: it is counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first
 ids, with the reason), and gets a zero feature with mask False.
 
+``--views`` names the views to encode (default: all nine, what the default model reads); ``--config FILE`` takes
+them from a training config's ``views`` key (``configs/dim_paper.yaml`` lists the views DIM's paper model reads,
+without ``mention.context``; ``dim-mel train`` warns when a config's model reads a view its list leaves out). This
+step reads the plain list and imports nothing of the model (the architecture rule).
+
 For new mentions and new KB entities outside the cache (``nel_model.loaded_run``) use
 :func:`load_encoders_from_meta`, :func:`encode_mention_views` and :func:`encode_entity_views`.
 """
@@ -48,7 +53,7 @@ from tqdm import tqdm
 from data_process.core.devices import cpu_threads, resolve_device
 from data_process.core.fingerprints import ImageHasher, stable_hash
 from data_process.core.images import decode_image, iter_decoded
-from data_process.core.settings import ToolkitParser, add_bool
+from data_process.core.settings import Setting, ToolkitParser, add_bool, load_settings
 from data_process.core.entry import run_main
 from data_process.core.records import Entity, Mention, load_dataset
 from data_process.core.safe_paths import UnsafePath, resolve_in_dataset
@@ -65,6 +70,7 @@ log = logging.getLogger(__name__)
 
 FIRST_IDS = 10  # how many problem ids meta.json lists per view
 HASHES_FILE = "image_hashes.jsonl"  # image content hashes by (path, size, mtime), reused by later runs
+VIEWS_KEY = "views"  # the key of a training config that lists the views its model reads (dim-mel features --config)
 
 
 @dataclass(frozen=True)
@@ -474,15 +480,19 @@ def _write_image_views(store: FeatureStore, side: str, ids: list[str], paths: li
 def build_features(data: str | Path, out: str | Path, settings: FeatureSettings | None, batch_size: int = 64,
                    num_workers: int = 2, device: str = "auto", force: bool = False,
                    progress: bool = True, detector_batch_size: int = 8,
-                   imports: Sequence[ImportSpec] = ()) -> dict[str, Any]:
+                   imports: Sequence[ImportSpec] = (), views: Sequence[str] | None = None) -> dict[str, Any]:
     """Write (or update) the feature cache ``out`` for the dataset ``data``; returns a summary
-    ``{"written": [...], "skipped": [...], "imported": [...], "images": {side: report}}`` (+ ``"regions"``: box
-    counts, with crops).
+    ``{"written": [...], "skipped": [...], "imported": [...], "left_out": [...], "images": {side: report}}``
+    (+ ``"regions"``: box counts, with crops).
 
     ``imports`` are views read from a release's files instead of encoding (:mod:`data_process.encode.precomputed`);
-    with ``settings=None`` (no encoder) only they are written."""
+    with ``settings=None`` (no encoder) only they are written. ``views`` (``SIDE.VIEW`` names; ``None``: every view)
+    are the views to encode: the others are left out (those a model does not read; :func:`views_of_config`)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    unknown = [v for v in views or () if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"--views: unknown view {unknown[0]!r} (views: {', '.join(VIEWS)})")
     if settings is None and not imports:
         raise ValueError("nothing to write: name the encoders (--clip) or views to import (--import)")
     names = [spec.view for spec in imports]
@@ -508,7 +518,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     fresh = [imp for imp in prepared if force or not store.has(imp.spec.side, imp.spec.view.split(".")[1],
                                                                  fingerprint=imp.fingerprint, verify=True)]
     summary: dict[str, Any] = {"written": [], "skipped": [imp.spec.view for imp in prepared if imp not in fresh],
-                               "imported": [imp.spec.view for imp in fresh], "images": {}}
+                               "imported": [imp.spec.view for imp in fresh], "left_out": [], "images": {}}
     base_meta: dict[str, Any] = {"dataset": str(data)}
     todo: list[str] = []
     if settings is not None:
@@ -516,6 +526,9 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         fps = _fingerprints(ds, settings, _image_inputs([m.image for m in ms], m_shas),
                             _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
+        if views is not None:
+            summary["left_out"] = [name for name in fps if name not in views]
+            fps = {name: fp for name, fp in fps.items() if name in views}
         todo = [name for name, fp in fps.items()
                 if force or not store.has(*name.split("."), fingerprint=fp, verify=True)]
         summary["written"] = todo
@@ -649,7 +662,8 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
 
 def _report(summary: dict[str, Any], out: Path) -> str:
     lines = [f"feature cache {out}: wrote {len(summary['written'])} views, imported "
-             f"{len(summary.get('imported', []))}, skipped {len(summary['skipped'])} up-to-date views"]
+             f"{len(summary.get('imported', []))}, skipped {len(summary['skipped'])} up-to-date views"
+             + (f", left out {', '.join(summary['left_out'])} (not in --views)" if summary.get("left_out") else "")]
     for side, rep in summary["images"].items():
         lines.append(f"  {side} images: {rep['no_image']} records without an image, {rep['failed']} missing or "
                      "unreadable (zero feature, mask False)")
@@ -694,11 +708,28 @@ def _labels(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def views_of_config(path: str | Path) -> tuple[str, ...] | None:
+    """The ``views`` list of a training config file (``base:`` chains followed; its other keys are the training
+    command's), or ``None`` when it names none (every view)."""
+    views = load_settings(path, {VIEWS_KEY: Setting(list)}, ignore_unknown=True).get(VIEWS_KEY)
+    if views is None:
+        return None
+    if not all(isinstance(v, str) for v in views):
+        raise ValueError(f"{path}: {VIEWS_KEY}: expected a list of SIDE.VIEW names, got {views!r}")
+    return tuple(views)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ToolkitParser(prog="dim-mel features",
                                  description="Encode a unified dataset's views into a feature cache.")
     ap.add_argument("--data", required=True, type=Path, help="unified dataset folder")
     ap.add_argument("--out", required=True, type=Path, help="feature cache folder (created or updated)")
+    ap.add_argument("--views", type=_labels, default=None,
+                    help="the views to encode, SIDE.VIEW comma-separated (default: every view, what the default "
+                         f"model reads): {', '.join(VIEWS)}")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="a training config (configs/*.yaml): encode the views its 'views' key names (those its "
+                         "model reads; no key: every view); --views overrides it")
     ap.add_argument("--clip", default=None,
                     help="vision-language model (CLIP, SigLIP, SigLIP 2, any AutoModel with get_text_features and "
                          "get_image_features): Hugging Face name or local folder (required unless only --import)")
@@ -770,9 +801,10 @@ def main(argv: list[str] | None = None) -> int:
         cores = os.cpu_count() or 1
         args.num_workers = max(1, cores - 1) if device.type == "cuda" else min(2, cores)
     torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads(args.num_workers))
+    views = args.views if args.views is not None else (views_of_config(args.config) if args.config else None)
     summary = build_features(args.data, args.out, settings, batch_size=args.batch_size,
                              num_workers=args.num_workers, device=args.device, force=args.force,
-                             detector_batch_size=args.detector_batch_size, imports=imports)
+                             detector_batch_size=args.detector_batch_size, imports=imports, views=views)
     print(_report(summary, args.out))
     return 0
 

@@ -1,9 +1,10 @@
 """Convert a public MEL release to the unified format, validate it, and publish it atomically.
 
-    python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified} \\
-        --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 70,10,20] \\
+    python -m data_process.ingest.prepare --format {melbench,mimic,ghmfc,wikidiverse,wikiperson,unified,wikidata} \\
+        --src DIR_OR_FILE --out DIR [--dataset-name NAME] [--split-seed 0] [--splits 0.7,0.1,0.2] \\
         [--image-dir DIR] [--images {symlink,copy,rewrite,none}] [--image-check {verify,exists,none}] \\
-        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P]
+        [--strict] [--max-invalid 1%] [--annotations FILE] [--entity-text {brief,long}] [--dev-from-train P] \\
+        [--language en] [--ids FILE] [--instance-of Q5,Q515] [--min-sitelinks N]
 
 Steps: the format's reader builds the records (``data_process.ingest.readers``), dropping bad records and listing
 them (``--strict``: the first bad record is an error; more dropped records than ``--max-invalid``, default 1% of the
@@ -47,7 +48,7 @@ from data_process.ingest.validate import (IMAGE_CHECKS, REPORT_JSON, REPORT_TXT,
 IMAGE_MODES = (*PLACEMENT_MODES, "none")
 DEFAULT_MAX_INVALID = "1%"
 FORMATS = tuple(READERS)
-DEFAULT_SPLITS = "70,10,20"
+DEFAULT_SPLITS = "0.7,0.1,0.2"
 # what prepare writes into --out: a folder holding anything else is never replaced
 OWN_ENTRIES = frozenset({INFO_FILE, ENTITIES_FILE, MENTIONS_FILE, REPORT_JSON, REPORT_TXT, "images",
                          INCOMPLETE_MARKER})
@@ -187,6 +188,10 @@ def publish(
         for refused in converted.refused_images:
             report.add("refused_images", str(refused))
         report.refused_images = [r.to_json() for r in converted.refused_images]
+        for mended in converted.repaired:
+            report.add("repaired_fields", str(mended))
+        report.repaired = [r.to_json() for r in converted.repaired]
+        report.skipped = dict(converted.skipped)
         if not report.ok:
             if echo:
                 print(format_report(report), end="")
@@ -200,6 +205,21 @@ def publish(
     if echo:
         print(format_report(report), end="")
     return out, report
+
+
+def split_fractions(text: str) -> tuple[float, float, float]:
+    """``--splits``: the train, dev and test fractions (``"0.7,0.1,0.2"``, summing to 1; every share the toolkit
+    takes is a fraction, as ``--dev-from-train``), as the reader's ratios. An older percentage-style value
+    (``70,10,20``) is an error saying what to write."""
+    values = parse_ratios(text)
+    total = sum(values)
+    if abs(total - 1) > 1e-6:
+        if any(v > 1 for v in values):
+            shares = ",".join(f"{v / total:.6g}" for v in values)
+            raise ValueError(f"--splits {text}: the shares are fractions summing to 1: write --splits {shares}")
+        raise ValueError(f"--splits {text}: the fractions must sum to 1, not {total:g}")
+    # the ratios in percent, as the readers have always received them: the same split and split rule as before
+    return tuple(round(100 * v, 9) for v in values)  # type: ignore[return-value]
 
 
 def prepare(
@@ -220,6 +240,10 @@ def prepare(
     annotations: str | Path | None = None,
     entity_text: str = "brief",
     dev_from_train: float | None = None,
+    language: str | None = None,
+    ids: str | Path | None = None,
+    instance_of: str | None = None,
+    min_sitelinks: int | None = None,
 ) -> tuple[Path, ValidationReport]:
     """Read ``src`` in format ``fmt`` and publish it to ``out`` (see the module docstring).
 
@@ -242,6 +266,10 @@ def prepare(
                          "folders)")
     if (annotations is not None or entity_text != "brief") and fmt != "ghmfc":
         raise ValueError("--annotations and --entity-text are only for --format ghmfc")
+    wikidata = {"language": language, "ids": ids, "instance_of": instance_of, "min_sitelinks": min_sitelinks}
+    given = [f"--{k.replace('_', '-')}" for k, v in wikidata.items() if v is not None]
+    if given and fmt != "wikidata":
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --format wikidata")
     if fmt == "unified" and Path(src).resolve() == Path(out).resolve():   # in place: only the report is written
         report = validate_dataset(src, image_check={True: "verify", False: "none"}.get(check_images, check_images),
                                   progress=progress)
@@ -255,11 +283,13 @@ def prepare(
     common = {"dataset_name": dataset_name, "progress": progress, "strict": strict}
     seed = split_seed or 0
     if fmt == "melbench":
-        converted = READERS[fmt](src, seed=seed, splits=parse_ratios(splits or DEFAULT_SPLITS), image_dir=image_dir,
+        converted = READERS[fmt](src, seed=seed, splits=split_fractions(splits or DEFAULT_SPLITS), image_dir=image_dir,
                                  **common)
     elif fmt == "ghmfc":
         converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
                                  dev_from_train=dev_from_train, seed=seed, **common)
+    elif fmt == "wikidata":
+        converted = READERS[fmt](src, **common, **{k: v for k, v in wikidata.items() if v is not None})
     else:
         converted = READERS[fmt](src, **common)
     return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress,
@@ -275,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=None,
                     help="seed of the by-sample split (MELBench; GHMFC with --dev-from-train); default 0")
     ap.add_argument("--splits", default=None,
-                    help=f"train,dev,test ratios of the by-sample split (MELBench only; default {DEFAULT_SPLITS})")
+                    help="train,dev,test fractions of the by-sample split, summing to 1 (MELBench only; default "
+                         f"{DEFAULT_SPLITS})")
     ap.add_argument("--dev-from-train", type=float, default=None, metavar="P",
                     help="GHMFC release without dev.json: make the dev split of a fraction P (0 < P < 1) of the "
                          "train samples, by a seeded hash of the sample ids (recorded in dataset.json)")
@@ -285,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="GHMFC with splits.json: the MELBench annotation file (.json or .zip)")
     ap.add_argument("--entity-text", choices=("brief", "long"), default="brief",
                     help="GHMFC: entity descriptions from qid2abs.json (brief, DIM's default) or qid2abs_long.json")
+    ap.add_argument("--language", default=None,
+                    help="Wikidata: the language of names, descriptions and aliases, with its fallbacks, then mul "
+                         "and en (default en)")
+    ap.add_argument("--ids", type=Path, default=None,
+                    help="Wikidata: keep only the items of this file (one Q-id a line)")
+    ap.add_argument("--instance-of", default=None, metavar="Q5,Q515",
+                    help="Wikidata: keep only items that are an instance (P31) of one of these classes")
+    ap.add_argument("--min-sitelinks", type=int, default=None, metavar="N",
+                    help="Wikidata: keep only items with at least N sitelinks")
     add_bool(ap, "strict", False, "stop at the first bad record (default: drop bad records, list them, go on)")
     ap.add_argument("--max-invalid", default=DEFAULT_MAX_INVALID,
                     help="fail when more records than this are dropped: a count (25) or a share of the records "
@@ -295,12 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="verify images with PIL (default), only check they exist, or skip")
     add_bool(ap, "quiet", False, "no progress bars")
     args = ap.parse_args(argv)
-    if args.splits is not None:
-        parse_ratios(args.splits)
     prepare(args.format, args.src, args.out, dataset_name=args.dataset_name, split_seed=args.split_seed,
             splits=args.splits, image_dir=args.image_dir, images=args.images, check_images=args.image_check,
             progress=not args.quiet, strict=args.strict, max_invalid=args.max_invalid,
-            annotations=args.annotations, entity_text=args.entity_text, dev_from_train=args.dev_from_train)
+            annotations=args.annotations, entity_text=args.entity_text, dev_from_train=args.dev_from_train,
+            language=args.language, ids=args.ids, instance_of=args.instance_of, min_sitelinks=args.min_sitelinks)
     return 0
 
 

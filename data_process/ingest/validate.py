@@ -12,8 +12,12 @@ Counts entities, mentions per split, and problems. Each problem is either an **e
   ``dataset.json``.
 * warnings (counted, reported, the dataset is still written): missing mention/entity images, unreadable
   mention/entity images (PIL cannot open or verify them), empty sentences, mention strings not found in their
-  sentence, empty splits, a missing ``dataset.json``, and (from a conversion) image references the reader refused
-  (``refused_images``: a symlink out of the release's image folder, an absolute or ``..`` path).
+  sentence, empty splits (not for a KB-only dataset, ``dataset.json`` kind ``kb``), a missing ``dataset.json``,
+  and (from a conversion) image references the reader refused (``refused_images``: a symlink out of the release's
+  image folder, an absolute or ``..`` path) and non-essential fields the reader mended (``repaired_fields``: a
+  description, an alias, an image name, a caption holding a lone surrogate or of the wrong type; the record kept).
+  What the source holds but a reader does not convert (a Wikidata dump's properties, lexemes, ...) is counted
+  under ``skipped``.
 
 The report is written as ``DIR/validation.json`` and ``DIR/validation.txt`` (atomically) and printed. A folder
 whose writing was interrupted (``.incomplete`` marker, ``records.check_published``) is refused, not reported on.
@@ -32,6 +36,7 @@ from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_bytes
 from data_process.core.entry import run_main
 from data_process.core.records import (
+    DATASET_KINDS,
     ENTITIES_FILE,
     INFO_FILE,
     MENTIONS_FILE,
@@ -44,6 +49,7 @@ from data_process.core.records import (
     entity_from_dict,
     iter_records,
     mention_from_dict,
+    parse_json,
     utf8_bytes,
 )
 
@@ -71,6 +77,7 @@ WARNING_KINDS = (
     "empty_splits",
     "missing_dataset_info",
     "refused_images",
+    "repaired_fields",
 )
 
 
@@ -97,6 +104,9 @@ class ValidationReport:
     dropped: list[dict[str, Any]] = field(default_factory=list)       # {"file", "record", "field", "reason"}
     absent_ids: dict[str, list[str]] = field(default_factory=dict)     # ids a release lists without a record
     refused_images: list[dict[str, Any]] = field(default_factory=list)  # image references a reader left out
+    repaired: list[dict[str, Any]] = field(default_factory=list)        # non-essential fields mended, records kept
+    skipped: dict[str, int] = field(default_factory=dict)               # what the source holds, not converted
+    kind: str = "mel"                                                   # dataset.json "kind": mel | kb
 
     @property
     def ok(self) -> bool:
@@ -219,9 +229,13 @@ def validate_records(
     for m in mentions:
         golds.setdefault(m.mention, set()).add(m.gold_id)
     rep.ambiguous_surface_forms = sum(1 for g in golds.values() if len(g) > 1)
-    for split in SPLITS:
-        if rep.mentions_per_split.get(split, 0) == 0:
-            rep.add("empty_splits", split)
+    if rep.kind == "kb":        # a KB alone: no mentions is what it is
+        if mentions:
+            rep.add("bad_dataset_info", f"kind 'kb' (a KB-only dataset), but {len(mentions)} mentions")
+    else:
+        for split in SPLITS:
+            if rep.mentions_per_split.get(split, 0) == 0:
+                rep.add("empty_splits", split)
     rep.images = counts
     return rep
 
@@ -241,11 +255,13 @@ def validate_dataset(root: str | Path, *, image_check: str = "verify", progress:
     info_path = root / INFO_FILE
     if info_path.is_file():
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
+            info = parse_json(info_path.read_text(encoding="utf-8"))
             if not isinstance(info, dict) or not isinstance(info.get("name"), str):
                 raise ValueError("not an object with a string 'name'")
-            DatasetInfo(**info)  # the fields records.load_dataset requires and accepts
-            rep.dataset = info["name"]
+            kind = DatasetInfo(**info).kind  # the fields records.load_dataset requires and accepts
+            if kind not in DATASET_KINDS:
+                raise ValueError(f"'kind' must be one of {', '.join(DATASET_KINDS)}, got {kind!r}")
+            rep.dataset, rep.kind = info["name"], kind
         except (ValueError, TypeError) as exc:
             rep.add("bad_dataset_info", f"{info_path}: {exc}")
     else:
@@ -259,7 +275,8 @@ def format_report(rep: ValidationReport) -> str:
     """A short human-readable summary."""
     split_text = ", ".join(f"{s} {n}" for s, n in rep.mentions_per_split.items())
     lines = [
-        f"dataset {rep.dataset} ({rep.root}): {'OK' if rep.ok else 'ERRORS'}",
+        f"dataset {rep.dataset} ({rep.root}): {'OK' if rep.ok else 'ERRORS'}"
+        + (" (a KB-only dataset: entities, no mentions)" if rep.kind == "kb" else ""),
         f"  entities {rep.entities} ({rep.entities_with_images} with images)",
         f"  mentions {rep.mentions}: {split_text}; {rep.mentions_with_span} with span, "
         f"{rep.mentions_with_image} with image; {rep.ambiguous_surface_forms} surface forms name several entities",
@@ -277,6 +294,14 @@ def format_report(rep: ValidationReport) -> str:
     if rep.refused_images:
         lines.append(f"  refused images: {len(rep.refused_images)} image references left out (all listed in "
                      f"{REPORT_JSON})")
+    if rep.repaired:
+        lines.append(f"  repaired fields: {len(rep.repaired)} non-essential fields mended, their records kept (all "
+                     f"listed in {REPORT_JSON})")
+        for d in rep.repaired[:MAX_EXAMPLES]:
+            lines.append(f"    repaired: {DataError(d['file'], d['record'], d['field'], d['reason'])}")
+    if rep.skipped:
+        lines.append("  skipped (in the source, not converted): "
+                     + ", ".join(f"{kind} {n:,}" for kind, n in rep.skipped.items()))
     for name, ids in rep.absent_ids.items():
         lines.append(f"  {name}: {len(ids)} ids without a record (listed in {REPORT_JSON})"
                      + (f", e.g. {', '.join(ids[:MAX_EXAMPLES])}" if ids else ""))

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_process.core.devices import resolve_device
 from data_process.core.entry import run_main
 from data_process.core.records import SPLITS
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
+from nel_model.config import eval_settings_of
 from nel_model.data import FeatureSource, MELData
 from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions
 from nel_model.loaded_run import LoadedRun
@@ -37,11 +37,12 @@ from nel_model.runs import PREDICTIONS_DIR, RunError, two_stage_of
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
 
 
-def settings_from_config(conf: dict[str, Any], device: torch.device, **override: Any) -> EvalSettings:
-    """The evaluation settings of a run from its flags (``vars(args)`` in training, ``config.json`` after it): the
-    one place both read them, so ``dim-mel evaluate`` measures as the end of training did. ``override``: the
-    command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule`` where given (None = the run's)."""
-    conf = {**conf, **{k: v for k, v in override.items() if v is not None}}
+def settings_from_config(conf: Any, device: torch.device, **override: Any) -> EvalSettings:
+    """The evaluation settings of a run from its configuration (a :class:`nel_model.config.TaskConfig` in training,
+    its ``config.json`` after it, of either format): the one place both read them, so ``dim-mel evaluate`` measures
+    as the end of training did. ``override``: the command line's ``eval_dtype``, ``tie_rule`` or ``candidate_rule``
+    where given (None = the run's)."""
+    conf = {**eval_settings_of(conf), **{k: v for k, v in override.items() if v is not None}}
     return EvalSettings(mention_chunk=conf["eval_batch_size"], entity_chunk=conf["entity_chunk"],
                         score_dtype=score_dtype_for(conf["eval_dtype"], device), tie_rule=conf["tie_rule"],
                         candidate_rule=conf["candidate_rule"])

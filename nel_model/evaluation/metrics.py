@@ -37,9 +37,9 @@ from typing import Callable
 
 import torch
 
+from nel_model.runs import CANDIDATE_RULES, TIE_RULES  # noqa: F401 - the run folder's vocabulary, used here
+
 HITS_AT = (1, 3, 5, 10, 20)
-TIE_RULES = ("pessimistic", "strict", "mean")
-CANDIDATE_RULES = ("dim", "in_list")
 RECHECK_PAIRS = 1 << 20     # float32 re-check pairs per step (bounds the gathered memory)
 
 

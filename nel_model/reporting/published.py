@@ -3,7 +3,8 @@ with our runs.
 
 A published number is set beside ours only when it was measured the same way: the same dataset (spellings
 normalised by :func:`dataset_key`), the same protocol (``full_kb``, or ``candidates_<N>`` against our
-``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only),
+``candidates`` protocol when our candidate lists have exactly N entries), the same KB size (full-KB numbers only;
+the sizes :data:`SAME_KB` lists for one KB, as its sources count it differently, are one KB, with a note),
 the same split, and the same kind of system: a two-stage one (retrieve, then re-rank: ``stages`` 2) only beside
 two-stage runs of ours, a one-stage one only beside one-stage runs. :func:`why_not_comparable` gives the reason when
 it is not. Published sources do not state their tie rule; tables say so. The file format is described in its
@@ -24,7 +25,16 @@ COLUMNS = ("method", "venue", "dataset", "protocol", "kb_entities", "split", "me
 STAGES_COLUMN = "stages"         # optional last column: 1 (one stage) or 2 (retrieve, then re-rank); 1 when absent
 STAGES = {1: "one-stage", 2: "two-stage (retrieve, then re-rank)"}
 _PROTOCOL = re.compile(r"^(full_kb|candidates_([1-9][0-9]*))$")
+_COUNT = re.compile(r"^[0-9]+$")                      # ASCII digits only ("²".isdigit() is True, int("²") fails)
+_PERCENT = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 _ALIASES = {"richpedia": "richpediamel"}
+# One KB that its sources count differently: {dataset_key: (sizes, who says which)}. Rows with any of the sizes
+# are compared as one KB, and the table says so in a note (nothing is hidden, nothing silently equated).
+SAME_KB = {
+    "richpediamel": ((160933, 160935),
+                     "RichpediaMEL's KB is 160,933 entities in MIMIC's, MMoE's and M3EL's configs (config/"
+                     "richpediamel.yaml num_entity) and 160,935 in KGMEL's table; taken as one KB"),
+}
 
 
 def dataset_key(name: str) -> str:
@@ -76,24 +86,49 @@ class OurSetting:
     stages: tuple[int, ...] = (1,)
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8 text (a UTF-8 byte-order mark is allowed); an error names the file and the line
+    (and says so for a UTF-16 file)."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise RunError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    lines = []
+    for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as exc:
+            raise RunError(f"{path}, line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line); "
+                           "save the file as UTF-8") from None
+    return lines
+
+
+def _csv_values(path: Path, lineno: int, line: str) -> list[str]:
+    """One CSV line's values (each line is one record); an error names the file and the line."""
+    try:
+        return next(csv.reader([line]))
+    except csv.Error as exc:             # a field over the csv module's limit, a NUL byte, ...
+        raise RunError(f"{path}, line {lineno}: not a valid CSV line ({exc})") from None
+
+
 def read_published(path: str | Path) -> list[PublishedResult]:
     """Read and validate a published-results CSV; lines starting with ``#`` are comments. Errors name the file,
     the line and the column."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: published results file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    numbered = [(i, ln) for i, ln in enumerate(_text_lines(path), 1)
+                if ln.strip() and not ln.lstrip().startswith("#")]
     if not numbered:
         return []
-    reader = csv.reader([ln for _, ln in numbered])
-    header = tuple(h.strip() for h in next(reader))
+    header = tuple(h.strip() for h in _csv_values(path, *numbered[0]))
     if header not in (COLUMNS, (*COLUMNS, STAGES_COLUMN)):
         raise RunError(f"{path}, line {numbered[0][0]}: the header must be {','.join(COLUMNS)} "
                        f"(and optionally ,{STAGES_COLUMN}) (got {','.join(header)})")
     out: list[PublishedResult] = []
     seen: dict[tuple, int] = {}
-    for (lineno, _), values in zip(numbered[1:], reader):
+    for lineno, line in numbered[1:]:
+        values = _csv_values(path, lineno, line)
+
         def fail(column: str, problem: str, _lineno=lineno) -> None:
             raise RunError(f"{path}, line {_lineno}, column '{column}': {problem}")
 
@@ -112,13 +147,10 @@ def read_published(path: str | Path) -> list[PublishedResult]:
             fail("metric", f"must be one of {', '.join(METRIC_KEYS)}, got {rec['metric']!r}")
         kb = None
         if rec["kb_entities"]:
-            if not rec["kb_entities"].isdigit() or int(rec["kb_entities"]) == 0:
+            if not _COUNT.match(rec["kb_entities"]) or int(rec["kb_entities"]) == 0:
                 fail("kb_entities", f"must be a positive integer or empty, got {rec['kb_entities']!r}")
             kb = int(rec["kb_entities"])
-        try:
-            value = float(rec["value"])
-        except ValueError:
-            value = float("nan")
+        value = float(rec["value"]) if _PERCENT.match(rec["value"]) else float("nan")
         if not 0.0 <= value <= 100.0:
             fail("value", f"must be a percentage in [0, 100], got {rec['value']!r}")
         row = PublishedResult(rec["method"], rec["venue"], rec["dataset"], rec["protocol"], kb, rec["split"],
@@ -130,6 +162,25 @@ def read_published(path: str | Path) -> list[PublishedResult]:
         seen[key] = lineno
         out.append(row)
     return out
+
+
+def same_kb(dataset: str, a: int | None, b: int | None) -> bool:
+    """Whether KB sizes ``a`` and ``b`` of ``dataset`` are one KB: equal, or both sizes its sources give for it
+    (:data:`SAME_KB`)."""
+    if a is None or b is None:
+        return False
+    sizes = SAME_KB.get(dataset_key(dataset), ((),))[0]
+    return a == b or (a in sizes and b in sizes)
+
+
+def kb_note(row: PublishedResult, ours: dict[str, OurSetting]) -> str | None:
+    """Why ``row`` stands beside runs of ours on a KB of another reported size (:data:`SAME_KB`), or ``None`` when
+    the sizes are equal (or the row is not full-KB)."""
+    setting = ours.get(dataset_key(row.dataset))
+    if row.protocol != "full_kb" or setting is None or setting.kb_entities == (row.kb_entities,):
+        return None
+    return (f"{row.dataset} full_kb: published with {row.kb_entities:,} entities, our runs rank against "
+            f"{_sizes(setting.kb_entities)}: {SAME_KB[dataset_key(row.dataset)][1]}")
 
 
 def _sizes(values) -> str:
@@ -161,6 +212,8 @@ def _measured_otherwise(row: PublishedResult, protocol: str, split: str, ours: d
     if protocol == "full_kb":
         if row.kb_entities is None:
             return f"{row.dataset} full_kb without a published KB size"
+        if all(same_kb(row.dataset, row.kb_entities, ours_kb) for ours_kb in setting.kb_entities):
+            return None
         if setting.kb_entities != (row.kb_entities,):
             if None in setting.kb_entities:
                 return (f"{row.dataset} full_kb with {row.kb_entities:,} entities; the KB size of our runs is not "

@@ -26,7 +26,8 @@ from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from data_process.core.durable_io import atomic_write_text
 from nel_model.evaluation.metrics import TIE_RULES
-from nel_model.reporting.published import PUBLISHED_FILE, OurSetting, dataset_key, read_published, why_not_comparable
+from nel_model.reporting.published import (PUBLISHED_FILE, OurSetting, dataset_key, kb_note, read_published,
+                                           why_not_comparable)
 from nel_model.runs import METRIC_KEYS, PROTOCOLS, Run, RunError, expand_run_dirs, load_run, two_stage_summary
 
 METRIC_NAMES = {"mrr": "MRR", "hits@1": "H@1", "hits@3": "H@3", "hits@5": "H@5", "hits@10": "H@10",
@@ -83,6 +84,7 @@ class Table:
     split: str
     settings: dict[str, OurSetting] = field(default_factory=dict)   # by dataset name
     not_comparable: list[str] = field(default_factory=list)        # published rows left out, with the reason
+    kb_notes: list[str] = field(default_factory=list)              # published rows on a KB its sources count otherwise
     published_from: str | None = None                              # the --paper file
 
 
@@ -160,13 +162,15 @@ def our_settings(runs: list[Run], datasets: list[str], split: str) -> dict[str, 
 
 
 def published_rows(path: str | Path, datasets: list[str], settings: dict[str, OurSetting], protocol: str,
-                   split: str, metrics: list[str]) -> tuple[list[Row], list[str]]:
+                   split: str, metrics: list[str]) -> tuple[list[Row], list[str], list[str]]:
     """Rows of the published-results file that are comparable with our runs (one row per method, its values
-    under our dataset column names), and one line per left-out (dataset, protocol, KB size, split) giving the
-    methods and the reason."""
+    under our dataset column names), one line per left-out (dataset, protocol, KB size, split) giving the
+    methods and the reason, and one line per KB its sources count differently (``published.kb_note``) giving the
+    methods set beside ours on it."""
     by_key = {dataset_key(ds): settings[ds] for ds in datasets}
     rows: dict[str, Row] = {}
     left_out: dict[tuple[str, str], list[str]] = {}
+    on_other_count: dict[str, list[str]] = {}
     for res in read_published(path):
         reason = why_not_comparable(res, protocol, split, by_key)
         if reason is not None:
@@ -177,6 +181,9 @@ def published_rows(path: str | Path, datasets: list[str], settings: dict[str, Ou
             continue
         if res.metric not in metrics:
             continue
+        note = kb_note(res, by_key)
+        if note is not None and res.name not in on_other_count.setdefault(note, []):
+            on_other_count[note].append(res.name)
         ds = by_key[dataset_key(res.dataset)].dataset
         row = rows.setdefault(res.name, Row(method=res.name, source="published", stages=(res.stages,)))
         cell = row.cells.setdefault(ds, Cell(mean={k: None for k in metrics}, std={k: None for k in metrics}))
@@ -184,7 +191,7 @@ def published_rows(path: str | Path, datasets: list[str], settings: dict[str, Ou
         if res.source not in row.note:
             row.note = f"{row.note}; {res.source}" if row.note else res.source
     notes = [f"{what}: {', '.join(names)}. Not comparable: {reason}" for (what, reason), names in left_out.items()]
-    return list(rows.values()), notes
+    return list(rows.values()), notes, [f"{', '.join(names)}: {note}" for note, names in on_other_count.items()]
 
 
 def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test", metrics: list[str] | None = None,
@@ -198,8 +205,9 @@ def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test",
     datasets, rows = collect(runs, protocol, split, metrics, warn=warn, tie_rule=tie_rule)
     settings = our_settings(runs, datasets, split)
     not_comparable: list[str] = []
+    kb_notes: list[str] = []
     if paper is not None:
-        published, not_comparable = published_rows(paper, datasets, settings, protocol, split, metrics)
+        published, not_comparable, kb_notes = published_rows(paper, datasets, settings, protocol, split, metrics)
         rows = published + rows
     for label, reason in skipped:
         rows.append(Row(method=label, source="skipped", note=reason))
@@ -207,7 +215,8 @@ def build_table(runs: list[Run], protocol: str = "full_kb", split: str = "test",
         rank = {label: i for i, label in enumerate(order)}
         rows.sort(key=lambda r: (r.source != "published", rank.get(r.method, len(rank))))
     return Table(datasets=datasets, metrics=metrics, rows=rows, protocol=protocol, split=split, settings=settings,
-                 not_comparable=not_comparable, published_from=None if paper is None else str(paper))
+                 not_comparable=not_comparable, kb_notes=kb_notes,
+                 published_from=None if paper is None else str(paper))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +273,7 @@ def notes(table: Table) -> list[str]:
         out.append(f"- Published rows (from {table.published_from}): as reported by their sources, which do not "
                    "state a tie rule; shown only where dataset, protocol, KB size / candidate-list length and "
                    "split match ours.")
+        out += [f"- {line}" for line in table.kb_notes]
     two_stage = [r for r in table.rows if r.source != "skipped" and r.two_stage]
     if two_stage:
         out.append("- Two-stage rows (retrieve, then re-rank; a published two-stage system stands only beside "

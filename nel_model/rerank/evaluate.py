@@ -24,6 +24,7 @@ from nel_model.loaded_run import LoadedRun
 from nel_model.rerank import llm
 from nel_model.rerank.feature import FeatureReranker
 from nel_model.rerank.two_stage import check_retriever, two_stage_counts, write_two_stage_predictions
+from nel_model.config import eval_settings_of
 from nel_model.runs import CONFIG_FILE, RESULTS_FILE, RunError, load_config, load_results, two_stage_summary
 
 Counts = dict[str, dict[str, RankCounts]]
@@ -38,7 +39,7 @@ def feature_counts(run: Path, retriever: LoadedRun, splits: list[str], checkpoin
     """The counts of a ``dim-mel rerank`` run at its ``checkpoint`` (its re-ranker's best or last)."""
     reranker = FeatureReranker.load(run, checkpoint)
     reranker.model.to(retriever.device)
-    batch = int(load_config(run).get("eval_batch_size", 256))
+    batch = int(eval_settings_of(load_config(run))["eval_batch_size"])
     counts: Counts = {}
     for split in splits:
         _add(counts, split, reranker.counts(retriever, reranker.inputs(retriever, retriever.lists(split)), batch))

@@ -9,16 +9,22 @@ caption (when the dataset has one) and the k candidates' names and descriptions,
 of the right one. Scoring (``--scoring auto``): the request asks for ``logprobs``/``top_logprobs`` and each
 candidate number is scored by the log-probability of that number as the answer's first token (one forward pass, no
 parsing); a server that gives no log-probabilities is answered by parsing the text (a number, or numbers best
-first). ``--scoring text`` never asks for them. An answer that names no candidate in 1..k (malformed, out of range)
-keeps the retriever's order for that mention and is counted. With ``--vision`` the mention image goes into the
+first). ``--scoring text`` never asks for them. Numbers are read in ASCII digits only
+(:func:`data_process.augment.llm_prompts.ascii_number`): a first token of other digits (``²``, ``①``, ``３``) is
+no candidate number. An answer that names no candidate in 1..k (malformed, out of range, unparseable in any way)
+keeps the retriever's order for that mention and is counted, on the first run and when read back from the cache. With ``--vision`` the mention image goes into the
 user message as an image part (a base64 JPEG data URL) for endpoints that accept images.
 
-Calls go through the enrichment client (:class:`data_process.augment.llm_client.LLMClient`: rate limits, retries,
-fatal errors) and follow its caching discipline: every answer is appended (fsync'ed) to ``OUT/rerank_llm_cache.jsonl``
-with status ``received`` before it is parsed, then with its verdict; a rerun (also after ``kill -9``) asks nothing
-already answered. A request that got no answer (a transport error outliving its retries) is not cached: that mention
-keeps the retriever's order, is counted as unanswered, and the next run asks again. ``--dry-run`` prints prompts and
-the token and cost estimate from a private copy of the cache (no request, no file touched).
+Calls go through the paid-call machinery enrichment uses (:mod:`data_process.augment.paid_calls`: the client with
+its rate limits, retries and fatal errors, the worker pool, the answer cache, cost, the stop message): every answer is
+appended (fsync'ed) to ``OUT/rerank_llm_cache.jsonl`` with status ``received`` before it is parsed, then with its
+verdict; a rerun (also after ``kill -9``) asks nothing already answered. A request that got no answer (a transport
+error outliving its retries) is not cached: that mention keeps the retriever's order, is counted as unanswered, and
+the next run asks again. A malformed ``usage`` block is unknown usage, the answer kept; timed-out requests (which the
+server may bill) are counted; a full disk stops the requests and says how many paid answers were not saved. One
+writer per output: a second run on the same ``--out`` (or the same answer cache, e.g. ``dim-mel link --rerank`` of
+this run) stops at once with ``OutputLocked``. ``--dry-run`` prints prompts and the token and cost estimate from a
+private copy of the cache (no request, no file touched).
 
 The output is a two-stage run folder (:func:`nel_model.rerank.two_stage.write_two_stage_run`): the final ranking of
 every evaluated mention over the whole KB and the candidate protocol, with the retriever's numbers on the same
@@ -37,7 +43,6 @@ import io
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,20 +51,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from data_process.augment.cache_records import record_error
-from data_process.augment.enrich import (CacheWriter, _fmt_cost, _leaf_errors, estimate_cost, read_only_cache,
-                                         stopped_early)
-from data_process.augment.llm_client import (LLMClient, LLMConfig, LLMFatalError, LLMRequestError, LLMResult,
-                                             messages_tokens)
-from data_process.augment.llm_prompts import PromptTemplate
+from data_process.augment.cache_records import checked_record
+from data_process.augment.llm_client import LLMClient, LLMConfig, LLMFatalError, LLMRequestError, messages_tokens
+from data_process.augment.llm_prompts import PromptTemplate, ascii_number, ascii_numbers
+from data_process.augment.paid_calls import (CallCounts, PaidCalls, add_client_flags, check_concurrency, check_prices,
+                                             client_config, estimate_cost, format_cost, open_cache, picker,
+                                             quiet_http_logging, read_only_cache, record_usage, stopped_early)
 from data_process.core.durable_io import JsonlCache
 from data_process.core.entry import run_main
+from data_process.core.locks import output_lock
 from data_process.core.fingerprints import stable_hash
 from data_process.core.images import decode_image
 from data_process.core.records import load_dataset
-from data_process.core.settings import ConfigError, Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
+from data_process.core.settings import Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.linking import Candidate, MentionLists, Query
 
@@ -168,21 +173,18 @@ def scores_from_logprobs(top: Sequence[Sequence[Any]] | None, k: int) -> list[fl
     1..k is among them."""
     best: dict[int, float] = {}
     for tok, lp in top or ():
-        t = str(tok).strip()
-        if t.isdigit() and 1 <= int(t) <= k and lp is not None and not math.isnan(float(lp)):
-            best[int(t)] = max(best.get(int(t), -math.inf), max(float(lp), ABSENT / 2))
+        n = ascii_number(str(tok))
+        if n is not None and 1 <= n <= k and lp is not None and not math.isnan(float(lp)):
+            best[n] = max(best.get(n, -math.inf), max(float(lp), ABSENT / 2))
     if not best:
         return None
     return [best.get(i + 1, ABSENT - i) for i in range(k)]
 
 
-_NUMBER = re.compile(r"\d+")
-
-
 def scores_from_text(text: str, k: int) -> list[float] | None:
-    """Scores from an answer text: its numbers in 1..k, best first (a single number: the chosen candidate, the rest
-    in the retriever's order). None when its first number is not a candidate's (or it has none)."""
-    nums = [int(n) for n in _NUMBER.findall(text or "")[:64]]
+    """Scores from an answer text: its (ASCII) numbers in 1..k, best first (a single number: the chosen candidate,
+    the rest in the retriever's order). None when its first number is not a candidate's (or it has none)."""
+    nums = ascii_numbers(text or "")
     if not nums or not 1 <= nums[0] <= k:
         return None
     order = list(dict.fromkeys(n for n in nums if 1 <= n <= k))
@@ -192,67 +194,23 @@ def scores_from_text(text: str, k: int) -> list[float] | None:
     return scores
 
 
+MALFORMED = {"status": "malformed", "scoring": None, "scores": None}
+
+
 def verdict(rec: Mapping[str, Any], k: int) -> dict[str, Any]:
     """The parsed verdict of a received answer: ``{"status": ok|malformed, "scoring": logprobs|text|None,
-    "scores": [k] | None}``."""
-    s = scores_from_logprobs(rec.get("top_logprobs"), k)
-    if s is not None:
-        return {"status": "ok", "scoring": "logprobs", "scores": s}
-    s = scores_from_text(rec.get("raw", ""), k)
-    if s is not None:
-        return {"status": "ok", "scoring": "text", "scores": s}
-    return {"status": "malformed", "scoring": None, "scores": None}
-
-
-# ---------------------------------------------------------------------------------------------
-# The client: the enrichment client, asking for and reading the first token's log-probabilities
-
-
-@dataclass(frozen=True)
-class ScoredResult(LLMResult):
-    top_logprobs: tuple[tuple[str, float], ...] | None = None
-
-
-def first_token_logprobs(choice: Any) -> tuple[tuple[str, float], ...] | None:
-    """``((token, logprob), ...)`` of the first answer token: the OpenAI form (``logprobs.content[0].top_logprobs``)
-    or the legacy completion form (``logprobs.top_logprobs[0]``: ``{token: logprob}``); None when absent."""
-    lp = getattr(choice, "logprobs", None)
-    if lp is None:
-        return None
-    lp = lp.model_dump() if hasattr(lp, "model_dump") else lp
-    if not isinstance(lp, dict):
-        return None
-    content = lp.get("content")
-    if isinstance(content, list) and content and isinstance(content[0], dict):
-        alts = content[0].get("top_logprobs") or [{"token": content[0].get("token"),
-                                                   "logprob": content[0].get("logprob")}]
-        out = [(a.get("token"), a.get("logprob")) for a in alts if isinstance(a, dict)]
-    elif isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"] and isinstance(lp["top_logprobs"][0], dict):
-        out = list(lp["top_logprobs"][0].items())
-    else:
-        return None
-    good = tuple((str(t), float(v)) for t, v in out if isinstance(t, str) and isinstance(v, (int, float)))
-    return good or None
-
-
-class LogprobClient(LLMClient):
-    """:class:`LLMClient` that asks for the answer tokens' log-probabilities (``top_logprobs`` alternatives) and
-    returns them with the text (:class:`ScoredResult`)."""
-
-    def __init__(self, config: LLMConfig, top_logprobs: int | None, **kw: Any):
-        super().__init__(config, **kw)
-        self.top_logprobs = top_logprobs
-
-    def _request_kwargs(self, messages):
-        kw = super()._request_kwargs(messages)
-        if self.top_logprobs:
-            kw["logprobs"] = True
-            kw["top_logprobs"] = self.top_logprobs
-        return kw
-
-    def _result(self, resp: Any, attempt: int, est: int) -> ScoredResult:
-        res = super()._result(resp, attempt, est)
-        return ScoredResult(**dataclasses.asdict(res), top_logprobs=first_token_logprobs(resp.choices[0]))
+    "scores": [k] | None}``. Whatever the parsing raises makes the answer malformed (a failed item), never a crash:
+    the answer is paid for and cached, and a rerun reads it back."""
+    try:
+        s = scores_from_logprobs(rec.get("top_logprobs"), k)
+        if s is not None:
+            return {"status": "ok", "scoring": "logprobs", "scores": s}
+        s = scores_from_text(rec.get("raw", ""), k)
+        if s is not None:
+            return {"status": "ok", "scoring": "text", "scores": s}
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a malformed answer
+        return {**MALFORMED, "error": f"unparseable answer ({type(exc).__name__}: {str(exc)[:200]})"}
+    return dict(MALFORMED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +218,10 @@ class LogprobClient(LLMClient):
 
 
 @dataclass
-class RerankStats:
+class RerankStats(CallCounts):
+    """What was paid (:class:`~data_process.augment.paid_calls.CallCounts`) and what the answers gave."""
+
     mentions: int = 0
-    requests: int = 0          # answers received this run (paid)
     cached: int = 0            # answered in an earlier run
     malformed: int = 0         # answers naming no candidate in 1..k: the retriever's order kept
     unanswered: int = 0        # request errors: the retriever's order kept, asked again next run
@@ -270,9 +229,6 @@ class RerankStats:
     by_text: int = 0
     images: int = 0
     images_unreadable: int = 0
-    transport_retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -302,31 +258,25 @@ def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def cached(cache: JsonlCache, key: str) -> dict[str, Any] | None:
     """The cache record of ``key``; one of the wrong shape is an error naming the cache file and line."""
-    rec = cache.get(key)
-    if rec is not None and (problem := _record_problem(rec)) is not None:
-        raise record_error(cache, key, *problem)
-    return rec
+    return checked_record(cache, key, _record_problem)
 
 
-async def _answer(p: Prompt, client: LogprobClient, writer: CacheWriter, model: str, template: PromptTemplate,
+async def _answer(p: Prompt, calls: PaidCalls, model: str, template: PromptTemplate,
                   stats: RerankStats) -> dict[str, Any]:
-    rec = cached(writer.cache, p.key)
+    rec = cached(calls.cache, p.key)
     if rec is None:
-        result = await client.complete(p.messages)
-        stats.requests += 1
-        stats.prompt_tokens += result.prompt_tokens
-        stats.completion_tokens += result.completion_tokens
+        result = await calls.ask(p.messages)
         rec = {"mention_id": p.mention_id, "model": model, "prompt": template.name,
                "prompt_version": template.version, "k": p.k, "raw": result.text,
                "top_logprobs": [list(t) for t in result.top_logprobs] if result.top_logprobs else None,
-               "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-               "attempts": result.attempts, "created": _now(), "status": "received"}
-        await writer.put(p.key, rec)              # paid for: on disk before it is parsed
+               "usage": record_usage(None, result), "attempts": result.attempts, "created": _now(),
+               "status": "received"}
+        await calls.save(p.key, rec, answer=True)     # paid for: on disk before it is parsed
     else:
         stats.cached += 1
     if rec["status"] == "received":
         rec = settled(rec, p.k)
-        await writer.put(p.key, rec)
+        await calls.save(p.key, rec)
     return rec
 
 
@@ -339,50 +289,20 @@ def settled(rec: Mapping[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
-async def answer_all(prompts: Sequence[Prompt], client: LogprobClient, cache: JsonlCache, model: str,
+async def answer_all(prompts: Sequence[Prompt], client: LLMClient, cache: JsonlCache, model: str,
                      template: PromptTemplate, opts: RerankOptions, stats: RerankStats
                      ) -> list[dict[str, Any] | None]:
-    """Each prompt's cache record (None: no answer this time), ``opts.concurrency`` requests in flight."""
-    out: list[dict[str, Any] | None] = [None] * len(prompts)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(prompts)):
-        queue.put_nowait(i)
-    writer = CacheWriter(cache)
-    bar = tqdm(total=len(prompts), desc="rerank-llm", unit="mention", disable=not opts.progress,
-               dynamic_ncols=True, file=sys.stderr)
-    consecutive = 0
+    """Each prompt's cache record (None: no answer this time), ``opts.concurrency`` requests in flight (the paid-call
+    pool)."""
+    calls = PaidCalls(client, cache, stats)
 
-    async def worker() -> None:
-        nonlocal consecutive
-        while True:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            try:
-                out[i] = await _answer(prompts[i], client, writer, model, template, stats)
-                consecutive = 0
-            except LLMFatalError:
-                raise
-            except LLMRequestError as exc:
-                stats.unanswered += 1
-                consecutive += 1
-                log.warning("mention %s: no answer: %s", prompts[i].mention_id, exc)
-                if consecutive >= opts.max_consecutive_errors:
-                    raise LLMFatalError(f"{consecutive} requests in a row got no answer; last: {exc}") from None
-            bar.update(1)
+    def no_answer(p: Prompt, exc: LLMRequestError) -> None:
+        stats.unanswered += 1
+        log.warning("mention %s: no answer: %s", p.mention_id, exc)
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(max(1, min(opts.concurrency, len(prompts)))):
-                tg.create_task(worker())
-    except BaseExceptionGroup as eg:
-        errors = _leaf_errors(eg)
-        raise next((e for e in errors if isinstance(e, LLMFatalError)), errors[0]) from None
-    finally:
-        bar.close()
-        stats.transport_retries += client.retries
-    return out
+    return await calls.run(prompts, lambda p: _answer(p, calls, model, template, stats),
+                           concurrency=opts.concurrency, max_consecutive_errors=opts.max_consecutive_errors,
+                           no_answer=no_answer, progress=opts.progress, desc="rerank-llm", unit="mention")
 
 
 class LLMReranker:
@@ -407,7 +327,8 @@ class LLMReranker:
         """[N, K] scores of ``lists``: the first ``top_k`` candidates in the model's order, the rest below them in
         the retriever's order; a mention without a usable answer keeps the retriever's order. ``cache_only``:
         answers from the cache alone (read from a private copy: nothing asked, no file touched), a prompt it
-        lacks counted unanswered (``dim-mel evaluate`` of an LLM run)."""
+        lacks counted unanswered (``dim-mel evaluate`` of an LLM run). Otherwise the cache is opened for writing
+        with its one-writer lock (``OutputLocked`` while another process writes it)."""
         prompts = self.prompts(lists)
         start = time.perf_counter()
         if cache_only:
@@ -417,7 +338,7 @@ class LLMReranker:
             self.stats.cached += sum(rec is not None for rec in recs)
             self.stats.unanswered += sum(rec is None for rec in recs)
         else:
-            with JsonlCache(self.cache_path) as cache:
+            with open_cache(self.cache_path) as cache:
                 recs = asyncio.run(self._run(prompts, cache))
         self.stats.seconds += time.perf_counter() - start
         self.stats.mentions += len(prompts)
@@ -440,7 +361,7 @@ class LLMReranker:
 
     async def _run(self, prompts: list[Prompt], cache: JsonlCache) -> list[dict[str, Any] | None]:
         top = self.opts.top_logprobs if self.opts.scoring == "auto" else None
-        async with LogprobClient(self.llm, top) as client:
+        async with LLMClient(dataclasses.replace(self.llm, top_logprobs=top)) as client:
             return await answer_all(prompts, client, cache, self.llm.model, self.template, self.opts, self.stats)
 
     def info(self) -> dict[str, Any]:
@@ -479,7 +400,7 @@ class LLMReranker:
         lines.append(f"estimated tokens: ~{prompt_tokens} prompt (chars/4 + {self.opts.image_tokens} per image), "
                      f"at most {completion} completion (max_tokens={self.llm.max_tokens})")
         lines.append(f"estimated cost: at most "
-                     f"{_fmt_cost(estimate_cost(self.llm.model, prompt_tokens, completion, self.opts.prices))}")
+                     f"{format_cost(estimate_cost(self.llm.model, prompt_tokens, completion, self.opts.prices))}")
         return "\n".join(lines)
 
 
@@ -535,27 +456,13 @@ def add_llm_flags(p: argparse.ArgumentParser, model_flag: str = "--model", k_fla
     """The model, endpoint and re-ranking flags (defaults from ``--config``, ``configs/rerank_llm.yaml``); their
     destinations are the config keys (``model``, ``top_k``, ...) whatever the flags are called."""
     p.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default: {DEFAULT_CONFIG})")
-    p.add_argument(model_flag, dest="model", help="model name at the endpoint")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    add_client_flags(p, model_flag=model_flag, cache_help=f"answer cache (default: OUT/{CACHE_FILE})")
     p.add_argument(k_flag, dest="top_k", type=int, help="candidates shown to the model (default 5)")
     p.add_argument("--scoring", choices=SCORINGS, help="auto: first-token log-probabilities where given, else the "
                    "text; text: never ask for log-probabilities")
     p.add_argument("--top-logprobs", type=int, help="alternatives asked per answer token (default 20)")
     add_bool(p, "vision", None, "put the mention image into the message (VLM endpoints)")
     p.add_argument("--prompt", help="prompt template (default configs/prompts/rerank_v1.txt)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--timeout-s", type=float, help="per-request timeout")
-    p.add_argument("--concurrency", type=int, help="requests in flight (1-256)")
-    p.add_argument("--max-retries", type=int, help="transport retries per request")
-    p.add_argument("--backoff-base-s", type=float)
-    p.add_argument("--backoff-max-s", type=float)
-    p.add_argument("--requests-per-minute", type=float)
-    p.add_argument("--tokens-per-minute", type=float)
-    p.add_argument("--max-consecutive-errors", type=int, help="stop when this many requests in a row get no answer")
-    p.add_argument("--cache", type=Path, help=f"answer cache (default: OUT/{CACHE_FILE})")
-    add_bool(p, "progress", True, "progress bars")
 
 
 def config_schema() -> dict[str, Setting]:
@@ -568,9 +475,7 @@ def config_schema() -> dict[str, Setting]:
 def load_config(path: Path | None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG
     cfg = load_settings(path, config_schema())
-    for name, price in (cfg.get("prices") or {}).items():
-        if not (isinstance(price, dict) and set(price) == {"prompt", "completion"}):
-            raise ConfigError(path, f"prices.{name}", f"expected {{prompt: N, completion: N}}, got {price!r}")
+    check_prices(path, cfg)
     return cfg
 
 
@@ -583,28 +488,13 @@ def reranker_from_args(args: argparse.Namespace, default_cache: Path, dry_run: b
     """The :class:`LLMReranker` the flags of :func:`add_llm_flags` (over the config file) describe; ValueError for
     a bad value."""
     cfg = load_config(args.config)
+    pick = picker(args, cfg)
 
-    def pick(name: str, default: Any = None) -> Any:
-        v = getattr(args, name, None)
-        return v if v is not None else cfg.get(name, default)
-
-    model, base_url = pick("model"), pick("base_url")
-    if not model:
-        raise ValueError("no model: give the model flag or set 'model' in the config")
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    if not api_key and not base_url and not dry_run:
-        raise ValueError("the OpenAI API needs a key: set OPENAI_API_KEY or give --api-key "
-                         "(local servers: give --base-url)")
-    top_k, concurrency = int(pick("top_k", 5)), int(pick("concurrency", 4))
+    llm = client_config(pick, args.api_key, dry_run=dry_run, max_tokens=4, response_format="none",
+                        model_flag="the model flag")
+    top_k, concurrency = int(pick("top_k", 5)), check_concurrency(int(pick("concurrency", 4)))
     if not 1 <= top_k <= 20:
         raise ValueError(f"--top-k must be in 1..20, got {top_k}")
-    if not 1 <= concurrency <= 256:
-        raise ValueError(f"--concurrency must be in 1..256, got {concurrency}")
-    llm = LLMConfig(model=model, base_url=base_url, api_key=api_key, temperature=float(pick("temperature", 0.0)),
-                    max_tokens=int(pick("max_tokens", 4)), timeout_s=float(pick("timeout_s", 60)),
-                    max_retries=int(pick("max_retries", 6)), backoff_base_s=float(pick("backoff_base_s", 1.0)),
-                    backoff_max_s=float(pick("backoff_max_s", 60.0)), response_format="none",
-                    requests_per_minute=pick("requests_per_minute"), tokens_per_minute=pick("tokens_per_minute"))
     opts = RerankOptions(top_k=top_k, scoring=pick("scoring", "auto"), top_logprobs=int(pick("top_logprobs", 20)),
                          vision=bool(pick("vision", False)),
                          prompt=_repo_path(pick("prompt", "configs/prompts/rerank_v1.txt")),
@@ -708,8 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = build_parser()
     a = p.parse_args(argv)
-    for noisy in ("httpx", "openai", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_logging()
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be at least 1")
     reranker = reranker_from_args(a, a.out / CACHE_FILE, dry_run=a.dry_run is not None)
@@ -720,34 +609,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, v in views.items():
             print(f"## split {s}\n{reranker.dry_run(v, a.dry_run)}")
         return EXIT_OK
-    counts: dict[str, dict[str, Any]] = {}
-    base: dict[str, dict[str, Any]] = {}
-    try:
-        for s, lists in per_split.items():
-            if lists.top_k < reranker.top_k:
-                raise ValueError(f"{a.retriever}: the {s} lists hold {lists.top_k} entities, fewer than --top-k "
-                                 f"{reranker.top_k} (rerun dim-mel retrieve with a larger --top-k)")
-            scores = reranker.score(views[s])
-            for proto, c in two_stage_counts(retriever, lists, scores).items():
-                counts.setdefault(proto, {})[s] = c
-            for proto, c in two_stage_counts(retriever, lists, lists.scores).items():
-                base.setdefault(proto, {})[s] = c
-    except (LLMFatalError, KeyboardInterrupt) as exc:
-        return stopped_early(exc, reranker.cache_path)
-    view = sampled_retriever(retriever, per_split)
-    label = a.label or f"{retriever.config.get('label') or retriever.run.name} + llm {reranker.llm.model}"
-    sample = {"limit": a.limit, "seed": a.seed, "n": {s: len(l.rows) for s, l in per_split.items()},
-              "rule": "all mentions" if a.limit is None else "first N" if a.seed is None
-              else "numpy default_rng(seed).choice(n, N, replace=False), sorted"}
-    results = write_two_stage_run(a.out, view, counts, per_split[splits[0]].top_k if splits else 0,
-                                  reranker.info(), label, seed=a.seed,
-                                  extra={"retriever_same_mentions": _same_mentions_metrics(base), "sample": sample})
-    print(format_comparison(results))
-    s = reranker.stats
-    print(f"rerank-llm: {s.mentions} mentions, {s.requests} asked, {s.cached} cached, {s.malformed} malformed, "
-          f"{s.unanswered} unanswered (retriever order kept); scoring {results['two_stage']['reranker']['scoring']}; "
-          f"wrote {a.out}", file=sys.stderr)
-    return EXIT_OK
+    # One writer per output: a second run on this --out would pay every prompt again.
+    with output_lock(a.out):
+        counts: dict[str, dict[str, Any]] = {}
+        base: dict[str, dict[str, Any]] = {}
+        try:
+            for s, lists in per_split.items():
+                if lists.top_k < reranker.top_k:
+                    raise ValueError(f"{a.retriever}: the {s} lists hold {lists.top_k} entities, fewer than --top-k "
+                                     f"{reranker.top_k} (rerun dim-mel retrieve with a larger --top-k)")
+                scores = reranker.score(views[s])
+                for proto, c in two_stage_counts(retriever, lists, scores).items():
+                    counts.setdefault(proto, {})[s] = c
+                for proto, c in two_stage_counts(retriever, lists, lists.scores).items():
+                    base.setdefault(proto, {})[s] = c
+        except (LLMFatalError, KeyboardInterrupt) as exc:
+            return stopped_early(exc, reranker.cache_path, reranker.stats)
+        view = sampled_retriever(retriever, per_split)
+        label = a.label or f"{retriever.config.get('label') or retriever.run.name} + llm {reranker.llm.model}"
+        sample = {"limit": a.limit, "seed": a.seed, "n": {s: len(l.rows) for s, l in per_split.items()},
+                  "rule": "all mentions" if a.limit is None else "first N" if a.seed is None
+                  else "numpy default_rng(seed).choice(n, N, replace=False), sorted"}
+        results = write_two_stage_run(a.out, view, counts, per_split[splits[0]].top_k if splits else 0,
+                                      reranker.info(), label, seed=a.seed,
+                                      extra={"retriever_same_mentions": _same_mentions_metrics(base), "sample": sample})
+        print(format_comparison(results))
+        s = reranker.stats
+        print(f"rerank-llm: {s.mentions} mentions, {s.requests} asked, {s.cached} cached, {s.malformed} malformed, "
+              f"{s.unanswered} unanswered (retriever order kept); scoring "
+              f"{results['two_stage']['reranker']['scoring']}; wrote {a.out}", file=sys.stderr)
+        for note in s.notes():
+            print(f"  {note}", file=sys.stderr)
+        return EXIT_OK
 
 
 if __name__ == "__main__":

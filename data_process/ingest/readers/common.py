@@ -16,10 +16,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Collection, NoReturn, Sequence, TypeVar
 
-from data_process.core.records import (DataError, DatasetInfo, Entity, Mention, SPLITS, json_pairs, record_json_problem,
-                                       repeated_keys)
+from data_process.core.records import (DataError, DatasetInfo, Entity, Mention, NestingError, SPLITS, Where,
+                                       keep_record, not_utf8, parse_json, record_json_problem, repeated_keys)
 from data_process.core.placement import source_file
 from data_process.core.safe_paths import UnsafePath, open_regular_file
 
@@ -47,11 +47,14 @@ T = TypeVar("T")
 
 
 class RecordPolicy:
-    """Runs a reader's per-record checks: a failing record is dropped and listed, or (``strict``) raised."""
+    """Runs a reader's per-record checks: a failing record is dropped and listed, or (``strict``) raised; a bad
+    non-essential field of a kept record (a description, an alias, an image name, a caption) is mended and listed
+    in ``repaired`` (a warning), or (``strict``) raised."""
 
     def __init__(self, strict: bool = False):
         self.strict = strict
         self.dropped: list[Dropped] = []
+        self.repaired: list[Dropped] = []
         self.records = 0   # records read (samples, mention records, KB entities)
 
     def attempt(self, fn: Callable[[], T], *, count: bool = True) -> T | None:
@@ -70,6 +73,17 @@ class RecordPolicy:
             raise err
         self.dropped.append(Dropped(err.path, err.where, err.field, err.problem))
 
+    def repair(self, err: DataError, done: str) -> None:
+        """A non-essential field mended (``done`` says how; :func:`records.keep_record`); strict: ``err`` raised."""
+        if self.strict:
+            raise err
+        self.repaired.append(Dropped(err.path, err.where, err.field, f"{err.problem}; {done}"))
+
+    def keep(self, obj: Any, parse: Callable[[Any], T], where: Where, essential: Collection[str]) -> T:
+        """``parse(obj)`` of a raw record whose fields outside ``essential`` are mended rather than fatal
+        (:func:`records.keep_record`, mends listed in :attr:`repaired`)."""
+        return keep_record(obj, parse, where, essential=essential, repair=self.repair)
+
 
 @dataclass
 class Converted:
@@ -84,18 +98,16 @@ class Converted:
     records_read: int = 0
     absent_ids: dict[str, list[str]] = field(default_factory=dict)
     refused_images: list[Dropped] = field(default_factory=list)   # image references left out (guard_images)
+    repaired: list[Dropped] = field(default_factory=list)   # non-essential fields mended, records kept (warnings)
+    skipped: dict[str, int] = field(default_factory=dict)    # what the release holds that is not converted, by kind
 
 
 Fail = Callable[[str | None, str], NoReturn]
 
 
-def failer(path: str | Path, where: str) -> Fail:
-    """A ``fail(field, problem)`` callable raising :class:`DataError` for one record."""
-
-    def fail(field_name: str | None, problem: str) -> NoReturn:
-        raise DataError(path, where, field_name, problem)
-
-    return fail
+def failer(path: str | Path, where: str) -> Where:
+    """A ``fail(field, problem)`` callable raising :class:`DataError` for one record (``.error`` makes it)."""
+    return Where(path, where)
 
 
 def type_name(value: Any) -> str:
@@ -160,32 +172,46 @@ def check_record(obj: Any, fail: Fail) -> None:
         fail(*bad)
 
 
-def load_json(path: Path, text: str | None = None, policy: RecordPolicy | None = None) -> Any:
-    """Parse a JSON file (or ``text`` read from it), naming the file in errors; only a regular file is read.
+def load_json(path: Path, text: str | None = None, policy: RecordPolicy | None = None, *,
+              optional_values: bool = False) -> Any:
+    """Parse a JSON file (or ``text`` read from it) with the one parser (``records.parse_json``: nesting bounded),
+    naming the file in errors; only a regular file is read.
 
     A top-level object that repeats a key (JSON would keep the last copy silently) loses that key: every copy is
     dropped and listed in ``policy`` (one dropped record per copy), or, without a policy or when strict, it is a
-    :class:`DataError`."""
+    :class:`DataError`. With ``optional_values`` the file's values are a non-essential field of records kept
+    elsewhere (GHMFC's descriptions, keyed by QID): a repeated key loses its value, listed as a mend (a warning),
+    and no record is dropped."""
+    raw = b""
     try:
         if text is None:
             with open_regular_file(path) as fh:
-                text = fh.read().decode("utf-8")
-        data = json.loads(text, object_pairs_hook=json_pairs)
+                raw = fh.read()
+            text = raw.decode("utf-8")
+        data = parse_json(text.removeprefix("\ufeff"))
     except UnicodeDecodeError as exc:
-        raise DataError(path, "file", None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(path, "file", None, not_utf8(exc, raw)) from None
     except json.JSONDecodeError as exc:
         raise DataError(path, "file", None, f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except NestingError as exc:
+        where = ("file" if exc.member is None else f"key {exc.member!r}" if isinstance(exc.member, str)
+                 else f"item {exc.member}")
+        raise DataError(path, where, None, exc.problem) from None
     except UnsafePath as exc:
         raise DataError(path, "file", None, str(exc).removeprefix(f"{path}: ")) from None
     repeated = repeated_keys(data)
     if repeated:
         policy = policy or RecordPolicy(strict=True)
         for key, copies in repeated.items():
-            err = DataError(path, f"key {key!r}", None, f"repeated key: {copies} copies in the file (JSON keeps "
-                            "only the last); every copy dropped")
-            for _ in range(copies):
-                policy.records += 1
-                policy.drop(err)
+            if optional_values:
+                policy.repair(DataError(path, f"key {key!r}", None, f"repeated key: {copies} copies in the file "
+                                        "(JSON keeps only the last)"), "every copy left out, the record kept")
+            else:
+                err = DataError(path, f"key {key!r}", None, f"repeated key: {copies} copies in the file (JSON keeps "
+                                "only the last); every copy dropped")
+                for _ in range(copies):
+                    policy.records += 1
+                    policy.drop(err)
             del data[key]
         data = dict(data)
     return data

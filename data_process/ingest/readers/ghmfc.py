@@ -25,7 +25,9 @@ Rules:
 * Candidates: a mention's list is ``search_top100[mention string]``; QIDs not in the KB are removed from the lists
   and counted; a mention whose string has no list gets none (counted; a miss under the candidate protocol).
 * Bad records (a malformed sample, a gold QID missing from the KB, a bad KB entry, a sample listed in two splits)
-  are dropped and listed, or raise with ``strict``.
+  are dropped and listed, or raise with ``strict``. A bad description (a lone surrogate: replaced by U+FFFD; not a
+  string, or its QID repeated in the file: left out) or ``imgPath`` is mended and listed as a warning: the entity,
+  and every mention of it, stays.
 * A release without ``dev.json`` (or without dev ids in ``splits.json``) has an empty dev split; ``dev_from_train``
   (``prepare --dev-from-train P``) makes one of a fraction P of the train samples by the seeded hash rule of
   :func:`common.carve_dev` (recorded in ``split_rule``); a release with a dev split refuses it.
@@ -72,8 +74,9 @@ def _find(src: Path, name: str) -> Path | None:
     return None
 
 
-def _json_object(path: Path, what: str, policy: RecordPolicy | None = None) -> dict:
-    data = load_json(path, policy=policy)
+def _json_object(path: Path, what: str, policy: RecordPolicy | None = None, *, optional_values: bool = False
+                 ) -> dict:
+    data = load_json(path, policy=policy, optional_values=optional_values)
     if not isinstance(data, dict):
         raise DataError(path, "file", None, f"must be a JSON object {what}, got {type_name(data)}")
     return data
@@ -88,7 +91,7 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
     text_path = _find(src, text_name)
     if text_path is None and entity_text == "long":
         raise FileNotFoundError(f"{src}: --entity-text long needs {text_name}, which the release lacks")
-    texts = _json_object(text_path, "{qid: description}", policy) if text_path else {}
+    texts = _json_object(text_path, "{qid: description}", policy, optional_values=True) if text_path else {}
     notes["entity_text"] = f"{text_name} ({entity_text})" if text_path else f"none ({text_name} missing)"
     order_path = _find(src, "qids_ordered.json")
     order = list(names)
@@ -111,10 +114,9 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
             check_record({"qid": qid, "name": name}, fail)
             if not isinstance(name, str) or not name.strip():
                 fail("name", f"must be a non-empty string, got {name!r}")
-            text = texts.get(qid, "")
-            if not isinstance(text, str):
-                failer(text_path, f"qid {qid!r}")("description", f"must be a string, got {type_name(text)}")
-            check_record({"description": text}, failer(text_path, f"qid {qid!r}"))
+            where = failer(text_path, f"qid {qid!r}")
+            text = policy.keep({"description": texts[qid]} if qid in texts else {},
+                               lambda obj: _description(obj, where), where, essential=())
             return Entity(id=qid, name=name, description=text)
 
         entity = policy.attempt(parse)
@@ -126,6 +128,21 @@ def _read_kb(src: Path, entity_text: str, policy: RecordPolicy, notes: dict[str,
         n2q = _json_object(n2q_path, "{name: qid}", RecordPolicy())   # only counted: repeated names not listed
         notes["ne2qid_disagreements"] = sum(1 for name, qid in n2q.items() if names.get(qid) != name)
     return entities
+
+
+def _description(obj: dict, fail) -> str:
+    """An entity's description, a non-essential field: a bad one is left out (``RecordPolicy.keep``)."""
+    text = obj.get("description", "")
+    if not isinstance(text, str):
+        fail("description", f"must be a string, got {type_name(text)}")
+    return text
+
+
+def _image_path(sample: dict, fail) -> None:
+    """``imgPath``, a non-essential field of a sample: a string when given."""
+    img = sample.get("imgPath")
+    if img is not None and not isinstance(img, str):
+        fail("imgPath", f"must be a string, got {type_name(img)}")
 
 
 def _assign(out: dict[str, tuple[str, Any]], seen_in: dict[str, str], split: str, sid: str, listed_in: Path,
@@ -278,17 +295,18 @@ def read_ghmfc(src: str | Path, *, dataset_name: str | None = None, annotations:
             continue
         path, sample = item
 
-        def parse(path=path, sid=sid, sample=sample) -> list[tuple[str, str, str, str]]:
-            rows = parse_sample(path, sid, sample)
+        def parse(path=path, sid=sid, sample=sample) -> tuple[list[tuple[str, str, str, str]], dict]:
+            rows, kept = parse_sample(path, sid, sample, policy, extra=_image_path)
             for i, (_s, _m, _n, qid) in enumerate(rows):
                 if qid not in kb:
                     failer(path, f"sample {sid!r}")("answer", f"item {i}: gold {qid!r} is not in the KB "
                                                               f"({KB_NAMES})")
-            return rows
+            return rows, kept
 
-        rows = policy.attempt(parse)
-        if rows is None:
+        parsed = policy.attempt(parse)
+        if parsed is None:
             continue
+        rows, sample = parsed
         image = _image_of(sample, sid, img_dir, listing)
         for i, (sentence, mention, _name, qid) in enumerate(rows):
             cand = None
@@ -309,4 +327,5 @@ def read_ghmfc(src: str | Path, *, dataset_name: str | None = None, annotations:
     info = DatasetInfo(name=dataset_name or src.resolve().name, source_format="ghmfc", split_rule=rule, notes=notes)
     links = {MENTION_IMAGE_DIR: img_dir} if img_dir is not None else {}
     return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
-                                  dropped=policy.dropped, records_read=policy.records, absent_ids=absent))
+                                  dropped=policy.dropped, repaired=policy.repaired, records_read=policy.records,
+                                  absent_ids=absent))

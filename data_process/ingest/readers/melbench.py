@@ -16,7 +16,8 @@ A sample with k mentions gives k mention records with ids ``"<sample id>-<i>"`` 
 
 A non-object file is an error. A sample with a missing or mistyped field, unequal list lengths, an answer that is
 not a Wikidata QID (``Q<digits>``) or an ``id`` that differs from its key is dropped and listed (``strict``: raises
-:class:`DataError`). The split is computed over every sample id (dropped ones included), so dropping a sample never
+:class:`DataError`); a fault in any other field of a sample (not read: a lone surrogate, a field given twice) is
+listed as mended and the sample kept. The split is computed over every sample id (dropped ones included), so dropping a sample never
 moves another sample to another split.
 """
 
@@ -25,12 +26,13 @@ from __future__ import annotations
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
 from data_process.ingest.readers.common import (
     Converted,
+    Fail,
     MENTION_IMAGE_DIR,
     RecordPolicy,
     check_record,
@@ -44,11 +46,12 @@ from data_process.ingest.readers.common import (
     str_list,
     type_name,
 )
-from data_process.core.records import DataError, DatasetInfo, Entity, Mention
+from data_process.core.records import DataError, DatasetInfo, Entity, Mention, keep_record
 
 QID_RE = re.compile(r"^Q[1-9][0-9]*$")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".JPG", ".JPEG", ".PNG")
 FIELDS = ("sentence", "mentions", "entities", "answer")
+SAMPLE_FIELDS = ("id", *FIELDS)   # the fields a sample cannot lose; a fault in any other is mended
 
 
 def read_annotation_file(src: str | Path, policy: RecordPolicy | None = None) -> tuple[str, Any]:
@@ -94,34 +97,44 @@ def image_by_sample_id(image_dir: Path | None, listing: set[str], sample_id: str
     return f"{MENTION_IMAGE_DIR}/{sample_id}.jpg"
 
 
-def parse_sample(path: str, sid: str, sample: Any) -> list[tuple[str, str, str]]:
-    """``[(sentence, mention, entity name, qid)]`` of one MELBench sample; :class:`DataError` when it is malformed."""
+def parse_sample(path: str, sid: str, sample: Any, policy: RecordPolicy | None = None,
+                 extra: Callable[[dict, Fail], None] | None = None) -> tuple[list[tuple[str, str, str, str]], dict]:
+    """``([(sentence, mention, entity name, qid)], the sample as kept)`` of one MELBench sample; :class:`DataError`
+    when it is malformed. With ``policy`` a fault in a field other than :data:`SAMPLE_FIELDS` (an image path, any
+    extra field; ``extra`` checks those a reader uses) is mended and listed instead (``RecordPolicy.keep``)."""
     fail = failer(path, f"sample {sid!r}")
     check_record({"sample id": sid}, fail)
     if not isinstance(sample, dict):
         fail(None, f"sample must be a JSON object, got {type_name(sample)}")
-    check_record(sample, fail)
-    if "id" in sample and sample["id"] is not None:
-        if not isinstance(sample["id"], str):
-            fail("id", f"must be a string, got {type_name(sample['id'])}")
-        if sample["id"] != sid:
-            fail("id", f"is {sample['id']!r} but the sample's key is {sid!r}")
-    for key in FIELDS:
-        if key not in sample or sample[key] is None:
-            fail(key, "is missing")
-    sentence = sample["sentence"]
-    if not isinstance(sentence, str):
-        fail("sentence", f"must be a string, got {type_name(sentence)}")
-    mentions = str_list(sample["mentions"], "mentions", fail)
-    entities = str_list(sample["entities"], "entities", fail)
-    answers = str_list(sample["answer"], "answer", fail)
-    for key, items in (("entities", entities), ("answer", answers)):
-        if len(items) != len(mentions):
-            fail(key, f"has {len(items)} item(s) but 'mentions' has {len(mentions)}")
-    for i, qid in enumerate(answers):
-        if not QID_RE.match(qid):
-            fail("answer", f"item {i} must be a Wikidata QID like 'Q42', got {qid!r}")
-    return [(sentence, mention, name, qid) for mention, name, qid in zip(mentions, entities, answers)]
+
+    def parse(sample: dict) -> tuple[list[tuple[str, str, str, str]], dict]:
+        if "id" in sample and sample["id"] is not None:
+            if not isinstance(sample["id"], str):
+                fail("id", f"must be a string, got {type_name(sample['id'])}")
+            if sample["id"] != sid:
+                fail("id", f"is {sample['id']!r} but the sample's key is {sid!r}")
+        for key in FIELDS:
+            if key not in sample or sample[key] is None:
+                fail(key, "is missing")
+        sentence = sample["sentence"]
+        if not isinstance(sentence, str):
+            fail("sentence", f"must be a string, got {type_name(sentence)}")
+        mentions = str_list(sample["mentions"], "mentions", fail)
+        entities = str_list(sample["entities"], "entities", fail)
+        answers = str_list(sample["answer"], "answer", fail)
+        for key, items in (("entities", entities), ("answer", answers)):
+            if len(items) != len(mentions):
+                fail(key, f"has {len(items)} item(s) but 'mentions' has {len(mentions)}")
+        for i, qid in enumerate(answers):
+            if not QID_RE.match(qid):
+                fail("answer", f"item {i} must be a Wikidata QID like 'Q42', got {qid!r}")
+        if extra is not None:
+            extra(sample, fail)
+        return [(sentence, mention, name, qid) for mention, name, qid in zip(mentions, entities, answers)], sample
+
+    if policy is None:
+        return keep_record(sample, parse, fail)
+    return policy.keep(sample, parse, fail, SAMPLE_FIELDS)
 
 
 def read_melbench(
@@ -150,11 +163,11 @@ def read_melbench(
     rows: list[tuple[str, int, str, str, str]] = []  # sample id, index, sentence, mention, qid
     kept: list[str] = []
     for sid, sample in tqdm(data.items(), desc="melbench samples", disable=not progress, unit="sample"):
-        parsed = policy.attempt(lambda: parse_sample(path, sid, sample))
+        parsed = policy.attempt(lambda: parse_sample(path, sid, sample, policy))
         if parsed is None:
             continue
         kept.append(sid)
-        for i, (sentence, mention, name, qid) in enumerate(parsed):
+        for i, (sentence, mention, name, qid) in enumerate(parsed[0]):
             if qid not in names:
                 names[qid] = name
             elif names[qid] != name:
@@ -192,4 +205,5 @@ def read_melbench(
     )
     links = {MENTION_IMAGE_DIR: img_dir} if img_dir is not None else {}
     return guard_images(Converted(info=info, entities=entities_out, mentions=mentions_out, image_links=links,
-                                  dropped=policy.dropped, records_read=policy.records))
+                                  dropped=policy.dropped, repaired=policy.repaired,
+                                  records_read=policy.records))

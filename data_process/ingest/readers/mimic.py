@@ -20,7 +20,10 @@ Rules:
 * ``qid2id.json``, when present, must agree with ``kb_entity.json`` (same id for every QID it names, no QID
   outside the KB); ``id`` values must be unique integers.
 * Bad records (a KB entity, a mention record, a disagreeing ``qid2id`` entry) are dropped and listed, or raise with
-  ``strict`` (``readers.common.RecordPolicy``); a record whose answer is not in the KB is such a record.
+  ``strict`` (``readers.common.RecordPolicy``); a record whose answer is not in the KB is such a record. A bad
+  non-essential field (an entity's ``desc``/``attr``/``image_list``, a record's ``imgPath`` or ``entities``, any
+  field not read) is mended (a lone surrogate replaced by U+FFFD; a mistyped or repeated field left out), listed
+  as a warning, and the record kept (:data:`ENTITY_FIELDS`, :data:`RECORD_FIELDS` cannot be mended).
 * Mentions: ``mentions`` / ``answer`` (/ ``entities``) are a string (one mention) or equal-length lists;
   the mention id is the record ``id`` (``"<id>-<i>"`` when a record holds several). Records that share an id
   (one record per mention of a sentence) get ``"<id>#<k>"``, k counting in train, dev, test order; the number of
@@ -46,7 +49,6 @@ from data_process.ingest.readers.common import (
     RecordPolicy,
     ENTITY_IMAGE_DIR,
     MENTION_IMAGE_DIR,
-    check_record,
     failer,
     find_span,
     guard_images,
@@ -96,15 +98,22 @@ def _first_dir(src: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _parse_entity(path: Path, index: int, obj: Any, qid2id: dict[str, int], seen_ids: dict[int, str]
-                  ) -> tuple[Entity, int]:
+ENTITY_FIELDS = ("qid", "id", "entity_name", "name")   # the fields an entity cannot lose; others are mended
+RECORD_FIELDS = ("id", "sentence", "mentions", "answer", "cands")   # likewise for a mention record
+
+
+def _parse_entity(path: Path, index: int, obj: Any, qid2id: dict[str, int], seen_ids: dict[int, str],
+                  policy: RecordPolicy) -> tuple[Entity, int]:
     where = f"entity {index}"
     if isinstance(obj, dict) and isinstance(obj.get("qid"), str):
         where += f" (qid {obj['qid']!r})"
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"entity must be a JSON object, got {type_name(obj)}")
-    check_record(obj, fail)
+    return policy.keep(obj, lambda o: _entity_fields(o, fail, qid2id, seen_ids), fail, ENTITY_FIELDS)
+
+
+def _entity_fields(obj: dict, fail, qid2id: dict[str, int], seen_ids: dict[int, str]) -> tuple[Entity, int]:
     qid = req_str(obj, "qid", fail)
     dense = require(obj, "id", fail)
     if isinstance(dense, bool) or not isinstance(dense, int):
@@ -159,7 +168,7 @@ def read_kb(src: Path, progress: bool = True, policy: RecordPolicy | None = None
     qid2id: dict[str, int] = {}
     seen_ids: dict[int, str] = {}
     for index, obj in enumerate(tqdm(data, desc="kb entities", disable=not progress, unit="entity")):
-        parsed = policy.attempt(lambda: _parse_entity(path, index, obj, qid2id, seen_ids))
+        parsed = policy.attempt(lambda: _parse_entity(path, index, obj, qid2id, seen_ids, policy))
         if parsed is None:
             continue
         entity, dense = parsed
@@ -208,14 +217,20 @@ def repeated_ids(records: list) -> set[str]:
 
 
 def _parse_record(path: Path, index: int, obj: Any, split: str, kb: dict[str, int], mention_dir: Path | None,
-                  stats: dict[str, int], repeated: set[str], occurrences: dict[str, int]) -> list[Mention]:
+                  stats: dict[str, int], repeated: set[str], occurrences: dict[str, int], policy: RecordPolicy
+                  ) -> list[Mention]:
     where = f"record {index}"
     if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
         where += f" (id {str(obj['id'])!r})"
     fail = failer(path, where)
     if not isinstance(obj, dict):
         fail(None, f"record must be a JSON object, got {type_name(obj)}")
-    check_record(obj, fail)
+    return policy.keep(obj, lambda o: _record_fields(o, fail, split, kb, mention_dir, stats, repeated, occurrences),
+                       fail, RECORD_FIELDS)
+
+
+def _record_fields(obj: dict, fail, split: str, kb: dict[str, int], mention_dir: Path | None, stats: dict[str, int],
+                   repeated: set[str], occurrences: dict[str, int]) -> list[Mention]:
     rid = record_id(obj, "id", fail)
     sentence = require(obj, "sentence", fail)
     if not isinstance(sentence, str):
@@ -296,7 +311,7 @@ def read_mentions(
     out: list[Mention] = []
     for index, obj in enumerate(tqdm(data, desc=f"{split} mentions", disable=not progress, unit="mention")):
         parsed = policy.attempt(lambda: _parse_record(path, index, obj, split, kb, mention_dir, stats, repeated,
-                                                      occurrences))
+                                                      occurrences, policy))
         out.extend(parsed or [])
     return out
 
@@ -347,4 +362,5 @@ def read_mimic(
     if kb_dir is not None:
         links[ENTITY_IMAGE_DIR] = kb_dir
     return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
-                                  dropped=policy.dropped, records_read=policy.records))
+                                  dropped=policy.dropped, repaired=policy.repaired,
+                                  records_read=policy.records))

@@ -3,7 +3,9 @@ record checks of ``data_process.core.records`` and re-validated; image paths kee
 the output folder to the source folder's top-level image folders.
 
 A malformed line, a duplicate id, or a mention whose gold entity (or a candidate) is not in the KB is dropped and
-listed; ``strict`` keeps the first malformed line an error and leaves gold and candidate checks to validation.
+listed; ``strict`` keeps the first malformed line an error and leaves gold and candidate checks to validation. A
+fault in a non-essential field (``records.ESSENTIAL_FIELDS`` lists the others: a description, aliases, images, a
+caption, an enrichment, an unknown field) is mended or the field left out, listed as a warning, and the record kept.
 An image path that is absolute, holds ``..`` or leads (through a symlink) out of the source's image folder is left
 out of its record and listed (``common.guard_images``)."""
 
@@ -31,10 +33,10 @@ def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: 
         def on_error(err: DataError, _kind: str) -> None:
             policy.drop(err)
 
-        entities = list(iter_records(src / ENTITIES_FILE, entity_from_dict, on_error))
+        entities = list(iter_records(src / ENTITIES_FILE, entity_from_dict, on_error, on_repair=policy.repair))
         kb = {e.id for e in entities}
         mentions = []
-        for m in iter_records(src / MENTIONS_FILE, mention_from_dict, on_error):
+        for m in iter_records(src / MENTIONS_FILE, mention_from_dict, on_error, on_repair=policy.repair):
             err = missing_entity(m, kb, src / MENTIONS_FILE)
             if err is not None:
                 policy.drop(err)
@@ -46,4 +48,5 @@ def read_unified(src: str | Path, *, dataset_name: str | None = None, progress: 
     if dataset_name:
         info = dataclasses.replace(info, name=dataset_name)
     return guard_images(Converted(info=info, entities=entities, mentions=mentions, image_links=links,
-                                  dropped=policy.dropped, records_read=policy.records), folder_links=True)
+                                  dropped=policy.dropped, records_read=policy.records, repaired=policy.repaired),
+                        folder_links=True)

@@ -16,7 +16,9 @@ without a description get name only; counted in ``notes["gold_without_descriptio
 ``<split>-<item index>-<mention index>``. Given character offsets are used when ``sentence[start:end]`` is
 the mention; otherwise the first occurrence is used (counted in ``notes["spans_repaired"]``) or ``None``.
 Mentions whose URL is empty or ``nil`` are skipped (``notes["skipped_nil"]``). A malformed item (or one of its
-mentions) drops the item, listed; ``strict`` raises instead. The 10-candidate variant's
+mentions) drops the item, listed; ``strict`` raises instead. A bad non-essential field (an image URL, a topic, an
+entity type, a description: a lone surrogate, a bad byte, a wrong type) is mended (U+FFFD) or left out and listed
+as a warning; the item or entity stays. The 10-candidate variant's
 candidate lists are not read (format unverified).
 """
 
@@ -39,7 +41,7 @@ from data_process.ingest.readers.common import (
     load_json,
     type_name,
 )
-from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS
+from data_process.core.records import DataError, DatasetInfo, Entity, Mention, SPLITS, not_utf8
 from data_process.core.safe_paths import open_regular_file
 
 SPLIT_FILES = {"train": ("train.json",), "dev": ("valid.json", "dev.json", "val.json"), "test": ("test.json",)}
@@ -74,11 +76,11 @@ def read_descriptions(path: Path, policy: RecordPolicy | None = None) -> dict[st
             raise DataError(path, "file", None, f"must be a JSON object {{entity: description}}, got {type_name(data)}")
         out = {}
         for key, desc in data.items():
-            if not isinstance(desc, str):
-                raise DataError(path, f"entity {key!r}", None, f"description must be a string, got {type_name(desc)}")
             fail = failer(path, f"entity {key!r}")
-            if policy.attempt(lambda: check_record({"entity": key, "description": desc}, fail) or True, count=False):
-                out[title_from_url(key)] = desc
+            if policy.attempt(lambda: check_record({"entity": key}, fail) or True, count=False):
+                # the description is the entity's non-essential field: mended or left out, never the entity
+                out[title_from_url(key)] = policy.keep({"description": desc}, lambda d: _description(d, fail), fail,
+                                                       ())
         return out
     out = {}
     with open_regular_file(path) as fh:  # decoded per line, so a bad byte is reported with its line
@@ -86,8 +88,17 @@ def read_descriptions(path: Path, policy: RecordPolicy | None = None) -> dict[st
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                raise DataError(path, f"line {lineno}", None,
-                                f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
+                key, sep, _desc = raw.partition(DESC_SEP.encode())
+                try:   # a bad byte in the description only: mended (U+FFFD), the entity kept
+                    if not sep:
+                        raise exc
+                    key.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(path, f"line {lineno}", None, not_utf8(exc, raw, lineno, "of the line")) from None
+                policy.repair(DataError(path, f"line {lineno}", "description", not_utf8(exc, raw, lineno,
+                                                                                       "of the line")),
+                              "the bad bytes are replaced by U+FFFD, the entity kept")
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if not line.strip():
                 continue
             if DESC_SEP not in line:
@@ -99,25 +110,43 @@ def read_descriptions(path: Path, policy: RecordPolicy | None = None) -> dict[st
     return out
 
 
-def _item_mentions(item: Any, fail) -> tuple[str, str, list]:
-    if not isinstance(item, list) or len(item) < 4:
-        fail(None, f"item must be a list [sentence, image_url, topic, mentions], got {type_name(item)}"
-             + (f" of length {len(item)}" if isinstance(item, list) else ""))
-    check_record(dict(zip(("sentence", "image_url", "topic", "mentions"), item[:4])), fail)
-    sentence, image_url, _topic, mentions = item[:4]
+ITEM_FIELDS = ("sentence", "image_url", "topic")      # an item's fields before its mentions
+MENTION_FIELDS = ("mention", "type", "start", "end", "url")
+
+
+def _description(obj: dict, fail) -> str:
+    desc = obj.get("description", "")
+    if not isinstance(desc, str):
+        fail("description", f"must be a string, got {type_name(desc)}")
+    return desc
+
+
+def _item_fields(item: dict, fail) -> tuple[str, str]:
+    sentence, image_url = item["sentence"], item.get("image_url")
     if not isinstance(sentence, str):
         fail("sentence", f"must be a string, got {type_name(sentence)}")
     if image_url is not None and not isinstance(image_url, str):
         fail("image_url", f"must be a string, got {type_name(image_url)}")
+    return sentence, image_url or ""
+
+
+def _item_mentions(item: Any, fail, policy: RecordPolicy) -> tuple[str, str, list]:
+    """``(sentence, image URL, mentions)`` of an item; a bad image URL or topic (not read) is mended, not fatal."""
+    if not isinstance(item, list) or len(item) < 4:
+        fail(None, f"item must be a list [sentence, image_url, topic, mentions], got {type_name(item)}"
+             + (f" of length {len(item)}" if isinstance(item, list) else ""))
+    sentence, image_url = policy.keep(dict(zip(ITEM_FIELDS, item[:3])), lambda d: _item_fields(d, fail), fail,
+                                      ("sentence",))
+    mentions = item[3]
     if not isinstance(mentions, list):
         fail("mentions", f"must be a list of [mention, type, start, end, url], got {type_name(mentions)}")
-    return sentence, image_url or "", mentions
+    return sentence, image_url, mentions
 
 
-def _parse_item(path: Path, split: str, index: int, item: Any, stats: dict[str, int]
+def _parse_item(path: Path, split: str, index: int, item: Any, stats: dict[str, int], policy: RecordPolicy
                 ) -> list[tuple[Mention, str]]:
     fail = failer(path, f"item {index}")
-    sentence, image_url, mentions = _item_mentions(item, fail)
+    sentence, image_url, mentions = _item_mentions(item, fail, policy)
     image = f"{MENTION_IMAGE_DIR}/{unquote(image_url.split('/')[-1])}" if image_url else None
     out = []
     skipped = repaired = 0
@@ -125,7 +154,10 @@ def _parse_item(path: Path, split: str, index: int, item: Any, stats: dict[str, 
         mfail = failer(path, f"item {index}, mention {j}")
         if not isinstance(m, list) or len(m) < 5:
             mfail(None, "must be a list [mention, type, start, end, url]")
-        text, _etype, start, end, url = m[:5]
+        # the entity type is not read: a fault in it is mended; the other four are the mention
+        text, _etype, start, end, url = policy.keep(dict(zip(MENTION_FIELDS, m[:5])),
+                                                    lambda d: tuple(d.get(k) for k in MENTION_FIELDS), mfail,
+                                                    ("mention", "start", "end", "url"))
         if not isinstance(text, str) or not text.strip():
             mfail("mention", f"must be a non-empty string, got {text!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
@@ -173,7 +205,7 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
         if not isinstance(data, list):
             raise DataError(path, "file", None, f"must be a JSON list of items, got {type_name(data)}")
         for index, item in enumerate(tqdm(data, desc=f"{split} items", disable=not progress, unit="item")):
-            for mention, title in policy.attempt(lambda: _parse_item(path, split, index, item, stats)) or []:
+            for mention, title in policy.attempt(lambda: _parse_item(path, split, index, item, stats, policy)) or []:
                 gold[title] = None
                 mentions_out.append(mention)
     kb_ids = list(descriptions) + [t for t in gold if t not in descriptions]
@@ -195,6 +227,6 @@ def read_wikidiverse(src: str | Path, *, dataset_name: str | None = None, progre
         entities=entities,
         mentions=mentions_out,
         image_links={MENTION_IMAGE_DIR: image_dir} if image_dir else {},
-        dropped=policy.dropped,
+        dropped=policy.dropped, repaired=policy.repaired,
         records_read=policy.records,
     ))
