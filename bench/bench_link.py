@@ -2,6 +2,7 @@
 
     python bench/bench_link.py --demo OUT --before /path/to/checkout_9029ebd --after . \
         [--sizes 20,200] [--repeats 2] [--out bench/results/link_cpu.md]
+    python bench/bench_link.py --demo OUT --before ... --after . --counts [--out bench/results/link_counts_cpu.md]
 
 ``OUT`` is a finished ``scripts/demo.sh`` output folder (``OUT=... SEED=0``: ``runs/full`` the retriever,
 ``runs/two_stage`` the feature re-ranker trained on it). Each measurement is one ``python -m
@@ -11,7 +12,9 @@ output file, with and without ``--rerank``, ``--top-k 10``, one torch thread (``
 checkouts run alternately, so a load change on a shared machine hits both; each pair is preceded by one untimed
 call of each (the page cache; a checkout that saves the KB embeddings in the run folder saves them then). The
 report names the CPU and the load average around every measurement, and how often the two checkouts' linked
-entities agree (the same ids in the same order).
+entities agree (the same ids in the same order). ``--counts``: instead of timing, one ``link --rerank`` of the first
+N mentions per checkout with ``torch.load`` and ``DIM.encode_entities`` counted (checkpoint files loaded, KB rows
+encoded), the same instrumentation for both.
 """
 
 from __future__ import annotations
@@ -67,6 +70,62 @@ def link(code: Path, demo: Path, inp: Path, out: Path, rerank: bool) -> float:
     return seconds
 
 
+COUNTING = """
+import collections, json, runpy, sys, torch
+from nel_model.nel import DIM
+loads, rows = collections.Counter(), [0]
+real_load, real_encode = torch.load, DIM.encode_entities
+def load(f, *a, **kw):
+    if str(f).endswith(".pt"):
+        loads[str(f)] += 1
+    return real_load(f, *a, **kw)
+def encode(self, views, normalize=True):
+    rows[0] += len(next(iter(views.values())))
+    return real_encode(self, views, normalize)
+torch.load, DIM.encode_entities = load, encode
+sys.argv = ["dim-mel link", *sys.argv[1:]]
+try:
+    runpy.run_module("nel_model.inference.linker", run_name="__main__")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("COUNTS " + json.dumps({"loads": dict(loads), "kb_rows": rows[0]}), file=sys.stderr)
+"""
+
+
+def counted_link(code: Path, demo: Path, inp: Path, out: Path) -> dict:
+    """Checkpoint files loaded and KB rows encoded by one ``dim-mel link --rerank`` of the checkout ``code``."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", COUNTING, "--run", str(demo / "runs" / "full"), "--rerank",
+           str(demo / "runs" / "two_stage"), "--input", str(inp), "--out", str(out), "--top-k", "10", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("COUNTS ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{code}: counted dim-mel link failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("COUNTS "):])
+
+
+def counts_report(a, codes: dict[str, Path]) -> list[str]:
+    n = int(a.sizes.split(",")[0])
+    inp = write_input(a.demo, a.work / f"in_{n}", n)
+    kb = len(json.loads((a.demo / "runs" / "full" / "entity_ids.json").read_text()))
+    lines = ["# `dim-mel link --rerank`: checkpoint loads and KB encodings, before and after", "",
+             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} --counts "
+             f"--sizes {n}`: one `link --rerank` of {n} demo test mentions per checkout, `torch.load` and "
+             f"`DIM.encode_entities` counted in the process (the demo's KB: {kb} entities; `runs/full` as the demo "
+             "and the untimed calls of the timing left it).", "",
+             "| checkout | checkpoint files loaded (times each) | KB rows encoded |", "|---|---|---:|"]
+    saved = a.demo / "runs" / "full" / "entity_embeddings.json"
+    for name, code in [*codes.items(), ("after, the run's saved KB embeddings removed first", codes["after"])]:
+        if name.startswith("after, "):
+            saved.unlink(missing_ok=True)             # the run encodes its KB once and saves it again
+        c = counted_link(code, a.demo, inp, a.work / "counted.jsonl")
+        files = ", ".join(f"`{Path(f).parent.parent.name}/{Path(f).name}` x{k}" for f, k in sorted(c["loads"].items()))
+        lines.append(f"| {name} | {files} | {c['kb_rows']} |")
+    return lines
+
+
 def ranked(path: Path) -> list[list[str]]:
     return [[e["entity_id"] for e in json.loads(x)["entities"]] for x in path.read_text().splitlines()]
 
@@ -79,9 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="20,200")
     p.add_argument("--repeats", type=int, default=2, help="timed (before, after) pairs per case")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_link"))
-    p.add_argument("--out", type=Path, default=Path("bench/results/link_cpu.md"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/link_cpu.md (--counts: bench/results/link_counts_cpu.md)")
+    p.add_argument("--counts", action="store_true", help="count checkpoint loads and KB encodings instead of timing")
     a = p.parse_args(argv)
     codes = {"before": a.before.resolve(), "after": a.after.resolve()}
+    if a.counts:
+        out = a.out or Path("bench/results/link_counts_cpu.md")
+        lines = counts_report(a, codes)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
+    a.out = a.out or Path("bench/results/link_cpu.md")
     rows = []
     for n in [int(x) for x in a.sizes.split(",")]:
         inp = write_input(a.demo, a.work / f"in_{n}", n)
