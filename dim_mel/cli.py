@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # model: train, evaluate, link
     "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
     "evaluate": ("nel_model.evaluate", "re-evaluate a saved run (one-stage or two-stage)"),
-    "predict": ("nel_model.inference.predict", "link one mention (or a JSONL batch) with a trained run"),
+    "predict": ("nel_model.inference.predict", "link one mention with a trained run (dim-mel link: a JSONL file)"),
     "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
     "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),
     "rerank-llm": ("nel_model.rerank.llm", "re-rank a retriever's top-k lists with a chat model (LLM / VLM) and evaluate"),

@@ -1,8 +1,8 @@
-"""Encoding with a trained model: every KB entity and a set of mentions, from a feature cache, in chunks; and loading
-a run's model. The model layer's one way to turn cached features into embeddings (evaluation, training's hard
-negatives, inference and retrieval all call these). Always in float32, without autocast, whatever the training's
-mixed precision: the embeddings that end-of-training evaluation ranks are the ones ``dim-mel evaluate`` and
-``predict`` rank (:data:`ENCODE_DTYPE`, recorded in results.json)."""
+"""Encoding with a trained model: every KB entity and a set of mentions, from a feature cache, in chunks; loading
+a run's model; the settings a run is encoded and measured with. The model layer's one way to turn cached features
+into embeddings (evaluation, training's hard negatives, the loaded run all call these). Always in float32, without
+autocast, whatever the training's mixed precision: the embeddings that end-of-training evaluation ranks are the ones
+``dim-mel evaluate`` and ``predict`` rank (:data:`ENCODE_DTYPE`, recorded in results.json)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from nel_model.data import FeatureSource
 from nel_model.config import dim_config_from_saved
 from nel_model.nel import DIM
-from nel_model.runs import CHECKPOINTS_DIR, load_checkpoint
+from nel_model.runs import checkpoint_path, load_checkpoint
 
 
 ENCODE_DTYPE = "float32"
@@ -26,6 +26,16 @@ ENCODE_DTYPE = "float32"
 class EncodeSettings:
     mention_chunk: int = 512
     entity_chunk: int = 8192
+
+
+@dataclass
+class EvalSettings(EncodeSettings):
+    """How a run is encoded and measured (``nel_model.evaluation.evaluate.settings_from_config`` reads them from a
+    run's configuration)."""
+
+    score_dtype: torch.dtype = torch.float32  # low precision is exact too: near-ties are re-checked in float32
+    tie_rule: str = "pessimistic"             # nel_model.evaluation.metrics.TIE_RULES
+    candidate_rule: str = "dim"               # nel_model.evaluation.metrics.CANDIDATE_RULES
 
 
 def _module(model: torch.nn.Module) -> DIM:
@@ -70,7 +80,8 @@ def _to(views: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def load_run_model(run: Path, checkpoint: str, device: torch.device) -> tuple[DIM, dict[str, Any]]:
-    ckpt = load_checkpoint(Path(run) / CHECKPOINTS_DIR / f"{checkpoint}.pt")
+    """The model of a run folder at ``checkpoint`` (best or last) on ``device``, and the checkpoint's record."""
+    ckpt = load_checkpoint(checkpoint_path(run, checkpoint))
     model = DIM(dim_config_from_saved(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -2,7 +2,7 @@
 :class:`Query`), what a re-ranker sees (:class:`MentionLists` of :class:`Candidate`), what comes out (a
 :class:`LinkedMention` of :class:`LinkedEntity`, each saying which :data:`Stage` scored it), and the
 :class:`Reranker` protocol. Plain dataclasses, no I/O: the re-rankers (``nel_model.rerank``) and the linking
-commands (``nel_model.inference``) both import this module, never each other's.
+commands (``nel_model.inference``) both import this module; the re-rankers never import the linking commands.
 """
 
 from __future__ import annotations
@@ -43,10 +43,18 @@ class Candidate:
 
 @dataclass
 class MentionLists:
-    """What a re-ranker scores: each mention with its candidates, best first by the retriever."""
+    """What a re-ranker scores: each mention with its candidates, best first by the retriever; from the linker
+    also the mentions' views (``{view: [N, ...]}``, the feature cache's shapes) and the retriever's embeddings
+    ``[N, D]``, already encoded, so a re-ranker that reads them encodes nothing again."""
 
     mentions: list[Query]
     candidates: list[list[Candidate]]
+    views: dict[str, torch.Tensor] | None = None
+    embeddings: torch.Tensor | None = None
+
+
+class LinkError(ValueError):
+    """A re-ranker or a linking input that cannot be used; the message names the file and says why."""
 
 
 class Reranker(Protocol):
@@ -77,13 +85,16 @@ class LinkedEntity:
 @dataclass
 class LinkedMention:
     """One linked mention: its entities, best first, and (when the query gave a gold id) the gold's rank: its
-    place among the re-ranked entities, else the retriever's pessimistic whole-KB rank (``None``: not in the KB)."""
+    place among the re-ranked entities, else the retriever's pessimistic whole-KB rank (``None``: not in the KB).
+    ``provenance``: what a ``dim-mel link`` line was computed from (the input line, the retriever's checkpoint,
+    the re-ranker, K), so a rerun can tell a line it may keep."""
 
     id: str | None
     mention: str
     entities: list[LinkedEntity] = field(default_factory=list)
     gold_rank: int | None = None
     has_gold: bool = False
+    provenance: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object ``dim-mel link`` writes (``docs/CONTRACTS.md``, "Linked mentions")."""
@@ -91,4 +102,6 @@ class LinkedMention:
                                "entities": [asdict(e) for e in self.entities]}
         if self.has_gold:
             out["gold_rank"] = self.gold_rank
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
         return out

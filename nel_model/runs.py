@@ -12,6 +12,7 @@ before the last one is an error, never a silent cut.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -26,18 +27,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
-from data_process.core.durable_io import atomic_write_bytes, atomic_write_text
+from data_process.core.durable_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from data_process.core.records import DataError, iter_json_lines
+from data_process.core.safe_paths import open_regular_file
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ENV_FILE = "env.json"
 CHECKPOINTS_DIR = "checkpoints"   # RUN/checkpoints/best.pt and last.pt
-ENTITY_EMBEDDINGS_FILE = "entity_embeddings.npy"   # the best checkpoint's entity embeddings, KB row order
+ENTITY_EMBEDDINGS_FILE = "entity_embeddings.npy"   # a checkpoint's entity embeddings (float32), KB row order
 ENTITY_IDS_FILE = "entity_ids.json"                # the KB ids of those rows
+ENTITY_EMBEDDINGS_META = "entity_embeddings.json"  # what they were computed from (their fingerprint)
 PREDICTIONS_DIR = "predictions"   # RUN/predictions/<split>.jsonl and <split>.meta.json
 RETRIEVAL_DIR = "retrieval"       # RUN/retrieval/<split>.jsonl: the same lines with the top K (dim-mel retrieve)
 PROTOCOLS = ("full_kb", "candidates")
@@ -473,6 +477,11 @@ def environment(device: torch.device, seed: int, world_size: int) -> dict[str, A
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_threads": torch.get_num_threads()}
 
 
+def checkpoint_path(run_dir: str | Path, name: str) -> Path:
+    """``RUN/checkpoints/<name>.pt`` (``name``: best or last)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{name}.pt"
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -506,3 +515,48 @@ def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:
     the last is a :class:`RunError` (not a crash artefact: cutting there would delete the later epochs)."""
     kept = [r for r in load_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
     atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# The KB's entity embeddings (RUN/entity_embeddings.npy + .json: docs/CONTRACTS.md, "Run folders")
+
+
+def write_entity_embeddings(run_dir: str | Path, emb: np.ndarray, entity_ids: list[str],
+                            fingerprint: dict[str, Any]) -> None:
+    """Save a checkpoint's entity embeddings ``emb`` [E, D] (float32, KB row order), their ids and what they were
+    computed from (``fingerprint``: ``nel_model.loaded_run.kb_fingerprint``), each file atomically; the record
+    is written last and names the array's SHA-256, so a reader never takes a half-replaced pair."""
+    run_dir = Path(run_dir)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or len(emb) != len(entity_ids):
+        raise ValueError(f"entity embeddings of shape {emb.shape} for {len(entity_ids)} entity ids")
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    blob = buf.getvalue()
+    atomic_write_bytes(run_dir / ENTITY_EMBEDDINGS_FILE, blob)
+    atomic_write_json(run_dir / ENTITY_IDS_FILE, list(entity_ids))
+    atomic_write_json(run_dir / ENTITY_EMBEDDINGS_META, {**fingerprint, "dtype": "float32", "shape": list(emb.shape),
+                                                         "sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def read_entity_embeddings(run_dir: str | Path, fingerprint: dict[str, Any]) -> np.ndarray | None:
+    """The saved entity embeddings [E, D] float32 when ``entity_embeddings.json`` records exactly ``fingerprint``
+    and the array is the one it names (SHA-256, shape); ``None`` otherwise (absent, from another checkpoint or
+    feature cache, from before the record, damaged): the caller encodes the KB."""
+    run_dir = Path(run_dir)
+    meta_path, path = run_dir / ENTITY_EMBEDDINGS_META, run_dir / ENTITY_EMBEDDINGS_FILE
+    try:
+        with open_regular_file(meta_path) as fh:        # never blocks on a FIFO put in a run folder
+            meta = json.loads(fh.read().decode("utf-8"))
+        if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in fingerprint.items()):
+            return None
+        with open_regular_file(path) as fh:
+            blob = fh.read()
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            return None
+        emb = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if emb.dtype != np.float32 or list(emb.shape) != meta.get("shape"):
+        return None
+    return emb

@@ -1,9 +1,11 @@
 """The package layout holds: no import circle, and imports run one way through the stages
 (core <- ingest <- augment <- encode <- nel_model <- dim_mel; fixtures beside, imported by no stage), and inside
-nel_model through its rooms (the model <- model support <- evaluation <- training, inference <- reporting <-
-orchestration and entry points).
+nel_model through its rooms (the model <- model support <- evaluation <- training <- re-ranking <- inference
+<- reporting <- orchestration and entry points).
 
-Every ``import`` statement counts, also those inside functions, since a lazy import is still a dependency."""
+Every ``import`` statement counts, also those inside functions, since a lazy import is still a dependency; and so
+does a string that names a project module (``"nel_model.rerank.llm"`` in a registry, an ``importlib`` call, a
+command table): a module reached by name is a dependency all the same."""
 
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data_process.core",), ("data_process.ingest",), ("data_process.augment",), ("data_process.encode",),
     ("nel_model.nel", "nel_model.mimic", "nel_model.losses"),       # the model: torch only
     ("nel_model.data", "nel_model.distributed", "nel_model.runs", "nel_model.encoding", "nel_model.linking",
-     "nel_model.config"),                                           # the model's support
+     "nel_model.config", "nel_model.loaded_run"),                   # the model's support
     ("nel_model.evaluation",),
-    ("nel_model.training", "nel_model.inference", "nel_model.rerank"),
+    ("nel_model.training",),
+    ("nel_model.rerank",),                                          # second stages: never the linking commands
+    ("nel_model.inference",),                                       # retrieve, link, predict (over the re-rankers)
     ("nel_model.reporting",),
     ("nel_model.ablations", "nel_model.train", "nel_model"),        # orchestration and entry points
     ("dim_mel",),
@@ -39,11 +43,27 @@ def module_files() -> dict[str, Path]:
     return out
 
 
+def named_module(text: str, known: set[str]) -> str | None:
+    """The project module a string names: the whole string, or its head before ``:`` or a last ``.attribute``
+    (``"nel_model.rerank.llm"``, ``"nel_model.rerank.llm:load_reranker"``, ``"nel_model.rerank.llm.main"``)."""
+    text = text.strip()
+    for cand in (text, text.split(":", 1)[0], text.rsplit(".", 1)[0]):
+        if cand in known and "." in cand:
+            return cand
+    return None
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """Project modules that ``name`` imports (``from pkg import mod`` counts as ``pkg.mod`` when that is a module)."""
+    """Project modules that ``name`` imports (``from pkg import mod`` counts as ``pkg.mod`` when that is a module),
+    or names in a string (:func:`named_module`)."""
     found = set()
     is_pkg = path.name == "__init__.py"
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            target = named_module(node.value, known)
+            if target is not None and target != name:
+                found.add(target)
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -81,6 +101,17 @@ def test_graph_sees_the_packages():
     assert "data_process.core.records" in g and "nel_model.train" in g and "dim_mel.cli" in g
     assert "data_process.core.durable_io" in g["data_process.core.records"]
     assert "nel_model.training.batches" in g["nel_model.training.loop"]
+    assert "nel_model.inference.linker" in g["dim_mel.cli"]           # the command table names modules in strings
+
+
+def test_a_module_named_in_a_string_is_an_import(tmp_path):
+    known = {"nel_model.rerank.llm", "nel_model.inference.linker", "nel_model"}
+    mod = tmp_path / "registry.py"
+    mod.write_text('import importlib\nKINDS = {"llm": "nel_model.rerank.llm"}\n'
+                   'f = importlib.import_module("nel_model.inference.linker")\n'
+                   'G = "nel_model.rerank.llm:load_reranker"\nDOC = "see nel_model.rerank.llm for details"\n'
+                   'PKG = "nel_model"\n')
+    assert imports_of("x.registry", mod, known) == {"nel_model.rerank.llm", "nel_model.inference.linker"}
 
 
 def test_no_import_circle():
@@ -124,6 +155,7 @@ def test_every_module_has_a_layer_and_the_model_imports_no_project_module():
     g = graph()
     assert not [n for n in g if layer(n) is None and n != "data_process" and not n.startswith(FIXTURES)]
     assert layer("nel_model.training.loop") > layer("nel_model.evaluation.metrics") > layer("nel_model.encoding")
+    assert layer("nel_model.inference.linker") > layer("nel_model.rerank.llm") > layer("nel_model.training.loop")
     model = {n: deps for n, deps in g.items() if layer(n) == MODEL_LAYER}
     assert set(model) == {"nel_model.nel", "nel_model.mimic", "nel_model.losses"}
     assert all(not deps for deps in model.values()), model

@@ -49,3 +49,17 @@ def test_recall_vs_exact_on_a_kb_smaller_than_k():
     entities = _unit(rng.normal(size=(8, 16)))
     index = KBIndex(entities, IndexSettings(kind="flat"))
     assert recall_vs_exact(index, entities[:3], entities, k=20) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_search_never_pads_a_list_with_missing_entities(kind):
+    """A k larger than the KB gives lists of the KB's size, every entry a real, distinct entity."""
+    from nel_model.evaluation.faiss_index import missing_entries
+
+    rng = np.random.default_rng(2)
+    entities = _unit(rng.normal(size=(40, 16)))
+    index = KBIndex(entities, IndexSettings(kind=kind, nlist=1))
+    scores, rows = index.search(entities[:5], 50)
+    assert rows.shape == (5, 40) and (rows >= 0).all() and all(len(set(r.tolist())) == 40 for r in rows)
+    assert np.isfinite(scores).all() and missing_entries(rows) is None
+    assert missing_entries(np.array([[3, 1], [2, -1]])) == (1, 1)

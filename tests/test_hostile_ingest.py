@@ -635,4 +635,4 @@ def test_a_json_lines_input_that_is_not_utf8_names_file_and_line(tmp_path):
     assert str(err.value) == (f"{queries}, line 1: UTF-16 text (it starts with a UTF-16 byte-order mark); save it "
                               "as UTF-8")
     queries.write_text('{"id": "q1", "sentence": "One", "mention": "One"}\n', encoding="utf-8-sig")
-    assert [q.id for q in link_input(queries)] == ["q1"]
+    assert [m.query.id for m in link_input(queries)] == ["q1"]

@@ -19,7 +19,8 @@ from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.inference.retrieve import retrieve
 from nel_model.rerank.feature import LEXICAL_NAMES, FeatureReranker, LexicalFeatures
 from nel_model.rerank.train_feature import main as rerank_main
-from nel_model.rerank.two_stage import Retriever, two_stage_counts
+from nel_model.evaluation.evaluate import open_run
+from nel_model.rerank.two_stage import two_stage_counts
 from nel_model.runs import RunError, load_predictions
 from nel_model.train import main as train_main
 
@@ -50,7 +51,7 @@ def _metrics_lines(out):
 
 
 def test_the_untrained_reranker_ranks_as_its_retriever(retriever_run):
-    retr = Retriever.load(retriever_run, "cpu")
+    retr = open_run(retriever_run, "cpu")
     lists = retr.lists("test")
     rr = FeatureReranker(FeatureReranker.config_for(retr, K))
     scores = rr.score(retr, lists)
@@ -82,7 +83,7 @@ def test_the_trained_reranker_beats_its_retriever_on_namesakes(retriever_run, re
     assert speed["mentions"] == 64 and speed["rerank_mentions_per_s"] > 0
     # the saved re-ranker, loaded as a Linker uses it, reproduces the run's test ranking
     rr = FeatureReranker.load(out)
-    r = Retriever.load(retriever_run, "cpu")
+    r = open_run(retriever_run, "cpu")
     lists = r.lists("test")
     again = metrics_from_counts(two_stage_counts(r, lists, rr.score(r, lists))["full_kb"])
     assert again["hits@1"] == pytest.approx(ours["hits@1"]) and again["mrr"] == pytest.approx(ours["mrr"])

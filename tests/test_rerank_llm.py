@@ -126,12 +126,12 @@ def test_logprob_reranking_of_the_lists_is_evaluated_as_a_two_stage_run(retrieve
 
     # the linker's --rerank RUN: the run folder loads as its re-ranker, answering from the run's cache
     from data_process.core.records import load_dataset
-    from nel_model.inference.linker import load_reranker
-    from nel_model.rerank.two_stage import Retriever
+    from nel_model.evaluation.evaluate import open_run
+    from nel_model.rerank.registry import load_reranker
 
-    rr = load_reranker(out)
+    retr = open_run(run, "cpu")
+    rr = load_reranker(out, retr)
     assert isinstance(rr, L.LLMReranker) and rr.top_k == 5 and rr.llm.model == "fake-model"
-    retr = Retriever.load(run, "cpu")
     lists = retr.lists("test")
     scores = rr.score(L.dataset_lists(retr, lists, load_dataset(retr.data.dataset, check_gold=False)))
     assert rr.stats.requests == 0 and rr.stats.cached == 24 and scores.shape == (24, K)

@@ -59,3 +59,11 @@ def test_faiss_lists_keep_the_exact_ranks_and_report_their_overlap(run, tmp_path
     assert [m.full_kb for m in approx] == [exact_lists[m.mention_id].full_kb for m in approx]   # ranks stay exact
     rec = report["splits"]["test"]["recall@10"]
     assert rec == sum(m.gold in [e for e, _ in m.top] for m in approx) / len(approx)
+
+
+@pytest.mark.parametrize("faiss", [None, "hnsw", "ivf"])
+def test_a_k_larger_than_the_kb_is_an_error_naming_the_kb_size(run, faiss):
+    """Issue 26 item 5: lists hold real, distinct entities only (faiss padded them with copies of the last entity
+    at -3.4e38 and reported recall 100)."""
+    with pytest.raises(ValueError, match=r"--top-k 50 is larger than the KB \(40 entities\)"):
+        R.retrieve(run, ("test",), 50, faiss=faiss)

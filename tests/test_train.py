@@ -69,7 +69,9 @@ def test_run_folder_contents(image_store, tmp_path):
                                                           "hits@20", "n", "nan"}
     assert saved["protocols"] == json.loads(json.dumps(res["protocols"]))
     emb = np.load(out / "entity_embeddings.npy")
-    assert emb.shape == (48, 32) and emb.dtype == np.float16
+    assert emb.shape == (48, 32) and emb.dtype == np.float32       # as evaluation scores them
+    record = json.loads((out / "entity_embeddings.json").read_text())
+    assert record["shape"] == [48, 32] and record["checkpoint"] == "best" and record["encode_dtype"] == "float32"
     assert len(json.loads((out / "entity_ids.json").read_text())) == 48
     with pytest.raises(FileExistsError):
         run(image_store, out, "--epochs", 1)

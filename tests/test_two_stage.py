@@ -9,7 +9,8 @@ import torch
 
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.inference.retrieve import retrieve
-from nel_model.rerank.two_stage import Retriever, final_scores, two_stage_counts, write_two_stage_run
+from nel_model.evaluation.evaluate import open_run
+from nel_model.rerank.two_stage import final_scores, two_stage_counts, write_two_stage_run
 from nel_model.runs import load_predictions, load_run
 from run_fixtures import trained_run
 
@@ -20,7 +21,7 @@ K = 8
 def retriever(tmp_path_factory):
     run = trained_run(tmp_path_factory.mktemp("two_stage"), entities=40, splits=(64, 32, 48), seed=6, epochs=2)
     retrieve(run, ("train", "dev", "test"), K)
-    return Retriever.load(run, "cpu")
+    return open_run(run, "cpu")
 
 
 def test_final_scores_put_the_list_first_in_the_rerankers_order_and_keep_its_ties():

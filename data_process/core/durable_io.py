@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_process.core.safe_paths import check_output_file
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -61,7 +63,7 @@ class JsonlCache:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = check_output_file(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict[str, Any]] = {}
         self.recovered_corrupt_tail = False

@@ -511,13 +511,35 @@ def record_to_dict(record: Entity | Mention) -> dict[str, Any]:
 OnError = Callable[[DataError, str], None]   # (error, kind) with kind "malformed" or "duplicate"
 
 
-def iter_json_lines(path: str | Path, on_error: OnError | None = None) -> Iterator[tuple[int, Any]]:
+def _numbered_lines(fh: Any, max_line_bytes: int | None) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, raw line)``; ``None`` for a line longer than ``max_line_bytes`` (never held whole)."""
+    lineno = 0
+    while True:
+        raw = fh.readline() if max_line_bytes is None else fh.readline(max_line_bytes + 2)  # + "\r\n"
+        if not raw:
+            return
+        lineno += 1
+        if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+            while not raw.endswith(b"\n") and raw:        # skip the rest of the line, a block at a time
+                raw = fh.readline(1 << 20)
+            yield lineno, None
+            continue
+        yield lineno, raw
+
+
+def iter_json_lines(path: str | Path, on_error: OnError | None = None,
+                    max_line_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` for each non-blank line.
 
-    Invalid JSON or a non-UTF-8 line raises :class:`DataError`, or, with ``on_error``, is passed to it and skipped."""
+    Invalid JSON, a non-UTF-8 line or (with ``max_line_bytes``) a longer line raises :class:`DataError`, or, with
+    ``on_error``, is passed to it and skipped."""
     path = check_regular_file(Path(path))   # a missing file, a folder, a FIFO: a clear error, never a hang
     with path.open("rb") as fh:  # decoded per line, so a bad byte is reported with its file and line
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in _numbered_lines(fh, max_line_bytes):
+            if raw is None:
+                _report(DataError(path, f"line {lineno}", None, f"longer than {max_line_bytes} bytes, the limit on a "
+                                  "line (--max-line-bytes)"), on_error)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -4,7 +4,8 @@ A dataset names its images and side files by relative paths. Those names are dat
 absolute path, ``../`` segments, a symlink inside the folder that points outside it, a FIFO or a device that blocks
 the first read forever, a NUL byte. :func:`resolve_inside` turns a name into a real path inside a root folder or
 raises :class:`UnsafePath` (a ``ValueError`` whose message says why); :func:`check_regular_file` tells whether a path
-is a regular file without opening it for reading (``stat``, never ``open``: opening a FIFO for reading blocks);
+is a regular file without opening it for reading (``stat``, never ``open``: opening a FIFO for reading blocks),
+:func:`check_output_file` whether a path may be written as an output (absent or a regular file);
 :func:`open_regular_file` opens one, refusing anything else (``O_NONBLOCK`` so a FIFO swapped in after the check
 cannot block, then ``fstat`` of the descriptor actually opened).
 """
@@ -96,6 +97,23 @@ def check_regular_file(path: str | Path) -> Path:
     if problem.startswith("missing"):
         raise FileNotFoundError(f"{path}: file not found")
     raise UnsafePath(f"{path}: {problem}")
+
+
+def check_output_file(path: str | Path) -> Path:
+    """``path`` when it may be written as an output file: absent, or a regular file; else :class:`UnsafePath` (a
+    FIFO would block the writer forever, a device or a directory is no file). Every writer of an output path
+    checks it (``core.durable_io``, the appending writers)."""
+    if _has_nul(path):
+        raise UnsafePath(f"{path!r}: the path contains a NUL byte")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Path(path)
+    except OSError as exc:
+        raise UnsafePath(f"{path}: cannot write it ({type(exc).__name__}: {exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(f"{path}: not a regular file: {_kind(st.st_mode)} (an output must be a file path)")
+    return Path(path)
 
 
 def open_regular_file(path: str | Path, root: str | Path | None = None) -> BinaryIO:

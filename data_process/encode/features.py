@@ -34,8 +34,8 @@ them from a training config's ``views`` key (``configs/dim_paper.yaml`` lists th
 without ``mention.context``; ``dim-mel train`` warns when a config's model reads a view its list leaves out). This
 step reads the plain list and imports nothing of the model (the architecture rule).
 
-For linking new mentions outside the cache (``nel_model/inference/predict.py``) use :func:`load_encoders_from_meta` and
-:func:`encode_mention_views`.
+For new mentions and new KB entities outside the cache (``nel_model.loaded_run``) use
+:func:`load_encoders_from_meta`, :func:`encode_mention_views` and :func:`encode_entity_views`.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# Reusable: encode mentions in memory (predict)
+# Reusable: encode new mentions and entities in memory (nel_model.loaded_run)
 
 
 def _mention_crop_items(paths: Sequence[Path | None], image_enc: ImageEncoder, regions: RegionSettings,
@@ -272,6 +272,27 @@ def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | N
     flat, mask = _pooled_or_zero([t for r in rows for t in r], text_enc)
     k = len(PROFILE_ROWS)
     out["profile"] = (flat.reshape(len(mentions), k, text_enc.dim), mask.reshape(len(mentions), k))
+    return out
+
+
+def encode_entity_views(entities: Sequence[Entity], image_root: str | Path, text_enc: TextEncoder,
+                        image_enc: ImageEncoder, batch_size: int = 64
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Encode every entity view in memory, as the feature step writes them: ``{view: (data float32, mask bool or
+    None)}`` for ``desc`` (name, description, attributes), ``image`` (the first image, a name inside
+    ``image_root`` by the dataset rule; a missing, refused or unreadable one gives zeros and mask False) and
+    ``profile`` (the enrichment text; zeros and mask False without one)."""
+    entities = list(entities)
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
+        "desc": (text_enc.encode_pooled([e.text() for e in entities]), None)}
+    paths, _refused = dataset_image_paths(Path(image_root), [e.images[0] if e.images else None for e in entities])
+    items = [(i, *decode_image(p, image_enc.preprocess)) for i, p in enumerate(paths)]
+    globs, present = [np.zeros((0, image_enc.dim), np.float32)], [np.zeros(0, bool)]
+    for s in range(0, len(items), batch_size):
+        g, _, p, _ = _encode_image_batch(items[s:s + batch_size], image_enc)
+        globs.append(g), present.append(p)
+    out["image"] = (np.concatenate(globs), np.concatenate(present))
+    out["profile"] = _pooled_or_zero([entity_profile_text(e) for e in entities], text_enc)
     return out
 
 

@@ -1,10 +1,11 @@
 """Evaluation: full-KB ranking (every KB entity) and candidate-list ranking, and re-evaluating a saved run.
 
-``dim-mel evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` reloads a one-stage run's
-configuration and checkpoint, recomputes the metrics and prints a table (percentages); ``--predictions`` also rewrites
-the per-mention ``RUN/predictions/<split>.jsonl`` (see :func:`write_predictions`). Entity embeddings are computed once
-per evaluation in chunks; mentions are scored by chunked matrix products on the device (see ``nel_model.evaluation.metrics`` for
-the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
+``dim-mel evaluate --run RUN_DIR [--split test] [--checkpoint best] [--predictions]`` opens a one-stage run
+(:func:`open_run`: a :class:`~nel_model.loaded_run.LoadedRun`), recomputes the metrics and prints a table
+(percentages); ``--predictions`` also rewrites the per-mention ``RUN/predictions/<split>.jsonl`` (see
+:func:`write_predictions`). The KB's entity embeddings are the run's saved ones when they match its checkpoint and
+feature cache, else encoded once in chunks; mentions are scored by chunked matrix products on the device (see
+``nel_model.evaluation.metrics`` for the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
 the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is evaluated by
 ``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a run needs.
 """
@@ -13,32 +14,24 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_process.core.devices import resolve_device
 from data_process.core.entry import run_main
 from data_process.core.records import SPLITS
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.config import eval_settings_of
-from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import ENCODE_DTYPE, EncodeSettings, encode_entities, encode_mentions, load_run_model
+from nel_model.data import FeatureSource, MELData
+from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions
+from nel_model.loaded_run import LoadedRun
 from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
                                metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.runs import PREDICTIONS_DIR, RunError, load_config, two_stage_of
-
-
-@dataclass
-class EvalSettings(EncodeSettings):
-    score_dtype: torch.dtype = torch.float32  # low precision is exact too: near-ties are re-checked in float32
-    tie_rule: str = "pessimistic"             # nel_model.evaluation.metrics.TIE_RULES
-    candidate_rule: str = "dim"               # nel_model.evaluation.metrics.CANDIDATE_RULES
+from nel_model.runs import PREDICTIONS_DIR, RunError, two_stage_of
 
 
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
@@ -55,36 +48,13 @@ def settings_from_config(conf: Any, device: torch.device, **override: Any) -> Ev
                         candidate_rule=conf["candidate_rule"])
 
 
-@dataclass
-class OpenRun:
-    """A run folder ready to rank: its flags (config.json), its model at one checkpoint, its feature cache and
-    the views the model reads, and the evaluation settings it was measured with."""
-
-    path: Path
-    config: dict[str, Any]
-    model: torch.nn.Module
-    checkpoint: dict[str, Any]
-    data: MELData
-    source: FeatureSource
-    settings: EvalSettings
-    device: torch.device
-
-    def entity_embeddings(self) -> torch.Tensor:
-        """Every KB entity, encoded as the run's evaluation encodes them (float32)."""
-        return encode_entities(self.model, self.source, self.device, self.settings)
-
-
 def open_run(run: str | Path, device: str | torch.device = "auto", checkpoint: str = "best",
-             features: str | Path | None = None, dataset: str | Path | None = None, **override: Any) -> OpenRun:
-    """The one way evaluation, retrieval, re-ranking and prediction open a run folder: ``features`` / ``dataset``
-    override the folders config.json records; ``override``: see :func:`settings_from_config`."""
-    run = Path(run)
-    conf = load_config(run)
-    dev = resolve_device(device)
-    model, ckpt = load_run_model(run, checkpoint, dev)
-    data = load_mel_data(features or conf["features"], dataset or conf.get("dataset_resolved") or conf.get("dataset"))
-    source = FeatureSource(data, model.cfg.mention_views(), model.cfg.entity_views())
-    return OpenRun(run, conf, model, ckpt, data, source, settings_from_config(conf, dev, **override), dev)
+             features: str | Path | None = None, dataset: str | Path | None = None, **override: Any) -> LoadedRun:
+    """The one way a command opens a run folder: a :class:`~nel_model.loaded_run.LoadedRun` measured with the
+    run's own evaluation settings (:func:`settings_from_config`; ``override``: the command line's where given);
+    ``features`` / ``dataset`` override the folders config.json records."""
+    return LoadedRun.open(run, device, checkpoint, features, dataset,
+                          settings=lambda conf, dev: settings_from_config(conf, dev, **override))
 
 
 def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -163,20 +133,21 @@ def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, setti
     return out
 
 
-def evaluate_with_index(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
-                        device: torch.device, settings: EvalSettings, kind: str, k: int) -> dict[str, dict[str, float]]:
-    """Metrics when an approximate faiss index retrieves the top ``k`` (a gold entity outside them is a miss),
-    plus ``recall@20_vs_exact``: the overlap of the index's top 20 with exact search."""
+def evaluate_with_index(r: LoadedRun, splits: list[str], kind: str, k: int) -> dict[str, dict[str, float]]:
+    """Metrics when an approximate faiss index of kind ``kind`` over the run's KB embeddings retrieves the top
+    ``k`` (a gold entity outside them is a miss), plus ``recall@20_vs_exact``: the overlap of the index's top 20
+    with exact search."""
     from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
 
-    emb = encode_entities(model, source, device, settings).cpu()
+    emb = r.entity_emb.cpu()
     index = KBIndex(emb, IndexSettings(kind=kind))
+    k = min(k, len(emb))                # a KB smaller than k: every entity is retrieved
     out = {}
     for split in splits:
-        rows = data.splits[split]
-        q = encode_mentions(model, source, rows, device, settings).cpu()
+        rows = r.data.splits[split]
+        q = r.mention_embeddings(rows).cpu()
         _, top = index.search(q, k)
-        ranks = ranks_from_topk(top, data.gold[rows])
+        ranks = ranks_from_topk(top, r.data.gold[rows])
         m = metrics_from_ranks(torch.from_numpy(np.where(ranks > k, 0, ranks)))
         m["recall@20_vs_exact"] = recall_vs_exact(index, q, emb, k=min(20, k))
         out[split] = m
@@ -330,19 +301,17 @@ def evaluate(a) -> dict[str, Any]:
     ``{protocol: {split: metrics}}``."""
     r = open_run(a.run, a.device, a.checkpoint, a.features, a.dataset, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
                  candidate_rule=a.candidate_rule)
-    run, model, ckpt, data, source, settings, device = r.path, r.model, r.checkpoint, r.data, r.source, r.settings, \
-        r.device
+    data, settings = r.data, r.settings
     splits = splits_of(a)
-    counts = evaluate_counts(model, data, source, splits, D.DistInfo(device=device), settings,
-                             top_k=PREDICTION_TOP_K if a.predictions else 0)
+    counts = evaluate_counts(r.model, data, r.source, splits, D.DistInfo(device=r.device), settings,
+                             top_k=PREDICTION_TOP_K if a.predictions else 0, entity_emb=r.entity_emb)
     results = results_block(counts, data, settings)["protocols"]
     if a.predictions:
-        for path in write_predictions(run, model, data, source, counts, settings, device,
-                                      checkpoint={"name": a.checkpoint, "epoch": ckpt.get("epoch")}):
+        for path in write_predictions(r.run, r.model, data, r.source, counts, settings, r.device, r.entity_emb,
+                                      checkpoint={"name": a.checkpoint, "epoch": r.epoch}):
             print(f"wrote {path}", file=sys.stderr)
     if a.faiss:
-        results[f"faiss_{a.faiss}"] = evaluate_with_index(model, data, source, splits, device, settings, a.faiss,
-                                                          a.faiss_k)
+        results[f"faiss_{a.faiss}"] = evaluate_with_index(r, splits, a.faiss, a.faiss_k)
     print_results(results, data, settings, a.json)
     return results
 

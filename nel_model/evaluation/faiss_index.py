@@ -60,10 +60,25 @@ class KBIndex:
         index.add(x)
         self.index = index
 
+    @property
+    def size(self) -> int:
+        """Entities in the index."""
+        return int(self.index.ntotal)
+
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and entity rows of the top-k entities per query, best first (-1 where fewer than k)."""
+        """Scores and entity rows of the top-k entities per query, best first; ``k`` is cut to the KB's size (a
+        list never repeats an entity), and an approximate index that finds fewer entities for a query marks the
+        missing places with row -1 and score -inf (:func:`missing_entries` finds such a list)."""
         q = np.ascontiguousarray(_as_numpy(queries), dtype=np.float32)
-        return self.index.search(q, k)
+        scores, rows = self.index.search(q, min(k, self.size))
+        scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
+        return scores, rows
+
+
+def missing_entries(rows: np.ndarray) -> tuple[int, int] | None:
+    """``(query index, entities found)`` of the first list an index left short (rows of -1), or ``None``."""
+    short = np.flatnonzero((rows < 0).any(axis=1))
+    return None if not len(short) else (int(short[0]), int((rows[short[0]] >= 0).sum()))
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:

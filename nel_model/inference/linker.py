@@ -1,37 +1,41 @@
-"""One linking API: a trained run (the retriever) and optionally a re-ranker behind one call.
+"""One linking API and one linking command: a trained run (the retriever) and optionally a re-ranker behind one call.
 
     from nel_model.inference.linker import Linker
-    linker = Linker.from_run("runs/dim")                           # + reranker=LLMReranker(...) or a loaded one
-    linker.link("Varkona flooded the valley.", "Varkona", image="photo.png", top_k=10)
+    linker = Linker.from_run("runs/dim", reranker="runs/rerank")      # or a Reranker object, or None
+    linker.link("Varkona flooded the valley.", "Varkona", image="photo.png", top_k=10)   # -> LinkedMention
     linker.link_many([Query(...), ...])
 
     dim-mel link --run RUN [--rerank RERANK_RUN | --llm MODEL --base-url URL ...] --input mentions.jsonl \
-        --out linked.jsonl [--top-k 10]
+        --out linked.jsonl [--top-k 10] [--max-line-bytes N]
 
-Retrieval of a new mention is :class:`nel_model.inference.predict.Predictor`'s (the feature cache's encoders, the
-run's checkpoint, evaluation's ranking functions): no second encoding path. A re-ranker re-orders the first
-``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); every returned entity says which
-stage produced its score (``"stage": "reranker"`` or ``"retriever"``); the entities after the re-ranked ones keep
-the retriever's order and scores.
-
-A re-ranker is any object with ``kind``, ``top_k`` (int or None), ``score(lists: MentionLists) -> [N, K]`` tensor
-(higher is better, NaN lowest) and ``info() -> dict`` (:class:`Reranker`). ``--rerank RUN`` loads a re-ranker run
-folder through :data:`RERANKERS`: the kind recorded in ``RUN/results.json`` (``two_stage.reranker.kind``) names the
-module, whose ``load_reranker(run, device)`` returns the re-ranker.
+The retriever is a :class:`~nel_model.loaded_run.LoadedRun` (the run's checkpoint, loaded once; the feature
+cache's encoders; the KB's embeddings, read from the run folder or encoded once), ranked with the evaluation's
+own functions (the top lists of ``predictions/<split>.jsonl``, the pessimistic tie rule). Each mention is encoded
+and scored on its own: its numbers never depend on the mentions linked beside it, so a resumed run gives the
+entities and scores of an uninterrupted one. A re-ranker (the :class:`~nel_model.linking.Reranker` protocol)
+re-orders the first ``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); it is given
+the mentions' views and retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every
+returned entity says which stage produced its score; the entities after the re-ranked ones keep the retriever's
+order and scores. ``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this
+retriever (a feature re-ranker must have been trained on it).
 
 Input: the unified mention format (``data_process.core.records`` Mention lines, ``docs/CONTRACTS.md``), where
-``gold_id`` and ``split`` may be left out for new mentions; a relative ``image`` is resolved inside the input file's
-folder (``core.safe_paths``). A bad line is an error naming the file, the line and the field. Output: one line per
-mention, appended and flushed as soon as it is linked, ``{"id", "mention", "entities": [{"rank", "entity_id",
-"name", "description", "score", "stage"}], "gold_rank"?}``; a rerun skips the mentions already written (a torn last
-line, from a killed run, is moved to ``OUT.corrupt`` and that mention linked again).
+``gold_id`` and ``split`` may be left out; an ``image`` is a name inside the input file's folder (or inside a
+folder link the toolkit placed there: ``core.safe_paths.resolve_in_dataset``, the rule of ``features`` and
+``caption``) and must decode; a line longer than ``--max-line-bytes`` is refused. The whole input is checked
+before any work; a bad line is an error naming the file, the line, the id and the field. Output: one
+``LinkedMention.as_dict()`` line per mention, appended and flushed as soon as it is linked, with its
+``provenance`` (the input line's hash, the retriever's checkpoint and KB, the re-ranker, K); one writer per
+output (``OUT.lock``). A rerun skips the mentions already written with the same provenance, refuses a line
+computed from anything else (or a mention not in the input), and moves a torn last line (a killed run) to
+``OUT.corrupt`` and links that mention again.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,117 +43,141 @@ import torch
 from tqdm import tqdm
 
 from data_process.core.entry import run_main
+from data_process.core.fingerprints import file_sha256, stable_hash
+from data_process.core.images import decode_image
+from data_process.core.locks import output_lock
 from data_process.core.records import DataError, iter_json_lines, mention_from_dict, record_json_problem
-from data_process.core.safe_paths import regular_file_problem, resolve_inside
+from data_process.core.safe_paths import UnsafePath, check_output_file, regular_file_problem, resolve_in_dataset
 from data_process.core.settings import ToolkitParser
-from nel_model.inference.predict import Predictor
-from nel_model.linking import Candidate, MentionLists, Query, Reranker
-from nel_model.runs import RESULTS_FILE
+from nel_model.evaluation.evaluate import open_run, top_entities
+from nel_model.evaluation.metrics import full_kb_counts
+from nel_model.linking import Candidate, LinkedEntity, LinkedMention, MentionLists, Query, Reranker
+from nel_model.loaded_run import LoadedRun
+from nel_model.rerank.llm import add_llm_flags, reranker_from_args
+from nel_model.rerank.registry import load_reranker
 
-# re-ranker kind -> module with ``load_reranker(run: Path, device: str) -> Reranker``; the feature re-ranker's
-# module registers itself here.
-RERANKERS: dict[str, str] = {"llm": "nel_model.rerank.llm", "feature": "nel_model.rerank.feature"}
-BATCH = 16
+BATCH = 16                          # mentions handed to a re-ranker together (an LLM answers them in parallel)
+MAX_LINE_BYTES = 1 << 20            # an input line longer than this is refused (--max-line-bytes)
+SCORE_DECIMALS = 6
+# what identifies a re-ranker without a checkpoint of its own (an LLM): the keys of its info() that decide answers
+RERANKER_IDENTITY = ("kind", "run", "model", "base_url", "k", "top_k", "prompt", "prompt_version",
+                     "scoring_requested", "top_logprobs", "max_tokens", "temperature", "vision")
 
 
-class LinkError(ValueError):
-    """A re-ranker that cannot be loaded; the message says why."""
+@dataclass
+class Retrieved:
+    """One mention retrieved: its views and embedding ``[1, D]`` (for a re-ranker), its candidates (best first)
+    and the gold's pessimistic whole-KB rank (``None``: no gold id, or not in the KB)."""
 
-
-def load_reranker(run: str | Path, device: str = "cpu") -> Reranker:
-    """The re-ranker of a re-ranker run folder, through :data:`RERANKERS`."""
-    run = Path(run)
-    path = run / RESULTS_FILE
-    if regular_file_problem(path) is not None:
-        raise LinkError(f"{path}: not found (a re-ranker run folder has results.json)")
-    try:
-        kind = json.loads(path.read_text(encoding="utf-8"))["two_stage"]["reranker"]["kind"]
-    except (ValueError, KeyError, TypeError):
-        raise LinkError(f"{path}: names no re-ranker (two_stage.reranker.kind): not a re-ranker run") from None
-    if kind not in RERANKERS:
-        raise LinkError(f"{path}: re-ranker kind {kind!r} unknown (known: {', '.join(sorted(RERANKERS))})")
-    try:
-        module = importlib.import_module(RERANKERS[kind])
-    except ModuleNotFoundError as exc:
-        if exc.name and RERANKERS[kind].startswith(exc.name):
-            raise LinkError(f"{path}: a {kind!r} re-ranker needs {RERANKERS[kind]}, which this installation does "
-                            "not have") from None
-        raise
-    if not hasattr(module, "load_reranker"):
-        raise LinkError(f"{RERANKERS[kind]} cannot load a re-ranker run (it has no load_reranker)")
-    return module.load_reranker(run, device)
+    views: dict[str, torch.Tensor]
+    embedding: torch.Tensor
+    candidates: list[Candidate]
+    gold_rank: int | None
 
 
 class Linker:
-    """A retriever run (through :class:`Predictor`) and an optional re-ranker."""
+    """A retriever run (a :class:`~nel_model.loaded_run.LoadedRun`) and an optional re-ranker."""
 
-    def __init__(self, predictor: Predictor, reranker: Reranker | None = None):
-        self.predictor = predictor
+    def __init__(self, retriever: LoadedRun, reranker: Reranker | None = None):
+        self.retriever = retriever
         self.reranker = reranker
+        self.row_of = {eid: i for i, eid in enumerate(retriever.data.entity_ids)}
 
     @classmethod
-    def from_run(cls, run: str | Path, reranker: Reranker | None = None, device: str = "cpu",
+    def from_run(cls, run: str | Path, reranker: Reranker | str | Path | None = None, device: str = "cpu",
                  checkpoint: str = "best") -> "Linker":
-        return cls(Predictor(run, device=device, checkpoint=checkpoint), reranker)
+        """The run at ``checkpoint``; ``reranker``: a re-ranker, or a re-ranker run folder to load over it."""
+        retriever = open_run(run, device, checkpoint)
+        if isinstance(reranker, (str, Path)):
+            reranker = load_reranker(reranker, retriever)
+        return cls(retriever, reranker)
 
     def link(self, sentence: str, mention: str, image: str | Path | None = None, top_k: int = 10,
-             caption: str | None = None, id: str | None = None, gold_id: str | None = None) -> dict[str, Any]:
+             caption: str | None = None, enrichment: str | None = None, id: str | None = None,
+             gold_id: str | None = None) -> LinkedMention:
         q = Query(sentence=sentence, mention=mention, image=None if image is None else Path(image), caption=caption,
-                  id=id, gold_id=gold_id)
+                  enrichment=enrichment, id=id, gold_id=gold_id)
         return self.link_many([q], top_k)[0]
 
-    def link_many(self, mentions: Sequence[Query], top_k: int = 10) -> list[dict[str, Any]]:
-        """One result per mention: ``{"id", "mention", "entities": [...], "gold_rank"?}`` (the module docstring)."""
+    # -- retrieval ------------------------------------------------------------------------------
+    def retrieve(self, query: Query, k: int) -> Retrieved:
+        """One mention's ``k`` best KB entities, encoded and scored on its own (float32, ties by KB row)."""
+        r = self.retriever
+        views, q = r.encode_query(query)
+        scores, rows = top_entities(q, r.entity_emb, k, 1)
+        cands = []
+        for v, j in zip(scores[0].tolist(), rows[0].tolist()):
+            eid = r.data.entity_ids[j]
+            rec = r.entity(eid)
+            cands.append(Candidate(eid, rec.name if rec else "", rec.description if rec else "", float(v)))
+        gold = None
+        if query.gold_id is not None and query.gold_id in self.row_of:
+            counts = full_kb_counts(q, r.entity_emb, torch.tensor([self.row_of[query.gold_id]], device=q.device), 1,
+                                    r.settings.score_dtype)
+            gold = int(counts.ranks("pessimistic")[0])
+        return Retrieved(views, q, cands, gold)
+
+    # -- linking --------------------------------------------------------------------------------
+    def link_many(self, mentions: Sequence[Query], top_k: int = 10) -> list[LinkedMention]:
+        """One :class:`~nel_model.linking.LinkedMention` per mention (the module docstring)."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        mentions = list(mentions)
         k_rr = None if self.reranker is None else (self.reranker.top_k or top_k)
-        retrieved = self.predictor.predict(list(mentions), max(top_k, k_rr or 0))
+        found = [self.retrieve(q, max(top_k, k_rr or 0)) for q in mentions]
         if self.reranker is None:
-            return [_result(r, [(h, h["score"], "retriever") for h in r["predictions"]], top_k)
-                    for r in retrieved]
-        lists = MentionLists(list(mentions), [[Candidate(h["entity_id"], h["name"], h.get("description", ""),
-                                                         h["score"]) for h in r["predictions"][:k_rr]]
-                                              for r in retrieved])
+            return [_linked(q, [(c, _num(c.score), "retriever") for c in f.candidates], top_k, f.gold_rank)
+                    for q, f in zip(mentions, found)]
+        views = ({key: torch.cat([f.views[key] for f in found]) for key in found[0].views} if found else {})
+        lists = MentionLists(mentions, [f.candidates[:k_rr] for f in found], views=views,
+                             embeddings=torch.cat([f.embedding for f in found]) if found else None)
         scores = self.reranker.score(lists)
         out = []
-        for q, r, row in zip(mentions, retrieved, scores):
-            hits = r["predictions"]
-            n = min(k_rr, len(hits))
+        for q, f, row in zip(mentions, found, scores):
+            n = min(k_rr, len(f.candidates))
             order = torch.sort(row[:n].float().nan_to_num(nan=-float("inf")), descending=True, stable=True).indices
-            ranked = [(hits[j], _num(row[j]), "reranker") for j in order.tolist()]
-            ranked += [(h, h["score"], "retriever") for h in hits[n:]]
-            out.append(_result(r, ranked, top_k, n, q.gold_id))
+            ranked = [(f.candidates[j], _num(float(row[j])), "reranker") for j in order.tolist()]
+            ranked += [(c, _num(c.score), "retriever") for c in f.candidates[n:]]
+            # the gold's place among the re-ranked entities, else the retriever's pessimistic whole-KB rank
+            gold = next((i for i, (c, _, _) in enumerate(ranked[:n], 1) if c.entity_id == q.gold_id), f.gold_rank)
+            out.append(_linked(q, ranked, top_k, gold))
         return out
 
 
-def _num(v: torch.Tensor) -> float | None:
-    x = float(v)
-    return None if x != x else round(x, 6)
+def _num(x: float) -> float | None:
+    return None if x != x else round(x, SCORE_DECIMALS)
 
 
-def _result(r: dict[str, Any], ranked: list[tuple[dict, Any, str]], top_k: int, reranked: int = 0,
-            gold_id: str | None = None) -> dict[str, Any]:
-    ents = [{"rank": i, "entity_id": h["entity_id"], "name": h["name"], "description": h.get("description", ""),
-             "score": s, "stage": stage} for i, (h, s, stage) in enumerate(ranked[:top_k], 1)]
-    rec: dict[str, Any] = {"id": r["id"], "mention": r["mention"], "entities": ents}
-    if "gold_rank" in r:
-        # the retriever's pessimistic full-KB rank, or the gold's place among the re-ranked first entities
-        rec["gold_rank"] = next((i for i, (h, _, _) in enumerate(ranked[:reranked], 1) if h["entity_id"] == gold_id),
-                                r["gold_rank"])
-    return rec
+def _linked(q: Query, ranked: list[tuple[Candidate, float | None, str]], top_k: int,
+            gold_rank: int | None) -> LinkedMention:
+    ents = [LinkedEntity(rank=i, entity_id=c.entity_id, name=c.name, description=c.description, score=s, stage=stage)
+            for i, (c, s, stage) in enumerate(ranked[:top_k], 1)]
+    return LinkedMention(id=q.id, mention=q.mention, entities=ents, gold_rank=gold_rank,
+                         has_gold=q.gold_id is not None)
 
 
 # ---------------------------------------------------------------------------------------------
 # Input and output
 
 
-def read_mentions(path: str | Path) -> Iterator[Query]:
-    """The mentions of a unified-format JSON Lines file (``gold_id`` and ``split`` optional), images resolved inside
-    its folder; the first bad line raises :class:`DataError` naming the file, line and field."""
+@dataclass
+class InputMention:
+    """A mention read from a linking input: its query, its line, and a hash of what it consists of (the line's
+    content and its image's bytes)."""
+
+    query: Query
+    line: int
+    sha256: str
+
+
+def read_mentions(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[InputMention]:
+    """The mentions of a unified-format JSON Lines file (``gold_id`` and ``split`` optional); each image named
+    inside the file's folder (``resolve_in_dataset``) and decoded; the first bad line raises :class:`DataError`
+    naming the file, line, id and field."""
     path = Path(path)
     root = path.resolve().parent
     seen: dict[str, int] = {}
-    for lineno, obj in iter_json_lines(path):
+    for lineno, obj in iter_json_lines(path, max_line_bytes=max_line_bytes):
         where = f"line {lineno}" + (f" (id {obj['id']!r})" if isinstance(obj, dict) and isinstance(obj.get("id"), str)
                                     else "")
 
@@ -166,29 +194,58 @@ def read_mentions(path: str | Path) -> Iterator[Query]:
         if m.id in seen:
             fail("id", f"duplicate id, first seen on line {seen[m.id]}")
         seen[m.id] = lineno
-        image = None
+        image, image_sha = None, None
         if m.image is not None:
             try:
-                image = resolve_inside(root, m.image, allow_absolute=True)
-            except ValueError as exc:
+                image = resolve_in_dataset(root, m.image)
+            except UnsafePath as exc:
                 fail("image", str(exc))
             problem = regular_file_problem(image)
             if problem is not None:
                 fail("image", f"{m.image}: {problem}")
-        yield Query(sentence=m.sentence, mention=m.mention, image=image, caption=(m.caption or {}).get("text"),
-                    enrichment=(m.enrichment or {}).get("text"), id=m.id, gold_id=gold if gold else None)
+            decoded, why = decode_image(image)
+            if decoded is None:
+                fail("image", f"{m.image}: cannot read the image ({why})")
+            image_sha = file_sha256(image)
+        q = Query(sentence=m.sentence, mention=m.mention, image=image, caption=(m.caption or {}).get("text"),
+                  enrichment=(m.enrichment or {}).get("text"), id=m.id, gold_id=gold if gold else None)
+        yield InputMention(q, lineno, stable_hash({"line": obj, "image_sha256": image_sha}))
 
 
-def written_ids(out: Path) -> set[str]:
-    """Ids already in the output file; a torn last line (a killed run) is moved to ``OUT.corrupt`` first."""
+def reranker_fingerprint(reranker: Reranker | None) -> str | None:
+    """What identifies a re-ranker's answers: its checkpoint's hash when it has one, else the settings of its
+    ``info()`` that decide them (:data:`RERANKER_IDENTITY`)."""
+    if reranker is None:
+        return None
+    fp = getattr(reranker, "fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    info = reranker.info()
+    return stable_hash({k: info.get(k) for k in RERANKER_IDENTITY if k in info})
+
+
+def provenance(linker: Linker, top_k: int) -> dict[str, Any]:
+    """What every line of a ``dim-mel link`` run is computed from, but its input line (``input_sha256``, added
+    per line): the retriever's checkpoint and KB, the re-ranker and K (docs/CONTRACTS.md, "Linked mentions")."""
+    r = linker.retriever
+    return {"input_sha256": None, "retriever_checkpoint_sha256": r.checkpoint_sha256,
+            "kb": stable_hash(r.kb_fingerprint() or {"features": str(r.data.root.resolve()),
+                                                     "entity_ids": stable_hash(r.data.entity_ids)}),
+            "reranker": reranker_fingerprint(linker.reranker), "top_k": top_k}
+
+
+def written_lines(out: Path) -> dict[str, tuple[int, Any]]:
+    """``{id: (line number, provenance)}`` of the lines already in ``out``; a torn last line (a killed run) is
+    moved to ``OUT.corrupt`` first."""
     if not out.exists():
-        return set()
+        return {}
     data = out.read_bytes()
     keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
-    ids = set()
+    lines: dict[str, tuple[int, Any]] = {}
     for lineno, raw in enumerate(keep.splitlines(), 1):
         try:
-            ids.add(json.loads(raw)["id"])
+            rec = json.loads(raw)
+            lines.setdefault(rec["id"], (lineno, rec.get("provenance")))
         except (ValueError, KeyError, TypeError):
             raise DataError(out, f"line {lineno}", "id", "not a linked-mention line: fix or delete the output "
                                                          "file, then rerun") from None
@@ -197,20 +254,38 @@ def written_ids(out: Path) -> set[str]:
             fh.write(data[len(keep):] + b"\n")
         with out.open("r+b") as fh:
             fh.truncate(len(keep))
-    return ids
+    return lines
 
 
-def link_file(linker: Linker, inp: Path, out: Path, top_k: int, batch: int = BATCH, progress: bool = True
-              ) -> dict[str, int]:
-    """Link every mention of ``inp`` not yet in ``out``, appending one line per mention (flushed)."""
-    done = written_ids(out)
-    todo = [q for q in read_mentions(inp) if q.id not in done]      # the whole input is checked before any work
+def link_file(linker: Linker, mentions: Sequence[InputMention], out: Path, top_k: int, batch: int = BATCH,
+              progress: bool = True) -> dict[str, int]:
+    """Link every mention not yet in ``out`` with the same provenance, appending one line per mention (flushed);
+    a line of ``out`` computed from anything else, or of a mention not in the input, is an error (give another
+    ``--out``, or delete it to link again). The caller holds ``out``'s lock."""
+    check_output_file(out)
+    want = {m.query.id: m for m in mentions}
+    base = provenance(linker, top_k)
+    done = written_lines(out)
+    for mid, (lineno, prov) in done.items():
+        where = f"line {lineno} (id {mid!r})"
+        if mid not in want:
+            raise DataError(out, where, "id", "not a mention of this input: the output holds another input's "
+                            "links; give another --out, or delete it to link again")
+        expected = {**base, "input_sha256": want[mid].sha256}
+        differ = [k for k, v in expected.items() if not isinstance(prov, dict) or prov.get(k) != v]
+        if differ:
+            what = (f"linked from another {', '.join(differ)} than this run's (input line {want[mid].line})"
+                    if isinstance(prov, dict) else "records no provenance (an older dim-mel link)")
+            raise DataError(out, where, "provenance", f"{what}; give another --out, or delete it to link again")
+    todo = [m for m in mentions if m.query.id not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="link", unit="mention",
                                                      disable=not progress, file=sys.stderr) as bar:
         for s in range(0, len(todo), batch):
-            for rec in linker.link_many(todo[s:s + batch], top_k):
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            part = todo[s:s + batch]
+            for m, rec in zip(part, linker.link_many([m.query for m in part], top_k)):
+                rec.provenance = {**base, "input_sha256": m.sha256}
+                fh.write(json.dumps(rec.as_dict(), ensure_ascii=False) + "\n")
                 fh.flush()
                 bar.update(1)
     return {"linked": len(todo), "skipped": len(done)}
@@ -224,12 +299,13 @@ def build_parser():
     p.add_argument("--out", required=True, type=Path, help="output JSON Lines (appended; a rerun skips written ids)")
     p.add_argument("--top-k", dest="link_top_k", type=int, default=10, help="entities per mention")
     p.add_argument("--rerank", type=Path, help="a re-ranker run folder (e.g. the feature re-ranker's)")
-    p.add_argument("--batch-size", type=int, default=BATCH, help="mentions encoded (and re-ranked) together")
+    p.add_argument("--batch-size", type=int, default=BATCH, help="mentions handed to the re-ranker together")
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help=f"refuse an input line longer than this (default {MAX_LINE_BYTES}: 1 MiB)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     g = p.add_argument_group("LLM re-ranker (instead of --rerank)")
-    # the LLM re-ranker's own flags, through the registry (the re-rankers import this module, not the reverse)
-    importlib.import_module(RERANKERS["llm"]).add_llm_flags(g, model_flag="--llm", k_flag="--llm-top-k")
+    add_llm_flags(g, model_flag="--llm", k_flag="--llm-top-k")
     return p
 
 
@@ -238,16 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rerank is not None and a.model is not None:
         p.error("give --rerank RUN or --llm MODEL, not both")
-    if a.link_top_k < 1 or a.batch_size < 1:
-        p.error("--top-k and --batch-size must be at least 1")
-    reranker = None
-    if a.rerank is not None:
-        reranker = load_reranker(a.rerank, a.device)
-    elif a.model is not None:
-        llm = importlib.import_module(RERANKERS["llm"])
-        reranker = llm.reranker_from_args(a, a.out.with_name(a.out.name + ".llm_cache.jsonl"))
-    linker = Linker.from_run(a.run, reranker, a.device, a.checkpoint)
-    n = link_file(linker, a.input, a.out, a.link_top_k, a.batch_size, progress=a.progress)
+    if a.link_top_k < 1 or a.batch_size < 1 or a.max_line_bytes < 1:
+        p.error("--top-k, --batch-size and --max-line-bytes must be at least 1")
+    check_output_file(a.out)
+    with output_lock(a.out):
+        mentions = list(read_mentions(a.input, a.max_line_bytes))      # the whole input, before any work
+        linker = Linker.from_run(a.run, a.rerank, a.device, a.checkpoint)
+        if a.model is not None:
+            linker.reranker = reranker_from_args(a, a.out.with_name(a.out.name + ".llm_cache.jsonl"))
+        n = link_file(linker, mentions, a.out, a.link_top_k, a.batch_size, progress=a.progress)
     print(f"linked {n['linked']} mentions ({n['skipped']} already in {a.out})", file=sys.stderr)
     return 0
 

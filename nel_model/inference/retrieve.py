@@ -25,7 +25,7 @@ from data_process.core.durable_io import atomic_write_json
 from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from nel_model import distributed as D
-from nel_model.encoding import ENCODE_DTYPE, encode_mentions
+from nel_model.encoding import ENCODE_DTYPE
 from nel_model.evaluation.evaluate import evaluate_counts, open_run, write_predictions
 from nel_model.evaluation.metrics import RankCounts
 from nel_model.runs import RETRIEVAL_DIR
@@ -50,13 +50,19 @@ def list_recall(counts: RankCounts, gold: torch.Tensor, k: int) -> dict[str, flo
 def index_lists(counts: dict[str, RankCounts], emb: torch.Tensor, queries: dict[str, torch.Tensor], top_k: int,
                 kind: str) -> dict[str, float]:
     """Replace each split's exact top lists in ``counts`` by those of a faiss index of ``kind`` over ``emb``;
-    returns each split's overlap of the index's lists with the exact ones (recall@K vs exact search)."""
-    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex  # noqa: PLC0415 - faiss is optional
+    returns each split's overlap of the index's lists with the exact ones (recall@K vs exact search). A list the
+    index leaves short (an IVF index visiting too few cells) is an error naming the mention: lists hold real,
+    distinct entities only."""
+    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, missing_entries  # noqa: PLC0415 - optional
 
     index = KBIndex(emb.cpu(), IndexSettings(kind=kind))
     overlap = {}
     for split, c in counts.items():
         scores, rows = index.search(queries[split].cpu(), top_k)
+        short = missing_entries(rows)
+        if short is not None:
+            raise ValueError(f"--faiss {kind}: the index found only {short[1]} of {top_k} entities for {split} "
+                             f"mention {short[0] + 1}; give a smaller --top-k, or exact lists (no --faiss)")
         approx = torch.from_numpy(rows).long()
         exact = c.top_rows.cpu()
         overlap[split] = float((approx[:, :, None] == exact[:, None, :]).any(2).double().mean()) if len(exact) else 0.0
@@ -70,27 +76,29 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
     if not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"--top-k must be in 1..{MAX_TOP_K}, got {top_k}")
     r = open_run(run, device, checkpoint)
-    run, conf, model, ckpt, data, source, settings, dev = (r.path, r.config, r.model, r.checkpoint, r.data, r.source,
-                                                           r.settings, r.device)
-    emb = r.entity_embeddings()
+    data, settings, dev = r.data, r.settings, r.device
+    if top_k > data.num_entities:
+        raise ValueError(f"--top-k {top_k} is larger than the KB ({data.num_entities} entities): a list holds each "
+                         f"entity once; give --top-k {data.num_entities} or less")
+    emb = r.entity_emb
     wanted = [s for s in splits if len(data.splits[s])]
-    counts = evaluate_counts(model, data, source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
+    counts = evaluate_counts(r.model, data, r.source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
                              entity_emb=emb)
     vs_exact = None
     if faiss:
-        queries = {s: encode_mentions(model, source, data.splits[s], dev, settings) for s in wanted}
+        queries = {s: r.mention_embeddings(data.splits[s]) for s in wanted}
         vs_exact = index_lists(counts["full_kb"], emb, queries, top_k, faiss)
     recall = {s: list_recall(c, torch.from_numpy(data.gold[data.splits[s]]), top_k)
               for s, c in counts["full_kb"].items()}
-    retriever = {"run": str(run.resolve()), "label": conf.get("label"), "checkpoint": checkpoint,
-                 "epoch": ckpt.get("epoch")}
-    write_predictions(run, model, data, source, counts, settings, dev, emb, checkpoint=retriever, top_k=top_k,
+    retriever = {"run": str(r.run.resolve()), "label": r.config.get("label"), "checkpoint": checkpoint,
+                 "epoch": r.epoch, "checkpoint_sha256": r.checkpoint_sha256}
+    write_predictions(r.run, r.model, data, r.source, counts, settings, dev, emb, checkpoint=retriever, top_k=top_k,
                       folder_name=RETRIEVAL_DIR)
     report = {"top_k": top_k, "retriever": retriever, "kb_entities": data.num_entities, "encode_dtype": ENCODE_DTYPE,
               "score_dtype": str(settings.score_dtype).replace("torch.", ""), "top_ties": "KB row order",
               "splits": recall, "skipped_empty_splits": [s for s in splits if s not in wanted],
               "lists": "exact" if not faiss else f"faiss {faiss}", "overlap_with_exact_top_k": vs_exact}
-    atomic_write_json(run / RETRIEVAL_DIR / REPORT_FILE, report)
+    atomic_write_json(r.run / RETRIEVAL_DIR / REPORT_FILE, report)
     return report
 
 

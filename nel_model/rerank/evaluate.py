@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from data_process.core.records import SPLITS
-from nel_model.evaluation.evaluate import print_results, results_block, splits_of
+from nel_model.evaluation.evaluate import open_run, print_results, results_block, splits_of
 from nel_model.evaluation.metrics import RankCounts
+from nel_model.loaded_run import LoadedRun
 from nel_model.rerank import llm
 from nel_model.rerank.feature import FeatureReranker
-from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_predictions
+from nel_model.rerank.two_stage import check_retriever, two_stage_counts, write_two_stage_predictions
 from nel_model.config import eval_settings_of
 from nel_model.runs import CONFIG_FILE, RESULTS_FILE, RunError, load_config, load_results, two_stage_summary
 
@@ -34,7 +35,7 @@ def _add(counts: Counts, split: str, per_protocol: dict[str, RankCounts]) -> Non
         counts.setdefault(proto, {})[split] = c
 
 
-def feature_counts(run: Path, retriever: Retriever, splits: list[str], checkpoint: str) -> Counts:
+def feature_counts(run: Path, retriever: LoadedRun, splits: list[str], checkpoint: str) -> Counts:
     """The counts of a ``dim-mel rerank`` run at its ``checkpoint`` (its re-ranker's best or last)."""
     reranker = FeatureReranker.load(run, checkpoint)
     reranker.model.to(retriever.device)
@@ -45,10 +46,10 @@ def feature_counts(run: Path, retriever: Retriever, splits: list[str], checkpoin
     return counts
 
 
-def llm_counts(run: Path, retriever: Retriever, splits: list[str], results: dict[str, Any]
-               ) -> tuple[Counts, Retriever]:
+def llm_counts(run: Path, retriever: LoadedRun, splits: list[str], results: dict[str, Any]
+               ) -> tuple[Counts, LoadedRun]:
     """The counts of a ``dim-mel rerank-llm`` run from its cache, and the retriever cut to the run's sample."""
-    reranker = llm.load_reranker(run)
+    reranker = llm.load_reranker(run, retriever)
     sample = results.get("sample") or {}
     lists, views = llm.split_lists(retriever, splits, sample.get("limit"), sample.get("seed"))
     counts: Counts = {}
@@ -91,10 +92,10 @@ def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     if not (retriever_dir / CONFIG_FILE).is_file():
         raise RunError(f"{run}: its retriever run {retriever_dir} is not there (moved? give --retriever FOLDER)")
     splits = _splits(a, run, info, results)
-    retriever = Retriever.load(retriever_dir, a.device, info["retriever"].get("checkpoint", "best"),
-                               features=a.features, dataset=a.dataset, eval_dtype=a.eval_dtype,
-                               tie_rule=a.tie_rule, candidate_rule=a.candidate_rule)
+    retriever = open_run(retriever_dir, a.device, info["retriever"].get("checkpoint", "best"), a.features, a.dataset,
+                         eval_dtype=a.eval_dtype, tie_rule=a.tie_rule, candidate_rule=a.candidate_rule)
     if kind == "feature":
+        check_retriever(run, info["retriever"], retriever, moved=a.retriever is not None)
         counts, view = feature_counts(run, retriever, splits, a.checkpoint), retriever
     else:
         counts, view = llm_counts(run, retriever, splits, results or {})

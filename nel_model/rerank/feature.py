@@ -37,11 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_process.core.fingerprints import file_sha256
 from data_process.core.records import ENTITIES_FILE, MENTIONS_FILE, read_entities, read_mentions
 from nel_model.data import FeatureSource, to_device
 from nel_model.evaluation.metrics import RankCounts
-from nel_model.rerank.two_stage import RetrievedLists, Retriever, two_stage_counts
-from nel_model.runs import CHECKPOINTS_DIR, RESULTS_FILE, load_checkpoint
+from nel_model.linking import MentionLists
+from nel_model.loaded_run import LoadedRun, RetrievedLists
+from nel_model.rerank.two_stage import check_retriever, two_stage_counts
+from nel_model.runs import RunError, checkpoint_path, load_checkpoint, two_stage_of
 
 LEXICAL_NAMES = ("name_trigram_jaccard", "name_word_jaccard", "name_exact", "name_in_mention", "mention_in_name",
                  "sentence_desc_idf_overlap", "sentence_name_overlap", "namesakes_in_list")
@@ -289,7 +292,8 @@ class SplitInputs:
 
 
 class FeatureReranker:
-    """A trained :class:`PairScorer` with what it needs to build its inputs from a :class:`Retriever`."""
+    """A trained :class:`PairScorer` with what it needs to build its inputs from its retriever (a
+    :class:`~nel_model.loaded_run.LoadedRun`)."""
 
     def __init__(self, cfg: RerankerConfig, model: PairScorer | None = None):
         self.cfg = cfg
@@ -298,7 +302,7 @@ class FeatureReranker:
         self._source: FeatureSource | None = None
 
     @classmethod
-    def config_for(cls, retriever: Retriever, top_k: int, **switches: Any) -> RerankerConfig:
+    def config_for(cls, retriever: LoadedRun, top_k: int, **switches: Any) -> RerankerConfig:
         data = retriever.data
         wanted = {v: switches.pop(v, True) for v in ("sentence", "profile", "image", "regions")}
         ewanted = {v: switches.pop(f"entity_{v}", True) for v in ("image", "profile")}
@@ -311,7 +315,7 @@ class FeatureReranker:
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best") -> "FeatureReranker":
         """The re-ranker of a ``dim-mel rerank`` run folder (``checkpoints/best.pt`` or ``last.pt``)."""
-        ckpt = load_checkpoint(Path(run_dir) / CHECKPOINTS_DIR / f"{checkpoint}.pt")
+        ckpt = load_checkpoint(checkpoint_path(run_dir, checkpoint))
         conf = dict(ckpt["model_config"])
         conf["views"], conf["entity_views"] = tuple(conf["views"]), tuple(conf["entity_views"])
         out = cls(RerankerConfig(**conf))
@@ -321,7 +325,7 @@ class FeatureReranker:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "model_config": asdict(self.cfg)}
 
-    def inputs(self, retriever: Retriever, lists: RetrievedLists) -> SplitInputs:
+    def inputs(self, retriever: LoadedRun, lists: RetrievedLists) -> SplitInputs:
         k = self.cfg.top_k
         if lists.top_k < k:
             raise ValueError(f"the re-ranker scores lists of {k} entities; the {lists.split} lists hold "
@@ -333,7 +337,7 @@ class FeatureReranker:
         q = retriever.mention_embeddings(lists.rows).float().cpu()
         return SplitInputs(lists, q, lex, retriever.entity_emb.float().cpu())
 
-    def batch(self, retriever: Retriever, inp: SplitInputs, idx: np.ndarray,
+    def batch(self, retriever: LoadedRun, inp: SplitInputs, idx: np.ndarray,
               device: torch.device | None = None) -> dict[str, Any]:
         """The model's batch for entries ``idx`` of a split: mention views [B,...], entity views [B,K,...] of the
         listed entities, retriever ``scores`` [B,K] (NaN -> -1, ``valid`` False), ``query`` [B,H], ``keys``
@@ -345,7 +349,7 @@ class FeatureReranker:
                           inp.query[idx], inp.entity_emb, None if inp.lexical is None else inp.lexical[idx])
         return b if device is None else to_device(b, device)
 
-    def lexical(self, retriever: Retriever) -> LexicalFeatures:
+    def lexical(self, retriever: LoadedRun) -> LexicalFeatures:
         """The lexical pair features of the retriever's dataset (built once)."""
         if self._lexical is None:
             if retriever.data.dataset is None:
@@ -354,7 +358,7 @@ class FeatureReranker:
                                             retriever.data.entity_ids)
         return self._lexical
 
-    def source(self, retriever: Retriever) -> FeatureSource:
+    def source(self, retriever: LoadedRun) -> FeatureSource:
         """The views the model reads, from the retriever's feature cache."""
         if self._source is None or self._source.data is not retriever.data:
             self._source = FeatureSource(retriever.data, ("mention", *self.cfg.views),
@@ -375,7 +379,7 @@ class FeatureReranker:
         return b
 
     @torch.no_grad()
-    def score_inputs(self, retriever: Retriever, inp: SplitInputs, batch_size: int = 256) -> torch.Tensor:
+    def score_inputs(self, retriever: LoadedRun, inp: SplitInputs, batch_size: int = 256) -> torch.Tensor:
         self.model.eval()
         dev = next(self.model.parameters()).device
         out = []
@@ -385,12 +389,12 @@ class FeatureReranker:
         scores = torch.cat(out) if out else torch.zeros(0, self.cfg.top_k)
         return scores.masked_fill(~torch.isfinite(inp.lists.scores), float("nan"))
 
-    def score(self, retriever: Retriever, lists: RetrievedLists) -> torch.Tensor:
+    def score(self, retriever: LoadedRun, lists: RetrievedLists) -> torch.Tensor:
         """[N, K] re-ranker scores of ``lists`` (its first ``top_k`` entries; higher is better; NaN where the
         retriever's list had no score)."""
         return self.score_inputs(retriever, self.inputs(retriever, lists))
 
-    def counts(self, retriever: Retriever, inp: SplitInputs, batch_size: int = 256) -> dict[str, RankCounts]:
+    def counts(self, retriever: LoadedRun, inp: SplitInputs, batch_size: int = 256) -> dict[str, RankCounts]:
         """``{protocol: RankCounts}`` of the two-stage ranking of one split: what training reports at its end
         and ``dim-mel evaluate`` recomputes."""
         return two_stage_counts(retriever, inp.lists, self.score_inputs(retriever, inp, batch_size))
@@ -400,53 +404,64 @@ class FeatureReranker:
 # Behind the linking API (``dim-mel link --rerank RUN``, ``nel_model.inference.linker``)
 
 
-class LinkingReranker:
-    """A trained feature re-ranker scoring *new* mentions: their views and retriever embeddings come from the
-    retriever run's own encoders and model (``inference.predict.Predictor``, the linker's retrieval), the listed
-    entities' views from its feature cache, and the same model and pair features score them."""
+class BoundFeatureReranker:
+    """A trained feature re-ranker scoring *new* mentions for the linker (the ``Reranker`` protocol of
+    :mod:`nel_model.linking`): it is given the linker's loaded retriever, and the lists it scores carry the
+    mentions' views and retriever embeddings, already encoded by the retriever's encoders and model; the listed
+    entities' views come from the retriever's feature cache. Each mention is scored on its own, so its scores do
+    not depend on the mentions linked beside it."""
 
     kind = "feature"
 
-    def __init__(self, reranker: FeatureReranker, retriever: Retriever, run: Path):
-        from nel_model.inference.predict import Predictor  # noqa: PLC0415 - the linking API's own retrieval
-
+    def __init__(self, reranker: FeatureReranker, retriever: LoadedRun, run: Path, fingerprint: str):
         self.reranker, self.retriever, self.run = reranker, retriever, run
-        self.predictor = Predictor(retriever.run, device=str(retriever.device), checkpoint=retriever.checkpoint)
+        self.fingerprint = fingerprint          # the re-ranker checkpoint's SHA-256 (linked lines record it)
         self.row_of = {eid: i for i, eid in enumerate(retriever.data.entity_ids)}
+        self.reranker.model.to(retriever.device).eval()
 
     @property
     def top_k(self) -> int:
         return self.reranker.cfg.top_k
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "run": str(self.run.resolve()), "top_k": self.top_k}
+        return {"kind": self.kind, "run": str(self.run.resolve()), "top_k": self.top_k,
+                "checkpoint_sha256": self.fingerprint}
 
     @torch.no_grad()
-    def score(self, lists: Any) -> torch.Tensor:
-        """[N, K] scores of ``lists`` (a linker ``MentionLists``; NaN where a list is shorter than K)."""
-        k, n = self.top_k, len(lists.mentions)
-        top = torch.zeros(n, k, dtype=torch.long)
-        scores = torch.full((n, k), float("nan"))
-        for i, cands in enumerate(lists.candidates):
-            for j, c in enumerate(cands[:k]):
-                top[i, j], scores[i, j] = self.row_of[c.entity_id], c.score
-        views = self.predictor.mention_views(list(lists.mentions))
+    def score(self, lists: MentionLists) -> torch.Tensor:
+        """[N, K] scores of ``lists`` (NaN where a list is shorter than K)."""
+        k, n, r = self.top_k, len(lists.mentions), self.retriever
+        views, query = lists.views, lists.embeddings
+        if views is None or query is None:           # lists not from the linker: encode the mentions here
+            encoded = [r.encode_query(q) for q in lists.mentions]
+            views = {key: torch.cat([v[key] for v, _ in encoded]) for key in (encoded[0][0] if encoded else {})}
+            query = torch.cat([e for _, e in encoded]) if encoded else torch.zeros(0, 1)
         wanted = ("mention", *self.reranker.cfg.views)
-        mention = {key: v.cpu() for key, v in views.items() if key.removesuffix("_mask") in wanted}
-        query = self.predictor.encode(list(lists.mentions)).float().cpu()
-        lexical = (self.reranker.lexical(self.retriever).pairs_of(list(lists.mentions), top)
-                   if self.reranker.cfg.lexical else None)
+        source, entity_emb = self.reranker.source(r), r.entity_emb.float().cpu()
         model = self.reranker.model.eval()
-        batch = FeatureReranker.assemble(mention, self.reranker.source(self.retriever), top, scores, query,
-                                         self.retriever.entity_emb.float().cpu(), lexical)
         dev = next(model.parameters()).device
-        return model(to_device(batch, dev)).float().cpu().masked_fill(~torch.isfinite(scores), float("nan"))
+        out = torch.full((n, k), float("nan"))
+        for i, cands in enumerate(lists.candidates):       # one mention at a time (class docstring)
+            top = torch.zeros(1, k, dtype=torch.long)
+            scores = torch.full((1, k), float("nan"))
+            for j, c in enumerate(cands[:k]):
+                top[0, j], scores[0, j] = self.row_of[c.entity_id], c.score
+            mention = {key: v[i:i + 1].cpu() for key, v in views.items() if key.removesuffix("_mask") in wanted}
+            lexical = (self.reranker.lexical(r).pairs_of([lists.mentions[i]], top) if self.reranker.cfg.lexical
+                       else None)
+            batch = FeatureReranker.assemble(mention, source, top, scores, query[i:i + 1].float().cpu(), entity_emb,
+                                             lexical)
+            out[i] = model(to_device(batch, dev)).float().cpu()[0].masked_fill(~torch.isfinite(scores[0]),
+                                                                                float("nan"))
+        return out
 
 
-def load_reranker(run: str | Path, device: str = "cpu") -> LinkingReranker:
-    """The re-ranker of a ``dim-mel rerank`` run folder, for the linking API (``RERANKERS["feature"]``)."""
-    import json  # noqa: PLC0415
-
+def load_reranker(run: str | Path, retriever: LoadedRun) -> BoundFeatureReranker:
+    """The re-ranker of a ``dim-mel rerank`` run folder (its best checkpoint) for the linker, over ``retriever``:
+    the run must have been trained on that retriever (:func:`~nel_model.rerank.two_stage.check_retriever`)."""
     run = Path(run)
-    info = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))["two_stage"]["retriever"]
-    return LinkingReranker(FeatureReranker.load(run), Retriever.load(info["run"], device, info["checkpoint"]), run)
+    info = two_stage_of(run)
+    if info is None:
+        raise RunError(f"{run}: not a two-stage run (no two_stage in results.json)")
+    check_retriever(run, info["retriever"], retriever)
+    return BoundFeatureReranker(FeatureReranker.load(run), retriever, run, file_sha256(checkpoint_path(run, "best")))

@@ -404,21 +404,40 @@ class LLMReranker:
         return "\n".join(lines)
 
 
-def load_reranker(run: str | Path, device: str = "cpu") -> LLMReranker:
+def load_reranker(run: str | Path, retriever: Any = None) -> LLMReranker:
     """The re-ranker a ``dim-mel rerank-llm`` run folder used (model, endpoint, k, prompt, scoring), answering from
-    that run's cache first (the linker's ``--rerank RUN``); the API key comes from ``$OPENAI_API_KEY``."""
-    import json
-
-    from nel_model.runs import RESULTS_FILE
+    that run's cache first (the linker's ``--rerank RUN``, ``dim-mel evaluate``); the API key comes from
+    ``$OPENAI_API_KEY``. ``retriever`` (the linker's loaded run) is not needed: the model reads the candidates'
+    names. A hand-damaged ``results.json`` is a :class:`~nel_model.runs.RunError` naming the field."""
+    from nel_model.runs import RESULTS_FILE, RunError, two_stage_of
 
     run = Path(run)
-    info = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))["two_stage"]["reranker"]
-    llm = LLMConfig(model=info["model"], base_url=info.get("base_url"), api_key=os.environ.get("OPENAI_API_KEY"),
-                    temperature=float(info.get("temperature", 0.0)), max_tokens=int(info.get("max_tokens", 4)),
+    path = run / RESULTS_FILE
+    info = (two_stage_of(run) or {}).get("reranker")
+    if not isinstance(info, dict):
+        raise RunError(f"{path}: not a two-stage run (no two_stage.reranker)")
+
+    def field_(key: str, kinds: tuple[type, ...], what: str, default: Any = None, ok=lambda v: True) -> Any:
+        v = info.get(key, default)
+        if v is None and default is None and type(None) in kinds:
+            return None
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds) or not ok(v):
+            raise RunError(f"{path}, field 'two_stage.reranker.{key}': must be {what}, got {v!r:.80}")
+        return v
+
+    model = field_("model", (str,), "the model's name", ok=bool)
+    k = field_("k", (int,), "the number of candidates shown (1..20)", ok=lambda v: 1 <= v <= 20)
+    llm = LLMConfig(model=model, base_url=field_("base_url", (str, type(None)), "a URL or null"),
+                    api_key=os.environ.get("OPENAI_API_KEY"),
+                    temperature=float(field_("temperature", (int, float), "a number", 0.0)),
+                    max_tokens=field_("max_tokens", (int,), "a positive integer", 4, ok=lambda v: v > 0),
                     response_format="none")
-    opts = RerankOptions(top_k=int(info["k"]), scoring=info.get("scoring_requested", "auto"),
-                         top_logprobs=int(info.get("top_logprobs", 20)), vision=bool(info.get("vision")),
-                         prompt=_repo_path(info.get("prompt_path") or "configs/prompts/rerank_v1.txt"), progress=False)
+    opts = RerankOptions(top_k=k, scoring=field_("scoring_requested", (str,), f"one of {SCORINGS}", "auto",
+                                                 ok=lambda v: v in SCORINGS),
+                         top_logprobs=field_("top_logprobs", (int,), "a positive integer", 20, ok=lambda v: v > 0),
+                         vision=field_("vision", (bool,), "true or false", False),
+                         prompt=_repo_path(field_("prompt_path", (str, type(None)), "a path or null")
+                                           or "configs/prompts/rerank_v1.txt"), progress=False)
     reranker = LLMReranker(llm, opts, run / CACHE_FILE)
     if reranker.template.version != info.get("prompt_version"):
         raise ValueError(f"{run / RESULTS_FILE}: the run used prompt version {info.get('prompt_version')!r}, "
@@ -574,7 +593,8 @@ def format_comparison(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nel_model.rerank.two_stage import Retriever, two_stage_counts, write_two_stage_run
+    from nel_model.evaluation.evaluate import open_run
+    from nel_model.rerank.two_stage import two_stage_counts, write_two_stage_run
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -582,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be at least 1")
     reranker = reranker_from_args(a, a.out / CACHE_FILE, dry_run=a.dry_run is not None)
-    retriever = Retriever.load(a.retriever, a.device, a.checkpoint)
+    retriever = open_run(a.retriever, a.device, a.checkpoint)
     splits = [s for s in SPLITS[a.split] if len(retriever.data.splits[s])]
     per_split, views = split_lists(retriever, splits, a.limit, a.seed)
     if a.dry_run is not None:

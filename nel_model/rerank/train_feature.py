@@ -32,7 +32,8 @@ from nel_model import distributed as D
 from nel_model.config import RerankConfig
 from nel_model.evaluation.metrics import metrics_from_counts
 from nel_model.rerank.feature import FeatureReranker, SplitInputs
-from nel_model.rerank.two_stage import Retriever, write_two_stage_run
+from nel_model.evaluation.evaluate import open_run
+from nel_model.rerank.two_stage import write_two_stage_run
 from nel_model.training.engine import Epoch, Fitted, Task, fit
 
 
@@ -50,7 +51,7 @@ class FeatureRerankTask(Task):
     def __init__(self, cfg: RerankConfig, dist: D.DistInfo):
         self.cfg = cfg
         d = cfg.data
-        self.retriever = Retriever.load(d.retriever, cfg.run.device, d.retriever_checkpoint)
+        self.retriever = open_run(d.retriever, cfg.run.device, d.retriever_checkpoint)
         self.device = self.retriever.device
         t0 = time.perf_counter()
         lists = {s: self.retriever.lists(s) for s in ("train", "dev", "test")}

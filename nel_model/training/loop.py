@@ -13,7 +13,6 @@ checkpoints, selection, metrics.jsonl) is the engine's; the configuration is :cl
 
 from __future__ import annotations
 
-import io
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_process.core.durable_io import atomic_write_bytes, atomic_write_json
+from data_process.core.durable_io import atomic_write_json
 from data_process.core.records import ENTITIES_FILE, read_entities
 from nel_model import distributed as D
 from nel_model.config import TrainConfig, dim_config, parse_select_by
@@ -32,7 +31,8 @@ from nel_model.evaluation.evaluate import (PREDICTION_TOP_K, evaluate_counts, ev
                                            settings_from_config, write_predictions)
 from nel_model.losses import NORMALISED_LOSSES, batch_loss_sum
 from nel_model.nel import DIM
-from nel_model.runs import ENTITY_EMBEDDINGS_FILE, ENTITY_IDS_FILE, RESULTS_FILE
+from nel_model.loaded_run import save_kb_embeddings
+from nel_model.runs import RESULTS_FILE, checkpoint_path
 from nel_model.training.batches import TrainBatches, make_epoch_plan, make_loader
 from nel_model.training.engine import Epoch, Fitted, Task
 from nel_model.training.hard_negatives import hard_negative_table
@@ -189,10 +189,8 @@ class RetrieverTask(Task):
                    "best_epoch": fitted.best_epoch, "epochs_run": fitted.epochs_run, "selection": fitted.selection,
                    **results_block(counts, self.data, self.eval_settings)}
         if dist.is_main:
-            buf = io.BytesIO()
-            np.save(buf, emb.cpu().numpy().astype(np.float16))
-            atomic_write_bytes(fitted.out / ENTITY_EMBEDDINGS_FILE, buf.getvalue())
-            atomic_write_json(fitted.out / ENTITY_IDS_FILE, self.data.entity_ids)
+            save_kb_embeddings(fitted.out, emb, checkpoint_path(fitted.out, "best"), self.data,
+                               self.model_cfg.entity_views(), self.eval_settings)
             write_predictions(fitted.out, self.model, self.data, self.source, counts, self.eval_settings,
                               self.device, emb, checkpoint={"name": "best", "epoch": fitted.best_epoch})
             atomic_write_json(fitted.out / RESULTS_FILE, results)

@@ -1,0 +1,196 @@
+"""Wall time of ``dim-mel link`` on the demo's runs, two checkouts interleaved (before, after, before, after).
+
+    python bench/bench_link.py --demo OUT --before /path/to/checkout_9029ebd --after . \
+        [--sizes 20,200] [--repeats 2] [--out bench/results/link_cpu.md]
+    python bench/bench_link.py --demo OUT --before ... --after . --counts [--out bench/results/link_counts_cpu.md]
+
+``OUT`` is a finished ``scripts/demo.sh`` output folder (``OUT=... SEED=0``: ``runs/full`` the retriever,
+``runs/two_stage`` the feature re-ranker trained on it). Each measurement is one ``python -m
+nel_model.inference.linker`` process (model loading, KB embeddings, encoders, linking, writing: what a user waits
+for) on the first N test mentions of the demo's dataset (with their images, copied beside the input), into a fresh
+output file, with and without ``--rerank``, ``--top-k 10``, one torch thread (``OMP_NUM_THREADS=1``). The two
+checkouts run alternately, so a load change on a shared machine hits both; each pair is preceded by one untimed
+call of each (the page cache; a checkout that saves the KB embeddings in the run folder saves them then). The
+report names the CPU and the load average around every measurement, and how often the two checkouts' linked
+entities agree (the same ids in the same order). ``--counts``: instead of timing, one ``link --rerank`` of the first
+N mentions per checkout with ``torch.load`` and ``DIM.encode_entities`` counted (checkpoint files loaded, KB rows
+encoded), the same instrumentation for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nel_model.runs import cpu_model
+
+
+def write_input(demo: Path, folder: Path, n: int) -> Path:
+    """The first ``n`` test mentions of the demo's dataset as a unified-format JSONL, images copied beside it."""
+    data = demo / "data"
+    rows = [json.loads(x) for x in (data / "mentions.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"][:n]
+    if len(test) < n:
+        raise SystemExit(f"{data}: only {len(test)} test mentions, {n} asked")
+    (folder / "imgs").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r in test:
+        rec = {k: r[k] for k in ("id", "sentence", "mention", "gold_id")}
+        if r.get("image"):
+            name = Path(r["image"]).name
+            shutil.copy(data / r["image"], folder / "imgs" / name)
+            rec["image"] = f"imgs/{name}"
+        lines.append(json.dumps(rec))
+    path = folder / "mentions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def link(code: Path, demo: Path, inp: Path, out: Path, rerank: bool) -> float:
+    """Seconds of one ``dim-mel link`` process of the checkout ``code``."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "nel_model.inference.linker", "--run", str(demo / "runs" / "full"), "--input",
+           str(inp), "--out", str(out), "--top-k", "10", "--no-progress", "--device", "cpu"]
+    if rerank:
+        cmd += ["--rerank", str(demo / "runs" / "two_stage")]
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{code}: dim-mel link failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+COUNTING = """
+import collections, json, runpy, sys, torch
+from nel_model.nel import DIM
+loads, rows = collections.Counter(), [0]
+real_load, real_encode = torch.load, DIM.encode_entities
+def load(f, *a, **kw):
+    if str(f).endswith(".pt"):
+        loads[str(f)] += 1
+    return real_load(f, *a, **kw)
+def encode(self, views, normalize=True):
+    rows[0] += len(next(iter(views.values())))
+    return real_encode(self, views, normalize)
+torch.load, DIM.encode_entities = load, encode
+sys.argv = ["dim-mel link", *sys.argv[1:]]
+try:
+    runpy.run_module("nel_model.inference.linker", run_name="__main__")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("COUNTS " + json.dumps({"loads": dict(loads), "kb_rows": rows[0]}), file=sys.stderr)
+"""
+
+
+def counted_link(code: Path, demo: Path, inp: Path, out: Path) -> dict:
+    """Checkpoint files loaded and KB rows encoded by one ``dim-mel link --rerank`` of the checkout ``code``."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", COUNTING, "--run", str(demo / "runs" / "full"), "--rerank",
+           str(demo / "runs" / "two_stage"), "--input", str(inp), "--out", str(out), "--top-k", "10", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("COUNTS ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{code}: counted dim-mel link failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("COUNTS "):])
+
+
+def counts_report(a, codes: dict[str, Path]) -> list[str]:
+    n = int(a.sizes.split(",")[0])
+    inp = write_input(a.demo, a.work / f"in_{n}", n)
+    kb = len(json.loads((a.demo / "runs" / "full" / "entity_ids.json").read_text()))
+    lines = ["# `dim-mel link --rerank`: checkpoint loads and KB encodings, before and after", "",
+             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} --counts "
+             f"--sizes {n}`: one `link --rerank` of {n} demo test mentions per checkout, `torch.load` and "
+             f"`DIM.encode_entities` counted in the process (the demo's KB: {kb} entities; `runs/full` as the demo "
+             "and the untimed calls of the timing left it).", "",
+             "| checkout | checkpoint files loaded (times each) | KB rows encoded |", "|---|---|---:|"]
+    saved = a.demo / "runs" / "full" / "entity_embeddings.json"
+    for name, code in [*codes.items(), ("after, the run's saved KB embeddings removed first", codes["after"])]:
+        if name.startswith("after, "):
+            saved.unlink(missing_ok=True)             # the run encodes its KB once and saves it again
+        c = counted_link(code, a.demo, inp, a.work / "counted.jsonl")
+        files = ", ".join(f"`{Path(f).parent.parent.name}/{Path(f).name}` x{k}" for f, k in sorted(c["loads"].items()))
+        lines.append(f"| {name} | {files} | {c['kb_rows']} |")
+    return lines
+
+
+def ranked(path: Path) -> list[list[str]]:
+    return [[e["entity_id"] for e in json.loads(x)["entities"]] for x in path.read_text().splitlines()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", required=True, type=Path, help="a finished scripts/demo.sh output folder")
+    p.add_argument("--before", required=True, type=Path, help="checkout of the baseline (e.g. 9029ebd)")
+    p.add_argument("--after", required=True, type=Path, help="checkout measured against it")
+    p.add_argument("--sizes", default="20,200")
+    p.add_argument("--repeats", type=int, default=2, help="timed (before, after) pairs per case")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_link"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/link_cpu.md (--counts: bench/results/link_counts_cpu.md)")
+    p.add_argument("--counts", action="store_true", help="count checkpoint loads and KB encodings instead of timing")
+    a = p.parse_args(argv)
+    codes = {"before": a.before.resolve(), "after": a.after.resolve()}
+    if a.counts:
+        out = a.out or Path("bench/results/link_counts_cpu.md")
+        lines = counts_report(a, codes)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
+    a.out = a.out or Path("bench/results/link_cpu.md")
+    rows = []
+    for n in [int(x) for x in a.sizes.split(",")]:
+        inp = write_input(a.demo, a.work / f"in_{n}", n)
+        for rerank in (False, True):
+            outs = {name: a.work / f"out_{name}_{n}_{int(rerank)}.jsonl" for name in codes}
+            for name, code in codes.items():                      # untimed: page cache, saved KB embeddings
+                link(code, a.demo, inp, outs[name], rerank)
+            times: dict[str, list[float]] = {name: [] for name in codes}
+            loads: list[float] = []
+            for _ in range(a.repeats):
+                for name, code in codes.items():                  # interleaved: before, after, before, after
+                    loads.append(os.getloadavg()[0])
+                    times[name].append(link(code, a.demo, inp, outs[name], rerank))
+            same = sum(x == y for x, y in zip(ranked(outs["before"]), ranked(outs["after"])))
+            rows.append({"mentions": n, "rerank": rerank, "before_s": times["before"], "after_s": times["after"],
+                         "load_1min": loads, "same_entities": f"{same}/{n}"})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    env = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "before": str(codes["before"]), "after": str(codes["after"]), "demo": str(a.demo.resolve()),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    lines = ["# `dim-mel link` on the demo's runs: before and after (CPU)", "",
+             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} "
+             f"--sizes {a.sizes} --repeats {a.repeats}` on {env['cpu']} ({env['cpus']} cores, shared), "
+             f"{env['date']}. One `python -m nel_model.inference.linker` process per measurement (wall time: "
+             "loading, KB embeddings, encoders, linking, writing), `--top-k 10`, one torch thread; the two "
+             "checkouts alternate (before, after, before, after) after one untimed call of each.", "",
+             "| mentions | re-ranker | before (s) | after (s) | median before / after | load avg (1 min) during | "
+             "same linked entities |", "|---:|---|---|---|---:|---|---:|"]
+    for r in rows:
+        b, f = statistics.median(r["before_s"]), statistics.median(r["after_s"])
+        lines.append(f"| {r['mentions']} | {'feature (`--rerank`)' if r['rerank'] else 'none'} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['before_s'])} | {', '.join(f'{x:.2f}' for x in r['after_s'])}"
+                     f" | {b / f:.2f}x | {', '.join(f'{x:.2f}' for x in r['load_1min'])} | {r['same_entities']} |")
+    lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; demo runs: `{env['demo']}`."]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("\n".join(lines) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
