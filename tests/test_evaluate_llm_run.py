@@ -45,3 +45,22 @@ def test_a_damaged_results_json_is_one_error_line(llm_run, tmp_path, capsys, dam
 def test_the_undamaged_run_evaluates_from_its_cache(llm_run, capsys):
     assert cli.main(["evaluate", "--run", str(llm_run), "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads((llm_run / "results.json").read_text())["protocols"]
+
+
+@pytest.mark.parametrize("damage", [lambda s: s[:-1], lambda s: s + [0.0]])
+def test_cached_scores_of_the_wrong_length_are_one_error_line(llm_run, tmp_path, capsys, damage):
+    run = tmp_path / "llm"
+    shutil.copytree(llm_run, run)
+    cache = run / "rerank_llm_cache.jsonl"
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    ok = [i for i, line in enumerate(lines) if json.loads(line).get("status") == "ok"]
+    assert ok, "the fixture run has answered prompts"
+    rec = json.loads(lines[ok[0]])
+    rec["scores"] = damage(rec["scores"])
+    lines[ok[0]] = json.dumps(rec)
+    cache.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert cli.main(["evaluate", "--run", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first = err.splitlines()[0]
+    assert first.startswith(f"error: {cache}") and "scores" in first and f"{rec['k']} numbers" in first

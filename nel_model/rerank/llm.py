@@ -249,10 +249,14 @@ def _record_problem(rec: Mapping[str, Any]) -> tuple[str, str] | None:
             isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], (int, float))
             for x in top)):
         return "top_logprobs", f"must be null or a list of [token, logprob], got {top!r:.80}"
+    k = rec.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        return "k", f"must be a positive integer, got {k!r:.80}"
     if rec["status"] == "ok":
         s = rec.get("scores")
-        if not (isinstance(s, list) and all(isinstance(v, (int, float)) for v in s)):
-            return "scores", f"must be a list of numbers, got {s!r:.80}"
+        if not (isinstance(s, list) and len(s) == k
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s)):
+            return "scores", f"must be a list of {k} numbers (the record's k), got {s!r:.80}"
     return None
 
 
