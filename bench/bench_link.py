@@ -1,6 +1,6 @@
-"""Wall time of ``dim-mel link`` on the demo's runs, two checkouts interleaved (before, after, before, after).
+"""Wall time and throughput of ``dim-mel link`` on the demo's runs, two checkouts interleaved (before, after, ...).
 
-    python bench/bench_link.py --demo OUT --before /path/to/checkout_9029ebd --after . \
+    python bench/bench_link.py --demo OUT --before /path/to/checkout_2625a34 --after . \
         [--sizes 20,200] [--repeats 2] [--out bench/results/link_cpu.md]
     python bench/bench_link.py --demo OUT --before ... --after . --counts [--out bench/results/link_counts_cpu.md]
 
@@ -12,7 +12,12 @@ output file, with and without ``--rerank``, ``--top-k 10``, one torch thread (``
 checkouts run alternately, so a load change on a shared machine hits both; each pair is preceded by one untimed
 call of each (the page cache; a checkout that saves the KB embeddings in the run folder saves them then). The
 report names the CPU and the load average around every measurement, and how often the two checkouts' linked
-entities agree (the same ids in the same order). ``--counts``: instead of timing, one ``link --rerank`` of the first
+entities agree (the same ids in the same order). **Throughput** (mentions/s): in one process per measurement,
+the linker loaded and warmed up on 16 mentions first (untimed), then ``linker.link_file`` of the N mentions timed
+(encoding, scoring, re-ranking, writing: what ``link`` does per mention once loaded), the two checkouts
+alternating. **Order**: per checkout, the same N mentions linked again in reverse order with ``--batch-size 7``
+(other batches, other neighbours): how many mentions get the same entities and the same scores (6 decimals) as
+in the forward run. ``--counts``: instead of timing, one ``link --rerank`` of the first
 N mentions per checkout with ``torch.load`` and ``DIM.encode_entities`` counted (checkpoint files loaded, KB rows
 encoded), the same instrumentation for both.
 """
@@ -68,6 +73,51 @@ def link(code: Path, demo: Path, inp: Path, out: Path, rerank: bool) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"{code}: dim-mel link failed:\n{proc.stderr[-3000:]}")
     return seconds
+
+
+THROUGHPUT = """
+import json, sys, time, torch
+from pathlib import Path
+from nel_model.inference.linker import Linker, link_file, read_mentions
+torch.set_num_threads(1)
+run, inp, out, rerank, batch, reverse = sys.argv[1:7]
+linker = Linker.from_run(run, rerank or None)
+mentions = list(read_mentions(inp))
+warm = Path(out + ".warm")
+warm.unlink(missing_ok=True)
+link_file(linker, mentions[:16], warm, 10, 16, progress=False)
+if reverse == "1":
+    mentions = mentions[::-1]
+t0 = time.perf_counter()
+link_file(linker, mentions, Path(out), 10, int(batch), progress=False)
+print("THROUGHPUT " + json.dumps({"mentions": len(mentions), "seconds": time.perf_counter() - t0}), file=sys.stderr)
+"""
+
+
+def throughput(code: Path, demo: Path, inp: Path, out: Path, rerank: bool, reverse: bool = False,
+               batch: int = 16) -> float:
+    """Mentions per second of ``link_file`` in one process of the checkout ``code`` (loaded and warmed up first)."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", THROUGHPUT, str(demo / "runs" / "full"), str(inp), str(out),
+           str(demo / "runs" / "two_stage") if rerank else "", str(batch), "1" if reverse else "0"]
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("THROUGHPUT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{code}: link throughput failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(line[len("THROUGHPUT "):])
+    return r["mentions"] / r["seconds"]
+
+
+def order_agreement(forward: Path, backward: Path) -> tuple[int, int]:
+    """Mentions with the same entities, and with the same entities and scores, in two outputs (matched by id)."""
+    a = {r["id"]: r["entities"] for r in map(json.loads, forward.read_text().splitlines())}
+    b = {r["id"]: r["entities"] for r in map(json.loads, backward.read_text().splitlines())}
+    ids = [i for i in a if i in b]
+    same = sum([e["entity_id"] for e in a[i]] == [e["entity_id"] for e in b[i]] for i in ids)
+    exact = sum([(e["entity_id"], e["score"]) for e in a[i]] == [(e["entity_id"], e["score"]) for e in b[i]]
+                for i in ids)
+    return same, exact
 
 
 COUNTING = """
@@ -155,41 +205,77 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(x) for x in a.sizes.split(",")]:
         inp = write_input(a.demo, a.work / f"in_{n}", n)
         for rerank in (False, True):
-            outs = {name: a.work / f"out_{name}_{n}_{int(rerank)}.jsonl" for name in codes}
-            for name, code in codes.items():                      # untimed: page cache, saved KB embeddings
-                link(code, a.demo, inp, outs[name], rerank)
-            times: dict[str, list[float]] = {name: [] for name in codes}
-            loads: list[float] = []
-            for _ in range(a.repeats):
-                for name, code in codes.items():                  # interleaved: before, after, before, after
-                    loads.append(os.getloadavg()[0])
-                    times[name].append(link(code, a.demo, inp, outs[name], rerank))
-            same = sum(x == y for x, y in zip(ranked(outs["before"]), ranked(outs["after"])))
-            rows.append({"mentions": n, "rerank": rerank, "before_s": times["before"], "after_s": times["after"],
-                         "load_1min": loads, "same_entities": f"{same}/{n}"})
+            rows.append(measure(a, codes, inp, n, rerank))
             print(json.dumps(rows[-1]), file=sys.stderr)
     env = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
            "before": str(codes["before"]), "after": str(codes["after"]), "demo": str(a.demo.resolve()),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    lines = ["# `dim-mel link` on the demo's runs: before and after (CPU)", "",
-             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} "
-             f"--sizes {a.sizes} --repeats {a.repeats}` on {env['cpu']} ({env['cpus']} cores, shared), "
-             f"{env['date']}. One `python -m nel_model.inference.linker` process per measurement (wall time: "
-             "loading, KB embeddings, encoders, linking, writing), `--top-k 10`, one torch thread; the two "
-             "checkouts alternate (before, after, before, after) after one untimed call of each.", "",
-             "| mentions | re-ranker | before (s) | after (s) | median before / after | load avg (1 min) during | "
-             "same linked entities |", "|---:|---|---|---|---:|---|---:|"]
-    for r in rows:
-        b, f = statistics.median(r["before_s"]), statistics.median(r["after_s"])
-        lines.append(f"| {r['mentions']} | {'feature (`--rerank`)' if r['rerank'] else 'none'} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['before_s'])} | {', '.join(f'{x:.2f}' for x in r['after_s'])}"
-                     f" | {b / f:.2f}x | {', '.join(f'{x:.2f}' for x in r['load_1min'])} | {r['same_entities']} |")
-    lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; demo runs: `{env['demo']}`."]
+    lines = report(a, env, rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     a.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def measure(a, codes: dict[str, Path], inp: Path, n: int, rerank: bool) -> dict:
+    """One case (N mentions, with or without the re-ranker): wall times, throughputs, agreement, load."""
+    outs = {name: a.work / f"out_{name}_{n}_{int(rerank)}.jsonl" for name in codes}
+    for name, code in codes.items():                      # untimed: page cache, saved KB embeddings
+        link(code, a.demo, inp, outs[name], rerank)
+    times: dict[str, list[float]] = {name: [] for name in codes}
+    rates: dict[str, list[float]] = {name: [] for name in codes}
+    loads: list[float] = []
+    for _ in range(a.repeats):
+        for name, code in codes.items():                  # interleaved: before, after, before, after
+            loads.append(os.getloadavg()[0])
+            times[name].append(link(code, a.demo, inp, outs[name], rerank))
+            rates[name].append(throughput(code, a.demo, inp, outs[name].with_suffix(".tp.jsonl"), rerank))
+    same = sum(x == y for x, y in zip(ranked(outs["before"]), ranked(outs["after"])))
+    order = {}
+    for name, code in codes.items():
+        back = outs[name].with_suffix(".reverse.jsonl")
+        throughput(code, a.demo, inp, back, rerank, reverse=True, batch=7)
+        order[name] = list(order_agreement(outs[name], back))
+    return {"mentions": n, "rerank": rerank, "before_s": times["before"], "after_s": times["after"],
+            "before_mentions_per_s": rates["before"], "after_mentions_per_s": rates["after"], "load_1min": loads,
+            "same_entities": f"{same}/{n}", "reverse_order_same_entities_and_scores": order}
+
+
+def report(a, env: dict, rows: list[dict]) -> list[str]:
+    lines = ["# `dim-mel link` on the demo's runs: before and after (CPU)", "",
+             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} "
+             f"--sizes {a.sizes} --repeats {a.repeats}` on {env['cpu']} ({env['cpus']} cores, shared), "
+             f"{env['date']}; `--top-k 10`, one torch thread, float32 scores; the two checkouts alternate "
+             "(before, after, before, after) after one untimed call of each.", "",
+             "**Wall time**: one `python -m nel_model.inference.linker` process per measurement (loading, KB "
+             "embeddings, encoders, linking, writing).", "",
+             "| mentions | re-ranker | before (s) | after (s) | median before / after | load avg (1 min) during | "
+             "same linked entities |", "|---:|---|---|---|---:|---|---:|"]
+    for r in rows:
+        b, f = statistics.median(r["before_s"]), statistics.median(r["after_s"])
+        lines.append(f"| {r['mentions']} | {rr_name(r)} | {', '.join(f'{x:.2f}' for x in r['before_s'])} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['after_s'])} | {b / f:.2f}x | "
+                     f"{', '.join(f'{x:.2f}' for x in r['load_1min'])} | {r['same_entities']} |")
+    lines += ["", "**Throughput** (mentions/s, the linker loaded and warmed up, then `link_file` of the N mentions "
+              "timed in the process) and **order** (the N mentions linked again in reverse order, `--batch-size 7`: "
+              "mentions with the same entities / the same entities and scores as the forward run).", "",
+              "| mentions | re-ranker | before (mentions/s) | after (mentions/s) | median after / before | "
+              "reverse order, before | reverse order, after |", "|---:|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        b, f = statistics.median(r["before_mentions_per_s"]), statistics.median(r["after_mentions_per_s"])
+        ob, oa = r["reverse_order_same_entities_and_scores"]["before"], \
+            r["reverse_order_same_entities_and_scores"]["after"]
+        lines.append(f"| {r['mentions']} | {rr_name(r)} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['before_mentions_per_s'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['after_mentions_per_s'])} | {f / b:.2f}x | "
+                     f"{ob[0]}/{ob[1]}/{r['mentions']} | {oa[0]}/{oa[1]}/{r['mentions']} |")
+    lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; demo runs: `{env['demo']}`."]
+    return lines
+
+
+def rr_name(r: dict) -> str:
+    return "feature (`--rerank`)" if r["rerank"] else "none"
 
 
 if __name__ == "__main__":

@@ -303,3 +303,32 @@ def test_an_index_is_not_supported_yet_and_says_so(tiny, tmp_path):
     assert srv.proc.wait(timeout=START_S) == 2
     err = [x for x in (tmp_path / "log").read_text().splitlines() if x.startswith("error: ")]
     assert err == [f"error: {tmp_path / 'index'}: --index is not supported yet (this build has no nel_model.index)"]
+
+
+def test_one_requests_failure_is_that_requests_only():
+    """The model worker links requests that arrive together in one call; when that call fails, each request is
+    linked alone, so only the request whose mention fails gets the error."""
+    from types import SimpleNamespace
+
+    from nel_model.inference.linker import InputMention
+    from nel_model.inference.serve import ModelWorker
+    from nel_model.linking import LinkedMention, Query
+
+    calls: list[list[str]] = []
+
+    def link_many(queries, top_k):
+        calls.append([q.id for q in queries])
+        if any(q.mention == "bad" for q in queries):
+            raise ValueError("bad mention")
+        return [LinkedMention(id=q.id, mention=q.mention) for q in queries]
+
+    retriever = SimpleNamespace(checkpoint_sha256="c", kb_fingerprint=lambda: {"kb": 1})
+    worker = ModelWorker(SimpleNamespace(retriever=retriever, reranker=None, link_many=link_many), 0.5, 64)
+    try:
+        jobs = [worker.submit([InputMention(Query("s", m, id=i), 0, "h")], 3) for i, m in (("a", "good"), ("b", "bad"))]
+        assert jobs[0].result(timeout=60)[0]["id"] == "a"
+        with pytest.raises(ValueError, match="bad mention"):
+            jobs[1].result(timeout=60)
+    finally:
+        worker.close()
+    assert calls == [["a", "b"], ["a"], ["b"]] and worker.batches == 1

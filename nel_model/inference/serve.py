@@ -155,21 +155,28 @@ class ModelWorker:
         self.batches += 1
         self.mentions += sum(len(j.mentions) for j in batch)
         for top_k in sorted({j.top_k for j in batch}):
-            jobs = [j for j in batch if j.top_k == top_k]
-            try:
-                results = self.linker.link_many([m.query for j in jobs for m in j.mentions], top_k)
-                base = self._provenance.setdefault(top_k, provenance(self.linker, top_k))
-            except BaseException as exc:  # noqa: BLE001 - each waiting request is answered with the error
+            self._link_jobs([j for j in batch if j.top_k == top_k], top_k)
+
+    def _link_jobs(self, jobs: list[_Job], top_k: int) -> None:
+        """Link the jobs' mentions in one call; when it fails, each job alone (the same answers: a mention's do
+        not depend on its batch), so one request's failure is that request's only."""
+        try:
+            results = self.linker.link_many([m.query for j in jobs for m in j.mentions], top_k)
+            base = self._provenance.setdefault(top_k, provenance(self.linker, top_k))
+        except Exception as exc:  # noqa: BLE001 - the waiting request is answered with the error
+            if len(jobs) > 1:
                 for j in jobs:
-                    j.future.set_exception(exc)
-                continue
-            start = 0
-            for j in jobs:
-                part = results[start:start + len(j.mentions)]
-                start += len(j.mentions)
-                for m, rec in zip(j.mentions, part):
-                    rec.provenance = {**base, "input_sha256": m.sha256}
-                j.future.set_result([rec.as_dict() for rec in part])
+                    self._link_jobs([j], top_k)
+            else:
+                jobs[0].future.set_exception(exc)
+            return
+        start = 0
+        for j in jobs:
+            part = results[start:start + len(j.mentions)]
+            start += len(j.mentions)
+            for m, rec in zip(j.mentions, part):
+                rec.provenance = {**base, "input_sha256": m.sha256}
+            j.future.set_result([rec.as_dict() for rec in part])
 
 
 # ---------------------------------------------------------------------------------------------
