@@ -38,13 +38,12 @@ from pathlib import Path
 from nel_model.runs import cpu_model
 
 
-def write_input(demo: Path, folder: Path, n: int) -> Path:
-    """The first ``n`` test mentions of the demo's dataset as a unified-format JSONL, images copied beside it."""
-    data = demo / "data"
+def write_input(data: Path, folder: Path, n: int, split: str = "test") -> Path:
+    """The first ``n`` mentions of a unified dataset's ``split`` as a unified-format JSONL, images copied beside it."""
     rows = [json.loads(x) for x in (data / "mentions.jsonl").read_text().splitlines()]
-    test = [r for r in rows if r["split"] == "test"][:n]
+    test = [r for r in rows if r["split"] == split][:n]
     if len(test) < n:
-        raise SystemExit(f"{data}: only {len(test)} test mentions, {n} asked")
+        raise SystemExit(f"{data}: only {len(test)} {split} mentions, {n} asked")
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
     lines = []
     for r in test:
@@ -158,7 +157,7 @@ def counted_link(code: Path, demo: Path, inp: Path, out: Path) -> dict:
 
 def counts_report(a, codes: dict[str, Path]) -> list[str]:
     n = int(a.sizes.split(",")[0])
-    inp = write_input(a.demo, a.work / f"in_{n}", n)
+    inp = write_input(a.demo / "data", a.work / f"in_{n}", n)
     kb = len(json.loads((a.demo / "runs" / "full" / "entity_ids.json").read_text()))
     lines = ["# `dim-mel link --rerank`: checkpoint loads and KB encodings, before and after", "",
              f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} --counts "
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out = a.out or Path("bench/results/link_cpu.md")
     rows = []
     for n in [int(x) for x in a.sizes.split(",")]:
-        inp = write_input(a.demo, a.work / f"in_{n}", n)
+        inp = write_input(a.demo / "data", a.work / f"in_{n}", n)
         for rerank in (False, True):
             rows.append(measure(a, codes, inp, n, rerank))
             print(json.dumps(rows[-1]), file=sys.stderr)

@@ -1,11 +1,13 @@
 """Load on ``dim-mel serve``: N concurrent clients on 127.0.0.1, throughput, latency, errors, the server's memory.
 
-    python bench/bench_serve.py --case demo --run OUT/runs/full --input MENTIONS.jsonl [--rerank RUN] \
+    python bench/bench_serve.py --case demo --run OUT/runs/full --dataset OUT/data [--limit 200] [--rerank RUN] \
         [--clients 1,4,16] [--requests 320] [--mentions-per-request 1] [--threads 1] [--batch-wait-ms 5] \
         [--max-batch 64] [--out bench/results/serve_cpu]
 
-The server is started as a user starts it (``python -m nel_model.inference.serve --port 0``: a free port on the
-loopback address; images named inside the input file's folder, ``--image-root``), and polled until ``/health`` is
+The mentions: the first ``--limit`` of the unified dataset's ``--split`` (default test), written as ``link``'s input
+(``bench_link.write_input``: id, sentence, mention, gold id, the image copied beside the file). The server is
+started as a user starts it (``python -m nel_model.inference.serve --port 0``: a free port on the loopback address;
+images named inside the input file's folder, ``--image-root``), and polled until ``/health`` is
 200. Each level of N clients sends ``--requests`` requests in all (N threads, each with its own keep-alive HTTP
 connection, one request after the other), each of ``--mentions-per-request`` mentions taken in turn from the input
 (``top_k`` 10); a request's latency is from sending to the parsed answer. Reported per level: throughput (mentions
@@ -34,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_link import THROUGHPUT
+from bench_link import THROUGHPUT, write_input
 from nel_model.runs import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--description", default="", help="what the run and the mentions are")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--rerank", type=Path)
-    p.add_argument("--input", required=True, type=Path, help="unified mention lines (images beside the file)")
+    p.add_argument("--dataset", required=True, type=Path, help="a unified dataset folder: its mentions are sent")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=200, help="the first N mentions of the split")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests", type=int, default=320, help="requests per level")
     p.add_argument("--mentions-per-request", type=int, default=1)
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_cpu"), help="writes OUT.json and OUT.md")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
+    a.input = write_input(a.dataset, a.work / f"input_{a.case}", a.limit, a.split)
     objs = [json.loads(x) for x in a.input.read_text().splitlines() if x.strip()]
     link_rate = link_throughput(a)
     print(f"link: {link_rate:.1f} mentions/s", file=sys.stderr)

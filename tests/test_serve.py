@@ -257,8 +257,11 @@ def test_bad_requests_get_400_or_413_and_the_server_goes_on(tiny, tmp_path):
         assert status == 400 and "field 'image_base64': not base64" in body["error"]
         status, body = srv.link([{"id": "x", "sentence": "s", "mention": "m",
                                   "image_base64": base64.b64encode(b"no image").decode()}])
-        assert status == 400 and "field 'image_base64'" not in body["error"] and "cannot read the image" in \
-            body["error"], body
+        assert status == 400 and body["error"].startswith(
+            "error: request, mentions[0] (id 'x'), field 'image_base64': cannot read the image (unreadable: "), body
+        status, body = srv.call("POST", "/link", raw=b'{"mentions": [{"id": "x", "sentence": "s", "mention": "m", '
+                                                     b'"image_base64": "AA==", "image_base64": "AA=="}]}')
+        assert status == 400 and "field 'image_base64': given 2 times in the record" in body["error"], body
         status, body = srv.link([ok])
         assert status == 200 and body["results"][0]["id"] == ok["id"]
         assert srv.stop() == 0

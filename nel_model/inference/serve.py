@@ -57,7 +57,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from data_process.core.entry import error_line, run_main
-from data_process.core.records import DataError, NestingError, Where, parse_json
+from data_process.core.images import decode_image
+from data_process.core.records import DataError, NestingError, Where, parse_json, record_json_problem
 from data_process.core.settings import ToolkitParser
 from nel_model.inference.linker import InputMention, Linker, check_mention, provenance
 from nel_model.linking import Query
@@ -185,6 +186,9 @@ class ModelWorker:
 
 def _uploaded_image(obj: dict[str, Any], fail: Where, folder: Path, limit: int) -> dict[str, Any]:
     """The mention object with its ``image_base64`` decoded into a file of ``folder`` and named by ``image``."""
+    bad = record_json_problem(obj)          # before the object is copied (a copy forgets a repeated key)
+    if bad is not None:
+        fail(*bad)
     obj = dict(obj)
     data = obj.pop("image_base64")
     if obj.get("image") is not None:
@@ -203,6 +207,9 @@ def _uploaded_image(obj: dict[str, Any], fail: Where, folder: Path, limit: int) 
                        "(--max-image-bytes)")
     name = f"upload-{hashlib.sha256(raw).hexdigest()[:32]}"
     (folder / name).write_bytes(raw)
+    decoded, why = decode_image(folder / name)
+    if decoded is None:
+        fail("image_base64", f"cannot read the image ({why})")
     return {**obj, "image": name}
 
 
