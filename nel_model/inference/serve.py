@@ -22,8 +22,9 @@ Bad input is HTTP 400 with the toolkit's one-line error (``{"error": "error: req
 'image': ..."}``) and the server goes on; a body, a mention list or an image over its limit is 413; a missing or
 wrong bearer token 401; a request while loading 503.
 
-Concurrent requests are batched for the model: one worker thread owns it and links what arrived within
-``--batch-wait-ms`` of the first waiting request, up to ``--max-batch`` mentions, as one ``Linker.link_many`` call.
+Concurrent requests are batched for the model: one worker thread owns it and links the requests waiting for it,
+with those being received meanwhile (it waits for them up to ``--batch-wait-ms``; a lone request is linked at once),
+up to ``--max-batch`` mentions, as one ``Linker.link_many`` call.
 New mentions are encoded in fixed shapes (``nel_model.loaded_run``), so a mention's entities do not depend on
 what else was in its batch. A bearer token (``--token`` or ``DIM_MEL_TOKEN``) is optional on a loopback host and
 required on any other. SIGTERM (or Ctrl-C): the server stops accepting connections, answers the requests in
@@ -68,7 +69,8 @@ MAX_BODY_BYTES = 16 << 20           # a request body larger than this is refused
 MAX_MENTIONS = 256                  # mentions in one request
 MAX_IMAGE_BYTES = 8 << 20           # one image (a file under --image-root, or image_base64's bytes)
 MAX_TOP_K = 100
-BATCH_WAIT_MS = 5.0                 # how long the model worker waits for more requests to batch with the first
+BATCH_WAIT_MS = 20.0                # how long the model worker waits for requests on their way (being received)
+POLL_S = 0.001                      # how often a waiting model worker looks again whether any is still on its way
 MAX_BATCH = 64                      # mentions linked in one model call
 REQUEST_KEYS = ("mentions", "top_k")
 
@@ -108,13 +110,15 @@ class _Job:
 
 
 class ModelWorker:
-    """The one thread that runs the model: it takes the first waiting request, gathers those that arrive within
-    ``wait_s`` (up to ``max_batch`` mentions; a request is never split), links them with one ``link_many`` call
-    per ``top_k`` and resolves each request's future with its own results (``provenance`` set as ``link`` sets
-    it)."""
+    """The one thread that runs the model: it takes the first waiting request and the others already queued, and
+    while requests are on their way (received, not yet checked: :attr:`arriving`, kept by the application) waits
+    up to ``wait_s`` for them; up to ``max_batch`` mentions (a request is never split). It links them with one
+    ``link_many`` call per ``top_k`` and resolves each request's future with its own results (``provenance`` set
+    as ``link`` sets it). A lone request is linked at once."""
 
     def __init__(self, linker: Linker, wait_s: float, max_batch: int):
         self.linker, self.wait_s, self.max_batch = linker, wait_s, max_batch
+        self.arriving = 0                         # requests being received or checked (written by the event loop)
         self.batches = self.mentions = 0          # model calls made, mentions linked (GET /info)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._provenance: dict[int, dict[str, Any]] = {}
@@ -143,9 +147,15 @@ class ModelWorker:
         deadline = time.monotonic() + self.wait_s
         while n < self.max_batch:
             try:
-                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self.jobs.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if self.arriving <= 0 or remaining <= 0:
+                    break
+                try:
+                    job = self.jobs.get(timeout=min(remaining, POLL_S))
+                except queue.Empty:
+                    continue
             if job is None:
                 return batch, True
             batch.append(job)
@@ -312,8 +322,8 @@ class ServerState:
                            "max_image_bytes": s.max_image_bytes, "max_top_k": s.max_top_k},
                 "batching": {"batch_wait_ms": s.batch_wait_ms, "max_batch": s.max_batch},
                 "image_root": None if s.image_root is None else str(s.image_root.resolve()),
-                "stats": {"requests": self.requests, "in_flight": self.in_flight, "batches": self.worker.batches,
-                          "mentions": self.worker.mentions},
+                "stats": {"requests": self.requests, "arriving": self.worker.arriving, "in_flight": self.in_flight,
+                          "batches": self.worker.batches, "mentions": self.worker.mentions},
                 "version": package_version()}
 
 
@@ -372,6 +382,7 @@ def create_app(state: ServerState) -> FastAPI:
         if (no := refused(request)) is not None:
             return no
         uploads = Path(tempfile.mkdtemp(dir=state.uploads.name))
+        state.worker.arriving += 1
         try:
             objs, top_k = parse_request(await body_of(request), state.settings)
             mentions = await run_in_threadpool(request_mentions, objs, state.settings, uploads)
@@ -381,6 +392,8 @@ def create_app(state: ServerState) -> FastAPI:
         except (DataError, ValueError, OSError) as exc:
             _remove(uploads)
             return error(400, exc)
+        finally:
+            state.worker.arriving -= 1
         future = state.worker.submit(mentions, top_k)
         future.add_done_callback(lambda _: _remove(uploads))
         state.requests += 1
@@ -449,7 +462,8 @@ def build_parser():
     p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="one image's bytes (more: 413)")
     p.add_argument("--max-top-k", type=int, default=MAX_TOP_K, help="the largest top_k a request may ask")
     p.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
-                   help="how long the model waits for more requests to batch with the first")
+                   help="the longest the model waits for requests being received to join its batch (none when "
+                        "no other request is on its way)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="mentions linked in one model call")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
