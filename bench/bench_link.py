@@ -2,6 +2,7 @@
 
     python bench/bench_link.py --demo OUT --before /path/to/checkout_2625a34 --after . \
         [--sizes 20,200] [--repeats 2] [--out bench/results/link_cpu.md]
+    python bench/bench_link.py --demo OUT --run RUN --data DATASET --rerank-run none --title T ... (another run)
     python bench/bench_link.py --demo OUT --before ... --after . --counts [--out bench/results/link_counts_cpu.md]
 
 ``OUT`` is a finished ``scripts/demo.sh`` output folder (``OUT=... SEED=0``: ``runs/full`` the retriever,
@@ -58,13 +59,13 @@ def write_input(data: Path, folder: Path, n: int, split: str = "test") -> Path:
     return path
 
 
-def link(code: Path, demo: Path, inp: Path, out: Path, rerank: bool) -> float:
+def link(code: Path, run: Path, inp: Path, out: Path, rerank: Path | None) -> float:
     """Seconds of one ``dim-mel link`` process of the checkout ``code``."""
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "nel_model.inference.linker", "--run", str(demo / "runs" / "full"), "--input",
+    cmd = [sys.executable, "-m", "nel_model.inference.linker", "--run", str(run), "--input",
            str(inp), "--out", str(out), "--top-k", "10", "--no-progress", "--device", "cpu"]
-    if rerank:
-        cmd += ["--rerank", str(demo / "runs" / "two_stage")]
+    if rerank is not None:
+        cmd += ["--rerank", str(rerank)]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
@@ -93,12 +94,12 @@ print("THROUGHPUT " + json.dumps({"mentions": len(mentions), "seconds": time.per
 """
 
 
-def throughput(code: Path, demo: Path, inp: Path, out: Path, rerank: bool, reverse: bool = False,
+def throughput(code: Path, run: Path, inp: Path, out: Path, rerank: Path | None, reverse: bool = False,
                batch: int = 16) -> float:
     """Mentions per second of ``link_file`` in one process of the checkout ``code`` (loaded and warmed up first)."""
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-c", THROUGHPUT, str(demo / "runs" / "full"), str(inp), str(out),
-           str(demo / "runs" / "two_stage") if rerank else "", str(batch), "1" if reverse else "0"]
+    cmd = [sys.executable, "-c", THROUGHPUT, str(run), str(inp), str(out), str(rerank or ""), str(batch),
+           "1" if reverse else "0"]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     line = next((x for x in proc.stderr.splitlines() if x.startswith("THROUGHPUT ")), None)
@@ -182,6 +183,10 @@ def ranked(path: Path) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, type=Path, help="a finished scripts/demo.sh output folder")
+    p.add_argument("--run", type=Path, help="the retriever run (default: DEMO/runs/full)")
+    p.add_argument("--rerank-run", help="the re-ranker run (default: DEMO/runs/two_stage; 'none': no re-ranker rows)")
+    p.add_argument("--data", type=Path, help="the dataset whose test mentions are linked (default: DEMO/data)")
+    p.add_argument("--title", default="the demo's runs", help="what the report's title names")
     p.add_argument("--before", required=True, type=Path, help="checkout of the baseline (e.g. 9029ebd)")
     p.add_argument("--after", required=True, type=Path, help="checkout measured against it")
     p.add_argument("--sizes", default="20,200")
@@ -191,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default bench/results/link_cpu.md (--counts: bench/results/link_counts_cpu.md)")
     p.add_argument("--counts", action="store_true", help="count checkpoint loads and KB encodings instead of timing")
     a = p.parse_args(argv)
+    a.run = a.run or a.demo / "runs" / "full"
+    a.rerank_run = (None if a.rerank_run == "none" else
+                    Path(a.rerank_run) if a.rerank_run else a.demo / "runs" / "two_stage")
+    a.data = a.data or a.demo / "data"
     codes = {"before": a.before.resolve(), "after": a.after.resolve()}
     if a.counts:
         out = a.out or Path("bench/results/link_counts_cpu.md")
@@ -202,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     a.out = a.out or Path("bench/results/link_cpu.md")
     rows = []
     for n in [int(x) for x in a.sizes.split(",")]:
-        inp = write_input(a.demo / "data", a.work / f"in_{n}", n)
-        for rerank in (False, True):
+        inp = write_input(a.data, a.work / f"in_{n}", n)
+        for rerank in (False, True) if a.rerank_run is not None else (False,):
             rows.append(measure(a, codes, inp, n, rerank))
             print(json.dumps(rows[-1]), file=sys.stderr)
     env = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
-           "before": str(codes["before"]), "after": str(codes["after"]), "demo": str(a.demo.resolve()),
+           "before": str(codes["before"]), "after": str(codes["after"]), "run": str(a.run.resolve()),
+           "rerank_run": None if a.rerank_run is None else str(a.rerank_run.resolve()), "data": str(a.data.resolve()),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     lines = report(a, env, rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,21 +230,22 @@ def main(argv: list[str] | None = None) -> int:
 def measure(a, codes: dict[str, Path], inp: Path, n: int, rerank: bool) -> dict:
     """One case (N mentions, with or without the re-ranker): wall times, throughputs, agreement, load."""
     outs = {name: a.work / f"out_{name}_{n}_{int(rerank)}.jsonl" for name in codes}
+    rr = a.rerank_run if rerank else None
     for name, code in codes.items():                      # untimed: page cache, saved KB embeddings
-        link(code, a.demo, inp, outs[name], rerank)
+        link(code, a.run, inp, outs[name], rr)
     times: dict[str, list[float]] = {name: [] for name in codes}
     rates: dict[str, list[float]] = {name: [] for name in codes}
     loads: list[float] = []
     for _ in range(a.repeats):
         for name, code in codes.items():                  # interleaved: before, after, before, after
             loads.append(os.getloadavg()[0])
-            times[name].append(link(code, a.demo, inp, outs[name], rerank))
-            rates[name].append(throughput(code, a.demo, inp, outs[name].with_suffix(".tp.jsonl"), rerank))
+            times[name].append(link(code, a.run, inp, outs[name], rr))
+            rates[name].append(throughput(code, a.run, inp, outs[name].with_suffix(".tp.jsonl"), rr))
     same = sum(x == y for x, y in zip(ranked(outs["before"]), ranked(outs["after"])))
     order = {}
     for name, code in codes.items():
         back = outs[name].with_suffix(".reverse.jsonl")
-        throughput(code, a.demo, inp, back, rerank, reverse=True, batch=7)
+        throughput(code, a.run, inp, back, rr, reverse=True, batch=7)
         order[name] = list(order_agreement(outs[name], back))
     return {"mentions": n, "rerank": rerank, "before_s": times["before"], "after_s": times["after"],
             "before_mentions_per_s": rates["before"], "after_mentions_per_s": rates["after"], "load_1min": loads,
@@ -242,9 +253,8 @@ def measure(a, codes: dict[str, Path], inp: Path, n: int, rerank: bool) -> dict:
 
 
 def report(a, env: dict, rows: list[dict]) -> list[str]:
-    lines = ["# `dim-mel link` on the demo's runs: before and after (CPU)", "",
-             f"Measured by `python bench/bench_link.py --demo {a.demo} --before {a.before} --after {a.after} "
-             f"--sizes {a.sizes} --repeats {a.repeats}` on {env['cpu']} ({env['cpus']} cores, shared), "
+    lines = [f"# `dim-mel link` on {a.title}: before and after (CPU)", "",
+             f"Measured by `python {' '.join(sys.argv)}` on {env['cpu']} ({env['cpus']} cores, shared), "
              f"{env['date']}; `--top-k 10`, one torch thread, float32 scores; the two checkouts alternate "
              "(before, after, before, after) after one untimed call of each.", "",
              "**Wall time**: one `python -m nel_model.inference.linker` process per measurement (loading, KB "
@@ -269,7 +279,8 @@ def report(a, env: dict, rows: list[dict]) -> list[str]:
                      f"{', '.join(f'{x:.1f}' for x in r['before_mentions_per_s'])} | "
                      f"{', '.join(f'{x:.1f}' for x in r['after_mentions_per_s'])} | {f / b:.2f}x | "
                      f"{ob[0]}/{ob[1]}/{r['mentions']} | {oa[0]}/{oa[1]}/{r['mentions']} |")
-    lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; demo runs: `{env['demo']}`."]
+    lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; run: `{env['run']}`; re-ranker: "
+              f"`{env['rerank_run']}`; mentions: the first N of `{env['data']}`'s test split."]
     return lines
 
 

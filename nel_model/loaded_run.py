@@ -15,10 +15,13 @@ writable and its lock is free (``data_process.core.locks``). Read or encoded, th
 run's evaluation ranks.
 
 New mentions (:class:`~nel_model.linking.Query`) are encoded as the feature step encodes the cache's (the same
-encoders and settings, rounded to the cache's float16), together but **in fixed shapes**: the encoders and the model
-see batches of exactly :data:`MENTION_ROWS` rows (the batch's first row repeated to fill the last) and texts padded
-to a length of their own (``data_process.encode.encoders``, fixed shapes), so every kernel runs on the same shapes
-whatever else is in the batch, and a mention's views and embedding do not depend on the mentions encoded beside it
+encoders and settings, rounded to the cache's float16), together but **in fixed shapes**: a text is padded to a
+length of its own and encoded in a pass of as many texts as that length gives, an image in a pass of a fixed number
+(:data:`MENTION_SHAPES`, ``data_process.encode.encoders.FixedShapes``), the model one mention a pass, and the
+scores in passes of exactly :data:`MENTION_ROWS` mentions (``nel_model.inference.linker``; a pass's first row repeated
+to fill the last), so every kernel runs on the same shapes whatever else is in the batch (and where a kernel's
+result depends on a row's place in its batch, as the model's attention does with more than one thread, a mention is
+alone), and a mention's views and embedding do not depend on the mentions encoded beside it
 (a resumed ``dim-mel link`` and the server's batches give the entities of an uninterrupted one, beside which the
 scores agree to float rounding). New KB entities (records) are encoded into the entity views, then by the model in
 chunks.
@@ -38,7 +41,7 @@ from data_process.core.devices import resolve_device
 from data_process.core.fingerprints import file_sha256, stable_hash
 from data_process.core.locks import OutputLocked, output_lock
 from data_process.core.records import ENTITIES_FILE, Entity, Mention, read_entities
-from data_process.encode.encoders import fill_rows
+from data_process.encode.encoders import FixedShapes
 from data_process.encode.feature_store import PROFILE_ROWS
 from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions, load_run_model
@@ -51,7 +54,8 @@ log = logging.getLogger(__name__)
 
 Views = dict[str, torch.Tensor]
 
-MENTION_ROWS = 16       # new mentions: the rows of every encoder and model batch (module docstring)
+MENTION_SHAPES = FixedShapes()      # new mentions: the encoders' fixed shapes (module docstring)
+MENTION_ROWS = MENTION_SHAPES.rows  # new mentions: the rows of every scoring pass (the linker's)
 
 
 def kb_fingerprint(checkpoint_sha256: str, data: MELData, entity_views: Sequence[str],
@@ -271,18 +275,18 @@ class LoadedRun:
         mentions = [Mention(id=q.id or "query", sentence=q.sentence, mention=q.mention, gold_id=q.gold_id or "",
                             split="test", image=None if q.image is None else str(Path(q.image).resolve()),
                             caption=text(q.caption), enrichment=text(q.enrichment)) for q in queries]
-        return self._views(encode_mention_views(mentions, None, text_enc, image_enc, settings, rows=MENTION_ROWS))
+        return self._views(encode_mention_views(mentions, None, text_enc, image_enc, settings, shapes=MENTION_SHAPES))
 
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[Query]) -> tuple[Views, torch.Tensor]:
         """New mentions' views ``[N, ...]`` and embeddings ``[N, D]`` (float32), each independent of the others
-        (fixed shapes, module docstring)."""
+        (module docstring): the views in fixed shapes, the model one mention a pass (its attention over the
+        sentence, CPU ``scaled_dot_product_attention`` with a query of length 1, gives a row a result that depends
+        on its position in the batch when torch runs more than one thread)."""
         views = self.query_views(queries)
-        n = len(queries)
+        model = self.model.eval()
         parts = [torch.zeros(0, self.model.cfg.output_size, device=self.device)]
-        for s in range(0, n, MENTION_ROWS):
-            chunk = {k: torch.stack(fill_rows(list(v[s:s + MENTION_ROWS]), MENTION_ROWS)) for k, v in views.items()}
-            parts.append(self.model.eval().encode_mentions(chunk).float()[:min(MENTION_ROWS, n - s)])
+        parts += [model.encode_mentions({k: v[i:i + 1] for k, v in views.items()}).float() for i in range(len(queries))]
         return views, torch.cat(parts)
 
     def encode_query(self, query: Query) -> tuple[Views, torch.Tensor]:

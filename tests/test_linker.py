@@ -180,7 +180,9 @@ def _scores(lines: list[dict]) -> torch.Tensor:
 def _shape_dependent(monkeypatch) -> None:
     """Make the encoders' and the model's numbers depend on the shapes they run on, as BLAS kernels do (in the
     last bits, by shape; here by 1e-3, so a batch-dependent result shows): the text encoder's pooled features by
-    the padded token length and the batch's rows, the model's embeddings by the batch's rows."""
+    the padded token length and the batch's rows; the model's embeddings by the batch's rows and by each row's
+    place in the batch, as CPU ``scaled_dot_product_attention`` with a query of length 1 (the model's attention
+    over the sentence) does with more than one thread (docs/RERANK.md)."""
     real_forward, real_encode = TextEncoder._forward, DIM.encode_mentions
 
     def forward(self, texts, limit, pad_to=None):
@@ -188,9 +190,11 @@ def _shape_dependent(monkeypatch) -> None:
         return tokens, pooled + 1e-3 * (tokens.shape[0] + tokens.shape[1]), att
 
     monkeypatch.setattr(TextEncoder, "_forward", forward)
-    monkeypatch.setattr(DIM, "encode_mentions",
-                        lambda self, views, normalize=True: real_encode(self, views, normalize)
-                        + 1e-3 * views["mention"].shape[0])
+    def encode(self, views, normalize=True):
+        rows = views["mention"].shape[0]
+        return real_encode(self, views, normalize) + 1e-3 * (rows + torch.arange(rows, dtype=torch.float32)[:, None])
+
+    monkeypatch.setattr(DIM, "encode_mentions", encode)
 
 
 def test_a_resumed_link_matches_an_uninterrupted_one_whatever_the_batches(demo, tmp_path, monkeypatch):

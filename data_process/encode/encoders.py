@@ -13,11 +13,12 @@
 
 Float16 on GPU, float32 on CPU; ``torch.inference_mode``; outputs are float32 numpy arrays.
 
-**Fixed shapes** (``rows=``, what new mentions are encoded with, ``nel_model.loaded_run``): every text or image is
-encoded in a batch of exactly ``rows`` inputs (the batch's first input repeated to fill it) and a text padded to a
-length that depends on its own tokens only (:func:`fixed_token_length`), so the shapes every kernel sees, and with
-them its numbers, depend on the input alone and not on what is encoded beside it. Without ``rows`` (the feature
-step) texts are batched by length and padded to the batch's longest, as before.
+**Fixed shapes** (``shapes=``, :class:`FixedShapes`: what new mentions are encoded with, ``nel_model.loaded_run``):
+a text is padded to a length that depends on its own tokens only (:func:`fixed_token_length`) and encoded in a
+pass of exactly as many texts as that length gives (:meth:`FixedShapes.text_rows`: a token budget), an image in a
+pass of exactly ``image_rows`` images (a pass's first input repeated to fill it), so the shapes every kernel sees,
+and with them its numbers, depend on the input alone and not on what is encoded beside it. Without ``shapes`` (the
+feature step) texts are batched by length and padded to the batch's longest, as before.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def fixed_token_length(n_tokens: int, limit: int) -> int:
     """The length a text of ``n_tokens`` tokens (truncated at ``limit``) is padded to in fixed-shape encoding: the
     next power of two, at least :data:`FIXED_MIN_TOKENS`, at most ``limit``."""
     return min(limit, max(FIXED_MIN_TOKENS, 1 << max(0, n_tokens - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class FixedShapes:
+    """The shapes of fixed-shape encoding (module docstring). A text padded to ``length`` tokens is encoded
+    ``text_rows(length)`` texts a pass: as many as ``tokens`` allows, at least 1, at most ``rows`` (short texts
+    share a pass, a long one takes few filler rows); an image, ``image_rows`` images a pass."""
+
+    rows: int = 8           # the most texts a pass (short texts)
+    tokens: int = 64        # a pass's token budget (rows x padded length): a 64-token text alone
+    image_rows: int = 2     # images a pass
+
+    def text_rows(self, length: int) -> int:
+        return max(1, min(self.rows, self.tokens // length))
 
 
 def fill_rows(part: Sequence[Any], rows: int) -> list[Any]:
@@ -194,12 +209,13 @@ class TextEncoder:
         batches = [[texts[j] for j in order[i:i + self.batch_size]] for i in range(0, len(texts), self.batch_size)]
         return batches, np.argsort(order, kind="stable")
 
-    def _plan(self, texts: list[str], limit: int, rows: int | None
+    def _plan(self, texts: list[str], limit: int, shapes: FixedShapes | None
               ) -> tuple[list[tuple[list[str], int | None, int]], np.ndarray]:
         """The batches ``(texts, padded length or None, real texts)`` and the order back to input order: by
-        length (:meth:`_batches`), or with ``rows`` in fixed shapes (module docstring): texts grouped by their
-        padded length (:func:`fixed_token_length`), ``rows`` a batch, the first text repeated to fill the last."""
-        if rows is None:
+        length (:meth:`_batches`), or with ``shapes`` in fixed shapes (module docstring): texts grouped by their
+        padded length (:func:`fixed_token_length`), ``shapes.text_rows(length)`` a batch, the first text repeated
+        to fill the last."""
+        if shapes is None:
             batches, back = self._batches(texts)
             return [(b, None, len(b)) for b in batches], back
         ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
@@ -207,31 +223,31 @@ class TextEncoder:
         order = np.argsort(pad, kind="stable")
         plan = []
         for length in sorted(set(pad)):
-            group = [texts[j] for j in order if pad[j] == length]
+            group, rows = [texts[j] for j in order if pad[j] == length], shapes.text_rows(length)
             plan += [(fill_rows(group[s:s + rows], rows), length, len(group[s:s + rows]))
                      for s in range(0, len(group), rows)]
         return plan, np.argsort(order, kind="stable")
 
-    def encode(self, texts: Sequence[str], rows: int | None = None) -> TextFeatures:
-        """Token features at ``max_len`` (and pooled features of the same truncation), in batches (``rows``: in
+    def encode(self, texts: Sequence[str], shapes: FixedShapes | None = None) -> TextFeatures:
+        """Token features at ``max_len`` (and pooled features of the same truncation), in batches (``shapes``: in
         fixed shapes, module docstring)."""
         texts = list(texts)
         if not texts:
             return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, self.max_len, self.dim), np.float32),
                                 np.zeros((0, self.max_len), bool))
-        plan, back = self._plan(texts, self.max_len, rows)
+        plan, back = self._plan(texts, self.max_len, shapes)
         parts = [self._encode_batch(b, pad, n) for b, pad, n in plan]
         return TextFeatures(pooled=np.concatenate([p.pooled for p in parts])[back],
                             tokens=np.concatenate([p.tokens for p in parts])[back],
                             mask=np.concatenate([p.mask for p in parts])[back])
 
-    def encode_pooled(self, texts: Sequence[str], rows: int | None = None) -> np.ndarray:
-        """Pooled features ``[B, Dt]`` of ``texts`` truncated at ``text_max_len`` tokens (``rows``: in fixed
+    def encode_pooled(self, texts: Sequence[str], shapes: FixedShapes | None = None) -> np.ndarray:
+        """Pooled features ``[B, Dt]`` of ``texts`` truncated at ``text_max_len`` tokens (``shapes``: in fixed
         shapes, module docstring)."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        plan, back = self._plan(texts, self.text_max_len, rows)
+        plan, back = self._plan(texts, self.text_max_len, shapes)
         return np.concatenate([self._forward(b, self.text_max_len, pad)[1][:n].float().cpu().numpy()
                                for b, pad, n in plan])[back]
 

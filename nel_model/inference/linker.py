@@ -11,14 +11,15 @@
 The retriever is a :class:`~nel_model.loaded_run.LoadedRun` (the run's checkpoint, loaded once; the feature
 cache's encoders; the KB's embeddings, read from the run folder or encoded once), ranked with the evaluation's
 own functions (the top lists of ``predictions/<split>.jsonl``, the pessimistic tie rule). Mentions are encoded and
-scored together in fixed shapes (``nel_model.loaded_run``: batches of exactly ``MENTION_ROWS`` rows, texts padded to
-lengths of their own): a mention's entities do not depend on the mentions linked beside it, so a resumed run (or
-the server's batches) gives the entities of an uninterrupted one, and the scores to float rounding. A re-ranker (the :class:`~nel_model.linking.Reranker` protocol)
-re-orders the first ``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); it is given
-the mentions' views and retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every
-returned entity says which stage produced its score; the entities after the re-ranked ones keep the retriever's
-order and scores. ``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this
-retriever (a feature re-ranker must have been trained on it).
+scored together in fixed shapes (``nel_model.loaded_run``: texts padded to lengths of their own, passes of a fixed
+number of rows; scores ``MENTION_ROWS`` mentions a pass): a mention's entities do not depend on the mentions linked
+beside it, so a resumed run (or the server's batches) gives the entities of an uninterrupted one, and the scores
+to float rounding. A re-ranker (the :class:`~nel_model.linking.Reranker` protocol) re-orders the first
+``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); it is given the mentions' views and
+retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every returned entity says which
+stage produced its score; the entities after the re-ranked ones keep the retriever's order and scores.
+``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this retriever (a feature
+re-ranker must have been trained on it).
 
 Input: the unified mention format (``data_process.core.records`` Mention lines, ``docs/CONTRACTS.md``), where
 ``gold_id`` and ``split`` may be left out; an ``image`` is a name inside the input file's folder (or inside a
