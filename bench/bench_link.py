@@ -16,7 +16,8 @@ report names the CPU and the load average around every measurement, and how ofte
 entities agree (the same ids in the same order). **Throughput** (mentions/s): in one process per measurement,
 the linker loaded and warmed up on 16 mentions first (untimed), then ``linker.link_file`` of the N mentions timed
 (encoding, scoring, re-ranking, writing: what ``link`` does per mention once loaded), the two checkouts
-alternating. **Order**: per checkout, the same N mentions linked again in reverse order with ``--batch-size 7``
+alternating; beside it the **encoders alone** (the after checkout's encoders on the same mentions, batched as the
+feature step batches them, no model or scoring: the limit ``link``'s throughput approaches). **Order**: per checkout, the same N mentions linked again in reverse order with ``--batch-size 7``
 (other batches, other neighbours): how many mentions get the same entities and the same scores (6 decimals) as
 in the forward run. ``--counts``: instead of timing, one ``link --rerank`` of the first
 N mentions per checkout with ``torch.load`` and ``DIM.encode_entities`` counted (checkpoint files loaded, KB rows
@@ -92,6 +93,35 @@ t0 = time.perf_counter()
 link_file(linker, mentions, Path(out), 10, int(batch), progress=False)
 print("THROUGHPUT " + json.dumps({"mentions": len(mentions), "seconds": time.perf_counter() - t0}), file=sys.stderr)
 """
+
+
+ENCODERS = """
+import json, sys, time, torch
+import nel_model.loaded_run as LR
+from nel_model.inference.linker import Linker, read_mentions
+torch.set_num_threads(1)
+run, inp = sys.argv[1:3]
+r = Linker.from_run(run).retriever
+queries = [m.query for m in read_mentions(inp)]
+LR.MENTION_SHAPES = None   # the feature step's batching: texts sorted by length, 64 a batch, padded to the longest
+r.query_views(queries[:16])
+t0 = time.perf_counter()
+r.query_views(queries)
+print("ENCODERS " + json.dumps({"mentions": len(queries), "seconds": time.perf_counter() - t0}), file=sys.stderr)
+"""
+
+
+def encoders_rate(code: Path, run: Path, inp: Path) -> float:
+    """Mentions per second of the run's encoders alone on the N mentions, batched as the feature step batches
+    them (the views a mention needs, no model, no scoring): the limit of ``link``'s throughput."""
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", ENCODERS, str(run), str(inp)], cwd=code, env=env,
+                          capture_output=True, text=True)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("ENCODERS ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{code}: encoders' throughput failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(line[len("ENCODERS "):])
+    return r["mentions"] / r["seconds"]
 
 
 def throughput(code: Path, run: Path, inp: Path, out: Path, rerank: Path | None, reverse: bool = False,
@@ -249,10 +279,24 @@ def measure(a, codes: dict[str, Path], inp: Path, n: int, rerank: bool) -> dict:
         order[name] = list(order_agreement(outs[name], back))
     return {"mentions": n, "rerank": rerank, "before_s": times["before"], "after_s": times["after"],
             "before_mentions_per_s": rates["before"], "after_mentions_per_s": rates["after"], "load_1min": loads,
-            "same_entities": f"{same}/{n}", "reverse_order_same_entities_and_scores": order}
+            "same_entities": f"{same}/{n}", "reverse_order_same_entities_and_scores": order,
+            "encoders_mentions_per_s": encoders_rate(codes["after"], a.run, inp)}
 
 
 def report(a, env: dict, rows: list[dict]) -> list[str]:
+    def wall(r: dict) -> list[str]:
+        b, f = statistics.median(r["before_s"]), statistics.median(r["after_s"])
+        return [str(r["mentions"]), rr_name(r), joined(r["before_s"], 2), joined(r["after_s"], 2), f"{b / f:.2f}x",
+                joined(r["load_1min"], 2), r["same_entities"]]
+
+    def rate(r: dict) -> list[str]:
+        b, f = statistics.median(r["before_mentions_per_s"]), statistics.median(r["after_mentions_per_s"])
+        order = r["reverse_order_same_entities_and_scores"]
+        enc = r.get("encoders_mentions_per_s")
+        return [str(r["mentions"]), rr_name(r), joined(r["before_mentions_per_s"], 1),
+                joined(r["after_mentions_per_s"], 1), f"{f / b:.2f}x", "" if enc is None else f"{enc:.1f}",
+                *(f"{order[c][0]}/{order[c][1]}/{r['mentions']}" for c in ("before", "after"))]
+
     lines = [f"# `dim-mel link` on {a.title}: before and after (CPU)", "",
              f"Measured by `python {' '.join(sys.argv)}` on {env['cpu']} ({env['cpus']} cores, shared), "
              f"{env['date']}; `--top-k 10`, one torch thread, float32 scores; the two checkouts alternate "
@@ -261,27 +305,23 @@ def report(a, env: dict, rows: list[dict]) -> list[str]:
              "embeddings, encoders, linking, writing).", "",
              "| mentions | re-ranker | before (s) | after (s) | median before / after | load avg (1 min) during | "
              "same linked entities |", "|---:|---|---|---|---:|---|---:|"]
-    for r in rows:
-        b, f = statistics.median(r["before_s"]), statistics.median(r["after_s"])
-        lines.append(f"| {r['mentions']} | {rr_name(r)} | {', '.join(f'{x:.2f}' for x in r['before_s'])} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['after_s'])} | {b / f:.2f}x | "
-                     f"{', '.join(f'{x:.2f}' for x in r['load_1min'])} | {r['same_entities']} |")
+    lines += ["| " + " | ".join(wall(r)) + " |" for r in rows]
     lines += ["", "**Throughput** (mentions/s, the linker loaded and warmed up, then `link_file` of the N mentions "
-              "timed in the process) and **order** (the N mentions linked again in reverse order, `--batch-size 7`: "
-              "mentions with the same entities / the same entities and scores as the forward run).", "",
+              "timed in the process), beside the **encoders alone** (after's encoders on the same mentions, batched "
+              "as the feature step batches them: texts sorted by length, 64 a batch, padded to the longest; no model, "
+              "no scoring: the limit), and **order** (the N mentions linked again in reverse order, `--batch-size "
+              "7`: mentions with the same entities / the same entities and scores as the forward run).", "",
               "| mentions | re-ranker | before (mentions/s) | after (mentions/s) | median after / before | "
-              "reverse order, before | reverse order, after |", "|---:|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        b, f = statistics.median(r["before_mentions_per_s"]), statistics.median(r["after_mentions_per_s"])
-        ob, oa = r["reverse_order_same_entities_and_scores"]["before"], \
-            r["reverse_order_same_entities_and_scores"]["after"]
-        lines.append(f"| {r['mentions']} | {rr_name(r)} | "
-                     f"{', '.join(f'{x:.1f}' for x in r['before_mentions_per_s'])} | "
-                     f"{', '.join(f'{x:.1f}' for x in r['after_mentions_per_s'])} | {f / b:.2f}x | "
-                     f"{ob[0]}/{ob[1]}/{r['mentions']} | {oa[0]}/{oa[1]}/{r['mentions']} |")
+              "encoders alone (mentions/s) | reverse order, before | reverse order, after |",
+              "|---:|---|---|---|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(rate(r)) + " |" for r in rows]
     lines += ["", f"before: `{env['before']}`; after: `{env['after']}`; run: `{env['run']}`; re-ranker: "
               f"`{env['rerank_run']}`; mentions: the first N of `{env['data']}`'s test split."]
     return lines
+
+
+def joined(xs: list[float], digits: int) -> str:
+    return ", ".join(f"{x:.{digits}f}" for x in xs)
 
 
 def rr_name(r: dict) -> str:
