@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -298,7 +299,7 @@ def report(a, env: dict, rows: list[dict]) -> list[str]:
                 *(f"{order[c][0]}/{order[c][1]}/{r['mentions']}" for c in ("before", "after"))]
 
     lines = [f"# `dim-mel link` on {a.title}: before and after (CPU)", "",
-             f"Measured by `python {' '.join(sys.argv)}` on {env['cpu']} ({env['cpus']} cores, shared), "
+             f"Measured by `{shlex.join(['python', *sys.argv])}` on {env['cpu']} ({env['cpus']} cores, shared), "
              f"{env['date']}; `--top-k 10`, one torch thread, float32 scores; the two checkouts alternate "
              "(before, after, before, after) after one untimed call of each.", "",
              "**Wall time**: one `python -m nel_model.inference.linker` process per measurement (loading, KB "

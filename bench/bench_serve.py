@@ -13,7 +13,7 @@ connection, one request after the other), each of ``--mentions-per-request`` men
 (``top_k`` 10); a request's latency is from sending to the parsed answer. Reported per level: throughput (mentions
 and requests per second, the level's wall time), latency p50/p95/p99, errors (any answer but 200, or a failed
 connection), the mean batch the model worker linked (``/info`` stats), and the server's resident memory (VmRSS)
-after each level beside its value once ready. Before the levels, 16 untimed requests warm the server up.
+after each level beside its value once ready and after 16 untimed warm-up requests (sent before the levels).
 
 Beside it, the throughput ``dim-mel link`` reaches on the same mentions once loaded (``bench_link.THROUGHPUT``:
 ``link_file`` of every input mention, in one process, one torch thread): the batch throughput the server should
@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench_link import THROUGHPUT, write_input
+from nel_model.inference.serve import BATCH_WAIT_MS, MAX_BATCH
 from nel_model.runs import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +170,8 @@ def markdown(results: dict) -> list[str]:
         lines += [f"## {name}", "", f"{c['description']}. {e['cpu']} ({e['cpus']} cores, shared), {e['date']}; "
                   f"server `--threads {c['settings']['threads']} --batch-wait-ms {c['settings']['batch_wait_ms']} "
                   f"--max-batch {c['settings']['max_batch']}`; ready {c['ready_s']:.1f} s after start; RSS once "
-                  f"ready {c['rss_ready_mib']:.0f} MiB. `dim-mel link` on the same {c['input_mentions']} mentions, "
+                  f"ready {c['rss_ready_mib']:.0f} MiB, after the warm-up requests {c['rss_start_mib']:.0f} MiB. "
+                  f"`dim-mel link` on the same {c['input_mentions']} mentions, "
                   f"loaded once: **{c['link_mentions_per_s']:.1f} mentions/s** (one process, the same threads).", "",
                   "| clients | requests x mentions | mentions/s | requests/s | p50 (ms) | p95 (ms) | p99 (ms) | "
                   "errors | mean batch | RSS after (MiB) | load avg (1 min) before, after |",
@@ -195,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=320, help="requests per level")
     p.add_argument("--mentions-per-request", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS, help="the server's flag (its default)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the server's flag (its default)")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_serve"))
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_cpu"), help="writes OUT.json and OUT.md")
     a = p.parse_args(argv)
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rss_ready = srv.rss_mib()
         level(srv, objs, 4, 16, a.mentions_per_request)                                  # warm-up, untimed
+        rss_start = srv.rss_mib()
         levels = []
         for n in [int(x) for x in a.clients.split(",")]:
             levels.append(level(srv, objs, n, a.requests, a.mentions_per_request))
@@ -217,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         status = srv.stop()
     env = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    case = {"description": a.description or a.case, "env": env, "command": " ".join(["python", *sys.argv]),
+    case = {"description": a.description or a.case, "env": env, "command": shlex.join(["python", *sys.argv]),
             "settings": {"threads": a.threads, "batch_wait_ms": a.batch_wait_ms, "max_batch": a.max_batch},
             "input_mentions": len(objs), "ready_s": srv.ready_s, "rss_ready_mib": rss_ready,
+            "rss_start_mib": rss_start,
             "link_mentions_per_s": link_rate, "levels": levels, "exit_status": status}
     path = a.out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
