@@ -21,10 +21,10 @@ length of its own and encoded in a pass of as many texts as that length gives, a
 scores in passes of exactly :data:`MENTION_ROWS` mentions (``nel_model.inference.linker``; a pass's first row repeated
 to fill the last), so every kernel runs on the same shapes whatever else is in the batch (and where a kernel's
 result depends on a row's place in its batch, as the model's attention does with more than one thread, a mention is
-alone), and a mention's views and embedding do not depend on the mentions encoded beside it
-(a resumed ``dim-mel link`` and the server's batches give the entities of an uninterrupted one, beside which the
-scores agree to float rounding). New KB entities (records) are encoded into the entity views, then by the model in
-chunks.
+alone), and a mention's views and embedding do not depend on the mentions encoded beside it: a resumed
+``dim-mel link`` and the server's batches give the entities of an uninterrupted run (``tests/test_linker.py``
+asserts the ranks, and the scores to float rounding). New KB entities (records) are encoded into the entity views,
+then by the model in chunks.
 """
 
 from __future__ import annotations
