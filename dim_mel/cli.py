@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),
     "rerank-llm": ("nel_model.rerank.llm", "re-rank a retriever's top-k lists with a chat model (LLM / VLM) and evaluate"),
     "link": ("nel_model.inference.linker", "link a JSONL of mentions with a run (and a re-ranker), resumable"),
+    "serve": ("nel_model.inference.serve", "serve a run over HTTP: POST /link links mentions as dim-mel link does"),
     # results: tables, plots, analysis of run folders
     "table": ("nel_model.reporting.tables", "results table of run folders (Markdown, CSV, LaTeX)"),
     "plot": ("nel_model.reporting.plots", "training curves and Hits@k plots of run folders"),

@@ -15,10 +15,16 @@ writable and its lock is free (``data_process.core.locks``). Read or encoded, th
 run's evaluation ranks.
 
 New mentions (:class:`~nel_model.linking.Query`) are encoded as the feature step encodes the cache's (the same
-encoders and settings, rounded to the cache's float16), **one mention at a time**: a mention's views, embedding and
-scores never depend on the mentions encoded beside it, so a resumed ``dim-mel link`` gives the numbers of an
-uninterrupted one. New KB entities (records) are encoded the same way into the entity views, then by the model
-in chunks.
+encoders and settings, rounded to the cache's float16), together but **in fixed shapes**: a text is padded to a
+length of its own and encoded in a pass of as many texts as that length gives, an image in a pass of a fixed number
+(:data:`MENTION_SHAPES`, ``data_process.encode.encoders.FixedShapes``), the model one mention a pass, and the
+scores in passes of exactly :data:`MENTION_ROWS` mentions (``nel_model.inference.linker``; a pass's first row repeated
+to fill the last), so every kernel runs on the same shapes whatever else is in the batch (and where a kernel's
+result depends on a row's place in its batch, as the model's attention does with more than one thread, a mention is
+alone), and a mention's views and embedding do not depend on the mentions encoded beside it: a resumed
+``dim-mel link`` and the server's batches give the entities of an uninterrupted run (``tests/test_linker.py``
+asserts the ranks, and the scores to float rounding). New KB entities (records) are encoded into the entity views,
+then by the model in chunks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from data_process.core.devices import resolve_device
 from data_process.core.fingerprints import file_sha256, stable_hash
 from data_process.core.locks import OutputLocked, output_lock
 from data_process.core.records import ENTITIES_FILE, Entity, Mention, read_entities
+from data_process.encode.encoders import FixedShapes
 from data_process.encode.feature_store import PROFILE_ROWS
 from nel_model.data import FeatureSource, MELData, load_mel_data
 from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions, load_run_model
@@ -46,6 +53,9 @@ from nel_model.runs import (RETRIEVAL_DIR, RunError, checkpoint_path, load_confi
 log = logging.getLogger(__name__)
 
 Views = dict[str, torch.Tensor]
+
+MENTION_SHAPES = FixedShapes()      # new mentions: the encoders' fixed shapes (module docstring)
+MENTION_ROWS = MENTION_SHAPES.rows  # new mentions: the rows of every scoring pass (the linker's)
 
 
 def kb_fingerprint(checkpoint_sha256: str, data: MELData, entity_views: Sequence[str],
@@ -248,9 +258,9 @@ class LoadedRun:
                 views[f"{name}_mask"] = torch.from_numpy(np.asarray(mask, dtype=bool)).to(self.device)
         return views
 
-    def query_views(self, query: Query) -> Views:
-        """The contract-shaped mention views (docs/CONTRACTS.md) of one new mention, encoded alone like the feature
-        cache's (same encoders and settings, rounded to the cache's float16); rows of 1."""
+    def query_views(self, queries: Sequence[Query]) -> Views:
+        """The contract-shaped mention views (docs/CONTRACTS.md) of new mentions, encoded like the feature cache's
+        (same encoders and settings, rounded to the cache's float16) in fixed shapes (module docstring)."""
         from data_process.encode.features import encode_mention_views
 
         rows = self.data.meta.get("views", {}).get("mention.profile", {}).get("rows", list(PROFILE_ROWS))
@@ -262,17 +272,26 @@ class LoadedRun:
         def text(value: str | None) -> dict[str, Any] | None:
             return None if not value else {"text": value, "provenance": {"source": "linking input"}}
 
-        m = Mention(id=query.id or "query", sentence=query.sentence, mention=query.mention,
-                    gold_id=query.gold_id or "", split="test",
-                    image=None if query.image is None else str(Path(query.image).resolve()),
-                    caption=text(query.caption), enrichment=text(query.enrichment))
-        return self._views(encode_mention_views([m], None, text_enc, image_enc, settings))
+        mentions = [Mention(id=q.id or "query", sentence=q.sentence, mention=q.mention, gold_id=q.gold_id or "",
+                            split="test", image=None if q.image is None else str(Path(q.image).resolve()),
+                            caption=text(q.caption), enrichment=text(q.enrichment)) for q in queries]
+        return self._views(encode_mention_views(mentions, None, text_enc, image_enc, settings, shapes=MENTION_SHAPES))
 
     @torch.no_grad()
+    def encode_queries(self, queries: Sequence[Query]) -> tuple[Views, torch.Tensor]:
+        """New mentions' views ``[N, ...]`` and embeddings ``[N, D]`` (float32), each independent of the others
+        (module docstring): the views in fixed shapes, the model one mention a pass (its attention over the
+        sentence, CPU ``scaled_dot_product_attention`` with a query of length 1, gives a row a result that depends
+        on its position in the batch when torch runs more than one thread)."""
+        views = self.query_views(queries)
+        model = self.model.eval()
+        parts = [torch.zeros(0, self.model.cfg.output_size, device=self.device)]
+        parts += [model.encode_mentions({k: v[i:i + 1] for k, v in views.items()}).float() for i in range(len(queries))]
+        return views, torch.cat(parts)
+
     def encode_query(self, query: Query) -> tuple[Views, torch.Tensor]:
-        """One new mention's views and its embedding ``[1, D]`` (float32), computed from it alone."""
-        views = self.query_views(query)
-        return views, self.model.eval().encode_mentions(views).float()
+        """One new mention's views and its embedding ``[1, D]`` (float32): :meth:`encode_queries` of one."""
+        return self.encode_queries([query])
 
     def entity_views(self, entities: Sequence[Entity], image_root: str | Path) -> Views:
         """The entity views (desc, image, profile) of KB records, as the feature step writes them (images named

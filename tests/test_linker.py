@@ -17,6 +17,7 @@ import torch
 
 from data_process.core.locks import OutputLocked, output_lock
 from data_process.core.records import DataError, load_dataset
+from data_process.encode.encoders import TextEncoder
 from fake_openai_server import Action, FakeOpenAIServer
 from nel_model.inference import linker as LK
 from nel_model.linking import LinkError, Query
@@ -160,8 +161,9 @@ def test_dim_mel_link_streams_a_jsonl_and_a_rerun_skips_what_is_written(demo, tm
     text = out.read_text().splitlines(keepends=True)
     out.write_text("".join(text[:2]) + text[2][:25])
     asked: list[str] = []
-    real = LK.Linker.retrieve
-    monkeypatch.setattr(LK.Linker, "retrieve", lambda self, q, k: (asked.append(q.id), real(self, q, k))[1])
+    real = LK.Linker.retrieve_many
+    monkeypatch.setattr(LK.Linker, "retrieve_many",
+                        lambda self, qs, k: (asked.extend(q.id for q in qs), real(self, qs, k))[1])
     assert LK.main(args) == 0
     assert asked == [m.id for m in ments[2:]]
     again = _read(out)
@@ -171,17 +173,35 @@ def test_dim_mel_link_streams_a_jsonl_and_a_rerun_skips_what_is_written(demo, tm
     assert LK.main(args) == 0 and asked == []
 
 
+def _scores(lines: list[dict]) -> torch.Tensor:
+    return torch.tensor([[e["score"] for e in r["entities"]] for r in lines])
+
+
+def _shape_dependent(monkeypatch) -> None:
+    """Make the encoders' and the model's numbers depend on the shapes they run on, as BLAS kernels do (in the
+    last bits, by shape; here by 1e-3, so a batch-dependent result shows): the text encoder's pooled features by
+    the padded token length and the batch's rows; the model's embeddings by the batch's rows and by each row's
+    place in the batch, as CPU ``scaled_dot_product_attention`` with a query of length 1 (the model's attention
+    over the sentence) does with more than one thread (docs/RERANK.md)."""
+    real_forward, real_encode = TextEncoder._forward, DIM.encode_mentions
+
+    def forward(self, texts, limit, pad_to=None):
+        tokens, pooled, att = real_forward(self, texts, limit, pad_to)
+        return tokens, pooled + 1e-3 * (tokens.shape[0] + tokens.shape[1]), att
+
+    monkeypatch.setattr(TextEncoder, "_forward", forward)
+    def encode(self, views, normalize=True):
+        rows = views["mention"].shape[0]
+        return real_encode(self, views, normalize) + 1e-3 * (rows + torch.arange(rows, dtype=torch.float32)[:, None])
+
+    monkeypatch.setattr(DIM, "encode_mentions", encode)
+
+
 def test_a_resumed_link_matches_an_uninterrupted_one_whatever_the_batches(demo, tmp_path, monkeypatch):
     """Issue 26 item 7: a mention relinked after a torn tail sits in another batch; its numbers must not move.
-    The model's arithmetic is made to depend on the batch (as BLAS kernels do, in the last bits, by shape): a
-    mention encoded with others would shift; each mention is encoded and scored on its own."""
-    real = DIM.encode_mentions
-
-    def batch_dependent(self, views, normalize=True):
-        out = real(self, views, normalize)
-        return out + 1e-3 * views["mention"].float().mean(0).sum()      # the same for all rows of a batch
-
-    monkeypatch.setattr(DIM, "encode_mentions", batch_dependent)
+    The kernels' arithmetic is made to depend on the shapes they run on (:func:`_shape_dependent`): a mention
+    encoded in a batch shaped by the others would shift; mentions are encoded in fixed shapes."""
+    _shape_dependent(monkeypatch)
     inp, ments = _input_file(demo, tmp_path / "in", n=10)
     clean, resumed = tmp_path / "clean.jsonl", tmp_path / "resumed.jsonl"
     flags = ["--run", str(demo["run"]), "--input", str(inp), "--top-k", "5", "--no-progress", "--batch-size", "4"]
@@ -191,8 +211,30 @@ def test_a_resumed_link_matches_an_uninterrupted_one_whatever_the_batches(demo, 
     assert LK.main([*flags, "--out", str(resumed)]) == 0
     a, b = _read(clean), _read(resumed)
     assert [[e["entity_id"] for e in r["entities"]] for r in a] == [[e["entity_id"] for e in r["entities"]] for r in b]
-    assert torch.allclose(torch.tensor([[e["score"] for e in r["entities"]] for r in a]),
-                          torch.tensor([[e["score"] for e in r["entities"]] for r in b]), atol=2e-6, rtol=0)
+    assert torch.allclose(_scores(a), _scores(b), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape_dependent", [False, True])
+def test_a_mentions_entities_do_not_depend_on_the_mentions_linked_beside_it(demo, monkeypatch, shape_dependent):
+    """Mentions are linked together (batched encoders) yet each gets the entities and scores it gets alone, in
+    any order, beside any others, in batches larger than one encoder pass: with the real kernels, and with
+    kernels whose numbers depend on the shapes they run on."""
+    if shape_dependent:
+        _shape_dependent(monkeypatch)
+    ds = load_dataset(demo["data"])
+    ments = ds.split("test")[:37]
+    qs = [Query(m.sentence, m.mention, image=ds.image_path(m.image), id=m.id, gold_id=m.gold_id,
+                caption="a photo" if i % 3 == 0 else None) for i, m in enumerate(ments)]
+    linker = demo["linker"]
+    together = {r.id: r for r in linker.link_many(qs, top_k=5)}
+    alone = [linker.link_many([q], top_k=5)[0] for q in qs[:6]]
+    shuffled = linker.link_many(qs[::-1][:23], top_k=5)
+    for got in (alone, shuffled):
+        ref = [together[r.id] for r in got]
+        assert [[e.entity_id for e in r.entities] for r in got] == [[e.entity_id for e in r.entities] for r in ref]
+        assert [r.gold_rank for r in got] == [r.gold_rank for r in ref]
+        assert torch.allclose(torch.tensor([[e.score for e in r.entities] for r in got]),
+                              torch.tensor([[e.score for e in r.entities] for r in ref]), atol=2e-6, rtol=0)
 
 
 def test_a_rerun_refuses_lines_computed_from_anything_else(demo, tmp_path):

@@ -12,6 +12,13 @@
   image processor (:class:`ProcessorPreprocess`); both are picklable and run in the decoding workers.
 
 Float16 on GPU, float32 on CPU; ``torch.inference_mode``; outputs are float32 numpy arrays.
+
+**Fixed shapes** (``shapes=``, :class:`FixedShapes`: what new mentions are encoded with, ``nel_model.loaded_run``):
+a text is padded to a length that depends on its own tokens only (:func:`fixed_token_length`) and encoded in a
+pass of exactly as many texts as that length gives (:meth:`FixedShapes.text_rows`: a token budget), an image in a
+pass of exactly ``image_rows`` images (a pass's first input repeated to fill it), so the shapes every kernel sees,
+and with them its numbers, depend on the input alone and not on what is encoded beside it. Without ``shapes`` (the
+feature step) texts are batched by length and padded to the batch's longest, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +39,33 @@ from data_process.core.images import ImagePreprocess
 from data_process.encode.towers import RegionsUnavailable, is_vision_language, regions_unavailable_message, towers_for
 
 log = logging.getLogger(__name__)
+
+FIXED_MIN_TOKENS = 8  # fixed shapes: a text is padded to the next power of two of its tokens, at least this
+
+
+def fixed_token_length(n_tokens: int, limit: int) -> int:
+    """The length a text of ``n_tokens`` tokens (truncated at ``limit``) is padded to in fixed-shape encoding: the
+    next power of two, at least :data:`FIXED_MIN_TOKENS`, at most ``limit``."""
+    return min(limit, max(FIXED_MIN_TOKENS, 1 << max(0, n_tokens - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class FixedShapes:
+    """The shapes of fixed-shape encoding (module docstring). A text padded to ``length`` tokens is encoded
+    ``text_rows(length)`` texts a pass: as many as ``tokens`` allows, at least 1, at most ``rows`` (short texts
+    share a pass, a long one takes few filler rows); an image, ``image_rows`` images a pass."""
+
+    rows: int = 8           # the most texts a pass (short texts)
+    tokens: int = 64        # a pass's token budget (rows x padded length): a 64-token text alone
+    image_rows: int = 2     # images a pass
+
+    def text_rows(self, length: int) -> int:
+        return max(1, min(self.rows, self.tokens // length))
+
+
+def fill_rows(part: Sequence[Any], rows: int) -> list[Any]:
+    """``part`` (at most ``rows`` inputs) with its first input repeated to make exactly ``rows``."""
+    return list(part) + [part[0]] * (rows - len(part))
 
 
 def _dtype_for(device: torch.device) -> torch.dtype:
@@ -128,12 +162,17 @@ class TextEncoder:
             self.dim = int(self._forward(["a"], 2)[1].shape[-1])
 
     @torch.inference_mode()
-    def _forward(self, texts: list[str], limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, texts: list[str], limit: int,
+                 pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token features [B, T, Dt] (zero at padding), pooled [B, Dt] and the real-token mask [B, T] of ``texts``
-        truncated at ``limit`` tokens."""
+        truncated at ``limit`` tokens; ``pad_to``: padded to this length (fixed shapes; every text's tokens fit)."""
         # Pad to the batch's longest text, not the limit: real MEL texts are short, padding is wasted work
         # (SigLIP, trained on texts padded to its full length, is padded so).
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+        if pad_to is None:
+            enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=pad_to,
+                                 return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         att = enc["attention_mask"].to(self.device)
         if self.towers is not None:
@@ -154,9 +193,10 @@ class TextEncoder:
         tokens = tokens * att.unsqueeze(-1).to(tokens.dtype)  # padding positions are exactly zero
         return tokens, pooled, att
 
-    def _encode_batch(self, texts: list[str]) -> TextFeatures:
-        tokens, pooled, att = self._forward(texts, self.max_len)
-        tokens, att = tokens[:, : self.max_len], att[:, : self.max_len]
+    def _encode_batch(self, texts: list[str], pad_to: int | None = None, n: int | None = None) -> TextFeatures:
+        """Token features at ``max_len`` of ``texts`` (the first ``n`` of them)."""
+        tokens, pooled, att = self._forward(texts, self.max_len, pad_to)
+        tokens, att, pooled = tokens[:n, : self.max_len], att[:n, : self.max_len], pooled[:n]
         pad = self.max_len - tokens.shape[1]
         tokens = torch.nn.functional.pad(tokens.float(), (0, 0, 0, pad))
         att = torch.nn.functional.pad(att, (0, pad))
@@ -169,25 +209,47 @@ class TextEncoder:
         batches = [[texts[j] for j in order[i:i + self.batch_size]] for i in range(0, len(texts), self.batch_size)]
         return batches, np.argsort(order, kind="stable")
 
-    def encode(self, texts: Sequence[str]) -> TextFeatures:
-        """Token features at ``max_len`` (and pooled features of the same truncation), in batches."""
+    def _plan(self, texts: list[str], limit: int, shapes: FixedShapes | None
+              ) -> tuple[list[tuple[list[str], int | None, int]], np.ndarray]:
+        """The batches ``(texts, padded length or None, real texts)`` and the order back to input order: by
+        length (:meth:`_batches`), or with ``shapes`` in fixed shapes (module docstring): texts grouped by their
+        padded length (:func:`fixed_token_length`), ``shapes.text_rows(length)`` a batch, the first text repeated
+        to fill the last."""
+        if shapes is None:
+            batches, back = self._batches(texts)
+            return [(b, None, len(b)) for b in batches], back
+        ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        pad = [fixed_token_length(len(x), limit) for x in ids]
+        order = np.argsort(pad, kind="stable")
+        plan = []
+        for length in sorted(set(pad)):
+            group, rows = [texts[j] for j in order if pad[j] == length], shapes.text_rows(length)
+            plan += [(fill_rows(group[s:s + rows], rows), length, len(group[s:s + rows]))
+                     for s in range(0, len(group), rows)]
+        return plan, np.argsort(order, kind="stable")
+
+    def encode(self, texts: Sequence[str], shapes: FixedShapes | None = None) -> TextFeatures:
+        """Token features at ``max_len`` (and pooled features of the same truncation), in batches (``shapes``: in
+        fixed shapes, module docstring)."""
         texts = list(texts)
         if not texts:
             return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, self.max_len, self.dim), np.float32),
                                 np.zeros((0, self.max_len), bool))
-        batches, back = self._batches(texts)
-        parts = [self._encode_batch(b) for b in batches]
+        plan, back = self._plan(texts, self.max_len, shapes)
+        parts = [self._encode_batch(b, pad, n) for b, pad, n in plan]
         return TextFeatures(pooled=np.concatenate([p.pooled for p in parts])[back],
                             tokens=np.concatenate([p.tokens for p in parts])[back],
                             mask=np.concatenate([p.mask for p in parts])[back])
 
-    def encode_pooled(self, texts: Sequence[str]) -> np.ndarray:
-        """Pooled features ``[B, Dt]`` of ``texts`` truncated at ``text_max_len`` tokens."""
+    def encode_pooled(self, texts: Sequence[str], shapes: FixedShapes | None = None) -> np.ndarray:
+        """Pooled features ``[B, Dt]`` of ``texts`` truncated at ``text_max_len`` tokens (``shapes``: in fixed
+        shapes, module docstring)."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        batches, back = self._batches(texts)
-        return np.concatenate([self._forward(b, self.text_max_len)[1].float().cpu().numpy() for b in batches])[back]
+        plan, back = self._plan(texts, self.text_max_len, shapes)
+        return np.concatenate([self._forward(b, self.text_max_len, pad)[1][:n].float().cpu().numpy()
+                               for b, pad, n in plan])[back]
 
 
 class ImageEncoder:
@@ -266,6 +328,17 @@ class ImageEncoder:
         if self._size(pixels) == 0:
             return np.zeros((0, self.dim), np.float32)
         return self.towers.image(self._inputs(pixels))[0].float().cpu().numpy()
+
+    def encode_fixed(self, items: Sequence[Any], rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` of preprocessed images in batches of exactly ``rows`` (the batch's first image repeated to
+        fill the last): an image's features do not depend on the images encoded beside it."""
+        globs = [np.zeros((0, self.dim), np.float32)]
+        regs = [np.zeros((0, self.n_regions, self.dim), np.float32)]
+        for s in range(0, len(items), rows):
+            part = items[s:s + rows]
+            g, r = self.encode(stack_inputs(fill_rows(part, rows)))
+            globs.append(g[:len(part)]), regs.append(r[:len(part)])
+        return np.concatenate(globs), np.concatenate(regs)
 
     def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Encode PIL images in-process (for small jobs; the feature step decodes in DataLoader workers)."""

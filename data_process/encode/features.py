@@ -59,8 +59,8 @@ from data_process.core.records import Entity, Mention, load_dataset
 from data_process.core.safe_paths import UnsafePath, resolve_in_dataset
 from data_process.encode.boxes_file import Box, read_boxes_file
 from data_process.encode.detector import DETECTIONS_FILE, DetectionSettings, Detector, detect_all
-from data_process.encode.encoders import (ImageEncoder, TextEncoder, describe_model_files, load_encoders,
-                                          stack_inputs, text_positions)
+from data_process.encode.encoders import (FixedShapes, ImageEncoder, TextEncoder, describe_model_files,
+                                          load_encoders, stack_inputs, text_positions)
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
 from data_process.encode.precomputed import VIEWS, ImportSpec, check_dims, prepare_import, write_import
 from data_process.encode.regions import (MODES, CropStats, PrepareCrops, RegionSettings, encode_crop_batch,
@@ -163,15 +163,18 @@ def _image_inputs(rels: Sequence[str | None], shas: Sequence[str | None]) -> lis
 # Images: decoded and preprocessed in worker processes (``data_process.core.images.iter_decoded``)
 
 
-def _encode_image_batch(items, image_enc: ImageEncoder) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+def _encode_image_batch(items, image_enc: ImageEncoder,
+                        rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """``items`` of ``(index, preprocessed array | None, reason)`` -> global [b, Di], regions [b, R, Di],
-    present [b] (zeros where absent), reasons."""
+    present [b] (zeros where absent), reasons; ``rows``: in fixed shapes, ``rows`` images a pass
+    (``ImageEncoder.encode_fixed``)."""
     b = len(items)
     glob = np.zeros((b, image_enc.dim), np.float32)
     regs = np.zeros((b, image_enc.n_regions, image_enc.dim), np.float32)
     present = np.array([arr is not None for _, arr, _ in items], dtype=bool)
     if present.any():
-        g, r = image_enc.encode(stack_inputs([arr for _, arr, _ in items if arr is not None]))
+        arrays = [arr for _, arr, _ in items if arr is not None]
+        g, r = image_enc.encode(stack_inputs(arrays)) if rows is None else image_enc.encode_fixed(arrays, rows)
         glob[present], regs[present] = g, r
     return glob, regs, present, [reason for _, _, reason in items]
 
@@ -192,11 +195,14 @@ def context_texts(mentions: Sequence[Mention]) -> list[str]:
     return [f"{m.mention} ({m.sentence})" for m in mentions]
 
 
-def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder) -> tuple[np.ndarray, np.ndarray]:
+def _pooled_or_zero(texts: Sequence[str | None], text_enc: TextEncoder,
+                    shapes: FixedShapes | None = None) -> tuple[np.ndarray, np.ndarray]:
     present = np.array([t is not None for t in texts], dtype=bool)
     out = np.zeros((len(texts), text_enc.dim), np.float32)
     if present.any():
-        out[present] = text_enc.encode_pooled([t for t in texts if t is not None])
+        present_texts = [t for t in texts if t is not None]
+        out[present] = (text_enc.encode_pooled(present_texts) if shapes is None else
+                        text_enc.encode_pooled(present_texts, shapes=shapes))
     return out, present
 
 
@@ -227,14 +233,16 @@ def _mention_crop_items(paths: Sequence[Path | None], image_enc: ImageEncoder, r
 
 def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | None, text_enc: TextEncoder,
                          image_enc: ImageEncoder, settings: FeatureSettings | None = None,
-                         batch_size: int = 64, detector: Detector | None = None
-                         ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+                         batch_size: int = 64, detector: Detector | None = None,
+                         shapes: FixedShapes | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Encode every mention view in memory: ``{view: (data float32, mask bool or None)}`` with the same
     shapes as the cache rows (views ``mention``, ``sentence``, ``context``, ``image``, ``regions``, ``profile``).
 
     Image paths are relative to ``image_root`` (absolute paths are used as they are); a missing image gives
     zeros and mask False. ``settings``, when given, must match the encoders (checked); with detector regions the
-    detector (``detector``, else loaded from ``settings``) runs on each image.
+    detector (``detector``, else loaded from ``settings``) runs on each image. ``shapes``: in fixed shapes
+    (``data_process.encode.encoders``), so a mention's views do not depend on the mentions encoded beside it;
+    crop regions (a detector pads a batch to its largest image) then take one mention's image at a time.
     """
     regions = settings.regions if settings is not None else RegionSettings()
     if settings is not None:
@@ -245,22 +253,25 @@ def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | N
                              f"region_grid {image_enc.region_grid}, text_max_len {text_enc.text_max_len})")
     root = Path(image_root) if image_root is not None else Path(".")
     mentions = list(mentions)
+    fixed = {} if shapes is None else {"shapes": shapes}
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    out["mention"] = (text_enc.encode_pooled([m.mention for m in mentions]), None)
-    out["context"] = (text_enc.encode_pooled(context_texts(mentions)), None)
-    sent = text_enc.encode([m.sentence for m in mentions])
+    out["mention"] = (text_enc.encode_pooled([m.mention for m in mentions], **fixed), None)
+    out["context"] = (text_enc.encode_pooled(context_texts(mentions), **fixed), None)
+    sent = text_enc.encode([m.sentence for m in mentions], **fixed)
     out["sentence"] = (sent.tokens, sent.mask)
     paths = [None if m.image is None else root / m.image for m in mentions]
     globs, regs, rmasks, pres = [], [], [], []
     if regions.crops:
-        items = _mention_crop_items(paths, image_enc, regions, detector, batch_size)
-        for i in range(0, len(items), batch_size):
-            cb = encode_crop_batch(items[i:i + batch_size], image_enc, regions.max_regions, batch_size)
+        step = batch_size if shapes is None else 1
+        items = _mention_crop_items(paths, image_enc, regions, detector, step)
+        for i in range(0, len(items), step):
+            cb = encode_crop_batch(items[i:i + step], image_enc, regions.max_regions, batch_size)
             globs.append(cb.glob), regs.append(cb.regions), rmasks.append(cb.regions_mask), pres.append(cb.present)
     else:
         items = [(i, *decode_image(p, image_enc.preprocess)) for i, p in enumerate(paths)]
         for i in range(0, len(items), batch_size):
-            g, r, p, _ = _encode_image_batch(items[i:i + batch_size], image_enc)
+            g, r, p, _ = _encode_image_batch(items[i:i + batch_size], image_enc,
+                                             None if shapes is None else shapes.image_rows)
             globs.append(g), regs.append(r), pres.append(p)
             rmasks.append(np.repeat(p[:, None], image_enc.n_regions, axis=1))
     n_regions = regions.max_regions if regions.crops else image_enc.n_regions
@@ -268,8 +279,8 @@ def encode_mention_views(mentions: Sequence[Mention], image_root: str | Path | N
     out["image"] = (np.concatenate(globs) if globs else np.zeros((0, image_enc.dim), np.float32), present)
     out["regions"] = (np.concatenate(regs) if regs else np.zeros((0, n_regions, image_enc.dim), np.float32),
                       np.concatenate(rmasks) if rmasks else np.zeros((0, n_regions), bool))
-    rows = [profile_texts(m) for m in mentions]
-    flat, mask = _pooled_or_zero([t for r in rows for t in r], text_enc)
+    profile = [profile_texts(m) for m in mentions]
+    flat, mask = _pooled_or_zero([t for r in profile for t in r], text_enc, shapes)
     k = len(PROFILE_ROWS)
     out["profile"] = (flat.reshape(len(mentions), k, text_enc.dim), mask.reshape(len(mentions), k))
     return out

@@ -10,14 +10,16 @@
 
 The retriever is a :class:`~nel_model.loaded_run.LoadedRun` (the run's checkpoint, loaded once; the feature
 cache's encoders; the KB's embeddings, read from the run folder or encoded once), ranked with the evaluation's
-own functions (the top lists of ``predictions/<split>.jsonl``, the pessimistic tie rule). Each mention is encoded
-and scored on its own: its numbers never depend on the mentions linked beside it, so a resumed run gives the
-entities and scores of an uninterrupted one. A re-ranker (the :class:`~nel_model.linking.Reranker` protocol)
-re-orders the first ``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); it is given
-the mentions' views and retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every
-returned entity says which stage produced its score; the entities after the re-ranked ones keep the retriever's
-order and scores. ``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this
-retriever (a feature re-ranker must have been trained on it).
+own functions (the top lists of ``predictions/<split>.jsonl``, the pessimistic tie rule). Mentions are encoded and
+scored together in fixed shapes (``nel_model.loaded_run``: texts padded to lengths of their own, passes of a fixed
+number of rows; scores ``MENTION_ROWS`` mentions a pass): a mention's entities do not depend on the mentions linked
+beside it, so a resumed run (or the server's batches) gives the entities of an uninterrupted one, and the scores
+to float rounding. A re-ranker (the :class:`~nel_model.linking.Reranker` protocol) re-orders the first
+``reranker.top_k`` retrieved entities (all requested when it has no ``top_k``); it is given the mentions' views and
+retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every returned entity says which
+stage produced its score; the entities after the re-ranked ones keep the retriever's order and scores.
+``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this retriever (a feature
+re-ranker must have been trained on it).
 
 Input: the unified mention format (``data_process.core.records`` Mention lines, ``docs/CONTRACTS.md``), where
 ``gold_id`` and ``split`` may be left out; an ``image`` is a name inside the input file's folder (or inside a
@@ -46,13 +48,14 @@ from data_process.core.entry import run_main
 from data_process.core.fingerprints import file_sha256, stable_hash
 from data_process.core.images import decode_image
 from data_process.core.locks import output_lock
-from data_process.core.records import DataError, iter_json_lines, mention_from_dict, record_json_problem
+from data_process.core.records import DataError, Where, iter_json_lines, mention_from_dict, record_json_problem
 from data_process.core.safe_paths import UnsafePath, check_output_file, regular_file_problem, resolve_in_dataset
 from data_process.core.settings import ToolkitParser
+from data_process.encode.encoders import fill_rows
 from nel_model.evaluation.evaluate import open_run, top_entities
 from nel_model.evaluation.metrics import full_kb_counts
-from nel_model.linking import Candidate, LinkedEntity, LinkedMention, MentionLists, Query, Reranker
-from nel_model.loaded_run import LoadedRun
+from nel_model.linking import Candidate, LinkedEntity, LinkedMention, LinkError, MentionLists, Query, Reranker
+from nel_model.loaded_run import MENTION_ROWS, LoadedRun
 from nel_model.rerank.llm import add_llm_flags, reranker_from_args
 from nel_model.rerank.registry import load_reranker
 
@@ -85,9 +88,12 @@ class Linker:
 
     @classmethod
     def from_run(cls, run: str | Path, reranker: Reranker | str | Path | None = None, device: str = "cpu",
-                 checkpoint: str = "best") -> "Linker":
-        """The run at ``checkpoint``; ``reranker``: a re-ranker, or a re-ranker run folder to load over it."""
+                 checkpoint: str = "best", index: str | Path | None = None) -> "Linker":
+        """The run at ``checkpoint``; ``reranker``: a re-ranker, or a re-ranker run folder to load over it;
+        ``index``: the KB to link against (an index folder, issue 28; default: the run's own KB)."""
         retriever = open_run(run, device, checkpoint)
+        if index is not None:
+            open_index(index, retriever)
         if isinstance(reranker, (str, Path)):
             reranker = load_reranker(reranker, retriever)
         return cls(retriever, reranker)
@@ -100,22 +106,43 @@ class Linker:
         return self.link_many([q], top_k)[0]
 
     # -- retrieval ------------------------------------------------------------------------------
-    def retrieve(self, query: Query, k: int) -> Retrieved:
-        """One mention's ``k`` best KB entities, encoded and scored on its own (float32, ties by KB row)."""
+    def retrieve_many(self, queries: Sequence[Query], k: int) -> list[Retrieved]:
+        """Each mention's ``k`` best KB entities (float32, ties by KB row), encoded and scored in fixed shapes
+        (``MENTION_ROWS`` queries a score pass, the first repeated to fill the last)."""
         r = self.retriever
-        views, q = r.encode_query(query)
-        scores, rows = top_entities(q, r.entity_emb, k, 1)
-        cands = []
-        for v, j in zip(scores[0].tolist(), rows[0].tolist()):
+        views, q = r.encode_queries(queries)
+        found = []
+        for s in range(0, len(queries), MENTION_ROWS):
+            part = queries[s:s + MENTION_ROWS]
+            chunk = torch.stack(fill_rows(list(q[s:s + MENTION_ROWS]), MENTION_ROWS))
+            scores, rows = top_entities(chunk, r.entity_emb, k, MENTION_ROWS)
+            golds = self._gold_ranks(part, chunk)
+            found += [Retrieved({key: v[s + i:s + i + 1] for key, v in views.items()}, q[s + i:s + i + 1],
+                                self._candidates(scores[i], rows[i]), golds[i]) for i in range(len(part))]
+        return found
+
+    def retrieve(self, query: Query, k: int) -> Retrieved:
+        """One mention's ``k`` best KB entities: :meth:`retrieve_many` of one."""
+        return self.retrieve_many([query], k)[0]
+
+    def _candidates(self, scores: torch.Tensor, rows: torch.Tensor) -> list[Candidate]:
+        r, cands = self.retriever, []
+        for v, j in zip(scores.tolist(), rows.tolist()):
             eid = r.data.entity_ids[j]
             rec = r.entity(eid)
             cands.append(Candidate(eid, rec.name if rec else "", rec.description if rec else "", float(v)))
-        gold = None
-        if query.gold_id is not None and query.gold_id in self.row_of:
-            counts = full_kb_counts(q, r.entity_emb, torch.tensor([self.row_of[query.gold_id]], device=q.device), 1,
-                                    r.settings.score_dtype)
-            gold = int(counts.ranks("pessimistic")[0])
-        return Retrieved(views, q, cands, gold)
+        return cands
+
+    def _gold_ranks(self, part: Sequence[Query], chunk: torch.Tensor) -> list[int | None]:
+        """The pessimistic whole-KB rank of each query's gold (``None``: no gold id, or not in the KB), over the
+        fixed-shape ``chunk`` of their embeddings."""
+        rows = [self.row_of.get(q.gold_id) if q.gold_id is not None else None for q in part]
+        if all(x is None for x in rows):
+            return [None] * len(part)
+        r = self.retriever
+        gold = torch.tensor(fill_rows([x or 0 for x in rows], len(chunk)), device=chunk.device)
+        ranks = full_kb_counts(chunk, r.entity_emb, gold, len(chunk), r.settings.score_dtype).ranks("pessimistic")
+        return [None if x is None else int(ranks[i]) for i, x in enumerate(rows)]
 
     # -- linking --------------------------------------------------------------------------------
     def link_many(self, mentions: Sequence[Query], top_k: int = 10) -> list[LinkedMention]:
@@ -124,7 +151,7 @@ class Linker:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         mentions = list(mentions)
         k_rr = None if self.reranker is None else (self.reranker.top_k or top_k)
-        found = [self.retrieve(q, max(top_k, k_rr or 0)) for q in mentions]
+        found = self.retrieve_many(mentions, max(top_k, k_rr or 0))
         if self.reranker is None:
             return [_linked(q, [(c, _num(c.score), "retriever") for c in f.candidates], top_k, f.gold_rank)
                     for q, f in zip(mentions, found)]
@@ -142,6 +169,16 @@ class Linker:
             gold = next((i for i, (c, _, _) in enumerate(ranked[:n], 1) if c.entity_id == q.gold_id), f.gold_rank)
             out.append(_linked(q, ranked, top_k, gold))
         return out
+
+
+def open_index(path: str | Path, retriever: LoadedRun) -> Any:
+    """The KB of an index folder (``dim-mel index``, issue 28) for ``retriever``: the one seam where a linker
+    takes a KB other than its run's own. Not supported yet: an error naming the folder."""
+    try:
+        import nel_model.index  # noqa: F401  (issue 28's package; absent from this build)
+    except ImportError:
+        raise LinkError(f"{path}: --index is not supported yet (this build has no nel_model.index)") from None
+    raise LinkError(f"{path}: --index is not supported yet (nel_model.index is not wired into the linker)")
 
 
 def _num(x: float) -> float | None:
@@ -170,46 +207,50 @@ class InputMention:
     sha256: str
 
 
+def check_mention(obj: Any, fail: Where, image_root: Path) -> tuple[Query, str]:
+    """One mention object of a linking input, checked as every linking input is (``dim-mel link``'s lines, the
+    server's requests): the unified mention format (``gold_id`` and ``split`` optional), its image named inside
+    ``image_root`` (``resolve_in_dataset``) and decoded. Returns the query and a hash of what it consists of (the
+    object and its image's bytes); a fault raises ``fail``'s :class:`DataError` naming the field."""
+    bad = record_json_problem(obj)
+    if bad is not None:
+        fail(*bad)
+    if not isinstance(obj, dict):
+        fail(None, f"record must be a JSON object, got {type(obj).__name__}")
+    gold = obj.get("gold_id")
+    m = mention_from_dict({"split": "test", **obj, "gold_id": gold or "?"}, fail)
+    image, image_sha = None, None
+    if m.image is not None:
+        try:
+            image = resolve_in_dataset(image_root, m.image)
+        except UnsafePath as exc:
+            fail("image", str(exc))
+        problem = regular_file_problem(image)
+        if problem is not None:
+            fail("image", f"{m.image}: {problem}")
+        decoded, why = decode_image(image)
+        if decoded is None:
+            fail("image", f"{m.image}: cannot read the image ({why})")
+        image_sha = file_sha256(image)
+    q = Query(sentence=m.sentence, mention=m.mention, image=image, caption=(m.caption or {}).get("text"),
+              enrichment=(m.enrichment or {}).get("text"), id=m.id, gold_id=gold if gold else None)
+    return q, stable_hash({"line": obj, "image_sha256": image_sha})
+
+
 def read_mentions(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[InputMention]:
-    """The mentions of a unified-format JSON Lines file (``gold_id`` and ``split`` optional); each image named
-    inside the file's folder (``resolve_in_dataset``) and decoded; the first bad line raises :class:`DataError`
-    naming the file, line, id and field."""
+    """The mentions of a unified-format JSON Lines file, each checked by :func:`check_mention` (images named
+    inside the file's folder); the first bad line raises :class:`DataError` naming the file, line, id and field."""
     path = Path(path)
     root = path.resolve().parent
     seen: dict[str, int] = {}
     for lineno, obj in iter_json_lines(path, max_line_bytes=max_line_bytes):
-        where = f"line {lineno}" + (f" (id {obj['id']!r})" if isinstance(obj, dict) and isinstance(obj.get("id"), str)
-                                    else "")
-
-        def fail(field_name, problem, _where=where):
-            raise DataError(path, _where, field_name, problem)
-
-        bad = record_json_problem(obj)
-        if bad is not None:
-            fail(*bad)
-        if not isinstance(obj, dict):
-            fail(None, f"record must be a JSON object, got {type(obj).__name__}")
-        gold = obj.get("gold_id")
-        m = mention_from_dict({"split": "test", **obj, "gold_id": gold or "?"}, fail)
-        if m.id in seen:
-            fail("id", f"duplicate id, first seen on line {seen[m.id]}")
-        seen[m.id] = lineno
-        image, image_sha = None, None
-        if m.image is not None:
-            try:
-                image = resolve_in_dataset(root, m.image)
-            except UnsafePath as exc:
-                fail("image", str(exc))
-            problem = regular_file_problem(image)
-            if problem is not None:
-                fail("image", f"{m.image}: {problem}")
-            decoded, why = decode_image(image)
-            if decoded is None:
-                fail("image", f"{m.image}: cannot read the image ({why})")
-            image_sha = file_sha256(image)
-        q = Query(sentence=m.sentence, mention=m.mention, image=image, caption=(m.caption or {}).get("text"),
-                  enrichment=(m.enrichment or {}).get("text"), id=m.id, gold_id=gold if gold else None)
-        yield InputMention(q, lineno, stable_hash({"line": obj, "image_sha256": image_sha}))
+        fail = Where(path, f"line {lineno}" + (f" (id {obj['id']!r})" if isinstance(obj, dict)
+                                               and isinstance(obj.get("id"), str) else ""))
+        query, sha = check_mention(obj, fail, root)
+        if query.id in seen:
+            fail("id", f"duplicate id, first seen on line {seen[query.id]}")
+        seen[query.id] = lineno
+        yield InputMention(query, lineno, sha)
 
 
 def reranker_fingerprint(reranker: Reranker | None) -> str | None:
