@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data_process.core",), ("data_process.ingest",), ("data_process.augment",), ("data_process.encode",),
     ("nel_model.nel", "nel_model.losses"),                          # the model: torch only
     ("nel_model.data", "nel_model.distributed", "nel_model.runs", "nel_model.encoding", "nel_model.linking"),   # the model's support
-    ("nel_model.evaluation",),
+    ("nel_model.evaluation", "nel_model.index"),
     ("nel_model.args", "nel_model.training", "nel_model.inference", "nel_model.rerank"),
     ("nel_model.reporting",),
     ("nel_model.ablations", "nel_model.train", "nel_model"),        # orchestration and entry points
