@@ -1,12 +1,16 @@
 """The approximate kinds: a faiss structure proposes a pool of candidates, the stored vectors score them exactly.
 
-* ``ivfpq``: an inverted file (``nlist`` k-means cells over the entity vectors) of product-quantised residuals
-  (``m`` sub-vectors of ``nbits`` bits: ``m * nbits / 8`` bytes an entity in memory); a search visits the ``nprobe``
-  nearest cells. Removing entities removes their codes; adding encodes new ones with the same trained quantiser.
-* ``hnsw``: a navigable small-world graph (``m`` links a node, ``ef_construction`` breadth while inserting) over
-  scalar-quantised vectors (``storage`` ``sq8``: one byte a dimension, so 10 million 384-d entities take 3.8 GB plus
-  the graph; ``flat``: float32); a search explores ``ef_search`` nodes. Added entities are inserted into the graph;
-  removed ones stay in it as waypoints and are filtered out of every answer (a faiss ``IDSelector``).
+* ``ivfpq`` (:class:`IVFPQParams`): an inverted file (``nlist`` k-means cells over the entity vectors) of
+  product-quantised residuals (``m`` sub-vectors of ``nbits`` bits: ``m * nbits / 8`` bytes an entity in memory,
+  96 at 384-d); a search visits the ``nprobe`` cells nearest the query. The compact kind (about 1 GB for 10 million
+  384-d entities); its recall needs queries that fall in the entities' cells (``bench/results/index_scale_cpu.md``:
+  untrained mention vectors do not). Removing entities removes their codes; adding encodes new ones with the same
+  trained quantiser.
+* ``hnsw`` (:class:`HNSWParams`, the default approximate kind): a navigable small-world graph (``m`` links a node,
+  ``ef_construction`` breadth while inserting) over scalar-quantised vectors (``storage`` ``sq8``: one byte a
+  dimension, so 10 million 384-d entities take 3.8 GB plus about 2.6 GB of graph; ``flat``: float32); a search
+  explores ``ef_search`` nodes. Added entities are inserted into the graph; removed ones stay in it as waypoints and
+  are filtered out of every answer (a faiss ``IDSelector``).
 
 Both propose ``pool`` candidates (never padding: faiss's ``-1`` labels are dropped), which are then scored exactly
 from the shards (float32 inner products) and ordered like exact search: higher first, ties in KB order. So an
