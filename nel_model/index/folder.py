@@ -127,7 +127,7 @@ def _queries(queries: Any, dim: int) -> np.ndarray:
 
 @dataclass
 class _ShardPlan:
-    """One planned shard: its number, ids fingerprint and size (and, when this process encodes it, its batches)."""
+    """One planned shard: its number, the fingerprint of its ids and its size."""
 
     number: int
     ids_hash: str
