@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("nel_model.nel", "nel_model.mimic", "nel_model.losses"),       # the model: torch only
     ("nel_model.data", "nel_model.distributed", "nel_model.runs", "nel_model.encoding", "nel_model.linking",
      "nel_model.config", "nel_model.loaded_run"),                   # the model's support
-    ("nel_model.evaluation",),
+    ("nel_model.evaluation", "nel_model.index"),
     ("nel_model.training",),
     ("nel_model.rerank",),                                          # second stages: never the linking commands
     ("nel_model.inference",),                                       # retrieve, link, predict (over the re-rankers)
