@@ -17,9 +17,10 @@ import torch
 from data_process.encode.feature_store import PROFILE_ROWS, FeatureStore
 from data_process.core.records import SPLITS, DatasetInfo, read_info, read_mentions
 
-# (side.view) -> batch key; masks get "<key>_mask".
+# (side.view) -> batch key; masks get "<key>_mask". desc_tokens and regions of the entity side: MIMIC's (views a
+# feature cache holds only when asked for them, docs/CONTRACTS.md)
 MENTION_VIEWS = ("mention", "sentence", "context", "image", "regions", "profile")
-ENTITY_VIEWS = ("desc", "image", "profile")
+ENTITY_VIEWS = ("desc", "image", "profile", "desc_tokens", "regions")
 
 
 class _LazyArrays:

@@ -154,10 +154,10 @@ class TextEncoder:
         tokens = tokens * att.unsqueeze(-1).to(tokens.dtype)  # padding positions are exactly zero
         return tokens, pooled, att
 
-    def _encode_batch(self, texts: list[str]) -> TextFeatures:
-        tokens, pooled, att = self._forward(texts, self.max_len)
-        tokens, att = tokens[:, : self.max_len], att[:, : self.max_len]
-        pad = self.max_len - tokens.shape[1]
+    def _encode_batch(self, texts: list[str], max_len: int) -> TextFeatures:
+        tokens, pooled, att = self._forward(texts, max_len)
+        tokens, att = tokens[:, : max_len], att[:, : max_len]
+        pad = max_len - tokens.shape[1]
         tokens = torch.nn.functional.pad(tokens.float(), (0, 0, 0, pad))
         att = torch.nn.functional.pad(att, (0, pad))
         return TextFeatures(pooled=pooled.float().cpu().numpy(), tokens=tokens.cpu().numpy(),
@@ -169,14 +169,19 @@ class TextEncoder:
         batches = [[texts[j] for j in order[i:i + self.batch_size]] for i in range(0, len(texts), self.batch_size)]
         return batches, np.argsort(order, kind="stable")
 
-    def encode(self, texts: Sequence[str]) -> TextFeatures:
-        """Token features at ``max_len`` (and pooled features of the same truncation), in batches."""
+    def encode(self, texts: Sequence[str], max_len: int | None = None) -> TextFeatures:
+        """Token features at ``max_len`` (default: the encoder's, the sentence view's; ``entity.desc_tokens`` gives
+        its own) and pooled features of the same truncation, in batches."""
         texts = list(texts)
+        max_len = self.max_len if max_len is None else int(max_len)
+        if not 2 <= max_len <= self.limit:
+            raise ValueError(f"a token length of {max_len} is outside [2, {self.limit}] (the text encoder's "
+                             f"positions, {self.name})")
         if not texts:
-            return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, self.max_len, self.dim), np.float32),
-                                np.zeros((0, self.max_len), bool))
+            return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, max_len, self.dim), np.float32),
+                                np.zeros((0, max_len), bool))
         batches, back = self._batches(texts)
-        parts = [self._encode_batch(b) for b in batches]
+        parts = [self._encode_batch(b, max_len) for b in batches]
         return TextFeatures(pooled=np.concatenate([p.pooled for p in parts])[back],
                             tokens=np.concatenate([p.tokens for p in parts])[back],
                             mask=np.concatenate([p.mask for p in parts])[back])

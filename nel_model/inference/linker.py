@@ -49,8 +49,9 @@ from data_process.core.locks import output_lock
 from data_process.core.records import DataError, iter_json_lines, mention_from_dict, record_json_problem
 from data_process.core.safe_paths import UnsafePath, check_output_file, regular_file_problem, resolve_in_dataset
 from data_process.core.settings import ToolkitParser
-from nel_model.evaluation.evaluate import open_run, top_entities
-from nel_model.evaluation.metrics import full_kb_counts
+from nel_model.encoding import Encoded, cat_encoded
+from nel_model.evaluation.evaluate import open_run
+from nel_model.evaluation.scoring import KBScorer, kb_scorer
 from nel_model.linking import Candidate, LinkedEntity, LinkedMention, MentionLists, Query, Reranker
 from nel_model.loaded_run import LoadedRun
 from nel_model.rerank.llm import add_llm_flags, reranker_from_args
@@ -66,11 +67,12 @@ RERANKER_IDENTITY = ("kind", "run", "model", "base_url", "k", "top_k", "prompt",
 
 @dataclass
 class Retrieved:
-    """One mention retrieved: its views and embedding ``[1, D]`` (for a re-ranker), its candidates (best first)
-    and the gold's pessimistic whole-KB rank (``None``: no gold id, or not in the KB)."""
+    """One mention retrieved: its views and embedding ``[1, D]`` (a pairwise retriever: its encoded mention side;
+    for a re-ranker), its candidates (best first) and the gold's pessimistic whole-KB rank (``None``: no gold id,
+    or not in the KB)."""
 
     views: dict[str, torch.Tensor]
-    embedding: torch.Tensor
+    embedding: Encoded
     candidates: list[Candidate]
     gold_rank: int | None
 
@@ -82,6 +84,7 @@ class Linker:
         self.retriever = retriever
         self.reranker = reranker
         self.row_of = {eid: i for i, eid in enumerate(retriever.data.entity_ids)}
+        self._scorer: KBScorer | None = None
 
     @classmethod
     def from_run(cls, run: str | Path, reranker: Reranker | str | Path | None = None, device: str = "cpu",
@@ -100,11 +103,18 @@ class Linker:
         return self.link_many([q], top_k)[0]
 
     # -- retrieval ------------------------------------------------------------------------------
+    @property
+    def scorer(self) -> KBScorer:
+        """The retriever's KB scorer (its embeddings, or a pairwise run's encoded KB side; made on first use)."""
+        if self._scorer is None:
+            self._scorer = kb_scorer(self.retriever.model, self.retriever.kb, self.retriever.settings)
+        return self._scorer
+
     def retrieve(self, query: Query, k: int) -> Retrieved:
         """One mention's ``k`` best KB entities, encoded and scored on its own (float32, ties by KB row)."""
         r = self.retriever
         views, q = r.encode_query(query)
-        scores, rows = top_entities(q, r.entity_emb, k, 1)
+        scores, rows = self.scorer.top(q, k)
         cands = []
         for v, j in zip(scores[0].tolist(), rows[0].tolist()):
             eid = r.data.entity_ids[j]
@@ -112,8 +122,7 @@ class Linker:
             cands.append(Candidate(eid, rec.name if rec else "", rec.description if rec else "", float(v)))
         gold = None
         if query.gold_id is not None and query.gold_id in self.row_of:
-            counts = full_kb_counts(q, r.entity_emb, torch.tensor([self.row_of[query.gold_id]], device=q.device), 1,
-                                    r.settings.score_dtype)
+            counts = self.scorer.full_kb_counts(q, torch.tensor([self.row_of[query.gold_id]], device=r.device))
             gold = int(counts.ranks("pessimistic")[0])
         return Retrieved(views, q, cands, gold)
 
@@ -130,7 +139,7 @@ class Linker:
                     for q, f in zip(mentions, found)]
         views = ({key: torch.cat([f.views[key] for f in found]) for key in found[0].views} if found else {})
         lists = MentionLists(mentions, [f.candidates[:k_rr] for f in found], views=views,
-                             embeddings=torch.cat([f.embedding for f in found]) if found else None)
+                             embeddings=cat_encoded([f.embedding for f in found]) if found else None)
         scores = self.reranker.score(lists)
         out = []
         for q, f, row in zip(mentions, found, scores):
