@@ -14,8 +14,9 @@ lists are built on those two, in chunks:
   encoded sides (:class:`~nel_model.mimic.MentionSide`, :class:`~nel_model.mimic.EntitySide`: no KB embedding
   matrix), in float32. The mention and entity chunks are the run's (``eval_batch_size``, ``entity_chunk``), cut down
   so that one call stays within ``pair_memory_mb`` (:func:`nel_model.mimic.pair_bytes`, plus the ``[b, E]`` row of
-  scores the counts read). Mentions are scored in order of their token count (the model cuts the token positions no
-  row of a block uses, so similar lengths side by side do less work); the counts come back in the mentions' order.
+  scores the counts read). Mentions are scored in order of their token count and the KB is held in order of its
+  entities' (the model cuts the token positions no row of a block uses, so similar lengths side by side do less
+  work); the counts and the scores come back in the mentions' and the KB's order.
 
 Chunking changes no rank: every score of a mention is computed from that mention and that entity alone
 (``tests/test_pairwise_eval.py`` compares chunked and unchunked whole-KB evaluations).
@@ -162,6 +163,15 @@ class PairScorer(KBScorer):
     pairwise = True
 
     def __init__(self, model: MIMIC, kb: EntitySide, settings: EvalSettings):
+        # the KB in order of its entities' token counts: self.kb = kb.rows(self.perm), KB row r at self.pos[r]
+        self.perm = self.pos = None
+        if kb.token_weight is not None and len(kb):
+            perm = torch.argsort((kb.token_weight > 0).sum(1).cpu(), stable=True)
+            if not torch.equal(perm, torch.arange(len(kb))):
+                self.perm = perm.to(kb.token_weight.device)
+                self.pos = torch.empty_like(self.perm)
+                self.pos[self.perm] = torch.arange(len(kb), device=self.perm.device)
+                kb = kb.rows(self.perm)
         super().__init__(kb, settings)
         self.model = getattr(model, "module", model)
         cfg = self.model.cfg
@@ -189,6 +199,8 @@ class PairScorer(KBScorer):
         return self.model.pair_scores(m, self.kb.rows(slice(start, end))).float()
 
     def pairs(self, m: MentionSide, rows: torch.Tensor) -> torch.Tensor:
+        if self.pos is not None:
+            rows = self.pos[rows.to(self.pos.device)]
         step = max(1, min(self.mention_chunk, self.budget // self.list_cost(rows.shape[1])))
         out = [self.model.pair_scores(m.rows(slice(s, s + step)), self.kb, rows[s:s + step]).float()
                for s in range(0, len(m), step)]
@@ -201,7 +213,8 @@ class PairScorer(KBScorer):
 
     def scores(self, m: MentionSide) -> torch.Tensor:
         self.model.eval()
-        return super().scores(m)
+        out = super().scores(m)
+        return out if self.pos is None else out[:, self.pos]
 
     def describe(self) -> dict[str, Any]:
         """The chunks and the bound one call was held to (``results.json``'s ``chunks``)."""
