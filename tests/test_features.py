@@ -451,3 +451,28 @@ def test_entity_regions_from_a_boxes_file_are_refused_before_any_work(assets, tm
     with pytest.raises(ValueError, match="--views entity.regions: --regions file names boxes of mention images"):
         build_features(data, tmp_path / "f", settings, num_workers=0, device="cpu", views=["entity.regions"])
     assert not (tmp_path / "f").exists()
+
+
+def test_a_cache_of_the_views_configs_mimic_yaml_lists_opens_for_mimic(assets, tmp_path):
+    """`dim-mel features --config configs/mimic.yaml` writes what MIMIC reads (no `mention.mention`): the cache opens
+    and gives MIMIC its batches (a DIM model over it is one error naming the view it lacks)."""
+    import torch
+
+    from nel_model.config import mimic_config, parse_train_args
+    from nel_model.data import FeatureSource, load_mel_data
+    from nel_model.mimic import MIMIC
+
+    data, clip = assets
+    out = tmp_path / "f"
+    mimic = Path(__file__).resolve().parents[1] / "configs" / "mimic.yaml"
+    assert features.main(["--data", str(data), "--out", str(out), "--clip", str(clip), "--region_grid", "2",
+                          "--max_len", "12", "--desc_max_len", "12", "--num_workers", "0", "--device", "cpu",
+                          "--config", str(mimic)]) == 0
+    assert sorted(FeatureStore(out).views()) == sorted(features.views_of_config(mimic))
+    cache = load_mel_data(out)
+    model = MIMIC(mimic_config(parse_train_args(["--config", str(mimic), "--text-len", "12"]).model, cache))
+    source = FeatureSource(cache, model.cfg.mention_views(), model.cfg.entity_views())
+    overall, units = model(source.mentions(np.arange(4)), source.entities(np.arange(4)))
+    assert overall.shape == (4, 4) and set(units) == {"text", "image", "fusion"} and torch.isfinite(overall).all()
+    with pytest.raises(ValueError, match="the feature cache has no mention view 'mention'"):
+        FeatureSource(cache, ("mention", "sentence"), ("desc",))
