@@ -544,7 +544,8 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
                             _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
         if views is not None:
-            summary["left_out"] = [name for name in fps if name not in views]
+            # (a view written only when asked is never "left out": the default leaves it out too)
+            summary["left_out"] = [name for name in fps if name not in views and name not in ASKED_VIEWS]
             fps = {name: fp for name, fp in fps.items() if name in views}
         else:                                   # the default: every view but those written only when asked
             fps = {name: fp for name, fp in fps.items() if name not in ASKED_VIEWS}
