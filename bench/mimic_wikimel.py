@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 from nel_model.runs import cpu_model
-from wikimel_ghmfc import PAPER_BUDGET, aggregate, epoch_seconds, minilm_path, run_metrics, run_step, tables  # noqa: E402 - bench/ is on sys.path
+# bench/ is the script's folder: on sys.path
+from wikimel_ghmfc import PAPER_BUDGET, aggregate, epoch_seconds, minilm_path, run_metrics, run_step, tables
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = ("mention.mention", "mention.sentence", "mention.context", "mention.image", "mention.regions",

@@ -1,8 +1,8 @@
 """A pairwise model (MIMIC) in the one evaluation and in the training engine, on a synthetic feature cache with the
-views MIMIC reads (a sentence token carries a rotation of the gold's description: learnable, not zero-shot): whole-KB and candidate counts in chunks equal to unchunked ones and to
-a rank computed pair by pair, the memory bound of a chunk, ``dim-mel train --model mimic`` (learning, exact resume,
-the official optimiser, the dev protocols), ``dim-mel evaluate`` / ``retrieve`` of a MIMIC run, and a MIMIC run as
-the pairwise re-ranker of a two-stage run."""
+views MIMIC reads (a sentence token carries a rotation of the gold's description: learnable, not zero-shot): whole-KB
+and candidate counts in chunks equal to unchunked ones and to a rank computed pair by pair, the memory bound of a
+chunk, ``dim-mel train --model mimic`` (learning, exact resume, the official optimiser, the dev protocols), ``dim-mel
+evaluate`` / ``retrieve`` of a MIMIC run, and a MIMIC run as the pairwise re-ranker of a two-stage run."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_dim_mel_train_model_mimic_learns_beyond_the_untrained_model(cache, mimi
     conf = json.loads((mimic_run / "config.json").read_text())
     assert conf["task"] == "mimic" and conf["model_config"]["model"] == "mimic"
     assert trained["dev_protocol"] == {"protocol": "candidates", "subset": None}
-    assert set(trained["protocols"]["full_kb"]) == {"test"} and set(trained["protocols"]["candidates"]) == {"dev", "test"}
+    assert set(trained["protocols"]["full_kb"]) == {"test"}
+    assert set(trained["protocols"]["candidates"]) == {"dev", "test"}
     lines = [json.loads(x) for x in (mimic_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3, 4, 5]
     assert all(x["dev_protocol"] == "candidates" and x["dev"] == x["dev_candidates"] for x in lines)

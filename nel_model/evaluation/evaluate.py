@@ -8,8 +8,9 @@ feature cache, else encoded once in chunks; mentions are scored by chunked matri
 ``nel_model.evaluation.metrics`` for the tie rules, the candidate rules and exact low-precision scoring). A pairwise
 run (MIMIC) is scored through the same counting code by its model's ``pair_scores`` against its encoded KB side, in
 chunks bounded by ``--pair-memory-mb`` (:mod:`nel_model.evaluation.scoring`). ``--tie-rule`` and
-``--candidate-rule`` default to the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is evaluated by
-``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a run needs.
+``--candidate-rule`` default to the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is
+evaluated by ``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a
+run needs.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from nel_model import distributed as D
 from nel_model.config import eval_settings_of
 from nel_model.data import FeatureSource, MELData
 from nel_model.encoding import ENCODE_DTYPE, Encoded, EvalSettings, encode_entities, encode_mentions
-from nel_model.evaluation.scoring import kb_scorer
+from nel_model.evaluation.scoring import DotScorer, kb_scorer
 from nel_model.loaded_run import LoadedRun
-from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
-                               metrics_from_counts, metrics_from_ranks, topk_by_row)
+from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_recall, metrics_from_counts,
+                                          metrics_from_ranks)
 from nel_model.runs import PREDICTIONS_DIR, PROTOCOLS, RunError, two_stage_of
 
 
@@ -171,13 +172,9 @@ def evaluate_with_index(r: LoadedRun, splits: list[str], kind: str, k: int) -> d
 def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
-    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.evaluation.metrics.topk_by_row``)."""
-    k = min(k, len(entities))
-    ent = entities.float()
-    parts = [topk_by_row(queries[s: s + chunk].float() @ ent.T, k) for s in range(0, len(queries), chunk)]
-    if not parts:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat([v for v, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
+    equal scores are ordered by KB row, a NaN score ranks last (a bi-encoder's :meth:`KBScorer.top
+    <nel_model.evaluation.scoring.KBScorer.top>`, ``chunk`` queries at a time)."""
+    return DotScorer(entities, EvalSettings(mention_chunk=chunk)).top(queries, k)
 
 
 def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Scoring encoded mentions against an encoded KB, one abstraction for both kinds of model, feeding the evaluation's
-one counting code (:func:`~nel_model.evaluation.metrics.score_counts`, :func:`~nel_model.evaluation.metrics.list_counts`,
-:func:`~nel_model.evaluation.metrics.topk_by_row`).
+one counting code (:func:`~nel_model.evaluation.metrics.score_counts`,
+:func:`~nel_model.evaluation.metrics.list_counts`, :func:`~nel_model.evaluation.metrics.topk_by_row`).
 
 A :class:`KBScorer` scores a block of mentions against a block of entities (:meth:`KBScorer.block`) and each mention
 against its own entities (:meth:`KBScorer.pairs`); the whole-KB counts, the candidate-list counts and the top-K

@@ -58,7 +58,8 @@ def _rows_of(ids: list[str], row_of: dict[str, int]) -> np.ndarray:
     return np.array([row_of.get(i, -1) for i in ids], dtype=np.int64)
 
 
-def list_scores(pairwise: LoadedRun, scorer: PairScorer, mention_ids: list[str], entity_ids: list[list[str]]) -> torch.Tensor:
+def list_scores(pairwise: LoadedRun, scorer: PairScorer, mention_ids: list[str],
+                entity_ids: list[list[str]]) -> torch.Tensor:
     """``[N, K]`` float32 scores of the pairwise run for mentions of its feature cache (by id) against their listed
     entities (by id); NaN for an entity missing from its KB."""
     data = pairwise.data
