@@ -23,7 +23,6 @@ r"""MIMIC with and without its image units on the synthetic demo data (images ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -35,7 +34,9 @@ from typing import Any
 import torch
 
 from nel_model.runs import cpu_model
-from wikimel_ghmfc import aggregate, epoch_seconds, run_metrics, run_step, tables  # noqa: E402 - bench/ on sys.path
+# bench/ is the script's folder: on sys.path
+from mimic_wikimel import train_run
+from wikimel_ghmfc import aggregate, run_metrics, tables
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = ("mention.mention", "mention.sentence", "mention.context", "mention.image", "mention.regions",
@@ -73,22 +74,6 @@ def build(work: Path, threads: int) -> Path:
     return feats
 
 
-def train(feats: Path, run: Path, key: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
-    """One run (reused when its results.json exists: delete the folder to train it again)."""
-    _, config, flags = RUNS[key]
-    cmd = [sys.executable, "-m", "nel_model.train", "--config", str(REPO / "configs" / config), "--features",
-           str(feats), "--output-dir", str(run), "--device", "cpu", "--overwrite", "--threads", str(threads),
-           "--seed", str(seed), "--label", run.name, "--epochs", str(epochs), *flags]
-    if (run / "results.json").is_file():
-        res = {**json.loads((run / "results.json").read_text()), "reused": True}
-    else:
-        res = run_step(cmd, run, "python -m nel_model.train")
-    res["epoch_seconds"] = epoch_seconds(run) if (run / "metrics.jsonl").is_file() else {}     # --epochs 0: none
-    print(f"  {run.name}: test MRR {100 * res['protocols']['full_kb']['test']['mrr']:.2f} "
-          f"(best epoch {res['best_epoch']}, {res.get('time_s')} s)", flush=True)
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path)
@@ -102,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.time()
     feats = build(a.work, a.threads)
-    runs = {key: [train(feats, a.work / "runs" / f"{key}_s{s}", key, s, a.epochs, a.threads) for s in a.seeds]
-            for key in RUNS}
+    runs = {key: [train_run(feats, a.work / "runs" / f"{key}_s{s}", RUNS[key][1], RUNS[key][2], s, a.epochs,
+                            a.threads) for s in a.seeds] for key in RUNS}
     agg = {key: aggregate([run_metrics(r) for r in rs]) for key, rs in runs.items()}
     full_md, cand_md = tables([(RUNS[k][0] + f", {len(a.seeds)} seeds", agg[k]) for k in RUNS])
     result = {

@@ -85,19 +85,18 @@ def build_features(dataset: Path, work: Path, threads: int) -> Path:
     return feats
 
 
-def train(feats: Path, run: Path, model: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
-    """One run (reused when its results.json exists), with its seconds per epoch."""
-    _, config, extra = MODELS[model]
+def train_run(feats: Path, run: Path, config: str, flags: list[str], seed: int, epochs: int,
+              threads: int) -> dict[str, Any]:
+    """One ``dim-mel train`` run of ``configs/CONFIG`` + ``flags`` (reused when its results.json exists: delete the
+    folder to train it again), with its seconds per epoch."""
     if (run / "results.json").is_file():
-        res = json.loads((run / "results.json").read_text())
-        res.setdefault("time_s", None)
-        res["reused"] = True
+        res = {**json.loads((run / "results.json").read_text()), "reused": True}
     else:
         cmd = [sys.executable, "-m", "nel_model.train", "--config", str(REPO / "configs" / config), "--features",
                str(feats), "--output-dir", str(run), "--device", "cpu", "--overwrite", "--threads", str(threads),
-               "--seed", str(seed), "--label", run.name, "--epochs", str(epochs), *extra]
+               "--seed", str(seed), "--label", run.name, "--epochs", str(epochs), *flags]
         res = run_step(cmd, run, "python -m nel_model.train")
-    res["epoch_seconds"] = epoch_seconds(run)
+    res["epoch_seconds"] = epoch_seconds(run) if (run / "metrics.jsonl").is_file() else {}     # --epochs 0: none
     full = res["tie_rules"]["pessimistic"]["full_kb"]["test"]["mrr"]
     print(f"  {run.name}: test MRR {100 * full:.2f} (best epoch {res['best_epoch']}, {res.get('time_s')} s)",
           flush=True)
@@ -143,7 +142,8 @@ def run_benchmark(dataset: Path, work: Path, seeds: tuple[int, ...], epochs: int
     runs: dict[str, list[dict[str, Any]]] = {}
     t = time.time()
     for model in models:
-        runs[model] = [train(feats, work / "runs" / f"{model}_s{s}", model, s, epochs, threads) for s in seeds]
+        runs[model] = [train_run(feats, work / "runs" / f"{model}_s{s}", MODELS[model][1], MODELS[model][2], s,
+                                 epochs, threads) for s in seeds]
     timings["train"] = round(time.time() - t, 1)
     print(f"[2/4] train ({timings['train']} s)", flush=True)
     t = time.time()

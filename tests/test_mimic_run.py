@@ -1,6 +1,6 @@
-"""A MIMIC run linking new mentions, alone and as the pairwise re-ranker of a two-stage linker: synthetic dataset ->
-tiny CLIP features with the views MIMIC reads (dim-mel features --config configs/mimic.yaml) -> a DIM run and a
-MIMIC run -> retrieve -> rerank-pairwise -> link / predict. The mentions given as raw text and images rank as the
+"""A MIMIC run linking new mentions, alone and as the pairwise re-ranker of a two-stage linker: test_predict's demo
+(synthetic dataset, tiny CLIP features, a DIM run) -> a feature cache of the views MIMIC reads (dim-mel features
+--config configs/mimic.yaml) -> a MIMIC run -> retrieve with the DIM run -> rerank-pairwise -> link / predict. The mentions given as raw text and images rank as the
 runs' own predictions rank them (about a minute on 2 CPU cores)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from nel_model.inference.linker import Linker
 from nel_model.linking import Query
 from nel_model.runs import load_predictions
 from nel_model.train import main as train_main
+from test_predict import demo as predict_demo  # noqa: F401  (the module-scoped demo run fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -25,30 +26,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(predict_demo, tmp_path_factory):
+    """test_predict's demo (a synthetic dataset, a tiny CLIP, its feature cache and a trained DIM run, the
+    retriever here), a feature cache of the views configs/mimic.yaml lists, a MIMIC run on it, and the DIM run's
+    lists re-ranked by the MIMIC run."""
     from data_process.encode import features
-    from data_process.fixtures.synthetic import SyntheticConfig, generate
-    from data_process.fixtures.tiny_models.clip import save_tiny_clip
     from nel_model.inference.retrieve import retrieve
     from nel_model.rerank.pairwise import rerank_pairwise
 
     w = tmp_path_factory.mktemp("mimic_demo")
-    data = generate(w / "data", SyntheticConfig(entities=24, mentions=160, seed=0, image_size=32), progress=False)
-    clip = save_tiny_clip(w / "clip", image_size=32)
-    views = features.views_of_config(ROOT / "configs" / "mimic.yaml")
-    every = ",".join(dict.fromkeys([*features.VIEWS, *views]))             # DIM's views and MIMIC's
-    assert features.main(["--data", str(data), "--out", str(w / "feat"), "--clip", str(clip), "--max-len", "16",
-                          "--desc-max-len", "16", "--region-grid", "2", "--num-workers", "0", "--device", "cpu",
-                          "--views", every]) == 0
-    common = ["--features", str(w / "feat"), "--threads", "1", "--device", "cpu", "--seed", "1"]
-    train_main(["--config", str(ROOT / "configs" / "synthetic.yaml"), "--output-dir", str(w / "dim"), "--epochs", "6",
-                *common])
-    train_main(["--config", str(ROOT / "configs" / "mimic.yaml"), "--output-dir", str(w / "mimic"), "--epochs", "4",
-                "--lr", "3e-3", "--hidden", "32", "--dv", "32", "--text-len", "16", "--batch-size", "32",
-                "--dev-protocol", "candidates", "--select-by", "candidates:mrr", *common])
-    retrieve(w / "dim", ("dev", "test"), 5, device="cpu")
-    rerank_pairwise(w / "dim", w / "mimic", w / "two")
-    return {"data": Path(data), "dim": w / "dim", "mimic": w / "mimic", "two": w / "two", "root": w}
+    data, dim = predict_demo["data"], predict_demo["run"]
+    assert features.main(["--data", str(data), "--out", str(w / "feat"), "--clip", str(predict_demo["root"] / "clip"),
+                          "--max-len", "16", "--desc-max-len", "16", "--region-grid", "2", "--num-workers", "0",
+                          "--device", "cpu", "--config", str(ROOT / "configs" / "mimic.yaml")]) == 0
+    train_main(["--config", str(ROOT / "configs" / "mimic.yaml"), "--features", str(w / "feat"), "--output-dir",
+                str(w / "mimic"), "--epochs", "4", "--lr", "3e-3", "--hidden", "32", "--dv", "32", "--text-len", "16",
+                "--batch-size", "32", "--dev-protocol", "candidates", "--select-by", "candidates:mrr", "--threads",
+                "1", "--device", "cpu", "--seed", "1"])
+    retrieve(dim, ("dev", "test"), 5, device="cpu")
+    rerank_pairwise(dim, w / "mimic", w / "two")
+    return {"data": Path(data), "dim": dim, "mimic": w / "mimic", "two": w / "two"}
 
 
 def _queries(ds, mentions) -> list[Query]:
