@@ -240,3 +240,16 @@ def test_a_mimic_run_reranks_a_retrievers_lists_in_a_two_stage_run(cache, mimic_
     assert reranker_kind(two) == "pairwise"
     rr = load_reranker(two, open_run(dim, "cpu"))
     assert rr.top_k == 10 and rr.fingerprint == m.checkpoint_sha256 and rr.shared_views
+
+
+def test_tables_and_the_error_analysis_read_a_mimic_run(mimic_run, tmp_path, capsys):
+    from nel_model.reporting.analyze import main as analyze_main
+    from nel_model.reporting.tables import main as table_main
+
+    mrr = json.loads((mimic_run / "results.json").read_text())["protocols"]["full_kb"]["test"]["mrr"]
+    assert table_main([str(mimic_run)]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| mimic |"))
+    assert f"{100 * mrr:.2f}" in row
+    assert analyze_main(["--run", str(mimic_run), "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert (report["n"], report["protocol"], report["split"]) == (48, "full_kb", "test") and report["breakdowns"]
