@@ -20,12 +20,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # encode: a unified dataset -> a feature cache
     "features": ("data_process.encode.features", "encode a unified dataset into a feature cache"),
     # model: train, evaluate, link
-    "train": ("nel_model.train", "train and evaluate DIM on a feature cache"),
+    "train": ("nel_model.train", "train and evaluate a model on a feature cache (DIM; --model mimic: MIMIC)"),
     "evaluate": ("nel_model.evaluate", "re-evaluate a saved run (one-stage or two-stage)"),
     "predict": ("nel_model.inference.predict", "link one mention with a trained run (dim-mel link: a JSONL file)"),
     "retrieve": ("nel_model.inference.retrieve", "every mention's top-K KB entities: the lists a re-ranker uses"),
     "rerank": ("nel_model.rerank.train_feature", "train the feature re-ranker on a retriever's lists (two-stage run)"),
     "rerank-llm": ("nel_model.rerank.llm", "re-rank a retriever's top-k lists with a chat model (LLM / VLM) and evaluate"),
+    "rerank-pairwise": ("nel_model.rerank.pairwise", "re-rank a retriever's top-k lists with a trained pairwise run "
+                        "(MIMIC)"),
+    "index": ("nel_model.inference.kb_index", "encode a KB with a trained run into an index folder (link --index); "
+              "add or remove entities"),
     "link": ("nel_model.inference.linker", "link a JSONL of mentions with a run (and a re-ranker), resumable"),
     "serve": ("nel_model.inference.serve", "serve a run over HTTP: POST /link links mentions as dim-mel link does"),
     # results: tables, plots, analysis of run folders

@@ -43,6 +43,7 @@ from typing import Any, Callable, ClassVar, Mapping, NoReturn, Sequence
 
 from data_process.core.settings import Setting, ToolkitParser, add_bool, load_settings, settings_from_parser
 from data_process.encode.feature_store import PROFILE_ROWS
+from nel_model.mimic import MISSING_IMAGE_CHOICES, MIMICConfig
 from nel_model.nel import SWITCH_CHOICES, DIMConfig
 from nel_model.runs import (CANDIDATE_RULES, CONFIG_FILE, METRIC_KEYS, PROTOCOLS, TIE_RULES, RunError,
                             load_config)
@@ -127,9 +128,12 @@ VIEW_FLAGS: dict[str, str] = {
     "caption": "the caption profile row", "enrichment": "the LLM enrichment profile row",
     "entity_image": "entity images", "entity_profile": "entity enrichment",
 }
-# the feature views (SIDE.VIEW, as the feature cache names them) a model may read
+# the feature views (SIDE.VIEW, as the feature cache names them) a DIM model may read
 FEATURE_VIEWS = ("mention.mention", "mention.sentence", "mention.context", "mention.image", "mention.regions",
                  "mention.profile", "entity.desc", "entity.image", "entity.profile")
+# every view of the feature cache, in its order: also those written only when asked (MIMIC's entity tokens and
+# regions; data_process.encode.features.ASKED_VIEWS)
+CACHE_VIEWS = (*FEATURE_VIEWS, "entity.desc_tokens", "entity.regions")
 _DIM_DEFAULTS = {f.name: f.default for f in fields(DIMConfig) if f.default is not MISSING}
 
 
@@ -473,14 +477,21 @@ class TrainConfig(TaskConfig):
                           if f in self.given and getattr(m, f))
             if both:
                 error(f"--no-image contradicts {' and '.join(both)} (the image views are off with --no-image)")
-        if self.data.views:
-            unknown = [v for v in self.data.views if v not in FEATURE_VIEWS]
-            if unknown:
-                error(f"--views: unknown view {unknown[0]!r} (views: {', '.join(FEATURE_VIEWS)})")
-            left_out = [v for v in views_read(self) if v not in self.data.views]
-            if left_out:       # a flag over a config's list (--residual over dim_paper.yaml): the cache may lack it
-                print(f"warning: --views leaves out {', '.join(left_out)}, which this model reads (the feature step "
-                      "encodes only the views listed; add them, or switch their use off)", file=sys.stderr)
+        _check_views(self, error)
+
+
+def _check_views(cfg: "TrainConfig | MIMICTrainConfig", error: Callable[[str], NoReturn]) -> None:
+    """A ``views`` list names views of the cache, and a warning names those the model reads that it leaves out."""
+    if not cfg.data.views:
+        return
+    known = FEATURE_VIEWS if isinstance(cfg, TrainConfig) else CACHE_VIEWS
+    unknown = [v for v in cfg.data.views if v not in known]
+    if unknown:
+        error(f"--views: unknown view {unknown[0]!r} (views: {', '.join(known)})")
+    left_out = [v for v in views_read(cfg) if v not in cfg.data.views]
+    if left_out:       # a flag over a config's list (--residual over dim_paper.yaml): the cache may lack it
+        print(f"warning: --views leaves out {', '.join(left_out)}, which this model reads (the feature step "
+              "encodes only the views listed; add them, or switch their use off)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,8 +574,126 @@ class RerankConfig(TaskConfig):
         return flat
 
 
+# ---------------------------------------------------------------------------------------------
+# MIMIC (dim-mel train --model mimic): defaults = the official config/wikimel.yaml = configs/mimic.yaml
+
+DEV_PROTOCOLS = ("full_kb", "candidates", "subset")
+_MIMIC_DEFAULTS = {f.name: f.default for f in fields(MIMICConfig) if f.default is not MISSING}
+
+
+def _mimic(name: str, help: str = "", choices: Sequence[Any] | None = None) -> Any:
+    """A MIMIC model setting whose default is the model's own (:class:`~nel_model.mimic.MIMICConfig`)."""
+    return opt(_MIMIC_DEFAULTS[name], help, choices)
+
+
+@dataclass
+class MIMICDataConfig:
+    """The feature cache (it must hold the views MIMIC reads: docs/MIMIC.md)."""
+
+    features: str | None = opt(None, "feature folder written by data_process.encode.features (with the views "
+                                     "configs/mimic.yaml lists: entity.desc_tokens, entity.regions)")
+    dataset: str | None = opt(None, "unified dataset folder (gold ids, splits, candidates); default: meta.json "
+                                    "'dataset'")
+    views: tuple[str, ...] = opt((), "the feature views this configuration's model reads, SIDE.VIEW comma-separated "
+                                     "(a list in YAML); dim-mel features --config encodes these")
+
+
+@dataclass
+class MIMICModelConfig:
+    """MIMIC's matcher (nel_model.mimic.MIMICConfig; docs/MIMIC.md, docs/DIVERGENCES.md M1-M12)."""
+
+    hidden: int = _mimic("hidden", "the units' hidden size (official TGLU/IDLU/CMFU_hidden_dim)")
+    dv: int = _mimic("dv", "image features are mapped to this size before the units (official dv)")
+    dropout: float = _mimic("dropout", "on the normalised inputs (the official code has none)")
+    use_text_unit: bool = _mimic("use_text_unit", "the text-based global-local unit (TGLU)")
+    use_image_unit: bool = _mimic("use_image_unit", "the vision-based dual-gated local unit (VDLU; reads images)")
+    use_fusion_unit: bool = _mimic("use_fusion_unit", "the cross-modal fusion unit (CMFU; reads images)")
+    text_len: int = _mimic("text_len", "token positions read of the token views (official text_max_length)")
+    global_image_token: bool = _mimic("global_image_token", "the pooled image is the first image token (CLIP's "
+                                                            "class token, as the official code)")
+    mask_padding: bool = _mimic("mask_padding", "padded token positions take no part (false: they do, as the "
+                                                "official code; docs/DIVERGENCES.md M6)")
+    missing_image: str = _mimic("missing_image", "a missing image: masked, or fed as its cached (zero) row like the "
+                                                 "official code's blank image (M7)", MISSING_IMAGE_CHOICES)
+
+
+@dataclass
+class MIMICLossConfig:
+    """The official loss: CE(overall) + CE(text) + CE(image) + CE(fusion), in-batch (losses.mimic_loss_sum)."""
+
+    mask_gold_copies: bool = opt(False, "mask another copy of a mention's gold in the batch (the official code counts "
+                                        "it as a negative)")
+
+
+@dataclass
+class MIMICOptimConfig(OptimConfig):
+    """AdamW as the official code configures it (lightning_mimic.py), the schedule, early stopping and selection."""
+
+    adam_eps: float = opt(1e-4, "AdamW epsilon (the official 1e-4; the engine's default optimiser: 1e-8)")
+    decay_norm_weights: bool = opt(True, "weight decay on every parameter but biases, layer-norm weights included "
+                                         "(the official code); false: on matrices only (the engine's rule)")
+    lr_schedule: str = opt("constant", "constant learning rate (the official code) or the engine's linear warm-up "
+                                       "and decay", ("constant", "linear"))
+
+
+@dataclass
+class MIMICEvalConfig(EvalConfig):
+    """Pairwise scoring in chunks bounded in memory, the dev protocol the checkpoint is selected on, the tie and
+    candidate rules."""
+
+    pair_memory_mb: int = opt(1024, "bound on the memory of one pairwise scoring call (nel_model.mimic.pair_bytes): "
+                                    "the mention and entity chunks shrink to fit it")
+    dev_protocol: str = opt("full_kb", "what dev is evaluated on after each epoch: every dev mention against the "
+                                       "whole KB (the official selection; minutes per epoch on a CPU for WikiMEL), "
+                                       "the candidate lists only (seconds), or a fixed subset of --dev-subset dev "
+                                       "mentions against the whole KB plus every list", DEV_PROTOCOLS)
+    dev_subset: int = opt(1000, "dev mentions of --dev-protocol subset (a fixed sample, the same for every seed)",
+                          effective=("dev_protocol", ("subset",)))
+
+
+def _mimic_optim() -> MIMICOptimConfig:
+    return MIMICOptimConfig(epochs=20, batch_size=128, lr=1e-5, weight_decay=1e-4, warmup_steps=0,
+                            max_grad_norm=0.0, patience=6)
+
+
+@dataclass
+class MIMICTrainConfig(TaskConfig):
+    """``dim-mel train --model mimic``: MIMIC (Luo et al., KDD 2023) on a feature cache, trained by the engine. Its
+    defaults are the official ``config/wikimel.yaml`` (``configs/mimic.yaml`` writes them out)."""
+
+    TASK: ClassVar[str] = "mimic"
+    PROG: ClassVar[str] = "dim-mel train --model mimic"
+    DESCRIPTION: ClassVar[str] = ("Train and evaluate MIMIC (a pairwise matcher of token interactions) on a feature "
+                                  "cache: docs/MIMIC.md.")
+    PATHS: ClassVar[tuple[str, ...]] = ("features",)
+
+    run: RunConfig = _section(lambda: RunConfig(seed=43, threads=1))
+    optim: MIMICOptimConfig = _section(_mimic_optim)
+    data: MIMICDataConfig = _section(MIMICDataConfig)
+    model: MIMICModelConfig = _section(MIMICModelConfig)
+    loss: MIMICLossConfig = _section(MIMICLossConfig)
+    eval: MIMICEvalConfig = _section(lambda: MIMICEvalConfig(eval_batch_size=20, entity_chunk=6000))
+
+    def check(self, error: Callable[[str], NoReturn]) -> None:
+        super().check(error)
+        e = self.eval
+        if e.eval_dtype not in ("auto", "float32"):
+            error(f"--eval-dtype {e.eval_dtype}: a pairwise model scores in float32 (auto)")
+        if e.pair_memory_mb < 1 or e.dev_subset < 1 or e.entity_chunk < 1 or e.eval_batch_size < 1:
+            error("--pair-memory-mb, --dev-subset, --entity-chunk and --eval-batch-size must be at least 1")
+        select = parse_select_by(self.optim.select_by)[0]
+        if e.dev_protocol == "candidates" and select != "candidates":
+            error(f"--dev-protocol candidates evaluates dev on the candidate lists only: select on them too "
+                  f"(--select-by candidates:mrr, not {self.optim.select_by})")
+        try:
+            mimic_config(self.model, _FullCache(text_dim=1, image_dim=1))
+        except ValueError as exc:
+            error(str(exc))
+        _check_views(self, error)
+
+
 # dim-mel train --model NAME: the configuration of each model (its task: nel_model.train.TASKS)
-TRAIN_CONFIGS: dict[str, type[TaskConfig]] = {"dim": TrainConfig}
+TRAIN_CONFIGS: dict[str, type[TaskConfig]] = {"dim": TrainConfig, "mimic": MIMICTrainConfig}
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> TaskConfig:
@@ -646,9 +775,13 @@ class _FullCache:
     profile_rows: tuple[str, ...] = PROFILE_ROWS
 
 
-def views_read(cfg: TrainConfig) -> tuple[str, ...]:
+def views_read(cfg: "TrainConfig | MIMICTrainConfig") -> tuple[str, ...]:
     """The feature views (``SIDE.VIEW``) the model of ``cfg`` reads from a cache that holds them all, in the feature
     cache's order: what the feature step must encode for it (``dim-mel features --views``)."""
+    if isinstance(cfg, MIMICTrainConfig):
+        model = mimic_config(cfg.model, _FullCache(text_dim=1, image_dim=1))
+        read = {f"mention.{v}" for v in model.mention_views()} | {f"entity.{v}" for v in model.entity_views()}
+        return tuple(v for v in CACHE_VIEWS if v in read)
     m = cfg.model
     # a text size under which the configured sizes hold (the residual start, a raw query's sum)
     d = m.output_size or (m.hidden_size if m.query_input == "raw" else 0) or 512
@@ -670,3 +803,15 @@ def dim_config_from_saved(saved: Mapping[str, Any]) -> DIMConfig:
     conf = {**_LEGACY_MODEL, **saved}
     conf["profile_rows"], conf["profile_use"] = tuple(conf["profile_rows"]), tuple(conf["profile_use"])
     return DIMConfig(**conf)
+
+
+def mimic_config(m: MIMICModelConfig, data: Any) -> MIMICConfig:
+    """:class:`~nel_model.mimic.MIMICConfig` of the model settings ``m`` on a feature cache ``data`` (anything with
+    ``text_dim`` and ``image_dim``)."""
+    return MIMICConfig(text_dim=data.text_dim, image_dim=data.image_dim, **asdict(m))
+
+
+def mimic_config_from_saved(saved: Mapping[str, Any]) -> MIMICConfig:
+    """The :class:`~nel_model.mimic.MIMICConfig` a MIMIC checkpoint's ``model_config`` records (``"model":
+    "mimic"`` beside the model's fields)."""
+    return MIMICConfig(**{k: v for k, v in saved.items() if k != "model"})

@@ -7,6 +7,12 @@ on (:class:`~nel_model.data.MELData`, :class:`~nel_model.data.FeatureSource`), t
 (loaded on first use: only new mentions and new entities need them) and the KB's entity embeddings (computed on
 first use, once).
 
+A pairwise run (MIMIC: ``nel_model.encoding.is_pairwise``) has no KB embedding matrix: its **encoded KB side**
+(:attr:`LoadedRun.kb`, a :class:`~nel_model.mimic.EntitySide`: every tensor of the KB that depends on the entities
+alone) takes the matrix's place, encoded once on first use and never saved (it is larger than the cached views it
+comes from); the evaluation scores mentions against it pair by pair (``nel_model.evaluation.scoring``).
+:attr:`LoadedRun.kb` is the one name for either side.
+
 The KB's embeddings are read from the run folder (``entity_embeddings.npy``) when ``entity_embeddings.json``
 records exactly what they would be computed from now (:func:`kb_fingerprint`: the checkpoint file's SHA-256, the
 feature cache's entity views with their content hashes, the KB's ids, the encode dtype and chunk); training writes
@@ -44,8 +50,10 @@ from data_process.core.records import ENTITIES_FILE, Entity, Mention, read_entit
 from data_process.encode.encoders import FixedShapes
 from data_process.encode.feature_store import PROFILE_ROWS
 from nel_model.data import FeatureSource, MELData, load_mel_data
-from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions, load_run_model
+from nel_model.encoding import (ENCODE_DTYPE, Encoded, EvalSettings, cat_encoded, encode_entities,
+                                encode_mention_batch, encode_mentions, is_pairwise, load_run_model)
 from nel_model.linking import Query
+from nel_model.mimic import MIMIC
 from nel_model.nel import DIM
 from nel_model.runs import (RETRIEVAL_DIR, RunError, checkpoint_path, load_config, load_predictions,
                             read_entity_embeddings, write_entity_embeddings)
@@ -127,7 +135,7 @@ class LoadedRun:
 
     run: Path
     config: dict[str, Any]
-    model: DIM
+    model: DIM | MIMIC
     checkpoint: str                 # best | last
     epoch: int | None               # the checkpoint's epoch
     checkpoint_sha256: str          # of RUN/checkpoints/<checkpoint>.pt: what the run's results come from
@@ -136,6 +144,7 @@ class LoadedRun:
     settings: EvalSettings
     device: torch.device
     _entity_emb: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _kb_side: Encoded | None = field(default=None, init=False, repr=False)
     _encoders: tuple[Any, Any, Any] | None = field(default=None, init=False, repr=False)
     _entities: dict[str, Entity] | None = field(default=None, init=False, repr=False)
 
@@ -168,10 +177,44 @@ class LoadedRun:
         """What this run's KB embeddings are computed from (:func:`kb_fingerprint`)."""
         return kb_fingerprint(self.checkpoint_sha256, self.data, self.model.cfg.entity_views(), self.settings)
 
+    def index_fingerprint(self) -> dict[str, Any]:
+        """What the vectors of a KB index built with this run are a function of, besides the entity records: the
+        checkpoint, the encoders (by name: a path differs between machines) and their lengths, the embedding size
+        (``dim-mel index``). A pairwise run has no entity vectors: a :class:`RunError` naming the run."""
+        if self.pairwise:
+            raise RunError(f"{self.run}: a pairwise run (MIMIC) scores each (mention, entity) pair and has no entity "
+                           "vectors to index; index with a bi-encoder run and re-rank with the pairwise one")
+        meta = self.data.meta
+        return {"checkpoint_sha256": self.checkpoint_sha256,
+                "text_encoder": Path(str(meta.get("text_encoder", ""))).name,
+                "image_encoder": Path(str(meta.get("image_encoder", ""))).name,
+                "lengths": [meta.get("max_len"), meta.get("text_max_len"), meta.get("desc_max_len")],
+                "dim": int(self.model.cfg.output_size)}
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the run's model scores (mention, entity) pairs (MIMIC) instead of embeddings' dot products."""
+        return is_pairwise(self.model)
+
+    @property
+    def kb(self) -> Encoded:
+        """The encoded KB side the evaluation scores against: :attr:`entity_emb` for a bi-encoder; a pairwise
+        model's :class:`~nel_model.mimic.EntitySide` of every KB entity, encoded here once."""
+        if not self.pairwise:
+            return self.entity_emb
+        if self._kb_side is None:
+            self._kb_side = encode_entities(self.model, self.source, self.device, self.settings)
+        return self._kb_side
+
     @property
     def entity_emb(self) -> torch.Tensor:
         """Every KB entity ``[E, D]`` float32 on the device, as the run's evaluation encodes them: read from the
-        run folder when its record matches (:meth:`kb_fingerprint`), else encoded here once (and saved)."""
+        run folder when its record matches (:meth:`kb_fingerprint`), else encoded here once (and saved). A
+        pairwise run has none (:attr:`kb` is its encoded KB side): a :class:`RunError` naming the run."""
+        if self.pairwise:
+            raise RunError(f"{self.run}: a pairwise run (MIMIC) scores each (mention, entity) pair; it has no KB "
+                           "embedding matrix (a KB index, the feature re-ranker's embedding features and faiss "
+                           "need a bi-encoder run)")
         if self._entity_emb is None:
             fp = self.kb_fingerprint()
             saved = read_entity_embeddings(self.run, fp) if fp is not None else None
@@ -202,8 +245,9 @@ class LoadedRun:
         return self._entities.get(entity_id)
 
     # -- the feature cache's mentions -----------------------------------------------------------
-    def mention_embeddings(self, rows: np.ndarray) -> torch.Tensor:
-        """The cache's mentions ``rows``, encoded as the run's evaluation encodes them (float32, on the device)."""
+    def mention_embeddings(self, rows: np.ndarray) -> Encoded:
+        """The cache's mentions ``rows``, encoded as the run's evaluation encodes them (float32, on the device; a
+        pairwise run: its :class:`~nel_model.mimic.MentionSide`)."""
         return encode_mentions(self.model, self.source, rows, self.device, self.settings)
 
     def lists(self, split: str) -> RetrievedLists:
@@ -278,19 +322,20 @@ class LoadedRun:
         return self._views(encode_mention_views(mentions, None, text_enc, image_enc, settings, shapes=MENTION_SHAPES))
 
     @torch.no_grad()
-    def encode_queries(self, queries: Sequence[Query]) -> tuple[Views, torch.Tensor]:
-        """New mentions' views ``[N, ...]`` and embeddings ``[N, D]`` (float32), each independent of the others
-        (module docstring): the views in fixed shapes, the model one mention a pass (its attention over the
-        sentence, CPU ``scaled_dot_product_attention`` with a query of length 1, gives a row a result that depends
-        on its position in the batch when torch runs more than one thread)."""
+    def encode_queries(self, queries: Sequence[Query]) -> tuple[Views, Encoded]:
+        """New mentions' views ``[N, ...]`` and embeddings ``[N, D]`` (float32; a pairwise run: its
+        ``MentionSide``), each independent of the others (module docstring): the views in fixed shapes, the model one
+        mention a pass (its attention over the sentence, CPU ``scaled_dot_product_attention`` with a query of length
+        1, gives a row a result that depends on its position in the batch when torch runs more than one thread)."""
         views = self.query_views(queries)
-        model = self.model.eval()
-        parts = [torch.zeros(0, self.model.cfg.output_size, device=self.device)]
-        parts += [model.encode_mentions({k: v[i:i + 1] for k, v in views.items()}).float() for i in range(len(queries))]
-        return views, torch.cat(parts)
+        if not queries:
+            return views, encode_mention_batch(self.model, views)
+        return views, cat_encoded([encode_mention_batch(self.model, {k: v[i:i + 1] for k, v in views.items()})
+                                   for i in range(len(queries))])
 
-    def encode_query(self, query: Query) -> tuple[Views, torch.Tensor]:
-        """One new mention's views and its embedding ``[1, D]`` (float32): :meth:`encode_queries` of one."""
+    def encode_query(self, query: Query) -> tuple[Views, Encoded]:
+        """One new mention's views and its embedding ``[1, D]`` (float32; a pairwise run: its ``MentionSide``):
+        :meth:`encode_queries` of one."""
         return self.encode_queries([query])
 
     def entity_views(self, entities: Sequence[Entity], image_root: str | Path) -> Views:
@@ -305,6 +350,7 @@ class LoadedRun:
     def encode_entity_records(self, entities: Sequence[Entity], image_root: str | Path) -> torch.Tensor:
         """Embeddings ``[len(entities), D]`` (float32, L2-normalised) of KB records the run was not trained on, in
         chunks of the run's entity chunk: what a KB index of a new KB holds."""
+        self.entity_emb     # a pairwise run has no KB embeddings: the error names it
         wanted = self.model.cfg.entity_views()
         parts = [torch.zeros(0, self.model.cfg.output_size, device=self.device)]
         step = max(1, int(self.settings.entity_chunk))

@@ -218,6 +218,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def _used(weights: torch.Tensor) -> int:
+    """1 + the last token position to which any row of ``weights`` [..., L] gives weight (at least 1)."""
+    used = (weights > 0).reshape(-1, weights.shape[-1]).any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
+
+
 def _keep_one(mask: torch.Tensor) -> torch.Tensor:
     """``mask`` [N, T] with position 0 unmasked in rows without any real position, so a softmax stays finite (the
     caller zeroes such rows' output)."""
@@ -412,22 +418,27 @@ class MIMIC(nn.Module):
 
     def _text_unit(self, m: MentionSide, e: EntitySide, aligned: bool) -> torch.Tensor:
         g2g = _bdot(m.text, e.text, aligned)
-        b, lm, h = m.keys.shape
-        if aligned:                                  # e.queries [B, K, Le, H+1]: each mention its own K entities
-            k, le = e.queries.shape[1:3]
-            logits = torch.matmul(e.queries.reshape(b, k * le, h), m.keys.transpose(1, 2)).view(b, k, le, lm)
-            p = _softmax(logits, m.key_keep[:, None, None, :])
-            pooled = torch.matmul(e.token_weight.unsqueeze(-2), p).squeeze(-2)          # [B, K, Lm]
-        else:                                        # e.queries [E, Le, H+1]: every pair, one matrix product
-            k, le = e.queries.shape[:2]
-            logits = (e.queries.reshape(k * le, h) @ m.keys.reshape(b * lm, h).T).view(k, le, b, lm)
-            p = _softmax(logits, m.key_keep)
-            pooled = torch.matmul(e.token_weight.unsqueeze(1), p.view(k, le, b * lm))   # [E, 1, B*Lm]
+        # token positions that no row of this block uses (padding past its longest mention / entity) take no part
+        # in any softmax or mean: cutting them off gives the same scores with less work
+        lm, le = _used(m.key_keep), _used(e.token_weight)
+        keys, keep, values = m.keys[:, :lm], m.key_keep[:, :lm], m.values[:, :lm]
+        queries, weight = e.queries[..., :le, :], e.token_weight[..., :le]
+        b, h = keys.shape[0], keys.shape[2]
+        if aligned:                                  # queries [B, K, Le, H+1]: each mention its own K entities
+            k = queries.shape[1]
+            logits = torch.matmul(queries.reshape(b, k * le, h), keys.transpose(1, 2)).view(b, k, le, lm)
+            p = _softmax(logits, keep[:, None, None, :])
+            pooled = torch.matmul(weight.unsqueeze(-2), p).squeeze(-2)                  # [B, K, Lm]
+        else:                                        # queries [E, Le, H+1]: every pair, one matrix product
+            k = queries.shape[0]
+            logits = (queries.reshape(k * le, h) @ keys.reshape(b * lm, h).T).view(k, le, b, lm)
+            p = _softmax(logits, keep)
+            pooled = torch.matmul(weight.unsqueeze(1), p.view(k, le, b * lm))           # [E, 1, B*Lm]
             pooled = pooled.view(k, b, lm).transpose(0, 1)                              # [B, E, Lm]
         del logits, p
         # the mean over entity tokens of (attention @ values) is (mean of the attention) @ values: one [Lm, H]
         # product per pair instead of Le of them
-        ctx = self.tglu_norm(torch.matmul(pooled, m.values))                           # [B, K, H]
+        ctx = self.tglu_norm(torch.matmul(pooled, values))                             # [B, K, H]
         cls = e.cls if aligned else e.cls.unsqueeze(0)
         g2l = (ctx * cls).sum(-1)
         both = m.has_tokens.unsqueeze(1) & (e.has_tokens if aligned else e.has_tokens.unsqueeze(0))

@@ -14,9 +14,10 @@ from data_process.core.entry import run_main
 from nel_model.config import parse_train_args
 from nel_model.training.engine import fit
 from nel_model.training.loop import RetrieverTask
+from nel_model.training.mimic_task import MIMICTask
 
 # dim-mel train --model NAME -> the engine task that trains it (its configuration: nel_model.config.TRAIN_CONFIGS)
-TASKS: dict[str, Callable[..., Any]] = {"dim": RetrieverTask}
+TASKS: dict[str, Callable[..., Any]] = {"dim": RetrieverTask, "mimic": MIMICTask}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -84,8 +84,6 @@ def test_shipped_configs_list_exactly_the_views_their_model_reads():
     for path in sorted(CONFIGS.glob("*.yaml")):
         if path.name in ("enrich.yaml", "caption.yaml", "rerank.yaml", "rerank_llm.yaml"):     # other commands'
             continue
-        if path.name == "mimic.yaml":      # issue 29's draft, a plain mapping until MIMIC is a training task
-            continue
         cfg = parse_train_args(["--config", str(path)])
         assert views_read(cfg) == (cfg.data.views or FEATURE_VIEWS), path.name
     paper = parse_train_args(["--config", str(CONFIGS / "dim_paper.yaml")])

@@ -355,3 +355,124 @@ def test_the_feature_step_encodes_the_views_a_config_or_views_names(assets, tmp_
     assert features.views_of_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml") is None
     with pytest.raises(ValueError, match="--views: unknown view 'mention.caption'"):
         features.main(common + ["--views", "mention.caption"])
+
+
+MIMIC_VIEWS = ["entity.desc", "entity.desc_tokens", "entity.image", "entity.regions", "mention.context",
+               "mention.image", "mention.regions", "mention.sentence"]
+
+
+def _twin_dataset(data: Path, dst: Path) -> tuple[Path, int, int]:
+    """A copy of ``data`` where one mention's sentence is an entity's text and its image the entity's first image:
+    the entity-side views of that entity must equal the mention-side views of that mention (the same recipe)."""
+    ds = load_dataset(data)
+    e = next(x for x in ds.entities if x.images)
+    m = ds.mentions[0]
+    ds.mentions[0] = replace(m, sentence=e.text(), mention=e.name, span=None, image=e.images[0])
+    save_dataset(dst, ds.info, ds.entities, ds.mentions)
+    for p in (data / "images", ):
+        if p.exists():
+            shutil.copytree(p, dst / "images", dirs_exist_ok=True)
+    return dst, 0, ds.entities.index(e)
+
+
+def test_entity_token_and_region_views_are_written_when_asked_with_the_mention_views_recipe(assets, tmp_path):
+    """``entity.desc_tokens`` [E, Ld, Dt] is encoded like ``mention.sentence`` (the same text gives the same
+    tokens) and ``entity.regions`` [E, R, Di] like ``mention.regions`` (the same image gives the same regions); an
+    entity without an image has zero regions, mask False; neither is written unless a list asks for it."""
+    data, clip = assets
+    twin, m_row, e_row = _twin_dataset(data, tmp_path / "twin")
+    out = tmp_path / "f"
+    common = ["--data", str(twin), "--out", str(out), "--clip", str(clip), "--max_len", "12", "--region_grid", "2",
+              "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]
+    assert features.main(common) == 0
+    assert FeatureStore(out).views() == VIEWS                  # the default: not the views written when asked
+    assert features.main(common + ["--views", ",".join(MIMIC_VIEWS), "--desc_max_len", "12"]) == 0
+    store = FeatureStore(out)
+    meta = store.meta()
+    assert set(MIMIC_VIEWS) <= set(store.views()) and meta["desc_max_len"] == 12
+    assert meta["views"]["entity.desc_tokens"]["max_len"] == 12
+    assert meta["views"]["entity.regions"]["regions"] == {"mode": "grid", "grid": 2}
+    ds = load_dataset(twin)
+    E = len(ds.entities)
+    tok, reg = store.load("entity", "desc_tokens"), store.load("entity", "regions")
+    assert tok.data.shape == (E, 12, 64) and tok.mask.shape == (E, 12) and tok.data.dtype == np.float16
+    assert reg.data.shape == (E, 4, 64) and reg.mask.shape == (E, 4)
+    sent, mreg = store.load("mention", "sentence"), store.load("mention", "regions")
+    np.testing.assert_array_equal(tok.data[e_row], sent.data[m_row])
+    np.testing.assert_array_equal(tok.mask[e_row], sent.mask[m_row])
+    np.testing.assert_array_equal(reg.data[e_row], mreg.data[m_row])
+    assert reg.mask[e_row].all()
+    assert (np.asarray(tok.data)[~np.asarray(tok.mask)] == 0).all()               # padding is zero
+    no_image = [i for i, e in enumerate(ds.entities) if not e.images]
+    assert no_image and not reg.mask[no_image].any() and not np.asarray(reg.data[no_image]).any()
+    img = store.load("entity", "image")
+    np.testing.assert_array_equal(reg.mask.any(1), img.mask)                        # regions where an image is
+    # the other views were not touched; a rerun skips everything
+    assert features.main(common + ["--views", ",".join(MIMIC_VIEWS), "--desc_max_len", "12"]) == 0
+    summary = build_features(twin, out, replace(_settings(clip), desc_max_len=12), num_workers=0, device="cpu",
+                             views=MIMIC_VIEWS)
+    assert summary["written"] == [] and sorted(summary["skipped"]) == MIMIC_VIEWS
+
+
+@pytest.mark.parametrize("victim", ["entity.desc_tokens", "entity.regions"])
+def test_entity_views_resume_after_a_kill_and_are_encoded_again_when_altered(assets, tmp_path, monkeypatch, victim):
+    data, clip = assets
+    settings = replace(_settings(clip), desc_max_len=10)
+    ref = tmp_path / "ref"
+    build_features(data, ref, settings, batch_size=8, num_workers=0, device="cpu", views=[victim])
+    out = tmp_path / "f"
+    real_write = kill_after_first_write(monkeypatch, victim)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(data, out, settings, batch_size=8, num_workers=0, device="cpu", views=[victim])
+    assert json.loads((out / f"{victim}.progress.json").read_text())["rows_done"] == 8
+    starts = spy_resume(monkeypatch, real_write, victim)
+    assert build_features(data, out, settings, batch_size=8, num_workers=0, device="cpu",
+                          views=[victim])["written"] == [victim]
+    assert starts[0] == 8
+    a, b = _arrays(out), _arrays(ref)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    path = out / f"{victim}.npy"
+    arr = np.load(path)
+    arr[0] += 1
+    np.save(path, arr)                                         # altered since: the rerun encodes it again
+    assert build_features(data, out, settings, batch_size=8, num_workers=0, device="cpu",
+                          views=[victim])["written"] == [victim]
+    np.testing.assert_array_equal(np.load(path), b[path.name])
+
+
+def test_entity_regions_from_a_boxes_file_are_refused_before_any_work(assets, tmp_path):
+    data, clip = assets
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text("")
+    settings = FeatureSettings(clip=str(clip), max_len=12, regions=features.RegionSettings(mode="file",
+                                                                                             boxes=str(boxes)))
+    with pytest.raises(ValueError, match="--views entity.regions: --regions file names boxes of mention images"):
+        build_features(data, tmp_path / "f", settings, num_workers=0, device="cpu", views=["entity.regions"])
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_cache_of_the_views_configs_mimic_yaml_lists_opens_for_mimic(assets, tmp_path):
+    """`dim-mel features --config configs/mimic.yaml` writes what MIMIC reads (no `mention.mention`): the cache opens
+    and gives MIMIC its batches (a DIM model over it is one error naming the view it lacks)."""
+    import torch
+
+    from nel_model.config import mimic_config, parse_train_args
+    from nel_model.data import FeatureSource, load_mel_data
+    from nel_model.mimic import MIMIC
+
+    data, clip = assets
+    out = tmp_path / "f"
+    mimic = Path(__file__).resolve().parents[1] / "configs" / "mimic.yaml"
+    assert features.main(["--data", str(data), "--out", str(out), "--clip", str(clip), "--region_grid", "2",
+                          "--max_len", "12", "--desc_max_len", "12", "--num_workers", "0", "--device", "cpu",
+                          "--config", str(mimic)]) == 0
+    assert sorted(FeatureStore(out).views()) == sorted(features.views_of_config(mimic))
+    cache = load_mel_data(out)
+    model = MIMIC(mimic_config(parse_train_args(["--config", str(mimic), "--text-len", "12"]).model, cache))
+    source = FeatureSource(cache, model.cfg.mention_views(), model.cfg.entity_views())
+    overall, units = model(source.mentions(np.arange(4)), source.entities(np.arange(4)))
+    assert overall.shape == (4, 4) and set(units) == {"text", "image", "fusion"} and torch.isfinite(overall).all()
+    with pytest.raises(ValueError, match="the feature cache has no mention view 'mention'"):
+        FeatureSource(cache, ("mention", "sentence"), ("desc",))

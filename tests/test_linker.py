@@ -349,7 +349,7 @@ def test_a_huge_input_line_is_refused_under_the_default_limit(demo, tmp_path):
 
 
 def test_rerank_run_folders_load_through_the_registry(demo, tmp_path):
-    assert set(registry.LOADERS) == {"feature", "llm"}
+    assert set(registry.LOADERS) == {"feature", "llm", "pairwise"}
     feat = tmp_path / "feature_run"
     feat.mkdir()
     (feat / "results.json").write_text(json.dumps({"two_stage": {"reranker": {"kind": "unknown"}}}))

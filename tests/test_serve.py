@@ -314,11 +314,30 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_index_is_not_supported_yet_and_says_so(tiny, tmp_path):
-    srv = Served(tiny["run"], "--index", str(tmp_path / "index"), log=tmp_path / "log")
+def test_serve_links_against_an_index_as_link_index_does(tiny, tmp_path):
+    """``--index``: the server links against a ``dim-mel index`` folder (here the run's own KB), answering what
+    ``dim-mel link --index`` writes; /info names the index; a folder that is no index is one error line."""
+    from nel_model.inference import kb_index
+
+    index = tmp_path / "index"
+    assert kb_index.main(["--run", str(tiny["run"]), "--out", str(index), "--kind", "hnsw"]) == 0
+    out = tmp_path / "linked.jsonl"
+    assert LK.main(["--run", str(tiny["run"]), "--input", str(tiny["input"] / "mentions.jsonl"), "--out", str(out),
+                    "--top-k", "5", "--index", str(index), "--no-progress"]) == 0
+    linked = [json.loads(x) for x in out.read_text().splitlines()]
+    with Served(tiny["run"], "--image-root", str(tiny["input"]), "--index", str(index), log=tmp_path / "log") as srv:
+        srv.wait_ready()
+        status, body = srv.link(tiny["objs"], top_k=5)
+        assert status == 200, body
+        assert _ids(body["results"]) == _ids(linked)
+        assert [r["provenance"] for r in body["results"]] == [r["provenance"] for r in linked]
+        status, info = srv.call("GET", "/info")
+        assert status == 200 and info["kb"]["entities"] == 24 and info["kb"]["index"]["kind"] == "hnsw"
+        assert srv.stop() == 0
+    srv = Served(tiny["run"], "--index", str(tmp_path / "nowhere"), log=tmp_path / "log2")
     assert srv.proc.wait(timeout=START_S) == 2
-    err = [x for x in (tmp_path / "log").read_text().splitlines() if x.startswith("error: ")]
-    assert err == [f"error: {tmp_path / 'index'}: --index is not supported yet (this build has no nel_model.index)"]
+    err = [x for x in (tmp_path / "log2").read_text().splitlines() if x.startswith("error: ")]
+    assert err == [f"error: {tmp_path / 'nowhere'}: not an index folder (no manifest.json)"]
 
 
 def test_one_requests_failure_is_that_requests_only():
@@ -339,7 +358,7 @@ def test_one_requests_failure_is_that_requests_only():
         return [LinkedMention(id=q.id, mention=q.mention) for q in queries]
 
     retriever = SimpleNamespace(checkpoint_sha256="c", kb_fingerprint=lambda: {"kb": 1})
-    worker = ModelWorker(SimpleNamespace(retriever=retriever, reranker=None, link_many=link_many), 0.5, 64)
+    worker = ModelWorker(SimpleNamespace(retriever=retriever, reranker=None, index=None, link_many=link_many), 0.5, 64)
     try:
         jobs = [worker.submit([InputMention(Query("s", m, id=i), 0, "h")], 3) for i, m in (("a", "good"), ("b", "bad"))]
         assert jobs[0].result(timeout=60)[0]["id"] == "a"

@@ -193,11 +193,12 @@ class TextEncoder:
         tokens = tokens * att.unsqueeze(-1).to(tokens.dtype)  # padding positions are exactly zero
         return tokens, pooled, att
 
-    def _encode_batch(self, texts: list[str], pad_to: int | None = None, n: int | None = None) -> TextFeatures:
-        """Token features at ``max_len`` of ``texts`` (the first ``n`` of them)."""
-        tokens, pooled, att = self._forward(texts, self.max_len, pad_to)
-        tokens, att, pooled = tokens[:n, : self.max_len], att[:n, : self.max_len], pooled[:n]
-        pad = self.max_len - tokens.shape[1]
+    def _encode_batch(self, texts: list[str], max_len: int, pad_to: int | None = None,
+                      n: int | None = None) -> TextFeatures:
+        """Token features at ``max_len`` of ``texts`` (the first ``n`` of them; ``pad_to``: fixed shapes)."""
+        tokens, pooled, att = self._forward(texts, max_len, pad_to)
+        tokens, att, pooled = tokens[:n, :max_len], att[:n, :max_len], pooled[:n]
+        pad = max_len - tokens.shape[1]
         tokens = torch.nn.functional.pad(tokens.float(), (0, 0, 0, pad))
         att = torch.nn.functional.pad(att, (0, pad))
         return TextFeatures(pooled=pooled.float().cpu().numpy(), tokens=tokens.cpu().numpy(),
@@ -228,15 +229,21 @@ class TextEncoder:
                      for s in range(0, len(group), rows)]
         return plan, np.argsort(order, kind="stable")
 
-    def encode(self, texts: Sequence[str], shapes: FixedShapes | None = None) -> TextFeatures:
-        """Token features at ``max_len`` (and pooled features of the same truncation), in batches (``shapes``: in
-        fixed shapes, module docstring)."""
+    def encode(self, texts: Sequence[str], max_len: int | None = None,
+               shapes: FixedShapes | None = None) -> TextFeatures:
+        """Token features at ``max_len`` (default: the encoder's, the sentence view's; ``entity.desc_tokens`` gives
+        its own) and pooled features of the same truncation, in batches (``shapes``: in fixed shapes, module
+        docstring)."""
         texts = list(texts)
+        max_len = self.max_len if max_len is None else int(max_len)
+        if not 2 <= max_len <= self.limit:
+            raise ValueError(f"a token length of {max_len} is outside [2, {self.limit}] (the text encoder's "
+                             f"positions, {self.name})")
         if not texts:
-            return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, self.max_len, self.dim), np.float32),
-                                np.zeros((0, self.max_len), bool))
-        plan, back = self._plan(texts, self.max_len, shapes)
-        parts = [self._encode_batch(b, pad, n) for b, pad, n in plan]
+            return TextFeatures(np.zeros((0, self.dim), np.float32), np.zeros((0, max_len, self.dim), np.float32),
+                                np.zeros((0, max_len), bool))
+        plan, back = self._plan(texts, max_len, shapes)
+        parts = [self._encode_batch(b, max_len, pad, n) for b, pad, n in plan]
         return TextFeatures(pooled=np.concatenate([p.pooled for p in parts])[back],
                             tokens=np.concatenate([p.tokens for p in parts])[back],
                             mask=np.concatenate([p.mask for p in parts])[back])

@@ -7,7 +7,8 @@ r"""Feature step: encode every view of a unified dataset into a feature cache (:
         [--regions grid|detector|file] [--region_grid 3] [--detector NAME_OR_PATH] [--boxes FILE] \
         [--max_regions 9] [--region_score S] [--region_labels person,car] [--detector_batch_size 8] \
         [--import SIDE.VIEW=FILE[,ids=IDS.json][,key=NAME][,by=id|image] ...] [--import_ids IDS.json] \
-        [--views SIDE.VIEW,... | --config TRAIN_CONFIG.yaml] [--device auto] [--threads 0] [--force]
+        [--views SIDE.VIEW,... | --config TRAIN_CONFIG.yaml] [--desc_max_len 40] [--device auto] [--threads 0] \
+        [--force]
 
 ``--clip`` is any vision-language model (CLIP, SigLIP / SigLIP 2, any ``AutoModel`` with ``get_text_features`` and
 ``get_image_features``; :mod:`data_process.encode.towers`). ``--max_len`` is the sentence view's length (DIM's
@@ -29,10 +30,14 @@ Images are decoded in DataLoader worker processes. An image name that leads outs
 run: it is counted, reported at the end and in ``meta.json`` (``meta["views"][view]["images"]``: counts and first
 ids, with the reason), and gets a zero feature with mask False.
 
-``--views`` names the views to encode (default: all nine, what the default model reads); ``--config FILE`` takes
+``--views`` names the views to encode (default: the nine the default model reads); ``--config FILE`` takes
 them from a training config's ``views`` key (``configs/dim_paper.yaml`` lists the views DIM's paper model reads,
 without ``mention.context``; ``dim-mel train`` warns when a config's model reads a view its list leaves out). This
-step reads the plain list and imports nothing of the model (the architecture rule).
+step reads the plain list and imports nothing of the model (the architecture rule). Two views are written only
+when a list names them (:data:`ASKED_VIEWS`, what MIMIC reads, ``configs/mimic.yaml``): ``entity.desc_tokens``,
+the entity text's token features encoded like ``mention.sentence`` but cut at ``--desc_max_len`` (40, MIMIC's text
+length), and ``entity.regions``, the entity image's regions made like ``mention.regions`` (the patch grid, or a
+detector's crops; a boxes file names mention images only).
 
 For new mentions and new KB entities outside the cache (``nel_model.loaded_run``) use
 :func:`load_encoders_from_meta`, :func:`encode_mention_views` and :func:`encode_entity_views`.
@@ -71,6 +76,9 @@ log = logging.getLogger(__name__)
 FIRST_IDS = 10  # how many problem ids meta.json lists per view
 HASHES_FILE = "image_hashes.jsonl"  # image content hashes by (path, size, mtime), reused by later runs
 VIEWS_KEY = "views"  # the key of a training config that lists the views its model reads (dim-mel features --config)
+# views written only when asked (--views, a config's views: list): MIMIC's entity-side text tokens and image regions
+ASKED_VIEWS = ("entity.desc_tokens", "entity.regions")
+ALL_VIEWS = (*VIEWS, *ASKED_VIEWS)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class FeatureSettings:
     max_len: int = 32  # the sentence view's tokens
     region_grid: int = 3  # --regions grid
     text_max_len: int | None = None  # every other text view; None: the text encoder's own limit
+    desc_max_len: int = 40  # entity.desc_tokens' tokens (MIMIC's text_max_length)
     regions: RegionSettings = field(default_factory=RegionSettings)
     jpeg_draft: bool = True  # whole images: decode large JPEGs at a reduced scale (core.images.ImagePreprocess)
 
@@ -329,6 +338,7 @@ def load_encoders_from_meta(meta: dict[str, Any], device: str = "auto",
     settings = FeatureSettings(clip=clip, text_encoder=text, max_len=int(meta["max_len"]),
                                region_grid=int(meta["region_grid"]),
                                text_max_len=int(meta.get("text_max_len") or meta["max_len"]),
+                               desc_max_len=int(meta.get("desc_max_len") or FeatureSettings.desc_max_len),
                                regions=region_settings_from_meta(meta), jpeg_draft=bool(meta.get("jpeg_draft")))
     text_enc, image_enc = load_encoders(clip, text, device=device, max_len=settings.max_len,
                                         region_grid=settings.grid, batch_size=batch_size,
@@ -383,6 +393,8 @@ def _decode_setting(settings: FeatureSettings) -> dict[str, Any]:
 
 def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: list[Any], text_limit: int,
                   boxes_sha256: str | None) -> dict[str, str]:
+    """Each view's fingerprint: the encoder, its settings and the exact inputs (:data:`ASKED_VIEWS` included: a
+    view is written only when asked, its fingerprint is known either way)."""
     text_id = describe_model_files(settings.text_name)
     image_id = describe_model_files(settings.clip)
     ms, es = ds.mentions, ds.entities
@@ -398,6 +410,8 @@ def _fingerprints(ds, settings: FeatureSettings, m_images: list[Any], e_images: 
         "entity.desc": (pooled, [e.text() for e in es]),
         "entity.image": ({"encoder": image_id, **_decode_setting(settings)}, e_images),
         "entity.profile": (pooled, [entity_profile_text(e) for e in es]),
+        "entity.desc_tokens": ({"encoder": text_id, "max_len": settings.desc_max_len}, [e.text() for e in es]),
+        "entity.regions": (_region_fingerprint(settings, image_id, boxes_sha256), e_images),
     }
     return {name: stable_hash({"view": name, "settings": s, "inputs": stable_hash(x)})
             for name, (s, x) in inputs.items()}
@@ -501,9 +515,12 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     are the views to encode: the others are left out (those a model does not read; :func:`views_of_config`)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
-    unknown = [v for v in views or () if v not in VIEWS]
+    unknown = [v for v in views or () if v not in ALL_VIEWS]
     if unknown:
-        raise ValueError(f"--views: unknown view {unknown[0]!r} (views: {', '.join(VIEWS)})")
+        raise ValueError(f"--views: unknown view {unknown[0]!r} (views: {', '.join(ALL_VIEWS)})")
+    if settings is not None and settings.regions.mode == "file" and "entity.regions" in (views or ()):
+        raise ValueError("--views entity.regions: --regions file names boxes of mention images; encode the entity "
+                         "regions with --regions grid or detector")
     if settings is None and not imports:
         raise ValueError("nothing to write: name the encoders (--clip) or views to import (--import)")
     names = [spec.view for spec in imports]
@@ -538,14 +555,18 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
                             _image_inputs(e_images, e_shas), text_limit, boxes_sha)
         fps = {name: fp for name, fp in fps.items() if name not in names}
         if views is not None:
-            summary["left_out"] = [name for name in fps if name not in views]
+            # (a view written only when asked is never "left out": the default leaves it out too)
+            summary["left_out"] = [name for name in fps if name not in views and name not in ASKED_VIEWS]
             fps = {name: fp for name, fp in fps.items() if name in views}
+        else:                                   # the default: every view but those written only when asked
+            fps = {name: fp for name, fp in fps.items() if name not in ASKED_VIEWS}
         todo = [name for name, fp in fps.items()
                 if force or not store.has(*name.split("."), fingerprint=fp, verify=True)]
         summary["written"] = todo
         summary["skipped"] = [name for name in fps if name not in todo] + summary["skipped"]
         base_meta.update(text_encoder=settings.text_name, image_encoder=settings.clip, max_len=settings.max_len,
-                         text_max_len=text_limit, region_grid=settings.region_grid, jpeg_draft=settings.jpeg_draft,
+                         text_max_len=text_limit, desc_max_len=settings.desc_max_len,
+                         region_grid=settings.region_grid, jpeg_draft=settings.jpeg_draft,
                          regions=regions.provenance(settings.region_grid, boxes_sha))
     elif any(imp.spec.view == "mention.sentence" for imp in prepared):
         base_meta["max_len"] = next(imp.row_shape[0] for imp in prepared if imp.spec.view == "mention.sentence")
@@ -559,6 +580,9 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
     if todo:
         encoders = _load_encoders(settings, device=device, max_len=settings.max_len, region_grid=settings.grid,
                                   batch_size=batch_size, text_max_len=text_limit, jpeg_draft=settings.jpeg_draft)
+        if "entity.desc_tokens" in todo and not 2 <= settings.desc_max_len <= encoders[0].limit:
+            raise ValueError(f"--desc_max_len {settings.desc_max_len} must be in [2, {encoders[0].limit}] (the text "
+                             f"encoder's positions, {settings.text_name})")
         known = {"text": (encoders[0].dim, f"the text encoder {settings.text_name}"),
                  "image": (encoders[1].dim, f"the image encoder {settings.clip}")}
     else:
@@ -570,7 +594,7 @@ def build_features(data: str | Path, out: str | Path, settings: FeatureSettings 
         write_import(store, imp)
     if encoders is not None:
         _encode_views(ds, store, settings, todo, fps, encoders, (m_paths, m_refused), m_shas, (e_paths, e_refused),
-                      boxes_file, batch_size, num_workers, device, progress, detector_batch_size, summary)
+                      e_shas, boxes_file, batch_size, num_workers, device, progress, detector_batch_size, summary)
     return summary
 
 
@@ -584,10 +608,27 @@ def _cache_dims(meta: dict[str, Any], exclude: set[str]) -> dict[str, tuple[int,
     return known
 
 
+def _crop_plan(store: FeatureStore, regions: RegionSettings, image_enc: ImageEncoder, paths: list[Path | None],
+               shas: list[str | None], boxes_file, device: str, detector_batch_size: int, num_workers: int,
+               progress: bool) -> tuple[_CropPlan, dict[str, Any]]:
+    """The crops of one side's regions view (``--regions detector``: the detector's boxes, detections cached by
+    image content; ``file``: the boxes file's, mentions only) and what ``meta.json`` records of them."""
+    R = regions.max_regions
+    if boxes_file is not None:
+        boxes = boxes_file.boxes_per_row(len(paths))
+        info: dict[str, Any] = {"boxes_file_keys": boxes_file.keys}
+    else:
+        boxes, counts = detect_all(paths, shas, DetectionSettings(regions.detector, regions.threshold, regions.labels),
+                                   store.root / DETECTIONS_FILE, device, detector_batch_size, num_workers, progress)
+        info = {"detections": counts}
+    return _CropPlan(PrepareCrops(image_enc.preprocess, R),
+                     [select_boxes(b, regions.labels, regions.threshold) for b in boxes], R), info
+
+
 def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list[str], fps: dict[str, str],
                   encoders: tuple[TextEncoder, ImageEncoder], m_images: tuple[list[Path | None], dict[int, str]],
-                  m_shas: list[str | None], e_images: tuple[list[Path | None], dict[int, str]], boxes_file,
-                  batch_size: int, num_workers: int, device: str,
+                  m_shas: list[str | None], e_images: tuple[list[Path | None], dict[int, str]],
+                  e_shas: list[str | None], boxes_file, batch_size: int, num_workers: int, device: str,
                   progress: bool, detector_batch_size: int, summary: dict[str, Any]) -> None:
     """Encode the views ``todo`` with the loaded encoders (text views, then image views one side at a time).
     ``m_images`` / ``e_images``: the image paths of each side and the rows whose name was refused (why)."""
@@ -598,25 +639,32 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     m_ids, e_ids = [m.id for m in ms], [e.id for e in es]
     provenance = store.meta()["regions"]
     dt, di, L, K = text_enc.dim, image_enc.dim, settings.max_len, len(PROFILE_ROWS)
+    Ld = settings.desc_max_len
     R = regions.max_regions if regions.crops else image_enc.n_regions
     shapes = {
         "mention.mention": ((dt,), None), "mention.sentence": ((L, dt), (L,)), "mention.context": ((dt,), None),
         "mention.image": ((di,), ()), "mention.regions": ((R, di), (R,)),
         "mention.profile": ((K, dt), (K,)), "entity.desc": ((dt,), None),
         "entity.image": ((di,), ()), "entity.profile": ((dt,), ()),
+        "entity.desc_tokens": ((Ld, dt), (Ld,)), "entity.regions": ((R, di), (R,)),
     }
     jobs = {name: _Job(*name.split("."), *shapes[name], fingerprint=fps[name]) for name in todo}
     if "mention.profile" in jobs:
         jobs["mention.profile"].info["rows"] = list(PROFILE_ROWS)
-    if "mention.regions" in jobs:
-        jobs["mention.regions"].info["regions"] = provenance
+    if "entity.desc_tokens" in jobs:
+        jobs["entity.desc_tokens"].info["max_len"] = Ld
+    for name in ("mention.regions", "entity.regions"):
+        if name in jobs:
+            jobs[name].info["regions"] = provenance
 
     def pooled(texts: list[str]) -> Callable[[np.ndarray], tuple[np.ndarray, None]]:
         return lambda rows: (text_enc.encode_pooled([texts[i] for i in rows]), None)
 
-    def sentence(rows: np.ndarray):
-        f = text_enc.encode([ms[i].sentence for i in rows])
-        return f.tokens, f.mask
+    def tokens(texts: list[str], length: int | None = None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        def encode(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            f = text_enc.encode([texts[i] for i in rows], length)
+            return f.tokens, f.mask
+        return encode
 
     def m_profile(rows: np.ndarray):
         flat, mask = _pooled_or_zero([t for i in rows for t in m_profiles[i]], text_enc)
@@ -631,44 +679,36 @@ def _encode_views(ds, store: FeatureStore, settings: FeatureSettings, todo: list
     e_profiles = [entity_profile_text(e) for e in es]
     text_views = {  # view: (the texts of each row, their encoder)
         "mention.mention": ([[t] for t in mentions], pooled(mentions)),
-        "mention.sentence": ([[t] for t in sentences], sentence),
+        "mention.sentence": ([[t] for t in sentences], tokens(sentences)),
         "mention.context": ([[t] for t in contexts], pooled(contexts)),
         "mention.profile": (m_profiles, m_profile),
         "entity.desc": ([[t] for t in descs], pooled(descs)),
         "entity.profile": ([[t] for t in e_profiles], e_profile),
+        "entity.desc_tokens": ([[t] for t in descs], tokens(descs, Ld)),
     }
+    sides = {"mention": (m_ids, m_paths, m_shas, m_refused, boxes_file),
+             "entity": (e_ids, e_paths, e_shas, e_refused, None)}
     with tqdm(total=len(todo), desc="views", unit="view", disable=not progress) as bar:
         for name, (texts, fn) in text_views.items():
             if name in jobs:
                 _write_text_view(store, jobs[name], texts, batch_size, fn)
                 bar.update(1)
-        m_jobs = [jobs[n] for n in ("mention.image", "mention.regions") if n in jobs]
-        if m_jobs:
+        for side, (ids, paths, shas, refused, boxes) in sides.items():
+            side_jobs = [jobs[n] for n in (f"{side}.image", f"{side}.regions") if n in jobs]
+            if not side_jobs:
+                continue
             crops = None
-            if regions.crops and "mention.regions" in jobs:
-                if boxes_file is not None:
-                    boxes = boxes_file.boxes_per_row(len(ms))
-                    summary["regions"] = {"boxes_file_keys": boxes_file.keys}
-                else:
-                    boxes, counts = detect_all(m_paths, m_shas, DetectionSettings(regions.detector, regions.threshold,
-                                                                                  regions.labels),
-                                               store.root / DETECTIONS_FILE, device, detector_batch_size,
-                                               num_workers, progress)
-                    summary["regions"] = {"detections": counts}
-                jobs["mention.regions"].info.update(summary["regions"])
-                crops = _CropPlan(PrepareCrops(image_enc.preprocess, R),
-                                  [select_boxes(b, regions.labels, regions.threshold) for b in boxes], R)
-            rep = _write_image_views(store, "mention", m_ids, m_paths, m_jobs, image_enc, batch_size, num_workers,
-                                     crops, m_refused)
-            summary["images"]["mention"] = rep.to_json()
-            if crops is not None:
+            if regions.crops and f"{side}.regions" in jobs:
+                crops, found = _crop_plan(store, regions, image_enc, paths, shas, boxes, device,
+                                          detector_batch_size, num_workers, progress)
+                jobs[f"{side}.regions"].info.update(found)
+                summary.setdefault("regions", {}).update(found if side == "mention" else {"entity": found})
+            rep = _write_image_views(store, side, ids, paths, side_jobs, image_enc, batch_size, num_workers,
+                                     crops, refused)
+            summary["images"][side] = rep.to_json()
+            if crops is not None and side == "mention":
                 summary["regions"]["boxes"] = store.meta()["views"]["mention.regions"]["boxes"]
-            bar.update(len(m_jobs))
-        if "entity.image" in jobs:
-            rep = _write_image_views(store, "entity", e_ids, e_paths, [jobs["entity.image"]], image_enc,
-                                     batch_size, num_workers, refused=e_refused)
-            summary["images"]["entity"] = rep.to_json()
-            bar.update(1)
+            bar.update(len(side_jobs))
 
 
 def _report(summary: dict[str, Any], out: Path) -> str:
@@ -748,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="text encoder name or folder (default: the --clip model's text tower); e.g. a BERT/MiniLM "
                          "model")
     ap.add_argument("--max_len", type=int, default=32, help="sentence tokens kept (padded/truncated; DIM: 32)")
+    ap.add_argument("--desc_max_len", type=int, default=40,
+                    help="entity description tokens kept in entity.desc_tokens (a view written only when --views or "
+                         "--config asks for it; MIMIC's text length: 40)")
     ap.add_argument("--text_max_len", type=int, default=None,
                     help="tokens kept of every other text (mention, description, profile rows; default: the text "
                          "encoder's own limit from its config, 77 for CLIP)")
@@ -800,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clip is required (unless every view to write comes from --import)")
     settings = None if args.clip is None else FeatureSettings(
         clip=args.clip, text_encoder=args.text_encoder, max_len=args.max_len, region_grid=args.region_grid,
-        text_max_len=args.text_max_len, regions=regions, jpeg_draft=args.jpeg_draft)
+        text_max_len=args.text_max_len, desc_max_len=args.desc_max_len, regions=regions, jpeg_draft=args.jpeg_draft)
     for flag, name in (("--clip", args.clip), ("--text_encoder", args.text_encoder),
                        ("--detector", args.detector)):
         check_model_arg(flag, name)

@@ -5,9 +5,12 @@
 (percentages); ``--predictions`` also rewrites the per-mention ``RUN/predictions/<split>.jsonl`` (see
 :func:`write_predictions`). The KB's entity embeddings are the run's saved ones when they match its checkpoint and
 feature cache, else encoded once in chunks; mentions are scored by chunked matrix products on the device (see
-``nel_model.evaluation.metrics`` for the tie rules, the candidate rules and exact low-precision scoring). ``--tie-rule`` and ``--candidate-rule`` default to
-the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is evaluated by
-``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a run needs.
+``nel_model.evaluation.metrics`` for the tie rules, the candidate rules and exact low-precision scoring). A pairwise
+run (MIMIC) is scored through the same counting code by its model's ``pair_scores`` against its encoded KB side, in
+chunks bounded by ``--pair-memory-mb`` (:mod:`nel_model.evaluation.scoring`). ``--tie-rule`` and
+``--candidate-rule`` default to the run's own settings. A two-stage run (``dim-mel rerank``, ``rerank-llm``) is
+evaluated by ``nel_model.rerank.evaluate`` with the same flags, counts and table; ``dim-mel evaluate`` picks the one a
+run needs.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from data_process.core.durable_io import atomic_write_json, atomic_write_text
 from nel_model import distributed as D
 from nel_model.config import eval_settings_of
 from nel_model.data import FeatureSource, MELData
-from nel_model.encoding import ENCODE_DTYPE, EvalSettings, encode_entities, encode_mentions
+from nel_model.encoding import ENCODE_DTYPE, Encoded, EvalSettings, encode_entities, encode_mentions
+from nel_model.evaluation.scoring import DotScorer, kb_scorer
 from nel_model.loaded_run import LoadedRun
-from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_counts, candidate_recall, full_kb_counts,
-                               metrics_from_counts, metrics_from_ranks, topk_by_row)
-from nel_model.runs import PREDICTIONS_DIR, RunError, two_stage_of
+from nel_model.evaluation.metrics import (CANDIDATE_RULES, TIE_RULES, RankCounts, candidate_recall, metrics_from_counts,
+                                          metrics_from_ranks)
+from nel_model.runs import PREDICTIONS_DIR, PROTOCOLS, RunError, two_stage_of
 
 
 PREDICTION_TOP_K = 10                         # entities listed per mention in RUN/predictions/<split>.jsonl
@@ -45,7 +49,8 @@ def settings_from_config(conf: Any, device: torch.device, **override: Any) -> Ev
     conf = {**eval_settings_of(conf), **{k: v for k, v in override.items() if v is not None}}
     return EvalSettings(mention_chunk=conf["eval_batch_size"], entity_chunk=conf["entity_chunk"],
                         score_dtype=score_dtype_for(conf["eval_dtype"], device), tie_rule=conf["tie_rule"],
-                        candidate_rule=conf["candidate_rule"])
+                        candidate_rule=conf["candidate_rule"],
+                        pair_memory_mb=conf.get("pair_memory_mb", EvalSettings.pair_memory_mb))
 
 
 def open_run(run: str | Path, device: str | torch.device = "auto", checkpoint: str = "best",
@@ -66,23 +71,25 @@ def score_dtype_for(name: str, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def split_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, rows: np.ndarray,
-                 dist: D.DistInfo, settings: EvalSettings, entity_emb: torch.Tensor | None = None,
-                 top_k: int = 0) -> dict[str, RankCounts]:
-    """Rank counts of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol; with
-    ``top_k``, the full-KB counts also carry each mention's best entities, from the same scoring pass."""
+                 dist: D.DistInfo, settings: EvalSettings, entity_emb: Encoded | None = None,
+                 top_k: int = 0, protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, RankCounts]:
+    """Rank counts of the mentions ``rows`` (sharded over processes, gathered in order) for each protocol of
+    ``protocols`` (the candidate lists only where the dataset has them); with ``top_k``, the full-KB counts also
+    carry each mention's best entities, from the same scoring pass. ``entity_emb``: the encoded KB side (a
+    bi-encoder's embeddings, a pairwise model's :class:`~nel_model.mimic.EntitySide`), else encoded here."""
     device = dist.device
     if entity_emb is None:
         entity_emb = encode_entities(model, source, device, settings)
+    scorer = kb_scorer(model, entity_emb, settings)
     local = rows[D.shard(len(rows), dist)]
     q = encode_mentions(model, source, local, device, settings)
     gold = torch.from_numpy(data.gold[local]).to(device)
-    counts = {"full_kb": full_kb_counts(q, entity_emb, gold, settings.mention_chunk, settings.score_dtype, top_k)}
-    if data.candidates is not None:
-        cands = torch.from_numpy(data.candidates[local])
-        c = settings.mention_chunk
-        counts["candidates"] = RankCounts.cat([
-            candidate_counts(q[s: s + c], entity_emb, cands[s: s + c], gold[s: s + c], settings.candidate_rule)
-            for s in range(0, len(local), c)]).to(device)
+    counts = {}
+    if "full_kb" in protocols:
+        counts["full_kb"] = scorer.full_kb_counts(q, gold, top_k)
+    if data.candidates is not None and "candidates" in protocols:
+        counts["candidates"] = scorer.candidate_counts(q, torch.from_numpy(data.candidates[local]), gold,
+                                                       settings.candidate_rule)
     return {proto: _gather_counts(cnt, dist) for proto, cnt in counts.items()}
 
 
@@ -92,13 +99,16 @@ def _gather_counts(counts: RankCounts, dist: D.DistInfo) -> RankCounts:
 
 def evaluate_counts(model: torch.nn.Module, data: MELData, source: FeatureSource, splits: list[str],
                     dist: D.DistInfo, settings: EvalSettings, top_k: int = 0,
-                    entity_emb: torch.Tensor | None = None) -> dict[str, dict[str, RankCounts]]:
+                    entity_emb: Encoded | None = None,
+                    protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict[str, RankCounts]]:
     """``{protocol: {split: RankCounts}}`` (with ``top_k``: the full-KB counts carry each mention's best entities,
-    scored in the same pass); entity embeddings (``entity_emb``, else computed here) serve all splits."""
+    scored in the same pass); the encoded KB side (``entity_emb``: embeddings, or a pairwise model's
+    ``EntitySide``; else computed here) serves all splits; ``protocols``: those counted."""
     emb = entity_emb if entity_emb is not None else encode_entities(model, source, dist.device, settings)
     out: dict[str, dict[str, RankCounts]] = {}
     for split in splits:
-        for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb, top_k).items():
+        for proto, cnt in split_counts(model, data, source, data.splits[split], dist, settings, emb, top_k,
+                                       protocols).items():
             out.setdefault(proto, {})[split] = cnt
     return out
 
@@ -162,13 +172,9 @@ def evaluate_with_index(r: LoadedRun, splits: list[str], kind: str, k: int) -> d
 def top_entities(queries: torch.Tensor, entities: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``k`` best entities by float32 score: ``(scores [N,k], rows [N,k])`` on the CPU, best first;
-    equal scores are ordered by KB row, a NaN score ranks last (``nel_model.evaluation.metrics.topk_by_row``)."""
-    k = min(k, len(entities))
-    ent = entities.float()
-    parts = [topk_by_row(queries[s: s + chunk].float() @ ent.T, k) for s in range(0, len(queries), chunk)]
-    if not parts:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat([v for v, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
+    equal scores are ordered by KB row, a NaN score ranks last (a bi-encoder's :meth:`KBScorer.top
+    <nel_model.evaluation.scoring.KBScorer.top>`, ``chunk`` queries at a time)."""
+    return DotScorer(entities, EvalSettings(mention_chunk=chunk)).top(queries, k)
 
 
 def _rank_fields(counts: RankCounts) -> list[dict[str, Any]]:
@@ -186,7 +192,7 @@ def _json_score(x: float) -> float | None:
 
 def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData, source: FeatureSource,
                       counts: dict[str, dict[str, RankCounts]], settings: EvalSettings, device: torch.device,
-                      entity_emb: torch.Tensor | None = None, checkpoint: dict[str, Any] | None = None,
+                      entity_emb: Encoded | None = None, checkpoint: dict[str, Any] | None = None,
                       top_k: int = PREDICTION_TOP_K, folder_name: str = PREDICTIONS_DIR) -> list[Path]:
     """Write ``RUN/predictions/<split>.jsonl`` (one line per mention, in feature-cache order) and
     ``<split>.meta.json`` for every split of ``counts["full_kb"]``, each file atomically. Ranks come from
@@ -203,7 +209,7 @@ def write_predictions(run_dir: str | Path, model: torch.nn.Module, data: MELData
             if entity_emb is None:
                 entity_emb = encode_entities(model, source, device, settings)
             q = encode_mentions(model, source, rows, device, settings)
-            scores, top = top_entities(q, entity_emb, top_k, settings.mention_chunk)
+            scores, top = kb_scorer(model, entity_emb, settings).top(q, top_k)
         lines = []
         cand = counts["candidates"][split] if "candidates" in counts else None
         cand_fields = _rank_fields(cand) if cand is not None else None
@@ -259,6 +265,8 @@ def build_parser() -> ToolkitParser:
     p.add_argument("--tie_rule", choices=TIE_RULES, default=None, help="default: the run's --tie_rule")
     p.add_argument("--candidate_rule", choices=CANDIDATE_RULES, default=None,
                    help="default: the run's --candidate_rule")
+    p.add_argument("--pair_memory_mb", type=int, default=None,
+                   help="a pairwise run (MIMIC): bound on the memory of one scoring call (default: the run's)")
     add_bool(p, "json", False, "print JSON instead of a table")
     p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
@@ -300,14 +308,18 @@ def evaluate(a) -> dict[str, Any]:
     """Evaluate the one-stage run ``a.run`` under the flags of :func:`build_parser`, print and return
     ``{protocol: {split: metrics}}``."""
     r = open_run(a.run, a.device, a.checkpoint, a.features, a.dataset, eval_dtype=a.eval_dtype, tie_rule=a.tie_rule,
-                 candidate_rule=a.candidate_rule)
+                 candidate_rule=a.candidate_rule, pair_memory_mb=a.pair_memory_mb)
+    if r.pairwise and a.eval_dtype not in (None, "auto", "float32"):
+        raise RunError(f"{a.run}: --eval-dtype {a.eval_dtype}: a pairwise run (MIMIC) scores in float32")
     data, settings = r.data, r.settings
     splits = splits_of(a)
+    if a.faiss and r.pairwise:
+        raise RunError(f"{a.run}: --faiss ranks a bi-encoder's KB embeddings; a pairwise run (MIMIC) has none")
     counts = evaluate_counts(r.model, data, r.source, splits, D.DistInfo(device=r.device), settings,
-                             top_k=PREDICTION_TOP_K if a.predictions else 0, entity_emb=r.entity_emb)
+                             top_k=PREDICTION_TOP_K if a.predictions else 0, entity_emb=r.kb)
     results = results_block(counts, data, settings)["protocols"]
     if a.predictions:
-        for path in write_predictions(r.run, r.model, data, r.source, counts, settings, r.device, r.entity_emb,
+        for path in write_predictions(r.run, r.model, data, r.source, counts, settings, r.device, r.kb,
                                       checkpoint={"name": a.checkpoint, "epoch": r.epoch}):
             print(f"wrote {path}", file=sys.stderr)
     if a.faiss:

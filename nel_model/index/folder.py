@@ -48,6 +48,7 @@ from data_process.core.locks import output_lock
 from nel_model import distributed as D
 from nel_model.index import approx
 from nel_model.index.exact import exact_topk
+from nel_model.index.texts import TEXTS_FILE
 from nel_model.index.shards import (DTYPES, SHARD_DIR, ShardRecord, ShardSet, finished_shard, ids_sha256, shard_dim,
                                     shard_name, write_shard)
 
@@ -62,7 +63,7 @@ DEFAULT_APPROX_KIND = "hnsw"          # bench/results/index_scale_cpu.md: recall
 DEFAULT_SHARD_SIZE = 65536
 RECALL_KS = (1, 10)
 NORM_TOLERANCE = 1e-3
-OWN_ENTRIES = (MANIFEST, BUILD_STATE, SHARD_DIR, FAISS_DIR, SAMPLE_QUERIES)
+OWN_ENTRIES = (MANIFEST, BUILD_STATE, SHARD_DIR, FAISS_DIR, SAMPLE_QUERIES, TEXTS_FILE)
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,12 @@ class KBIndexFolder:
     def _start(root: Path, state: dict, overwrite: bool) -> None:
         """Rank 0, holding the lock: a finished index is refused (or cleared with ``overwrite``); an unfinished one
         with other settings too; the build's settings are recorded for the next resume."""
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in OWN_ENTRIES
+                         and not p.name.startswith("removed-")) if root.is_dir() else []
+        if foreign or ((root / TEXTS_FILE).exists() and not (root / SHARD_DIR).exists()):
+            what = ", ".join(foreign[:3]) or f"{TEXTS_FILE} without shards"
+            raise ValueError(f"{root}: a folder with other files, not an index folder ({what}); give an empty or "
+                             "new folder")
         if (root / MANIFEST).exists() and not overwrite:
             raise ValueError(f"{root}: an index is already there; add or remove entities, or build with overwrite "
                              "(dim-mel index --overwrite)")

@@ -52,8 +52,11 @@ from data_process.core.records import DataError, Where, iter_json_lines, mention
 from data_process.core.safe_paths import UnsafePath, check_output_file, regular_file_problem, resolve_in_dataset
 from data_process.core.settings import ToolkitParser
 from data_process.encode.encoders import fill_rows
-from nel_model.evaluation.evaluate import open_run, top_entities
-from nel_model.evaluation.metrics import full_kb_counts
+from nel_model.encoding import Encoded, cat_encoded, take_rows
+from nel_model.evaluation.evaluate import open_run
+from nel_model.evaluation.scoring import KBScorer, kb_scorer
+from nel_model.index import KBIndexFolder
+from nel_model.index.texts import read_entity_texts
 from nel_model.linking import Candidate, LinkedEntity, LinkedMention, LinkError, MentionLists, Query, Reranker
 from nel_model.loaded_run import MENTION_ROWS, LoadedRun
 from nel_model.rerank.llm import add_llm_flags, reranker_from_args
@@ -69,11 +72,12 @@ RERANKER_IDENTITY = ("kind", "run", "model", "base_url", "k", "top_k", "prompt",
 
 @dataclass
 class Retrieved:
-    """One mention retrieved: its views and embedding ``[1, D]`` (for a re-ranker), its candidates (best first)
-    and the gold's pessimistic whole-KB rank (``None``: no gold id, or not in the KB)."""
+    """One mention retrieved: its views and embedding ``[1, D]`` (a pairwise retriever: its encoded mention side;
+    for a re-ranker), its candidates (best first) and the gold's pessimistic whole-KB rank (``None``: no gold id,
+    or not in the KB)."""
 
     views: dict[str, torch.Tensor]
-    embedding: torch.Tensor
+    embedding: Encoded
     candidates: list[Candidate]
     gold_rank: int | None
 
@@ -81,22 +85,25 @@ class Retrieved:
 class Linker:
     """A retriever run (a :class:`~nel_model.loaded_run.LoadedRun`) and an optional re-ranker."""
 
-    def __init__(self, retriever: LoadedRun, reranker: Reranker | None = None):
+    def __init__(self, retriever: LoadedRun, reranker: Reranker | None = None, index: KBIndexFolder | None = None):
         self.retriever = retriever
         self.reranker = reranker
+        self.index = index
         self.row_of = {eid: i for i, eid in enumerate(retriever.data.entity_ids)}
+        self._scorer: KBScorer | None = None
+        self._texts: dict[str, tuple[str, str]] | None = None
 
     @classmethod
     def from_run(cls, run: str | Path, reranker: Reranker | str | Path | None = None, device: str = "cpu",
                  checkpoint: str = "best", index: str | Path | None = None) -> "Linker":
         """The run at ``checkpoint``; ``reranker``: a re-ranker, or a re-ranker run folder to load over it;
-        ``index``: the KB to link against (an index folder, issue 28; default: the run's own KB)."""
+        ``index``: the KB to link against (a ``dim-mel index`` folder built with this run; default: the run's own
+        KB, scored as its evaluation scores it)."""
         retriever = open_run(run, device, checkpoint)
-        if index is not None:
-            open_index(index, retriever)
+        kb = None if index is None else KBIndexFolder.open(index, retriever.index_fingerprint())
         if isinstance(reranker, (str, Path)):
             reranker = load_reranker(reranker, retriever)
-        return cls(retriever, reranker)
+        return cls(retriever, reranker, kb)
 
     def link(self, sentence: str, mention: str, image: str | Path | None = None, top_k: int = 10,
              caption: str | None = None, enrichment: str | None = None, id: str | None = None,
@@ -106,20 +113,42 @@ class Linker:
         return self.link_many([q], top_k)[0]
 
     # -- retrieval ------------------------------------------------------------------------------
+    @property
+    def scorer(self) -> KBScorer:
+        """The retriever's KB scorer (its embeddings, or a pairwise run's encoded KB side; made on first use)."""
+        if self._scorer is None:
+            self._scorer = kb_scorer(self.retriever.model, self.retriever.kb, self.retriever.settings)
+        return self._scorer
+
     def retrieve_many(self, queries: Sequence[Query], k: int) -> list[Retrieved]:
         """Each mention's ``k`` best KB entities (float32, ties by KB row), encoded and scored in fixed shapes
         (``MENTION_ROWS`` queries a score pass, the first repeated to fill the last)."""
-        r = self.retriever
-        views, q = r.encode_queries(queries)
+        views, q = self.retriever.encode_queries(queries)
         found = []
         for s in range(0, len(queries), MENTION_ROWS):
             part = queries[s:s + MENTION_ROWS]
-            chunk = torch.stack(fill_rows(list(q[s:s + MENTION_ROWS]), MENTION_ROWS))
-            scores, rows = top_entities(chunk, r.entity_emb, k, MENTION_ROWS)
-            golds = self._gold_ranks(part, chunk)
-            found += [Retrieved({key: v[s + i:s + i + 1] for key, v in views.items()}, q[s + i:s + i + 1],
-                                self._candidates(scores[i], rows[i]), golds[i]) for i in range(len(part))]
+            fill = torch.tensor(fill_rows(list(range(s, s + len(part))), MENTION_ROWS))
+            chunk = take_rows(q, fill)
+            if self.index is None:
+                scores, rows = self.scorer.top(chunk, k)
+                cands = [self._candidates(scores[i], rows[i]) for i in range(len(part))]
+                golds = self._gold_ranks(part, chunk)
+            else:
+                cands = self._index_candidates(chunk, k)[:len(part)]
+                golds = [next((j for j, c in enumerate(cs, 1) if c.entity_id == x.gold_id), None)
+                         for x, cs in zip(part, cands)]
+            found += [Retrieved({key: v[s + i:s + i + 1] for key, v in views.items()},
+                                take_rows(q, slice(s + i, s + i + 1)), cands[i], golds[i]) for i in range(len(part))]
         return found
+
+    def _index_candidates(self, chunk: torch.Tensor, k: int) -> list[list[Candidate]]:
+        """Each row's ``k`` best entities of the index (scores as the index computes them: float32 dot products of
+        its stored vectors, exact for every kind's returned entities; ties in the index's KB order)."""
+        if self._texts is None:
+            self._texts = read_entity_texts(self.index.root)
+        scores, ids = self.index.search(chunk.float().cpu().numpy(), k)
+        return [[Candidate(eid, *self._texts.get(eid, ("", "")), float(v)) for v, eid in zip(sc.tolist(), row)]
+                for sc, row in zip(scores, ids)]
 
     def retrieve(self, query: Query, k: int) -> Retrieved:
         """One mention's ``k`` best KB entities: :meth:`retrieve_many` of one."""
@@ -133,15 +162,14 @@ class Linker:
             cands.append(Candidate(eid, rec.name if rec else "", rec.description if rec else "", float(v)))
         return cands
 
-    def _gold_ranks(self, part: Sequence[Query], chunk: torch.Tensor) -> list[int | None]:
+    def _gold_ranks(self, part: Sequence[Query], chunk: Encoded) -> list[int | None]:
         """The pessimistic whole-KB rank of each query's gold (``None``: no gold id, or not in the KB), over the
-        fixed-shape ``chunk`` of their embeddings."""
+        fixed-shape ``chunk`` of their encoded mentions."""
         rows = [self.row_of.get(q.gold_id) if q.gold_id is not None else None for q in part]
         if all(x is None for x in rows):
             return [None] * len(part)
-        r = self.retriever
-        gold = torch.tensor(fill_rows([x or 0 for x in rows], len(chunk)), device=chunk.device)
-        ranks = full_kb_counts(chunk, r.entity_emb, gold, len(chunk), r.settings.score_dtype).ranks("pessimistic")
+        gold = torch.tensor(fill_rows([x or 0 for x in rows], MENTION_ROWS), device=self.retriever.device)
+        ranks = self.scorer.full_kb_counts(chunk, gold).ranks("pessimistic")
         return [None if x is None else int(ranks[i]) for i, x in enumerate(rows)]
 
     # -- linking --------------------------------------------------------------------------------
@@ -157,7 +185,7 @@ class Linker:
                     for q, f in zip(mentions, found)]
         views = ({key: torch.cat([f.views[key] for f in found]) for key in found[0].views} if found else {})
         lists = MentionLists(mentions, [f.candidates[:k_rr] for f in found], views=views,
-                             embeddings=torch.cat([f.embedding for f in found]) if found else None)
+                             embeddings=cat_encoded([f.embedding for f in found]) if found else None)
         scores = self.reranker.score(lists)
         out = []
         for q, f, row in zip(mentions, found, scores):
@@ -171,14 +199,13 @@ class Linker:
         return out
 
 
-def open_index(path: str | Path, retriever: LoadedRun) -> Any:
-    """The KB of an index folder (``dim-mel index``, issue 28) for ``retriever``: the one seam where a linker
-    takes a KB other than its run's own. Not supported yet: an error naming the folder."""
-    try:
-        import nel_model.index  # noqa: F401  (issue 28's package; absent from this build)
-    except ImportError:
-        raise LinkError(f"{path}: --index is not supported yet (this build has no nel_model.index)") from None
-    raise LinkError(f"{path}: --index is not supported yet (nel_model.index is not wired into the linker)")
+def index_identity(index: KBIndexFolder) -> dict[str, Any]:
+    """What an index's answers are a function of: its shards (vectors and ids), its removed entities, its kind and
+    the faiss parameters (not its build history)."""
+    m = index.manifest
+    return {"index_shards": [[x["vectors_sha256"], x["ids_sha256"]] for x in m["shards"]],
+            "removed": m.get("removed"), "kind": m["kind"],
+            "faiss": None if not m.get("faiss") else m["faiss"].get("params")}
 
 
 def _num(x: float) -> float | None:
@@ -269,9 +296,9 @@ def provenance(linker: Linker, top_k: int) -> dict[str, Any]:
     """What every line of a ``dim-mel link`` run is computed from, but its input line (``input_sha256``, added
     per line): the retriever's checkpoint and KB, the re-ranker and K (docs/CONTRACTS.md, "Linked mentions")."""
     r = linker.retriever
-    return {"input_sha256": None, "retriever_checkpoint_sha256": r.checkpoint_sha256,
-            "kb": stable_hash(r.kb_fingerprint() or {"features": str(r.data.root.resolve()),
-                                                     "entity_ids": stable_hash(r.data.entity_ids)}),
+    kb = (r.kb_fingerprint() or {"features": str(r.data.root.resolve()), "entity_ids": stable_hash(r.data.entity_ids)}
+          if linker.index is None else index_identity(linker.index))
+    return {"input_sha256": None, "retriever_checkpoint_sha256": r.checkpoint_sha256, "kb": stable_hash(kb),
             "reranker": reranker_fingerprint(linker.reranker), "top_k": top_k}
 
 
@@ -340,6 +367,8 @@ def build_parser():
     p.add_argument("--out", required=True, type=Path, help="output JSON Lines (appended; a rerun skips written ids)")
     p.add_argument("--top-k", dest="link_top_k", type=int, default=10, help="entities per mention")
     p.add_argument("--rerank", type=Path, help="a re-ranker run folder (e.g. the feature re-ranker's)")
+    p.add_argument("--index", type=Path, help="a KB index folder built with this run (dim-mel index; default: the "
+                   "run's own KB)")
     p.add_argument("--batch-size", type=int, default=BATCH, help="mentions handed to the re-ranker together")
     p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
                    help=f"refuse an input line longer than this (default {MAX_LINE_BYTES}: 1 MiB)")
@@ -360,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_file(a.out)
     with output_lock(a.out):
         mentions = list(read_mentions(a.input, a.max_line_bytes))      # the whole input, before any work
-        linker = Linker.from_run(a.run, a.rerank, a.device, a.checkpoint)
+        linker = Linker.from_run(a.run, a.rerank, a.device, a.checkpoint, index=a.index)
         if a.model is not None:
             linker.reranker = reranker_from_args(a, a.out.with_name(a.out.name + ".llm_cache.jsonl"))
         n = link_file(linker, mentions, a.out, a.link_top_k, a.batch_size, progress=a.progress)

@@ -7,7 +7,8 @@ counts, as in ``predictions/``, and ``top``: the K best entities with their floa
 in KB row order) with ``<split>.meta.json``, and ``RUN/retrieval/report.json`` with the lists' recall@1/5/10/K per
 split. Nothing here ranks on its own: the lists come from the run's evaluation pass (``nel_model.evaluation``: the
 same encoded embeddings, the same arithmetic, the same top-K as ``predictions/``), exact over the whole KB. The
-retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking). ``--faiss``: the
+retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking), a bi-encoder or a
+pairwise model (MIMIC: every pair scored, in chunks bounded by its run's ``pair_memory_mb``). ``--faiss``: the
 lists come from an approximate faiss index over the same embeddings instead (for KBs too large to rank exactly on
 a CPU); the gold's ranks stay exact, and the report adds each split's overlap with the exact top K. A re-ranker
 (``nel_model.rerank``) trains on the train split's lists and is evaluated on dev and test.
@@ -80,7 +81,10 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
     if top_k > data.num_entities:
         raise ValueError(f"--top-k {top_k} is larger than the KB ({data.num_entities} entities): a list holds each "
                          f"entity once; give --top-k {data.num_entities} or less")
-    emb = r.entity_emb
+    if faiss and r.pairwise:
+        raise ValueError(f"--faiss {faiss}: an index holds a bi-encoder's KB embeddings; {run} is a pairwise run "
+                         "(MIMIC), whose lists are exact (no --faiss)")
+    emb = r.kb                      # the encoded KB side (a pairwise run: its EntitySide)
     wanted = [s for s in splits if len(data.splits[s])]
     counts = evaluate_counts(r.model, data, r.source, wanted, D.DistInfo(device=dev), settings, top_k=top_k,
                              entity_emb=emb)

@@ -314,8 +314,7 @@ class ServerState:
         r = linker.retriever
         rr = linker.reranker
         return {"run": str(r.run.resolve()), "label": r.config.get("label"), "checkpoint": r.checkpoint,
-                "checkpoint_sha256": r.checkpoint_sha256, "kb": {"entities": r.data.num_entities,
-                                                                 "index": "run (exact, float32)"},
+                "checkpoint_sha256": r.checkpoint_sha256, "kb": kb_info(linker),
                 "reranker": None if rr is None else rr.info(),
                 "encoders": {"text": r.data.meta.get("text_encoder"), "image": r.data.meta.get("image_encoder")},
                 "limits": {"max_body_bytes": s.max_body_bytes, "max_mentions": s.max_mentions,
@@ -451,7 +450,7 @@ def build_parser():
                       "mentions as dim-mel link does; the run is loaded once.")
     p.add_argument("--run", required=True, type=Path, help="retriever run folder (dim-mel train)")
     p.add_argument("--rerank", type=Path, help="a re-ranker run folder (e.g. the feature re-ranker's)")
-    p.add_argument("--index", type=Path, help="an index folder to link against (dim-mel index; not supported yet)")
+    p.add_argument("--index", type=Path, help="a KB index folder built with the run (dim-mel index; default: the run's own KB)")
     p.add_argument("--image-root", type=Path, help="folder the requests' image names are read from (nothing "
                    "outside it is read; without it, images come as image_base64 only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (any but loopback needs a token)")
@@ -469,6 +468,14 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     return p
+
+
+def kb_info(linker: Linker) -> dict[str, Any]:
+    """``/info``'s KB: the run's own (exact, float32) or the index's path, kind, size and recall."""
+    if linker.index is None:
+        return {"entities": linker.retriever.data.num_entities, "index": "run (exact, float32)"}
+    i = linker.index.info()
+    return {"entities": i["entities"], "index": {k: i[k] for k in ("path", "kind", "dtype", "faiss", "recall")}}
 
 
 def settings_of(a) -> ServeSettings:

@@ -4,7 +4,9 @@ evaluation (``dim-mel evaluate --run RERANK_RUN``; ``nel_model.evaluate`` sends 
 
 The run folder says how it was made (:func:`nel_model.runs.two_stage_of`): the retriever run and checkpoint, K and
 the re-ranker. A feature re-ranker (``dim-mel rerank``) is loaded from its checkpoint and scores the retriever's
-lists as its training's final evaluation did (same inputs, same batch size). An LLM re-ranker (``dim-mel
+lists as its training's final evaluation did (same inputs, same batch size). A pairwise re-ranker (``dim-mel
+rerank-pairwise``) is its pairwise run (MIMIC) at ``--checkpoint``, scoring the lists as the run folder's writer
+did. An LLM re-ranker (``dim-mel
 rerank-llm``) answers from its run's cache alone: no request is made and no file is touched; the same mentions are
 evaluated (the run's ``sample``), and a mention whose answer the cache lacks keeps the retriever's order and is
 reported. The counts, metrics, table and ``--predictions`` are those of a one-stage run; the printed numbers are
@@ -21,7 +23,7 @@ from data_process.core.records import SPLITS
 from nel_model.evaluation.evaluate import open_run, print_results, results_block, splits_of
 from nel_model.evaluation.metrics import RankCounts
 from nel_model.loaded_run import LoadedRun
-from nel_model.rerank import llm
+from nel_model.rerank import llm, pairwise
 from nel_model.rerank.feature import FeatureReranker
 from nel_model.rerank.two_stage import check_retriever, two_stage_counts, write_two_stage_predictions
 from nel_model.config import eval_settings_of
@@ -79,9 +81,9 @@ def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the two-stage run ``a.run`` (``info``: its :func:`~nel_model.runs.two_stage_of`) under the flags
     of ``dim-mel evaluate``; print and return ``{protocol: {split: metrics}}``."""
     run, kind = Path(a.run), info["reranker"]["kind"]
-    if kind not in ("feature", "llm"):
+    if kind not in ("feature", "llm", pairwise.KIND):
         raise RunError(f"{run / RESULTS_FILE}: re-ranker kind {kind!r} cannot be evaluated again "
-                       "(dim-mel evaluate knows feature and llm)")
+                       "(dim-mel evaluate knows feature, llm and pairwise)")
     if a.faiss:
         raise RunError(f"{run}: --faiss ranks a one-stage run's embeddings; a two-stage run ranks its retriever's "
                        "lists: evaluate the retriever run with --faiss")
@@ -97,6 +99,9 @@ def evaluate_two_stage(a, info: dict[str, Any]) -> dict[str, Any]:
     if kind == "feature":
         check_retriever(run, info["retriever"], retriever, moved=a.retriever is not None)
         counts, view = feature_counts(run, retriever, splits, a.checkpoint), retriever
+    elif kind == pairwise.KIND:
+        scorer_run = pairwise.open_pairwise(info["reranker"]["run"], retriever.device, a.checkpoint)
+        counts, view = pairwise.pairwise_counts(scorer_run, retriever, splits, int(info["top_k"])), retriever
     else:
         counts, view = llm_counts(run, retriever, splits, results or {})
     out = results_block(counts, view.data, view.settings)["protocols"]

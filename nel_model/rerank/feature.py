@@ -408,7 +408,8 @@ class BoundFeatureReranker:
     """A trained feature re-ranker scoring *new* mentions for the linker (the ``Reranker`` protocol of
     :mod:`nel_model.linking`): it is given the linker's loaded retriever, and the lists it scores carry the
     mentions' views and retriever embeddings, already encoded by the retriever's encoders and model; the listed
-    entities' views come from the retriever's feature cache. Each mention is scored on its own, so its scores do
+    entities' views come from the retriever's feature cache (an entity of a KB index that the cache lacks is not
+    scored: NaN, like a list's padding). Each mention is scored on its own, so its scores do
     not depend on the mentions linked beside it."""
 
     kind = "feature"
@@ -445,7 +446,8 @@ class BoundFeatureReranker:
             top = torch.zeros(1, k, dtype=torch.long)
             scores = torch.full((1, k), float("nan"))
             for j, c in enumerate(cands[:k]):
-                top[0, j], scores[0, j] = self.row_of[c.entity_id], c.score
+                if c.entity_id in self.row_of:       # an index's entity outside the run's KB: unscored, as padding
+                    top[0, j], scores[0, j] = self.row_of[c.entity_id], c.score
             mention = {key: v[i:i + 1].cpu() for key, v in views.items() if key.removesuffix("_mask") in wanted}
             lexical = (self.reranker.lexical(r).pairs_of([lists.mentions[i]], top) if self.reranker.cfg.lexical
                        else None)

@@ -15,12 +15,13 @@ from typing import Callable
 from data_process.core.safe_paths import regular_file_problem
 from nel_model.linking import LinkError, Reranker
 from nel_model.loaded_run import LoadedRun
-from nel_model.rerank import feature, llm
+from nel_model.rerank import feature, llm, pairwise
 from nel_model.runs import RESULTS_FILE
 
 LOADERS: dict[str, Callable[[Path, LoadedRun], Reranker]] = {
     "feature": feature.load_reranker,      # dim-mel rerank: a trained feature re-ranker (its retriever is checked)
     "llm": llm.load_reranker,              # dim-mel rerank-llm: a chat model, answering from its run's cache first
+    "pairwise": pairwise.load_reranker,    # dim-mel rerank-pairwise: a trained pairwise run (MIMIC) over any retriever
 }
 
 

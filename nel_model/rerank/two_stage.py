@@ -24,7 +24,9 @@ import torch
 
 from data_process.core.durable_io import atomic_write_json
 from nel_model.evaluation.evaluate import PREDICTION_TOP_K, results_block, write_predictions
+from nel_model.encoding import take_rows
 from nel_model.evaluation.metrics import RankCounts, list_counts, score_counts
+from nel_model.evaluation.scoring import kb_scorer
 from nel_model.loaded_run import LoadedRun, RetrievedLists
 from nel_model.runs import RESULTS_FILE, RunError
 
@@ -69,10 +71,12 @@ def two_stage_counts(retriever: LoadedRun, lists: RetrievedLists, rerank: torch.
         raise ValueError(f"re-ranker scores of shape {tuple(rerank.shape)} for lists of shape {tuple(lists.top.shape)}")
     data, dev = retriever.data, retriever.device
     q = retriever.mention_embeddings(lists.rows)
-    chunk = retriever.settings.mention_chunk
+    scorer = kb_scorer(retriever.model, retriever.kb, retriever.settings)     # embeddings, or a pairwise KB side
+    chunk = scorer.mention_chunk
     full, cand = [], []
     for s in range(0, len(q), chunk):
-        scores = final_scores(q[s:s + chunk] @ retriever.entity_emb.T, lists.top[s:s + chunk], rerank[s:s + chunk])
+        scores = final_scores(scorer.scores(take_rows(q, slice(s, s + chunk))), lists.top[s:s + chunk],
+                              rerank[s:s + chunk])
         gold = lists.gold[s:s + chunk].to(dev)
         full.append(score_counts(scores, gold, top_k))
         if data.candidates is not None:

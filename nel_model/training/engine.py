@@ -183,7 +183,8 @@ class Task(Protocol):
         ...
 
     def evaluate_dev(self) -> dict[str, dict[str, float]]:
-        """Dev metrics of the current model, ``{protocol: {metric: value}}`` (``full_kb`` at least)."""
+        """Dev metrics of the current model, ``{protocol: {metric: value}}`` (``full_kb``, or at least the protocol
+        ``--select-by`` names)."""
         ...
 
     def finish(self, fitted: Fitted) -> dict[str, Any]:
@@ -193,6 +194,11 @@ class Task(Protocol):
 
     def end_of_epoch(self) -> None:
         """Work between epochs on the trained model (the retriever's hard-negative table); none by default."""
+
+    def optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Callable[[int], float]] | None:
+        """The task's own optimiser and learning-rate factor per step (MIMIC: the official AdamW settings, a
+        constant rate); ``None`` (the default): the engine's AdamW with linear warm-up and decay."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """What else ``last.pt`` holds for an exact resume; nothing by default."""
@@ -228,10 +234,12 @@ class Engine:
         self.model = self.task.model
         self.amp_dtype, use_scaler = amp_setup(o.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay)
         self.steps_per_epoch = steps_per_epoch(self.task.train_size(), o.batch_size, o.grad_accum, dist.world_size)
         total = max(1, o.epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(o.warmup_steps, total))
+        own = self.task.optimizer(total)
+        self.optimizer, schedule = own if own is not None else (make_optimizer(self.model, o.lr, o.weight_decay),
+                                                                linear_schedule(o.warmup_steps, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.train_model: torch.nn.Module = self.model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -390,15 +398,21 @@ class Engine:
             return -math.inf
         return dev[self.select[0]][self.select[1]]
 
+    def _headline(self, dev: dict[str, dict[str, float]]) -> dict[str, float]:
+        """The dev metrics the log shows and ``best.pt`` records: the whole KB's, or those of the selected protocol
+        for a task that evaluates dev on it alone (MIMIC's ``--dev-protocol candidates``)."""
+        return dev["full_kb"] if "full_kb" in dev else dev[self.select[0]]
+
     def _untrained_as_first_best(self) -> None:
         """The untrained model (e.g. the retriever's zero-shot start) is the first candidate for "best", so a run
         whose training only hurts dev returns the model it started from rather than a worse one."""
         dev = self.task.evaluate_dev()
         self.best_score, self.best_epoch = self._selected(dev), 0
         if self.dist.is_main:
-            self._save_best(dev["full_kb"])
-            print(f"epoch 0 ({self.task.epoch0}): dev MRR {100 * dev['full_kb']['mrr']:.2f}  "
-                  f"H@1 {100 * dev['full_kb']['hits@1']:.2f}", file=sys.stderr)
+            head = self._headline(dev)
+            self._save_best(head)
+            print(f"epoch 0 ({self.task.epoch0}): dev MRR {100 * head['mrr']:.2f}  "
+                  f"H@1 {100 * head['hits@1']:.2f}", file=sys.stderr)
         D.barrier(self.dist)
 
     def fit(self) -> dict[str, Any]:
@@ -435,9 +449,11 @@ class Engine:
 
     def _log_epoch(self, train_loss: float, lr: float, dev: dict[str, dict[str, float]], time_s: float,
                    train_s: float, improved: bool) -> None:
-        full = dev["full_kb"]
+        full = self._headline(dev)
         rec = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "lr": lr,
                "time_s": round(time_s, 3), "train_s": round(train_s, 3), "dev": full}
+        if "full_kb" not in dev:
+            rec["dev_protocol"] = self.select[0]
         if "candidates" in dev:
             rec["dev_candidates"] = dev["candidates"]
         append_metrics(self.out / METRICS_FILE, rec)
