@@ -142,17 +142,18 @@ def _load_records(path: Path, parse, report: ValidationReport, dup_kind: str, pr
     return list(tqdm(records, desc=f"validate {path.name}", disable=not progress, unit="record"))
 
 
-IMAGE_CACHE_SIZE = 1 << 16   # image states remembered (a path met again is not checked again); then forgotten
+IMAGE_CACHE_SIZE = 1 << 14   # image files' states remembered (a file met again is not opened again); then forgotten
 
 
 def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
-    """``"ok"``, ``"missing"`` or ``"unreadable"`` (remembered in ``cache``, emptied when it holds
-    :data:`IMAGE_CACHE_SIZE` paths: memory stays bounded however many images a KB names)."""
+    """``"ok"``, ``"missing"`` or ``"unreadable"``. The state of a file found is remembered in ``cache`` (emptied
+    when it holds :data:`IMAGE_CACHE_SIZE` paths), a missing file's is not (a stat is cheap): memory stays bounded
+    however many images a dataset names."""
     if path in cache:
         return cache[path]
     if not path.is_file():
-        state = "missing"
-    elif check == "verify":
+        return "missing"
+    if check == "verify":
         from PIL import Image
 
         try:
