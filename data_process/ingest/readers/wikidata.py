@@ -15,12 +15,13 @@ The dump's published layout (``latest-all.json.gz`` / ``.json.bz2`` at dumps.wik
 
 It is read as a stream, one line at a time, and each entity kept goes to a ``keep`` callback as it is read
 (:func:`stream_wikidata`; ``prepare`` writes it to the staged ``entities.jsonl`` at once; :func:`read_wikidata`
-collects a list, for small dumps and the Python API). What the reader itself holds while the dump streams by is
-bounded, not a function of the number of entities read or kept:
+collects a list, for small dumps and the Python API). What the reader itself holds while the dump streams by does
+not grow with the dump, nor with the KB kept beyond a bit an item number:
 
 * the ids kept so far, to refuse a repeated one: :class:`QidSet`, one bit per item number in blocks of 4,096
-  numbers (512 bytes) made as first used: at most ``512 * min(kept, max Q-number / 4096 + 1)`` bytes plus about 100
-  bytes a block, so about 20 MB for every item of today's Wikidata (Q-numbers below 1.4e8), whatever is kept;
+  numbers (512 bytes) made as first used: at most ``612 * min(kept, max Q-number / 4096 + 1)`` bytes (a block and
+  its dict entry), so about 21 MB however much of today's Wikidata is kept (its Q-numbers are dense, below 1.4e8);
+  only ids scattered one per 4,096 numbers cost more than a set of id strings would (612 against ~120 bytes each);
 * where each kept item was read, for the message naming a repeated id's first read, appended to a temporary file
   (``scratch``: the output's staging folder) and looked up once at the end for all repeats (strict: at the first);
 * the counts, the ``--ids`` list and the ids of it met in the dump (``O(--ids)``), and the lists of dropped records and
@@ -183,7 +184,7 @@ def _item_classes(claims: dict) -> set[str]:
 
 class QidSet:
     """A set of item ids (``Q`` and a number) as bits of their numbers, in blocks of :attr:`BLOCK` numbers made as
-    first used: ``512 * min(ids, max number / 4096 + 1)`` bytes plus about 100 bytes a block (module docstring)."""
+    first used: ``612 * min(ids, max number / 4096 + 1)`` bytes, a block and its dict entry (module docstring)."""
 
     BLOCK_BITS = 12
     BLOCK = 1 << BLOCK_BITS
