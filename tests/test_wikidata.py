@@ -298,3 +298,69 @@ def test_memory_stays_flat_in_the_size_of_the_dump(tmp_path):
     big, big_size = peak(3000)
     assert big_size > 9 * small_size and big_size > 4_000_000
     assert big < 1.5 * small + 200_000 and big < big_size / 10
+
+
+def _many_items_dump(path: Path, n: int) -> Path:
+    """A gz dump of ``n`` small items (label, description, alias, P31, P18, sitelinks), the last one repeating the
+    first's id, written a line at a time."""
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as fh:
+        fh.write("[\n")
+        for i in range(1, n + 1):
+            entity = item(f"Q{i}", {"en": f"item {i}"}, {"en": f"thing number {i}"}, {"en": [f"no. {i}"]},
+                          p31=("Q5",), p18=(f"Picture {i}.jpg",), sites=("en",))
+            fh.write(json.dumps(entity, separators=(",", ":"), ensure_ascii=False) + ",\n")
+        fh.write(json.dumps(item("Q1", {"en": "item 1 again"}), separators=(",", ":")) + "\n]\n")
+    return path
+
+
+@pytest.mark.slow
+def test_prepare_memory_is_flat_in_the_number_of_kept_entities(tmp_path):
+    """prepare streams the kept entities into the staged folder: converting 4 times the items (5,000 and 20,000),
+    every one kept, does not raise the peak of Python allocations (tracemalloc) beyond a small constant, where a KB
+    held in memory until publishing grows with it (several hundred bytes an entity). The published files are those
+    publishing the in-memory reader's list writes."""
+    n = 5_000
+
+    def peak(count: int) -> tuple[int, Path]:
+        src = _many_items_dump(tmp_path / f"dump{count}.json.gz", count)
+        out = tmp_path / f"kb{count}"
+        tracemalloc.start()
+        try:
+            _, rep = prep.prepare("wikidata", src, out, echo=False, progress=False)
+            top = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert rep.ok and rep.entities == count and rep.entities_with_images == count
+        assert rep.warnings["missing_entity_images"] == count and rep.images["entity"]["referenced"] == count
+        assert [d["reason"] for d in rep.dropped] == [f"duplicate item, first read at line 2 (id 'Q1')"]
+        return top, out
+
+    small, out = peak(n)
+    big, _ = peak(4 * n)
+    # slack: a resize of the interpreter's own tables (interned strings) during one run and not the other
+    assert big < 1.5 * small + 1_000_000, (small, big)
+    # the same files as publishing the KB read into a list (publish: the path of the other formats)
+    converted = read_wikidata(tmp_path / f"dump{n}.json.gz", progress=False)
+    assert len(converted.entities) == n and converted.entities[-1] == Entity(
+        f"Q{n}", f"item {n}", f"thing number {n}", aliases=(f"no. {n}",), images=(f"images/commons/Picture_{n}.jpg",))
+    listed, _ = prep.publish(converted, tmp_path / "listed", echo=False)
+    for name in ("entities.jsonl", "mentions.jsonl", "dataset.json", "validation.json", "validation.txt"):
+        assert (out / name).read_text().replace(str(out), "OUT") == (listed / name).read_text().replace(
+            str(listed), "OUT"), name
+
+
+def test_a_repeated_item_id_is_dropped_naming_its_first_read(tmp_path, capsys):
+    """A second item with a kept item's id is a dropped record naming where the first was read; an id whose first
+    item was skipped (no label) is no repeat. --strict: the first repeat is the error."""
+    labelled = item("Q12345", {"en": "now in English"})
+    src = write_dump(tmp_path / "dump.json", [ADAMS, NO_LABEL, BERLIN, dict(ADAMS), labelled, dict(BERLIN)])
+    _, rep = prep.prepare("wikidata", src, tmp_path / "kb", echo=False, progress=False, max_invalid="2")
+    assert [e.id for e in load_dataset(tmp_path / "kb").entities] == ["Q42", "Q64", "Q12345"]
+    assert [(d["record"], d["field"], d["reason"]) for d in rep.dropped] == [
+        ("line 5 (id 'Q42')", "id", "duplicate item, first read at line 2 (id 'Q42')"),
+        ("line 7 (id 'Q64')", "id", "duplicate item, first read at line 4 (id 'Q64')")]
+    assert run_cli(prep.main, ["--format", "wikidata", "--src", str(src), "--out", str(tmp_path / "strict"),
+                               "--quiet", "--strict"]) == 2
+    assert first_line(capsys.readouterr().err) == (f"error: {src}, line 5 (id 'Q42'), field 'id': duplicate item, "
+                                                   "first read at line 2 (id 'Q42')\n")
+    assert not (tmp_path / "strict").exists() and [p.name for p in tmp_path.iterdir() if p.name[0] == "."] == []

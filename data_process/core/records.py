@@ -693,7 +693,9 @@ def utf8_bytes(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-def _jsonl_bytes(records: Iterable[Entity | Mention]) -> bytes:
+def jsonl_bytes(records: Iterable[Entity | Mention]) -> bytes:
+    """The JSON Lines bytes of ``records`` as a dataset file holds them (a step writing a file as a stream writes
+    each record's bytes in turn: the same file)."""
     return utf8_bytes("".join(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
@@ -706,7 +708,7 @@ def save_dataset(root: str | Path, info: DatasetInfo, entities: Iterable[Entity]
     :func:`complete_dataset` (``prepare`` validates the written files and adds the report)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    files = {ENTITIES_FILE: _jsonl_bytes(entities), MENTIONS_FILE: _jsonl_bytes(mentions)}
+    files = {ENTITIES_FILE: jsonl_bytes(entities), MENTIONS_FILE: jsonl_bytes(mentions)}
     files[INFO_FILE] = utf8_bytes(json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(root / INCOMPLETE_MARKER, "a step is writing this dataset; it is not complete\n")
     for name, data in files.items():

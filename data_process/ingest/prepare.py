@@ -25,6 +25,14 @@ dataset (``images/mention``, ``images/kb``) pointing to the *absolute* source im
 relative to the dataset folder and nothing is copied; moving the source breaks the links (validation then reports
 missing images). ``copy`` copies only the referenced image files; ``rewrite`` points the paths at the source files.
 ``none`` drops image references (text-only dataset).
+
+A Wikidata dump (``--format wikidata``) is not held in memory: the staging folder is made first, the reader
+(``readers.wikidata.stream_wikidata``) hands each kept entity over as it reads it, and it is written to the staged
+``entities.jsonl`` at once and checked as validation checks it (``validate.RecordChecks``: counts, image paths);
+the reader refuses repeated ids and writes only records that parse back, so the published folder and its report
+are those :func:`publish` makes of the same entities held in a list. Its records need no image placement (no
+linked image folders: P18 names are not downloaded). Memory stays flat in the size of the dump (the reader's
+bounds: its module docstring); any error removes the staging folder, and ``--out`` is left as it was.
 """
 
 from __future__ import annotations
@@ -33,17 +41,20 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any, Iterator
 
 from data_process.core.settings import ToolkitParser, add_bool
 from data_process.core.entry import run_main
 from data_process.core.placement import PLACEMENT_MODES, place_record_images
-from data_process.core.records import (ENTITIES_FILE, INCOMPLETE_MARKER, INFO_FILE, MENTIONS_FILE, complete_dataset,
-                                       save_dataset)
+from data_process.core.records import (ENTITIES_FILE, INCOMPLETE_MARKER, INFO_FILE, MENTIONS_FILE, Entity,
+                                       complete_dataset, jsonl_bytes, save_dataset)
 from data_process.ingest.readers import READERS
 from data_process.ingest.readers.common import Converted, parse_ratios
-from data_process.ingest.validate import (IMAGE_CHECKS, REPORT_JSON, REPORT_TXT, ValidationReport, format_report,
-                                          report_files, validate_dataset, write_report)
+from data_process.ingest.readers.wikidata import stream_wikidata
+from data_process.ingest.validate import (IMAGE_CHECKS, REPORT_JSON, REPORT_TXT, RecordChecks, ValidationReport,
+                                          format_report, report_files, validate_dataset, write_report)
 
 IMAGE_MODES = (*PLACEMENT_MODES, "none")
 DEFAULT_MAX_INVALID = "1%"
@@ -62,10 +73,14 @@ class ConversionError(ValueError):
         super().__init__(f"{out}: conversion failed validation, nothing written: {report.error_summary()}")
 
 
+def _no_images(e: Entity) -> Entity:
+    return dataclasses.replace(e, images=()) if e.images else e
+
+
 def _strip_images(converted: Converted) -> Converted:
     return dataclasses.replace(
         converted,
-        entities=[dataclasses.replace(e, images=()) if e.images else e for e in converted.entities],
+        entities=[_no_images(e) for e in converted.entities],
         mentions=[dataclasses.replace(m, image=None) if m.image else m for m in converted.mentions],
         image_links={},
     )
@@ -163,45 +178,116 @@ def publish(
     dropped than ``max_invalid`` allows, :class:`ConversionError` when the report has errors (nothing written).
     """
     check_invalid(converted, max_invalid)
-    if images not in IMAGE_MODES:
-        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
-    image_check = {True: "verify", False: "none"}.get(check_images, check_images)  # type: ignore[arg-type]
-    if image_check not in IMAGE_CHECKS:
-        raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
+    image_check = _image_options(images, check_images)
     out = Path(out)
     _check_replaceable(out)
     if images == "none":
         converted = _strip_images(converted)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with _staging(out) as stage:
         if images != "none":
             entities, mentions = place_record_images(stage, converted.entities, converted.mentions, images,
                                                      links=converted.image_links)
             converted = dataclasses.replace(converted, entities=entities, mentions=mentions)
         save_dataset(stage, converted.info, converted.entities, converted.mentions, complete=False)
         report = validate_dataset(stage, image_check=image_check, progress=progress, allow_incomplete=True)
-        report.root = str(out)
-        report.records_read = converted.records_read
-        report.dropped = [d.to_json() for d in converted.dropped]
-        report.absent_ids = converted.absent_ids
-        for refused in converted.refused_images:
-            report.add("refused_images", str(refused))
-        report.refused_images = [r.to_json() for r in converted.refused_images]
-        for mended in converted.repaired:
-            report.add("repaired_fields", str(mended))
-        report.repaired = [r.to_json() for r in converted.repaired]
-        report.skipped = dict(converted.skipped)
-        if not report.ok:
-            if echo:
-                print(format_report(report), end="")
-            raise ConversionError(out, report)
-        complete_dataset(stage, report_files(report))
-        _open_permissions(stage)
-        _swap_in(stage, out)
+        _publish_stage(stage, out, converted, report, echo)
+    if echo:
+        print(format_report(report), end="")
+    return out, report
+
+
+def _image_options(images: str, check_images: bool | str) -> str:
+    """Check ``--images`` and ``--image-check``; the image check's name."""
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
+    image_check = {True: "verify", False: "none"}.get(check_images, check_images)  # type: ignore[arg-type]
+    if image_check not in IMAGE_CHECKS:
+        raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
+    return image_check
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``out``, removed when the block fails (a publish renames it to ``out``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _publish_stage(stage: Path, out: Path, converted: Converted, report: ValidationReport, echo: bool) -> None:
+    """Add what the reader left out to the staged folder's ``report``; publish the folder as ``out`` when the
+    report has no error, else :class:`ConversionError`."""
+    report.root = str(out)
+    report.records_read = converted.records_read
+    report.dropped = [d.to_json() for d in converted.dropped]
+    report.absent_ids = converted.absent_ids
+    for refused in converted.refused_images:
+        report.add("refused_images", str(refused))
+    report.refused_images = [r.to_json() for r in converted.refused_images]
+    for mended in converted.repaired:
+        report.add("repaired_fields", str(mended))
+    report.repaired = [r.to_json() for r in converted.repaired]
+    report.skipped = dict(converted.skipped)
+    if not report.ok:
+        if echo:
+            print(format_report(report), end="")
+        raise ConversionError(out, report)
+    complete_dataset(stage, report_files(report))
+    _open_permissions(stage)
+    _swap_in(stage, out)
+
+
+class _StagedKb:
+    """Entities written to a staged folder's ``entities.jsonl`` one at a time and checked as validation checks them
+    (module docstring). Used as ``with``: the entities file is synced and closed at the end of the block;
+    :meth:`finish` then adds the other dataset files and returns the report."""
+
+    def __init__(self, stage: Path, image_check: str, strip_images: bool):
+        self.stage, self.strip_images = stage, strip_images
+        self.report = ValidationReport(dataset=stage.name, root=str(stage))
+        self.checks = RecordChecks(stage, self.report, image_check)
+        self.partial = stage / f".{ENTITIES_FILE}.partial"
+        self.fh: IO[bytes] = self.partial.open("xb")
+
+    def __enter__(self) -> "_StagedKb":
+        return self
+
+    def __exit__(self, kind: type | None, *_: Any) -> None:
+        with self.fh:
+            if kind is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+
+    def add(self, entity: Entity) -> None:
+        if self.strip_images:
+            entity = _no_images(entity)
+        self.fh.write(jsonl_bytes((entity,)))
+        self.checks.entity(entity)
+
+    def finish(self, converted: Converted) -> ValidationReport:
+        """The other dataset files (``save_dataset``'s, with no records) and the entities file in place: the set
+        ``save_dataset`` writes of the same entities; the report as ``validate_dataset`` makes of it."""
+        save_dataset(self.stage, converted.info, [], [], complete=False)
+        os.replace(self.partial, self.stage / ENTITIES_FILE)
+        self.report.dataset, self.report.kind = converted.info.name, converted.info.kind
+        return self.report
+
+
+def _prepare_wikidata(src: str | Path, out: Path, *, images: str, check_images: bool | str, echo: bool,
+                      progress: bool, max_invalid: str | int | float, **reader: Any) -> tuple[Path, ValidationReport]:
+    """``prepare --format wikidata``: the dump's entities streamed into the staged folder (module docstring)."""
+    image_check = _image_options(images, check_images)
+    _check_replaceable(out)
+    with _staging(out) as stage:
+        with _StagedKb(stage, image_check, images == "none") as kb:
+            converted = stream_wikidata(src, kb.add, scratch=stage, progress=progress, **reader)
+            check_invalid(converted, max_invalid)
+        report = kb.finish(converted)
+        _publish_stage(stage, out, converted, report, echo)
     if echo:
         print(format_report(report), end="")
     return out, report
@@ -289,7 +375,9 @@ def prepare(
         converted = READERS[fmt](src, annotations=annotations, image_dir=image_dir, entity_text=entity_text,
                                  dev_from_train=dev_from_train, seed=seed, **common)
     elif fmt == "wikidata":
-        converted = READERS[fmt](src, **common, **{k: v for k, v in wikidata.items() if v is not None})
+        return _prepare_wikidata(src, Path(out), images=images, check_images=check_images, echo=echo,
+                                 max_invalid=max_invalid, **common, **{k: v for k, v in wikidata.items()
+                                                                        if v is not None})
     else:
         converted = READERS[fmt](src, **common)
     return publish(converted, out, images=images, check_images=check_images, echo=echo, progress=progress,

@@ -142,13 +142,18 @@ def _load_records(path: Path, parse, report: ValidationReport, dup_kind: str, pr
     return list(tqdm(records, desc=f"validate {path.name}", disable=not progress, unit="record"))
 
 
+IMAGE_CACHE_SIZE = 1 << 14   # image files' states remembered (a file met again is not opened again); then forgotten
+
+
 def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
-    """``"ok"``, ``"missing"`` or ``"unreadable"``."""
+    """``"ok"``, ``"missing"`` or ``"unreadable"``. The state of a file found is remembered in ``cache`` (emptied
+    when it holds :data:`IMAGE_CACHE_SIZE` paths), a missing file's is not (a stat is cheap): memory stays bounded
+    however many images a dataset names."""
     if path in cache:
         return cache[path]
     if not path.is_file():
-        state = "missing"
-    elif check == "verify":
+        return "missing"
+    if check == "verify":
         from PIL import Image
 
         try:
@@ -159,6 +164,8 @@ def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
             state = "unreadable"
     else:
         state = "ok"
+    if len(cache) >= IMAGE_CACHE_SIZE:
+        cache.clear()
     cache[path] = state
     return state
 
@@ -166,6 +173,40 @@ def _image_state(path: Path, check: str, cache: dict[Path, str]) -> str:
 def _inside(rel: str) -> bool:
     p = PurePosixPath(rel.replace("\\", "/"))
     return not p.is_absolute() and ".." not in p.parts and not (len(rel) > 1 and rel[1] == ":")
+
+
+class RecordChecks:
+    """The checks of one record at a time that :func:`validate_records` makes, counted into ``report``; memory is
+    the report's counts and examples and a bounded cache of image states, so a step writing a KB as a stream
+    (``prepare --format wikidata``) checks each entity as it writes it. Image paths resolve against ``root``."""
+
+    def __init__(self, root: str | Path, report: ValidationReport, image_check: str):
+        if image_check not in IMAGE_CHECKS:
+            raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECKS)}, got {image_check!r}")
+        self.root, self.rep, self.image_check = Path(root), report, image_check
+        self.cache: dict[Path, str] = {}
+        self.counts = {side: {"referenced": 0, "missing": 0, "unreadable": 0} for side in ("mention", "entity")}
+        report.image_check = image_check
+        report.images = self.counts
+
+    def image(self, rel: str, side: str, owner: str) -> None:
+        if not _inside(rel):
+            self.rep.add("image_paths_outside_dataset", f"{side} {owner!r}: {rel!r}")
+            return
+        self.counts[side]["referenced"] += 1
+        if self.image_check == "none":
+            return
+        state = _image_state(self.root / rel, self.image_check, self.cache)
+        if state != "ok":
+            self.counts[side][state] += 1
+            self.rep.add(f"{state}_{side}_images", f"{side} {owner!r}: {rel}")
+
+    def entity(self, e: Entity) -> None:
+        self.rep.entities += 1
+        if e.images:
+            self.rep.entities_with_images += 1
+        for rel in e.images:
+            self.image(rel, "entity", e.id)
 
 
 def validate_records(
@@ -179,36 +220,15 @@ def validate_records(
     report: ValidationReport | None = None,
 ) -> ValidationReport:
     """Check already-parsed records; image paths resolve against ``root``."""
-    if image_check not in IMAGE_CHECKS:
-        raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECKS)}, got {image_check!r}")
-    root = Path(root)
+    rep = report or ValidationReport(dataset=name, root=str(root))
+    checks = RecordChecks(root, rep, image_check)
     entities = list(entities)
     mentions = list(mentions)
-    rep = report or ValidationReport(dataset=name, root=str(root))
-    rep.image_check = image_check
-    rep.entities = len(entities)
-    rep.mentions = len(mentions)
-    kb = {e.id for e in entities}
-    cache: dict[Path, str] = {}
-    counts = {side: {"referenced": 0, "missing": 0, "unreadable": 0} for side in ("mention", "entity")}
-
-    def check_image(rel: str, side: str, owner: str) -> None:
-        if not _inside(rel):
-            rep.add("image_paths_outside_dataset", f"{side} {owner!r}: {rel!r}")
-            return
-        counts[side]["referenced"] += 1
-        if image_check == "none":
-            return
-        state = _image_state(root / rel, image_check, cache)
-        if state != "ok":
-            counts[side][state] += 1
-            rep.add(f"{state}_{side}_images", f"{side} {owner!r}: {rel}")
-
+    rep.entities = 0
     for e in tqdm(entities, desc="check entities", disable=not progress, unit="entity"):
-        if e.images:
-            rep.entities_with_images += 1
-        for rel in e.images:
-            check_image(rel, "entity", e.id)
+        checks.entity(e)
+    kb = {e.id for e in entities}
+    rep.mentions = len(mentions)
     for m in tqdm(mentions, desc="check mentions", disable=not progress, unit="mention"):
         rep.mentions_per_split[m.split] = rep.mentions_per_split.get(m.split, 0) + 1
         if m.gold_id not in kb:
@@ -224,7 +244,7 @@ def validate_records(
             rep.mentions_with_span += 1
         if m.image:
             rep.mentions_with_image += 1
-            check_image(m.image, "mention", m.id)
+            checks.image(m.image, "mention", m.id)
     golds: dict[str, set[str]] = {}
     for m in mentions:
         golds.setdefault(m.mention, set()).add(m.gold_id)
@@ -236,7 +256,6 @@ def validate_records(
         for split in SPLITS:
             if rep.mentions_per_split.get(split, 0) == 0:
                 rep.add("empty_splits", split)
-    rep.images = counts
     return rep
 
 

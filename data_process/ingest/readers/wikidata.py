@@ -13,7 +13,24 @@ The dump's published layout (``latest-all.json.gz`` / ``.json.bz2`` at dumps.wik
     {"type":"item","id":"Q99",...}
     ]
 
-It is read as a stream, one line at a time (memory grows with the KB kept, never with the dump). Rules:
+It is read as a stream, one line at a time, and each entity kept goes to a ``keep`` callback as it is read
+(:func:`stream_wikidata`; ``prepare`` writes it to the staged ``entities.jsonl`` at once; :func:`read_wikidata`
+collects a list, for small dumps and the Python API). What the reader itself holds while the dump streams by does
+not grow with the dump, nor with the KB kept beyond a bit an item number:
+
+* the ids kept so far, to refuse a repeated one: :class:`QidSet`, one bit per item number in blocks of 4,096
+  numbers (512 bytes) made as first used: at most ``612 * min(kept, max Q-number / 4096 + 1)`` bytes (a block and
+  its dict entry), so about 21 MB however much of today's Wikidata is kept (its Q-numbers are dense, below 1.4e8);
+  only ids scattered one per 4,096 numbers cost more than a set of id strings would (612 against ~120 bytes each);
+* where each kept item was read, for the message naming a repeated id's first read, appended to a temporary file
+  (``scratch``: the output's staging folder) and looked up once at the end for all repeats (strict: at the first);
+* the counts, the ``--ids`` list and the ids of it met in the dump (``O(--ids)``), and the lists of dropped records and
+  mended fields (``O(bad records)``, all listed in ``validation.json``).
+
+A repeated item id (an item kept earlier in the dump) is a dropped record (``duplicate item, first read at line N
+(id ...)``); an id whose first item was skipped (filtered out, without a label, dropped) is not a repeat.
+
+Rules:
 
 * Items only (``Q`` ids): properties, lexemes and other entity types are skipped and counted (``skipped`` in
   ``validation.json``), as are items without a usable label and items the filters leave out. A line whose type and
@@ -40,13 +57,15 @@ It is read as a stream, one line at a time (memory grows with the KB kept, never
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import json
 import re
+import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import IO, Any, BinaryIO, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -163,15 +182,71 @@ def _item_classes(claims: dict) -> set[str]:
     return {v["id"] for v in _statement_values(claims, "P31") if isinstance(v, dict) and isinstance(v.get("id"), str)}
 
 
+class QidSet:
+    """A set of item ids (``Q`` and a number) as bits of their numbers, in blocks of :attr:`BLOCK` numbers made as
+    first used: ``612 * min(ids, max number / 4096 + 1)`` bytes, a block and its dict entry (module docstring)."""
+
+    BLOCK_BITS = 12
+    BLOCK = 1 << BLOCK_BITS
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, bytearray] = {}
+
+    def _slot(self, qid: str) -> tuple[int, int, int]:
+        number = int(qid[1:])
+        return number >> self.BLOCK_BITS, (number & (self.BLOCK - 1)) >> 3, 1 << (number & 7)
+
+    def add(self, qid: str) -> None:
+        block, byte, bit = self._slot(qid)
+        bits = self._blocks.get(block)
+        if bits is None:
+            bits = self._blocks[block] = bytearray(self.BLOCK // 8)
+        bits[byte] |= bit
+
+    def __contains__(self, qid: object) -> bool:
+        if not isinstance(qid, str) or not QID.match(qid):
+            return False
+        block, byte, bit = self._slot(qid)
+        bits = self._blocks.get(block)
+        return bits is not None and bool(bits[byte] & bit)
+
+
+class _FirstReads:
+    """Where each kept item was read (``line N (id 'Q..')``), appended to a temporary file, looked up by a scan."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh = fh
+
+    def add(self, qid: str, where: str) -> None:
+        self.fh.write(f"{qid}\t{where}\n".encode("utf-8", "backslashreplace"))
+
+    def find(self, qids: set[str]) -> dict[str, str]:
+        """``{qid: where it was first kept}`` for ``qids`` (one pass over the file)."""
+        found: dict[str, str] = {}
+        self.fh.flush()
+        self.fh.seek(0)
+        for raw in self.fh:
+            qid, where = raw.decode("utf-8").rstrip("\n").split("\t", 1)
+            if qid in qids and qid not in found:
+                found[qid] = where
+        self.fh.seek(0, 2)
+        return found
+
+
+DUPLICATE = "duplicate item, first read at {}"
+
+
 class _Kb:
-    """What the reader keeps and counts while the dump streams by."""
+    """What the reader keeps and counts while the dump streams by (bounded: the module docstring)."""
 
     def __init__(self, chain: tuple[str, ...], ids: set[str] | None, classes: frozenset[str] | None,
-                 min_sitelinks: int | None, policy: RecordPolicy):
+                 min_sitelinks: int | None, policy: RecordPolicy, keep: Callable[[Entity], None],
+                 first_reads: _FirstReads):
         self.chain, self.ids, self.classes, self.min_sitelinks = chain, ids, classes, min_sitelinks
-        self.policy = policy
-        self.entities: list[Entity] = []
-        self.found: dict[str, str] = {}     # qid -> where it was read (kept items)
+        self.policy, self.keep, self.first_reads = policy, keep, first_reads
+        self.kept = 0
+        self.kept_ids = QidSet()
+        self.repeats: list[tuple[int, str]] = []   # (index in policy.dropped, qid): a repeat, its first read unnamed
         self.listed: set[str] = set()       # the --ids met in the dump, kept or not
         self.skipped = {"properties": 0, "lexemes": 0, "other_entity_types": 0, "items_without_label": 0,
                         "items_filtered_out": 0}
@@ -202,8 +277,11 @@ class _Kb:
             return
         if not QID.match(qid):
             fail("id", f"an item's id must be like Q42, got {qid!r}")
-        if qid in self.found:
-            fail("id", f"duplicate item, first read at {self.found[qid]}")
+        if qid in self.kept_ids:
+            if self.policy.strict:
+                fail("id", DUPLICATE.format(self.first_reads.find({qid})[qid]))
+            self.repeats.append((len(self.policy.dropped), qid))   # named by name_repeats() at the end
+            fail("id", DUPLICATE.format("?"))
         claims = obj.get("claims") or {}
         sitelinks = obj.get("sitelinks") or {}
         for key, value in (("claims", claims), ("sitelinks", sitelinks)):
@@ -221,9 +299,21 @@ class _Kb:
         record = {"id": qid, "name": named[1], "description": self._chosen(obj.get("descriptions")),
                   "aliases": self._chosen(obj.get("aliases")), "images": claims.get("P18")}
         entity = self.policy.keep(record, lambda r: self._entity(r, named[0], fail), fail, ("id", "name"))
-        self.found[qid] = fail.where
+        self.kept_ids.add(qid)
+        self.first_reads.add(qid, fail.where)
+        self.kept += 1
         self.images += len(entity.images)
-        self.entities.append(entity)
+        self.keep(entity)
+
+    def name_repeats(self) -> None:
+        """Complete the dropped records of repeated ids with where each id was first read (one scan)."""
+        if not self.repeats:
+            return
+        first = self.first_reads.find({qid for _, qid in self.repeats})
+        for index, qid in self.repeats:
+            self.policy.dropped[index] = dataclasses.replace(self.policy.dropped[index],
+                                                             reason=DUPLICATE.format(first[qid]))
+        self.repeats = []
 
     def _chosen(self, terms: Any) -> Any:
         """The chain's languages of a ``{language: ...}`` map (the others are never read, nor checked)."""
@@ -272,18 +362,38 @@ def _lines(path: Path, progress: bool) -> Iterator[tuple[int, bytes]]:
                         "download? Nothing written") from None
 
 
-def read_wikidata(src: str | Path, *, dataset_name: str | None = None, progress: bool = True, strict: bool = False,
-                  language: str = "en", ids: str | Path | None = None, instance_of: str | None = None,
-                  min_sitelinks: int | None = None) -> Converted:
-    """Stream a Wikidata JSON dump into a KB-only dataset (see the module docstring)."""
+def read_wikidata(src: str | Path, **options: Any) -> Converted:
+    """A Wikidata JSON dump as a KB-only dataset with its entities in a list (:func:`stream_wikidata`'s options):
+    for a dump whose KB fits in memory; ``prepare`` streams the entities to disk instead."""
+    entities: list[Entity] = []
+    converted = stream_wikidata(src, entities.append, **options)
+    return dataclasses.replace(converted, entities=entities)
+
+
+def stream_wikidata(src: str | Path, keep: Callable[[Entity], None], *, scratch: str | Path | None = None,
+                    dataset_name: str | None = None, progress: bool = True, strict: bool = False,
+                    language: str = "en", ids: str | Path | None = None, instance_of: str | None = None,
+                    min_sitelinks: int | None = None) -> Converted:
+    """Stream a Wikidata JSON dump into a KB-only dataset (see the module docstring): each kept entity, in dump
+    order, goes to ``keep`` as it is read; the result holds no entities (``notes["kb_entities"]`` counts them).
+    ``scratch``: the folder of the reader's temporary file (where kept items were read; default: the system's)."""
     path = Path(src)
     chain = language_chain(language)
     wanted_ids = read_ids(ids) if ids is not None else None
     classes = parse_instance_of(instance_of)
     if min_sitelinks is not None and min_sitelinks < 0:
         raise ValueError(f"--min-sitelinks must be 0 or more, got {min_sitelinks}")
+    with tempfile.TemporaryFile(prefix=".wikidata-first-reads.", dir=scratch) as log:
+        return _stream(path, keep, _FirstReads(log), chain=chain, wanted_ids=wanted_ids, classes=classes,
+                       min_sitelinks=min_sitelinks, strict=strict, ids=ids, language=language,
+                       dataset_name=dataset_name, progress=progress)
+
+
+def _stream(path: Path, keep: Callable[[Entity], None], first_reads: _FirstReads, *, chain: tuple[str, ...],
+            wanted_ids: set[str] | None, classes: frozenset[str] | None, min_sitelinks: int | None, strict: bool,
+            ids: str | Path | None, language: str, dataset_name: str | None, progress: bool) -> Converted:
     policy = RecordPolicy(strict)
-    kb = _Kb(chain, wanted_ids, classes, min_sitelinks, policy)
+    kb = _Kb(chain, wanted_ids, classes, min_sitelinks, policy, keep, first_reads)
     opened = closed = False
     comma_after: int | None = None          # the last entity line, when it ended without a comma
     pending: DataError | None = None        # an invalid line: dropped if more follow, the cut end of the dump if not
@@ -337,6 +447,7 @@ def read_wikidata(src: str | Path, *, dataset_name: str | None = None, progress:
                             "no closing ']' line: a broken download? Nothing written")
         raise DataError(path, "end of file", None, "the dump ends without its closing ']' line"
                         + ("" if opened else " (it is empty)") + ": a broken download? Nothing written")
+    kb.name_repeats()
     absent = sorted(wanted_ids - kb.listed, key=lambda q: int(q[1:])) if wanted_ids is not None else None
     notes: dict[str, Any] = {
         "source": str(path.resolve()),
@@ -346,7 +457,7 @@ def read_wikidata(src: str | Path, *, dataset_name: str | None = None, progress:
                 "aliases: those of the chain's languages up to the name's, and mul's",
         "filters": {"ids": str(ids) if ids is not None else None, "ids_listed": len(wanted_ids or ()),
                     "instance_of": sorted(classes) if classes else None, "min_sitelinks": min_sitelinks},
-        "kb_entities": len(kb.entities), "entity_lines": policy.records,
+        "kb_entities": kb.kept, "entity_lines": policy.records,
         "skipped": dict(kb.skipped),
         "images": f"P18 file names as {ENTITY_IMAGE_DIR}/<file name, spaces as underscores>, not downloaded "
                   f"({kb.images} in all): fetch {COMMONS_FILE_URL}<file name> into that path",
@@ -354,6 +465,6 @@ def read_wikidata(src: str | Path, *, dataset_name: str | None = None, progress:
     name = dataset_name or re.sub(r"(\.json)?(\.gz|\.bz2)?$", "", path.name)
     info = DatasetInfo(name=name, source_format="wikidata", kind="kb",
                        split_rule="none: a KB-only dataset (entities, no mentions)", notes=notes)
-    return Converted(info=info, entities=kb.entities, mentions=[], dropped=policy.dropped, repaired=policy.repaired,
+    return Converted(info=info, entities=[], mentions=[], dropped=policy.dropped, repaired=policy.repaired,
                      records_read=policy.records, skipped={k: v for k, v in kb.skipped.items() if v},
                      absent_ids={"--ids without an item in the dump": absent} if absent else {})
