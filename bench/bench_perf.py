@@ -8,7 +8,7 @@ and reports the speed-up as a ratio of the two measurements:
   predictions path), their achieved TFLOP/s (2·N·E·d / time) against two matrix-product ceilings measured in the
   same run (a large square product and the same ``[chunk, d] x [d, E]`` shape alone, same dtype); the entity
   embedding step (:func:`nel_model.encoding.encode_entities`, ``DIM.encode_entities`` in chunks); the faiss
-  index (:class:`nel_model.evaluation.faiss_index.KBIndex`, ivf and hnsw) query time and recall@20 against exact search.
+  index (:func:`nel_model.index.matrix_index`, ivfpq and hnsw, the kinds' defaults) query time and recall@20 against exact search.
   Naive references: a per-mention Python loop in fp32 (``scores = E @ q; rank = (scores > gold).sum()``) timed on
   a subset of the mentions and extrapolated linearly (the JSON says so), and a per-entity Dataset + default collate
   fp32 KB encode.
@@ -308,28 +308,26 @@ def eval_case(sc: dict[str, Any], device: torch.device, tmp: Path, log) -> dict[
 
 
 def faiss_case(q: torch.Tensor, ent: torch.Tensor, sc: dict[str, Any], reps: int) -> dict[str, Any]:
-    """KBIndex ivf/hnsw on the CPU (what a CPU user would run): build time, query time, recall@20 vs exact."""
-    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, recall_vs_exact
+    """``nel_model.index`` ivfpq / hnsw on the CPU (what ``dim-mel index`` builds, the kinds' defaults): build time,
+    query time, recall@20 vs exact."""
+    from nel_model.index import matrix_index
 
-    E = len(ent)
     nq = min(len(q), sc["faiss_n"])
-    qc, ec = q[:nq].float().cpu(), ent.float().cpu()
+    qc, ec = q[:nq].float().cpu(), torch.nn.functional.normalize(ent.float().cpu(), dim=1)
     import faiss
     faiss.omp_set_num_threads(torch.get_num_threads())       # the same CPU threads as the exact search
     exact = bench(lambda: chunked_topk(qc, ec, 20, 1024, torch.float32), torch.device("cpu"), reps)
     res: dict[str, Any] = {"queries": nq, "k": 20, "exact_cpu_fp32_s": exact["median_s"],
                            "exact_queries_per_s": nq / exact["median_s"], "indexes": {}}
-    nlist = max(1, min(1024, int(round(math.sqrt(E)))))
-    for kind, st in (("ivf", IndexSettings(kind="ivf", nlist=nlist, nprobe=32)), ("hnsw", IndexSettings(kind="hnsw"))):
+    for kind in ("ivfpq", "hnsw"):
         t0 = time.perf_counter()
-        index = KBIndex(ec, st)
-        build = time.perf_counter() - t0
-        qt = bench(lambda: index.search(qc.numpy(), 20), torch.device("cpu"), reps)
-        res["indexes"][kind] = {"settings": {k: getattr(st, k) for k in ("nlist", "nprobe", "hnsw_m", "ef_search")},
-                                "build_s": build, "query_s": qt["median_s"], "queries_per_s": nq / qt["median_s"],
-                                "recall@20": recall_vs_exact(index, qc, ec, k=20),
-                                "speedup_vs_exact": exact["median_s"] / qt["median_s"]}
-        del index
+        with matrix_index(ec, kind) as index:
+            build = time.perf_counter() - t0
+            qt = bench(lambda: index.search_rows(qc.numpy(), 20), torch.device("cpu"), reps)
+            res["indexes"][kind] = {"settings": (index.manifest.get("faiss") or {}).get("params"), "build_s": build,
+                                    "query_s": qt["median_s"], "queries_per_s": nq / qt["median_s"],
+                                    "recall@20": index.measure_recall(qc.numpy(), ks=(20,))["recall@20"],
+                                    "speedup_vs_exact": exact["median_s"] / qt["median_s"]}
     return res
 
 

@@ -411,3 +411,23 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_a_matrix_index_gives_matrix_rows_never_padded_and_leaves_nothing_behind(kind, tmp_path, monkeypatch):
+    """``matrix_index`` (evaluate / retrieve ``--faiss``): rows of the matrix, best first, exact scores for what it
+    finds, no padding even when k exceeds what it finds; its temporary folder is gone afterwards."""
+    import tempfile
+
+    from nel_model.index import matrix_index
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = unit_rows(3, np.arange(300))
+    q = x[:20] + 0.01 * unit_rows(4, np.arange(20))
+    with matrix_index(x, kind) as index:
+        scores, rows = index.search_rows(q, 10)
+        assert all(len(r) == 10 and len(set(r.tolist())) == 10 for r in rows)
+        assert [int(r[0]) for r in rows] == list(range(20))          # each query's own near-duplicate first
+        np.testing.assert_allclose(np.stack(scores), np.take_along_axis(q @ x.T, np.stack(rows), 1), atol=1e-5)
+        assert index.measure_recall(q, ks=(1,))["recall@1"] == 1.0
+    assert list(tmp_path.iterdir()) == []

@@ -143,24 +143,27 @@ def results_block(counts: dict[str, dict[str, RankCounts]], data: MELData, setti
     return out
 
 
+FAISS_KINDS = {"ivfpq": "ivfpq", "hnsw": "hnsw", "ivf": "ivfpq"}    # --faiss: "ivf", the older name of ivfpq
+
+
 def evaluate_with_index(r: LoadedRun, splits: list[str], kind: str, k: int) -> dict[str, dict[str, float]]:
-    """Metrics when an approximate faiss index of kind ``kind`` over the run's KB embeddings retrieves the top
-    ``k`` (a gold entity outside them is a miss), plus ``recall@20_vs_exact``: the overlap of the index's top 20
-    with exact search."""
-    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, ranks_from_topk, recall_vs_exact
+    """Metrics when an approximate index of ``kind`` (``nel_model.index``: ivfpq or hnsw with their defaults, a
+    candidate pool re-scored exactly) over the run's KB embeddings retrieves the top ``k`` (a gold entity outside
+    them is a miss), plus ``recall@20_vs_exact``: the overlap of the index's top 20 with exact search."""
+    from nel_model.index import matrix_index
 
     emb = r.entity_emb.cpu()
-    index = KBIndex(emb, IndexSettings(kind=kind))
     k = min(k, len(emb))                # a KB smaller than k: every entity is retrieved
     out = {}
-    for split in splits:
-        rows = r.data.splits[split]
-        q = r.mention_embeddings(rows).cpu()
-        _, top = index.search(q, k)
-        ranks = ranks_from_topk(top, r.data.gold[rows])
-        m = metrics_from_ranks(torch.from_numpy(np.where(ranks > k, 0, ranks)))
-        m["recall@20_vs_exact"] = recall_vs_exact(index, q, emb, k=min(20, k))
-        out[split] = m
+    with matrix_index(emb, FAISS_KINDS[kind]) as index:
+        for split in splits:
+            rows = r.data.splits[split]
+            q = r.mention_embeddings(rows).cpu().numpy()
+            _, top = index.search_rows(q, k)
+            ranks = [int(np.flatnonzero(t == g)[0]) + 1 if (t == g).any() else 0 for t, g in zip(top, r.data.gold[rows])]
+            m = metrics_from_ranks(torch.tensor(ranks, dtype=torch.long))
+            m["recall@20_vs_exact"] = index.measure_recall(q, ks=(min(20, k),))[f"recall@{min(20, k)}"]
+            out[split] = m
     return out
 
 
@@ -268,7 +271,7 @@ def build_parser() -> ToolkitParser:
     p.add_argument("--pair_memory_mb", type=int, default=None,
                    help="a pairwise run (MIMIC): bound on the memory of one scoring call (default: the run's)")
     add_bool(p, "json", False, "print JSON instead of a table")
-    p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
+    p.add_argument("--faiss", choices=list(FAISS_KINDS), default=None,
                    help="also rank with an approximate faiss index (CPU users, large KBs) and report its recall")
     p.add_argument("--faiss_k", type=int, default=100, help="entities retrieved per mention by the faiss index")
     add_bool(p, "predictions", False,
@@ -323,7 +326,7 @@ def evaluate(a) -> dict[str, Any]:
                                       checkpoint={"name": a.checkpoint, "epoch": r.epoch}):
             print(f"wrote {path}", file=sys.stderr)
     if a.faiss:
-        results[f"faiss_{a.faiss}"] = evaluate_with_index(r, splits, a.faiss, a.faiss_k)
+        results[f"faiss_{FAISS_KINDS[a.faiss]}"] = evaluate_with_index(r, splits, a.faiss, a.faiss_k)
     print_results(results, data, settings, a.json)
     return results
 

@@ -35,10 +35,11 @@ import contextlib
 import io
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -579,6 +580,25 @@ class KBIndexFolder:
                 "shards": len(self.shards.shards), "fingerprint": m["fingerprint"],
                 "faiss": {k: v for k, v in (m.get("faiss") or {}).items() if k != "file"} or None,
                 "recall": m.get("recall"), "disk_bytes": disk, "history": m["history"]}
+
+
+@contextlib.contextmanager
+def matrix_index(vectors: Any, kind: str, sample_queries: Any = None,
+                 params: approx.Params | None = None) -> Iterator[KBIndexFolder]:
+    """A throwaway index of an in-memory matrix ``[n, D]`` (float32, L2-normalised; ids ``"0"`` .. ``"n-1"``, so
+    ``search_rows`` gives matrix rows) in a temporary folder removed on exit: what ``dim-mel evaluate --faiss`` and
+    ``dim-mel retrieve --faiss`` search."""
+    x = _as_vectors(vectors)
+    ids = [str(i) for i in range(len(x))]
+    batches = (EntityBatch(ids[s:s + DEFAULT_SHARD_SIZE], slice(s, s + DEFAULT_SHARD_SIZE))
+               for s in range(0, len(x), DEFAULT_SHARD_SIZE))
+    with tempfile.TemporaryDirectory(prefix="dim-mel-index-") as tmp:
+        index = KBIndexFolder.build(Path(tmp) / "index", batches, lambda b: x[b.data], {"matrix": len(x)}, kind=kind,
+                                    params=params, sample_queries=sample_queries)
+        try:
+            yield index
+        finally:
+            index.shards.close()
 
 
 def _counted(manifest: dict) -> dict:

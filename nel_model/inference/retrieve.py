@@ -1,6 +1,6 @@
 """Retrieval as a stage: every mention's K best KB entities, the first stage of a two-stage linker.
 
-    dim-mel retrieve --run RUN [--split all|train|dev|test] [--top-k 20] [--checkpoint best] [--faiss ivf|hnsw]
+    dim-mel retrieve --run RUN [--split all|train|dev|test] [--top-k 20] [--checkpoint best] [--faiss ivfpq|hnsw]
 
 writes ``RUN/retrieval/<split>.jsonl`` (one line per mention, in feature-cache order: the gold's full-KB ranks and
 counts, as in ``predictions/``, and ``top``: the K best entities with their float32 scores, best first, equal scores
@@ -9,8 +9,9 @@ split. Nothing here ranks on its own: the lists come from the run's evaluation p
 same encoded embeddings, the same arithmetic, the same top-K as ``predictions/``), exact over the whole KB. The
 retriever may be a trained run or an untrained one (``train --epochs 0``: the zero-shot ranking), a bi-encoder or a
 pairwise model (MIMIC: every pair scored, in chunks bounded by its run's ``pair_memory_mb``). ``--faiss``: the
-lists come from an approximate faiss index over the same embeddings instead (for KBs too large to rank exactly on
-a CPU); the gold's ranks stay exact, and the report adds each split's overlap with the exact top K. A re-ranker
+lists come from an approximate index over the same embeddings instead (``nel_model.index``, as ``dim-mel index``
+builds them: ivfpq or hnsw, a candidate pool re-scored exactly; ``ivf`` is ivfpq's older name; for KBs too large to
+rank exactly on a CPU); the gold's ranks stay exact, and the report adds each split's overlap with the exact top K. A re-ranker
 (``nel_model.rerank``) trains on the train split's lists and is evaluated on dev and test.
 """
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_process.core.durable_io import atomic_write_json
@@ -27,7 +29,7 @@ from data_process.core.entry import run_main
 from data_process.core.settings import ToolkitParser
 from nel_model import distributed as D
 from nel_model.encoding import ENCODE_DTYPE
-from nel_model.evaluation.evaluate import evaluate_counts, open_run, write_predictions
+from nel_model.evaluation.evaluate import FAISS_KINDS, evaluate_counts, open_run, write_predictions
 from nel_model.evaluation.metrics import RankCounts
 from nel_model.runs import RETRIEVAL_DIR
 
@@ -50,24 +52,26 @@ def list_recall(counts: RankCounts, gold: torch.Tensor, k: int) -> dict[str, flo
 
 def index_lists(counts: dict[str, RankCounts], emb: torch.Tensor, queries: dict[str, torch.Tensor], top_k: int,
                 kind: str) -> dict[str, float]:
-    """Replace each split's exact top lists in ``counts`` by those of a faiss index of ``kind`` over ``emb``;
-    returns each split's overlap of the index's lists with the exact ones (recall@K vs exact search). A list the
-    index leaves short (an IVF index visiting too few cells) is an error naming the mention: lists hold real,
-    distinct entities only."""
-    from nel_model.evaluation.faiss_index import IndexSettings, KBIndex, missing_entries  # noqa: PLC0415 - optional
+    """Replace each split's exact top lists in ``counts`` by those of an approximate index of ``kind`` over ``emb``
+    (``nel_model.index``); returns each split's overlap of the index's lists with the exact ones (recall@K vs exact
+    search). A list the index leaves short (it found fewer entities) is an error naming the mention: lists hold
+    real, distinct entities only."""
+    from nel_model.index import matrix_index
 
-    index = KBIndex(emb.cpu(), IndexSettings(kind=kind))
     overlap = {}
-    for split, c in counts.items():
-        scores, rows = index.search(queries[split].cpu(), top_k)
-        short = missing_entries(rows)
-        if short is not None:
-            raise ValueError(f"--faiss {kind}: the index found only {short[1]} of {top_k} entities for {split} "
-                             f"mention {short[0] + 1}; give a smaller --top-k, or exact lists (no --faiss)")
-        approx = torch.from_numpy(rows).long()
-        exact = c.top_rows.cpu()
-        overlap[split] = float((approx[:, :, None] == exact[:, None, :]).any(2).double().mean()) if len(exact) else 0.0
-        c.top_rows, c.top_scores = approx, torch.from_numpy(scores).float()
+    with matrix_index(emb.cpu(), FAISS_KINDS[kind]) as index:
+        for split, c in counts.items():
+            scores, rows = index.search_rows(queries[split].float().cpu().numpy(), top_k)
+            short = next(((i, len(x)) for i, x in enumerate(rows) if len(x) < top_k), None)
+            if short is not None:
+                raise ValueError(f"--faiss {kind}: the index found only {short[1]} of {top_k} entities for {split} "
+                                 f"mention {short[0] + 1}; give a smaller --top-k, or exact lists (no --faiss)")
+            approx = torch.from_numpy(np.stack(rows)).long() if rows else torch.zeros(0, top_k, dtype=torch.long)
+            exact = c.top_rows.cpu()
+            overlap[split] = (float((approx[:, :, None] == exact[:, None, :]).any(2).double().mean())
+                              if len(exact) else 0.0)
+            c.top_rows = approx
+            c.top_scores = torch.from_numpy(np.stack(scores)).float() if rows else torch.zeros(0, top_k)
     return overlap
 
 
@@ -101,7 +105,7 @@ def retrieve(run: str | Path, splits: tuple[str, ...], top_k: int, checkpoint: s
     report = {"top_k": top_k, "retriever": retriever, "kb_entities": data.num_entities, "encode_dtype": ENCODE_DTYPE,
               "score_dtype": str(settings.score_dtype).replace("torch.", ""), "top_ties": "KB row order",
               "splits": recall, "skipped_empty_splits": [s for s in splits if s not in wanted],
-              "lists": "exact" if not faiss else f"faiss {faiss}", "overlap_with_exact_top_k": vs_exact}
+              "lists": "exact" if not faiss else f"faiss {FAISS_KINDS[faiss]}", "overlap_with_exact_top_k": vs_exact}
     atomic_write_json(r.run / RETRIEVAL_DIR / REPORT_FILE, report)
     return report
 
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top_k", type=int, default=20, help=f"entities per mention (1..{MAX_TOP_K})")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--device", default="auto")
-    p.add_argument("--faiss", choices=["ivf", "hnsw"], default=None,
+    p.add_argument("--faiss", choices=list(FAISS_KINDS), default=None,
                    help="take the lists from an approximate faiss index (large KBs on a CPU); ranks stay exact")
     a = p.parse_args(argv)
     report = retrieve(a.run, SPLIT_CHOICES[a.split], a.top_k, a.checkpoint, a.device, a.faiss)
