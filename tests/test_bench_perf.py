@@ -56,7 +56,7 @@ def test_bench_perf_tiny(tmp_path):
         assert math.isclose(kb["speedup_rank"], _ratio(kb["naive_rank"]["extrapolated_s"], first["rank_s"]),
                             rel_tol=1e-9)
     faiss = ev["kb"][0]["faiss"]
-    assert set(faiss["indexes"]) == {"ivf", "hnsw"}
+    assert set(faiss["indexes"]) == {"ivfpq", "hnsw"}
     for ix in faiss["indexes"].values():
         assert _positive(ix["query_s"]) and 0 < ix["recall@20"] <= 1
 
