@@ -617,6 +617,20 @@ def read_mentions(path: str | Path) -> list[Mention]:
     return list(iter_records(path, mention_from_dict))
 
 
+def read_id_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, id)`` of a file of ids, one a line (blank lines and ``#`` comments skipped; not UTF-8: one
+    error naming file and line): ``prepare --ids``, ``dim-mel index --remove``."""
+    path = check_regular_file(Path(path))
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8").split("#", 1)[0].strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"line {lineno}", None, f"not UTF-8 text ({exc.reason})") from None
+            if text:
+                yield lineno, text
+
+
 @dataclass
 class Dataset:
     """A loaded unified dataset. ``root`` resolves relative image paths."""

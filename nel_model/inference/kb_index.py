@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from data_process.core.entry import run_main
-from data_process.core.records import ENTITIES_FILE, Entity, entity_from_dict, iter_records
+from data_process.core.records import ENTITIES_FILE, Entity, entity_from_dict, iter_records, read_id_lines
 from data_process.core.settings import ToolkitParser, add_bool
 from nel_model import distributed as D
 from nel_model.evaluation.evaluate import open_run
@@ -95,18 +95,6 @@ def sample_queries(run: LoadedRun, n: int) -> np.ndarray | None:
     return run.mention_embeddings(pick).cpu().numpy()
 
 
-def read_ids(path: Path) -> list[str]:
-    """Entity ids, one a line (blank lines and ``#`` comments skipped)."""
-    if not path.is_file():
-        raise ValueError(f"{path}: not found (--remove takes a file of entity ids, one a line)")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out.append(line)
-    return out
-
-
 def build_parser():
     p = ToolkitParser(prog="dim-mel index", description="Encode a KB with a trained run into an index folder "
                       "(dim-mel link --index); add or remove entities without re-encoding the rest.")
@@ -147,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if a.remove is not None:
         index = KBIndexFolder.open(a.out, open_run(a.run, a.device, a.checkpoint).index_fingerprint())
-        n = index.remove(read_ids(a.remove))
+        n = index.remove(text for _, text in read_id_lines(a.remove))
         print(f"removed {n} entities: {len(index)} in {a.out}", file=sys.stderr)
         return 0
     if a.add is not None:

@@ -69,7 +69,8 @@ from typing import IO, Any, BinaryIO, Callable, Iterator
 
 from tqdm import tqdm
 
-from data_process.core.records import DataError, DatasetInfo, Entity, NestingError, Where, parse_json
+from data_process.core.records import (DataError, DatasetInfo, Entity, NestingError, Where, parse_json,
+                                       read_id_lines)
 from data_process.core.safe_paths import check_regular_file
 from data_process.ingest.readers.common import Converted, RecordPolicy, failer, type_name
 
@@ -113,19 +114,11 @@ def language_chain(language: str) -> tuple[str, ...]:
 
 def read_ids(path: str | Path) -> set[str]:
     """The Q-ids of an ``--ids`` file: one a line, blank lines and ``#`` comments skipped."""
-    path = check_regular_file(Path(path))
     ids: set[str] = set()
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8").split("#", 1)[0].strip()
-            except UnicodeDecodeError as exc:
-                raise DataError(path, f"line {lineno}", None, f"not UTF-8 text ({exc.reason})") from None
-            if not text:
-                continue
-            if not QID.match(text):
-                raise DataError(path, f"line {lineno}", None, f"{text!r} is not a Wikidata item id like Q42")
-            ids.add(text)
+    for lineno, text in read_id_lines(path):
+        if not QID.match(text):
+            raise DataError(Path(path), f"line {lineno}", None, f"{text!r} is not a Wikidata item id like Q42")
+        ids.add(text)
     return ids
 
 
