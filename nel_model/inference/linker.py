@@ -19,7 +19,8 @@ to float rounding. A re-ranker (the :class:`~nel_model.linking.Reranker` protoco
 retriever embeddings already encoded (:class:`~nel_model.linking.MentionLists`). Every returned entity says which
 stage produced its score; the entities after the re-ranked ones keep the retriever's order and scores.
 ``--rerank RUN`` loads a re-ranker run folder through ``nel_model.rerank.registry`` over this retriever (a feature
-re-ranker must have been trained on it).
+re-ranker must have been trained on it). ``--index INDEX`` links against a KB index folder built with this run (``dim-mel index``,
+``nel_model.index``) instead of the run's own KB.
 
 Input: the unified mention format (``data_process.core.records`` Mention lines, ``docs/CONTRACTS.md``), where
 ``gold_id`` and ``split`` may be left out; an ``image`` is a name inside the input file's folder (or inside a
@@ -74,7 +75,7 @@ RERANKER_IDENTITY = ("kind", "run", "model", "base_url", "k", "top_k", "prompt",
 class Retrieved:
     """One mention retrieved: its views and embedding ``[1, D]`` (a pairwise retriever: its encoded mention side;
     for a re-ranker), its candidates (best first) and the gold's pessimistic whole-KB rank (``None``: no gold id,
-    or not in the KB)."""
+    or not in the KB; linking against a KB index: the gold's place in the list, ``None`` beyond it)."""
 
     views: dict[str, torch.Tensor]
     embedding: Encoded
