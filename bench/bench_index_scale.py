@@ -325,7 +325,7 @@ def sweeps(full: bool) -> dict[str, list[dict[str, int]]]:
     if full:
         return {"ivfpq": [{"nprobe": 32}, {"nprobe": 512}, {"nprobe": 1024}, {"pool": 300}],
                 "hnsw": [{"ef_search": 256}, {"ef_search": 512}, {"ef_search": 2048}, {"pool": 20}]}
-    return {"ivfpq": [{"nprobe": 512}], "hnsw": [{"ef_search": 512}, {"ef_search": 2048}]}
+    return {"ivfpq": [{"nprobe": 256}, {"nprobe": 512}], "hnsw": [{"ef_search": 512}, {"ef_search": 2048}]}
 
 
 def size_case(n: int, data: str, real: dict[str, Any], work: Path, build_threads: int, n_queries: int,
