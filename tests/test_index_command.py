@@ -198,3 +198,13 @@ def test_a_reranker_reorders_an_indexs_lists(demo, own_index):
         ids = [e.entity_id for e in p.entities]
         assert [e.entity_id for e in r.entities] == ids[:3][::-1] + ids[3:]
         assert [e.stage for e in r.entities] == ["reranker"] * 3 + ["retriever"] * 2
+
+
+def test_nprobe_is_recorded_and_used_and_misplaced_flags_are_refused(demo, tmp_path):
+    out = tmp_path / "index"
+    assert kb_index.main(["--run", str(demo["run"]), "--out", str(out), "--kind", "ivfpq", "--nprobe", "3"]) == 0
+    index = KBIndexFolder.open(out, None)
+    params = index.manifest["faiss"]["params"]
+    assert params["nprobe"] == 3 and index.manifest["recall"]["search"]["nprobe"] == min(3, params["nlist"])
+    with pytest.raises(ValueError, match="--nprobe is for --kind ivfpq and --ef-search for --kind hnsw"):
+        kb_index.main(["--run", str(demo["run"]), "--out", str(tmp_path / "other"), "--nprobe", "3"])

@@ -40,7 +40,7 @@ from data_process.core.records import ENTITIES_FILE, Entity, entity_from_dict, i
 from data_process.core.settings import ToolkitParser, add_bool
 from nel_model import distributed as D
 from nel_model.evaluation.evaluate import open_run
-from nel_model.index import DEFAULT_APPROX_KIND, INDEX_KINDS, EntityBatch, KBIndexFolder
+from nel_model.index import DEFAULT_APPROX_KIND, INDEX_KINDS, EntityBatch, HNSWParams, IVFPQParams, KBIndexFolder
 from nel_model.index.folder import DEFAULT_SHARD_SIZE
 from nel_model.index.shards import DTYPES
 from nel_model.index.texts import add_entity_texts
@@ -95,6 +95,19 @@ def sample_queries(run: LoadedRun, n: int) -> np.ndarray | None:
     return run.mention_embeddings(pick).cpu().numpy()
 
 
+def search_params(a) -> IVFPQParams | HNSWParams | None:
+    """The approximate kind's parameters with ``--nprobe`` / ``--ef-search`` (recorded in the manifest, used by every
+    search of the index); ``None``: the kind's defaults."""
+    if a.nprobe is not None and a.kind != "ivfpq" or a.ef_search is not None and a.kind != "hnsw":
+        raise ValueError(f"--nprobe is for --kind ivfpq and --ef-search for --kind hnsw (not --kind {a.kind})")
+    for flag, value in (("--nprobe", a.nprobe), ("--ef-search", a.ef_search)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if a.nprobe is not None:
+        return IVFPQParams(nprobe=a.nprobe)
+    return HNSWParams(ef_search=a.ef_search) if a.ef_search is not None else None
+
+
 def build_parser():
     p = ToolkitParser(prog="dim-mel index", description="Encode a KB with a trained run into an index folder "
                       "(dim-mel link --index); add or remove entities without re-encoding the rest.")
@@ -104,6 +117,9 @@ def build_parser():
     p.add_argument("--kind", choices=INDEX_KINDS, default="flat",
                    help=f"flat: exact; ivfpq, hnsw: approximate (the default approximate kind: {DEFAULT_APPROX_KIND})")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="the shards' vectors (float16: half the disk)")
+    p.add_argument("--nprobe", type=int, default=None, help=f"ivfpq: cells a search visits (default "
+                   f"{IVFPQParams.nprobe}; 512 at 10M entities: bench/results/index_scale_10m_ivfpq_cpu.md)")
+    p.add_argument("--ef-search", type=int, default=None, help=f"hnsw: the search's breadth (default {HNSWParams.ef_search})")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="entities a shard")
     p.add_argument("--batch-size", type=int, default=BATCH, help="entities encoded together")
     p.add_argument("--recall-queries", type=int, default=RECALL_QUERIES,
@@ -159,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             batches = record_batches(kb_records(a.kb), a.batch_size)
             encode, records = record_encoder(run, a.kb), (lambda _run: kb_records(a.kb))
         queries = sample_queries(run, a.recall_queries) if a.kind != "flat" and info.is_main else None
-        index = KBIndexFolder.build(a.out, batches, encode, fp, kind=a.kind, dtype=a.dtype, sample_queries=queries,
+        index = KBIndexFolder.build(a.out, batches, encode, fp, kind=a.kind, dtype=a.dtype, params=search_params(a),
+                                    sample_queries=queries,
                                     shard_size=a.shard_size, dist=info, overwrite=a.overwrite,
                                     log=lambda m: print(m, file=sys.stderr) if a.progress else None)
         if index is None:                       # a rank other than 0: its shards are written
