@@ -53,6 +53,34 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def parse_cache_records(path: Path, data: bytes) -> tuple[dict[str, dict[str, Any]], int, ValueError | None]:
+    """The records of a :class:`JsonlCache` file's bytes (``{key: record}``, the last record of a key wins), the byte
+    offset where its intact part ends, and why its last line is torn (``None``: intact). An invalid line before the
+    end raises ``ValueError`` naming the file and line. Reads only: a reader that must not write (an index's names)
+    calls it directly."""
+    records: dict[str, dict[str, Any]] = {}
+    lines = data.split(b"\n")
+    # lines[-1] is b"" when the file ends with a newline (the intact case).
+    good_end = 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            good_end += len(raw) + 1
+            continue
+        is_last = i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1 :])
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+                raise ValueError("not an object with a string 'key'")
+        except ValueError as exc:
+            if is_last:
+                return records, good_end, exc
+            raise ValueError(f"{path}, line {i + 1}: corrupt cache record ({exc}); "
+                             "only a torn last line is repaired automatically") from None
+        records[rec["key"]] = rec
+        good_end += len(raw) + 1
+    return records, good_end, None
+
+
 class JsonlCache:
     """Append-only JSON Lines store of records ``{"key": str, ...}``; the last record of a key wins.
 
@@ -74,26 +102,10 @@ class JsonlCache:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        # lines[-1] is b"" when the file ends with a newline (the intact case).
-        good_end = 0
-        for i, raw in enumerate(lines):
-            if not raw.strip():
-                good_end += len(raw) + 1
-                continue
-            is_last = i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1 :])
-            try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
-                    raise ValueError("not an object with a string 'key'")
-            except ValueError as exc:
-                if is_last:
-                    self._move_tail_aside(data[good_end:], exc)
-                    return
-                raise ValueError(f"{self.path}, line {i + 1}: corrupt cache record ({exc}); "
-                                 "only a torn last line is repaired automatically") from None
-            self._records[rec["key"]] = rec
-            good_end += len(raw) + 1
+        self._records, good_end, torn = parse_cache_records(self.path, data)
+        if torn is not None:
+            self._move_tail_aside(data[good_end:], torn)
+            return
         if data and not data.endswith(b"\n"):
             # A complete record whose newline was not written: keep it, terminate it.
             with self.path.open("ab") as fh:

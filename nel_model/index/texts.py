@@ -8,11 +8,10 @@ written is lost. Held in memory when opened (one dictionary entry an entity).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
-from data_process.core.durable_io import JsonlCache
+from data_process.core.durable_io import JsonlCache, parse_cache_records
 from data_process.core.records import Entity
 
 TEXTS_FILE = "entities.jsonl"
@@ -43,15 +42,5 @@ def read_entity_texts(index_root: str | Path) -> dict[str, tuple[str, str]]:
     path = Path(index_root) / TEXTS_FILE
     if not path.is_file():
         return {}
-    out: dict[str, tuple[str, str]] = {}
-    lines = path.read_bytes().split(b"\n")
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-            out[str(rec["key"])] = (str(rec.get("name", "")), str(rec.get("description", "")))
-        except (ValueError, KeyError, TypeError):
-            if any(x.strip() for x in lines[i + 1:]):
-                raise ValueError(f"{path}, line {i + 1}: not an entity line") from None
-    return out
+    records, _, _ = parse_cache_records(path, path.read_bytes())
+    return {k: (str(r.get("name", "")), str(r.get("description", ""))) for k, r in records.items()}
